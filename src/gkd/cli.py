@@ -1,0 +1,224 @@
+"""The ``gkd`` command line.
+
+    gkd distill --config run.yaml [key=value ...]   distil a teacher into a student (any GKD configuration)
+    gkd sft --config run.yaml [key=value ...]       supervised fine-tuning (a teacher, or the student's start)
+    gkd generate --model M --dataset D --out F      sample completions to JSONL
+    gkd eval --model M --dataset D --metric NAME    score a model (greedy and/or sampled)
+    gkd prepare TASK --out DIR                      write a built-in task's data, tokenizer and tiny models
+    gkd demo                                        the built-in end-to-end comparison of distillation methods
+    gkd experiment NAME                             the paper's experiment families at toy scale
+
+Errors the user can fix are printed as one line (exit code 2); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import GKDError
+
+__all__ = ["main"]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lmbda=0.5 beta=0.9 lora.r=8")
+
+
+def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
+    from gkd.config import load_config
+    from gkd.trainer import GKDTrainer
+
+    defaults: dict[str, Any] = {"divergence": "nll", "lmbda": 0.0} if sft else {}
+    if args.config is None and not args.overrides:
+        raise GKDError(f"gkd {'sft' if sft else 'distill'} needs --config FILE (and/or key=value overrides)")
+    cfg = load_config(args.config, args.overrides, **defaults)
+    if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
+        raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
+    result = GKDTrainer(cfg).train()
+    print(json.dumps({"step": result.step, "final_loss": result.final_loss, "output_dir": str(result.output_dir)}))
+    return 0
+
+
+def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: int | None, max_prompt: int):
+    from gkd.data import load_records, tokenize_records
+    from gkd.models import is_seq2seq, load_model, load_tokenizer
+
+    tok = load_tokenizer(model_path)
+    model = load_model(model_path, what="model")
+    records, _ = load_records(dataset, split)
+    if max_samples:
+        records = records[:max_samples]
+    data = tokenize_records(
+        records,
+        tok,
+        max_prompt_length=max_prompt,
+        max_completion_length=1 << 20,
+        source=f"dataset '{dataset}'",
+        seq2seq=is_seq2seq(model),
+    )
+    return tok, model, data
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from gkd.evaluation import generate_texts
+
+    tok, model, data = _load_for_inference(args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w") as fh:
+        for k in range(args.num_samples):
+            texts = generate_texts(
+                model,
+                tok,
+                data,
+                max_new_tokens=args.max_new_tokens,
+                greedy=args.greedy,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                batch_size=args.batch_size,
+                seed=args.seed + k,
+            )
+            for ex, text in zip(data.examples, texts):
+                prompt = ex.record.get("prompt")
+                row = {"prompt": prompt, "completion": text, "sample": k}
+                if prompt is None:
+                    row["messages"] = ex.record.get("messages")
+                fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {len(data) * args.num_samples} completions to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gkd.evaluation import generate_texts, resolve_scorer
+
+    tok, model, data = _load_for_inference(args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length)
+    scorer = resolve_scorer(args.metric)
+    records = [e.record for e in data.examples]
+    results: dict[str, float] = {}
+    modes = [("greedy", True)] if args.greedy_only else [("greedy", True), ("sample", False)]
+    for mode, greedy in modes:
+        preds = generate_texts(
+            model,
+            tok,
+            data,
+            max_new_tokens=args.max_new_tokens,
+            greedy=greedy,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        for k, v in scorer(records, preds).items():
+            results[f"{mode}/{k}"] = v
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from gkd.experiments.common import prepare_task
+
+    paths = prepare_task(args.task, Path(args.out), n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gkd.experiments.demo import run_demo
+
+    run_demo(output_dir=Path(args.output_dir), quick=args.quick, seeds=args.seeds, workers=args.workers)
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from gkd.experiments import run_experiment
+
+    run_experiment(args.name, output_dir=Path(args.output_dir) if args.output_dir else None, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gkd", description="On-policy distillation of language models (GKD).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="distil a teacher into a student")
+    _add_config_args(p)
+    p = sub.add_parser("sft", help="supervised fine-tuning on ground truth (divergence: nll, lmbda: 0)")
+    _add_config_args(p)
+
+    for name in ("generate", "eval"):
+        p = sub.add_parser(name, help="sample completions to JSONL" if name == "generate" else "score a model")
+        p.add_argument("--model", required=True)
+        p.add_argument("--dataset", required=True)
+        p.add_argument("--split", default="test")
+        p.add_argument("--max-samples", type=int, default=None)
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--max-prompt-length", type=int, default=1024)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "generate":
+            p.add_argument("--out", required=True)
+            p.add_argument("--greedy", action="store_true")
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--num-samples", type=int, default=1)
+        else:
+            p.add_argument("--metric", required=True, help="a metric name or a built-in task name")
+            p.add_argument("--greedy-only", action="store_true")
+
+    p = sub.add_parser("prepare", help="write a built-in task's data, tokenizer and tiny models")
+    p.add_argument("task")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="the built-in comparison of distillation methods (about 10 minutes on 2 cores)")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a reduced run that takes seconds (for tests)")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
+
+    p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")
+    p.add_argument("name", help="methods, divergences, temperature, data_efficiency or rl")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--quick", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "distill": _cmd_distill,
+        "sft": lambda a: _cmd_distill(a, sft=True),
+        "generate": _cmd_generate,
+        "eval": _cmd_eval,
+        "prepare": _cmd_prepare,
+        "demo": _cmd_demo,
+        "experiment": _cmd_experiment,
+    }
+    try:
+        return handlers[args.command](args)
+    except GKDError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Datasets: reading records, turning them into token ids, and batching them.
+
+Records use TRL's formats:
+- ``{"prompt": str, "completion": str}`` (the completion is the target);
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: the chat template renders everything before the last
+  assistant turn as the prompt, and that last turn is the target;
+- ``{"prompt": str}`` alone (or ``messages`` ending with a user turn) is a prompt-only record, usable when every
+  batch is the student's own samples (λ = 1) or the teacher writes the targets (SeqKD).
+Extra fields (e.g. ``references``) are kept for metrics and rewards.
+
+Loss and metrics only ever see completion tokens. Prompts longer than ``max_prompt_length`` are truncated from the
+left and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkd.errors import DataError
+
+__all__ = ["Batch", "Example", "TokenizedDataset", "collate", "load_records", "tokenize_records"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading records
+# ---------------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
+    """Records of a JSONL file; a bad line is an error naming file and line, or skipped and counted."""
+    records: list[dict] = []
+    skipped = 0
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read dataset file '{path}': {e.strerror}") from e
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_bad_lines:
+                    skipped += 1
+                    continue
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or set skip_bad_lines: true"
+                ) from e
+            if not isinstance(obj, dict):
+                if skip_bad_lines:
+                    skipped += 1
+                    continue
+                raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+    return records, skipped
+
+
+def load_records(
+    spec: str, split: str = "train", config_name: str | None = None, skip_bad_lines: bool = False
+) -> tuple[list[dict], int]:
+    """Records from a JSONL/JSON file, a local folder or a ``datasets`` hub name. Returns (records, skipped lines)."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        if path.suffix in (".jsonl", ".ndjson") or path.suffix == ".json" and _is_json_lines(path):
+            return read_jsonl(path, skip_bad_lines)
+        return _load_with_datasets("json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split), 0
+    if path.is_dir():
+        jsonl = sorted(path.glob(f"{split}*.jsonl")) or sorted(path.glob("*.jsonl"))
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _load_from_disk(path, split), 0
+        if jsonl:
+            records: list[dict] = []
+            skipped = 0
+            for f in jsonl:
+                r, s = read_jsonl(f, skip_bad_lines)
+                records += r
+                skipped += s
+            return records, skipped
+        return _load_with_datasets(None, path, split, config_name), 0
+    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".csv")):
+        raise DataError(f"dataset '{spec}' does not exist; check the path")
+    return _load_with_datasets(spec, None, split, config_name), 0
+
+
+def _is_json_lines(path: Path) -> bool:
+    with path.open(encoding="utf-8") as fh:
+        head = fh.read(1).strip()
+    return head == "{"
+
+
+def _load_from_disk(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset '{path}' has no split '{split}'; available: {', '.join(ds)}")
+        ds = ds[split]
+    return list(ds)
+
+
+def _load_with_datasets(
+    builder: str | None, path: Path | None, split: str, config_name: str | None = None
+) -> list[dict]:
+    import datasets
+
+    try:
+        if builder is not None and path is not None and path.is_file():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path is not None:
+            ds = datasets.load_dataset(str(path), config_name, split=split)
+        else:
+            assert builder is not None
+            ds = datasets.load_dataset(builder, config_name, split=split)
+    except Exception as e:  # datasets raises many types; all mean "cannot load this"
+        raise DataError(f"dataset '{builder or path}' could not be loaded: {str(e).splitlines()[0]}") from e
+    return list(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records -> token ids
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One tokenized record. ``completion`` is None for prompt-only records."""
+
+    prompt: list[int]
+    completion: list[int] | None
+    record: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class TokenizedDataset:
+    examples: list[Example]
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+    skipped_lines: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def has_targets(self) -> bool:
+        return all(e.completion is not None for e in self.examples)
+
+
+def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple[str, str | None, bool]:
+    """(prompt text, completion text or None, prompt already holds special tokens?) of one record."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise DataError(f"{source} record {index}: 'messages' must be a non-empty list of {{role, content}}")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(
+                f"{source} uses 'messages' records but the tokenizer has no chat template; "
+                "use prompt/completion records or a tokenizer with a chat_template"
+            )
+        if msgs[-1].get("role") == "assistant":
+            prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+            return prompt, str(msgs[-1].get("content", "")), True
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return prompt, None, True
+    if "prompt" not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        raise DataError(
+            f"{source} record {index} has no 'prompt' field (keys: {keys}); records need prompt[/completion] "
+            "or messages"
+        )
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise DataError(f"{source} record {index}: 'prompt' must be a string, got {type(prompt).__name__}")
+    completion = record.get("completion")
+    if completion is not None and not isinstance(completion, str):
+        raise DataError(f"{source} record {index}: 'completion' must be a string, got {type(completion).__name__}")
+    return prompt, completion, False
+
+
+def tokenize_records(
+    records: list[dict],
+    tokenizer: Any,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    source: str = "dataset",
+    seq2seq: bool = False,
+) -> TokenizedDataset:
+    """Tokenize prompt and completion separately; completions end with EOS (appended if missing)."""
+    if not records:
+        raise DataError(f"{source} is empty; it needs at least one record")
+    eos = tokenizer.eos_token_id
+    examples: list[Example] = []
+    trunc_p = trunc_c = 0
+    for i, rec in enumerate(records):
+        prompt, completion, templated = split_record(rec, tokenizer, i, source)
+        p_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        if seq2seq and (not p_ids or p_ids[-1] != eos):
+            p_ids = [*p_ids, eos]  # T5-style encoders expect an EOS at the end of the input
+        if len(p_ids) > max_prompt_length:
+            p_ids = p_ids[-max_prompt_length:]
+            trunc_p += 1
+        if not p_ids:
+            p_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
+        c_ids = None
+        if completion is not None:
+            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            if not c_ids or c_ids[-1] != eos:
+                c_ids = [*c_ids, eos]
+            if len(c_ids) > max_completion_length:
+                c_ids = c_ids[:max_completion_length]
+                trunc_c += 1
+        examples.append(Example(p_ids, c_ids, rec))
+    if trunc_p == len(records):
+        longest = max(len(tokenizer(split_record(r, tokenizer, 0, source)[0])["input_ids"]) for r in records[:100])
+        raise DataError(
+            f"every prompt of {source} is longer than max_prompt_length={max_prompt_length} (e.g. {longest} "
+            "tokens); raise max_prompt_length"
+        )
+    return TokenizedDataset(examples, trunc_p, trunc_c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Left-padded prompts and right-padded completions. Valid completion tokens include the EOS."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    prompt_mask: torch.Tensor  # [B, P] bool
+    completion_ids: torch.Tensor  # [B, C]
+    completion_mask: torch.Tensor  # [B, C] bool
+    records: list[dict]
+    on_policy: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.prompt_ids.to(device),
+            self.prompt_mask.to(device),
+            self.completion_ids.to(device),
+            self.completion_mask.to(device),
+            self.records,
+            self.on_policy,
+        )
+
+    def repeat(self, n: int) -> Batch:
+        """Each row repeated ``n`` times in place (for several samples per prompt)."""
+        if n == 1:
+            return self
+        return Batch(
+            self.prompt_ids.repeat_interleave(n, 0),
+            self.prompt_mask.repeat_interleave(n, 0),
+            self.completion_ids.repeat_interleave(n, 0),
+            self.completion_mask.repeat_interleave(n, 0),
+            [r for r in self.records for _ in range(n)],
+            self.on_policy,
+        )
+
+
+def pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = True
+    return ids, mask
+
+
+def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = True
+    return ids, mask
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    p_ids, p_mask = pad_left([e.prompt for e in examples], pad_id)
+    c_ids, c_mask = pad_right([e.completion or [] for e in examples], pad_id)
+    return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples])
+
+
+class BatchStream:
+    """An endless, seeded, resumable stream of batches: a fresh permutation of the data every epoch.
+
+    With several processes each rank takes its own slice of every global batch, so ranks see different data.
+    """
+
+    def __init__(
+        self, dataset: TokenizedDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0, world: int = 1
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.dataset)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            k = min(n - len(out), len(self._order) - self.position)
+            out += self._order[self.position : self.position + k]
+            self.position += k
+        return out
+
+    def next_indices(self) -> list[int]:
+        global_idx = self._take(self.batch_size * self.world)
+        return global_idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def next(self) -> Batch:
+        return collate([self.dataset.examples[i] for i in self.next_indices()], self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,311 @@
+"""Loading teacher and student, checking they can be compared, and reading hidden states + output heads.
+
+Any ``AutoModelForCausalLM`` (decoder-only) or ``AutoModelForSeq2SeqLM`` (T5-style, as in the paper) works, loaded
+with the real ``from_pretrained`` from a local folder or a hub id. The loss needs, at each valid completion position,
+either the final hidden state plus the output head (the fused, memory-lean path) or the logits (any other model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkd.errors import ModelError
+from gkd.losses import Head
+
+__all__ = [
+    "Scorer",
+    "ScoringOutput",
+    "apply_lora",
+    "build_model",
+    "check_teacher_student",
+    "disable_dropout",
+    "is_seq2seq",
+    "load_model",
+    "load_tokenizer",
+    "score_positions",
+    "unwrap",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config attributes that change logits after the head; models carrying them use the plain-logits path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.sep in path.rstrip(os.sep) and path.count("/") != 1
+
+
+def _not_found(what: str, path: str, err: Exception) -> ModelError:
+    if not os.path.exists(os.path.expanduser(path)):
+        return ModelError(
+            f"{what} '{path}' is not a local folder and could not be loaded from the hub; "
+            "check the path (or the hub id and your network)"
+        )
+    return ModelError(f"{what} '{path}' could not be loaded: {str(err).splitlines()[0]}")
+
+
+def load_tokenizer(path: str, what: str = "tokenizer") -> Any:
+    """Load a tokenizer; give it a pad token (the EOS) if it has none. Masks never rely on pad ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise _not_found(what, path, e) from e
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(f"{what} '{path}' has neither a pad nor an EOS token; add an eos_token to it")
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelError(f"{what} '{path}' has no EOS token; completions could never end. Add an eos_token")
+    return tok
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
+
+
+def load_model(path: str, *, what: str, dtype: str = "float32") -> nn.Module:
+    """``from_pretrained`` of a causal or seq2seq LM from a local folder or hub id, with a one-line error."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    local = os.path.expanduser(path)
+    try:
+        config = AutoConfig.from_pretrained(local)
+    except (OSError, ValueError) as e:
+        raise _not_found(what, path, e) from e
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(local, dtype=_DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def build_model(spec: dict[str, Any], tokenizer: Any, seed: int | None = None) -> nn.Module:
+    """A randomly initialised model from a small spec such as ``{"architecture": "llama", "hidden_size": 64, ...}``.
+
+    Used by the built-in tasks and the tests: models are built from a config, never downloaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    spec = dict(spec)
+    arch = spec.pop("architecture", "llama")
+    vocab = spec.pop("vocab_size", len(tokenizer))
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if arch == "t5":
+        ids["decoder_start_token_id"] = tokenizer.pad_token_id
+    config = AutoConfig.for_model(arch, vocab_size=vocab, **ids, **spec)
+    if seed is not None:
+        torch.manual_seed(seed)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return cls.from_config(config)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying transformers model (through DDP / accelerate wrappers and peft)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and model.__class__.__name__.startswith("Peft"):
+        model = get_base()
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
+    """Wrap the student in a peft LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM
+    cfg = LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ModelError(f"LoRA could not be applied: {str(e).splitlines()[0]}; check lora.target_modules") from e
+
+
+def real_vocab_size(tokenizer: Any) -> int:
+    return len(tokenizer)
+
+
+def output_rows(model: nn.Module) -> int:
+    head = unwrap(model).get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(unwrap(model).config.vocab_size)
+
+
+def check_teacher_student(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any) -> int:
+    """Fail early, with a clear message, if teacher and student cannot be compared token by token.
+
+    Returns the number of vocabulary entries to compare: the tokenizer's real length. Models whose output layers
+    are padded beyond it (e.g. 151,936 vs 152,064 rows for one tokenizer) are compared on the real entries only.
+    """
+    if is_seq2seq(student) != is_seq2seq(teacher):
+        kinds = {True: "seq2seq (encoder-decoder)", False: "causal (decoder-only)"}
+        raise ModelError(
+            f"the teacher is {kinds[is_seq2seq(teacher)]} but the student is {kinds[is_seq2seq(student)]}; "
+            "use two models of the same kind"
+        )
+    if teacher_tokenizer is not None:
+        if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise ModelError(
+                "teacher and student tokenizers differ (different vocabularies); distillation compares "
+                "distributions token by token, so use a teacher and student that share a tokenizer"
+            )
+        if tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
+            raise ModelError(
+                f"teacher and student tokenizers have different EOS ids ({teacher_tokenizer.eos_token_id} vs "
+                f"{tokenizer.eos_token_id}); use the same tokenizer for both"
+            )
+    vocab = real_vocab_size(tokenizer)
+    for what, m in (("student", student), ("teacher", teacher)):
+        rows = output_rows(m)
+        if rows < vocab:
+            raise ModelError(
+                f"the {what}'s output layer has {rows} rows but the tokenizer has {vocab} tokens; "
+                "the model does not match the tokenizer"
+            )
+    s_rows, t_rows = output_rows(student), output_rows(teacher)
+    if s_rows != t_rows:
+        # Padding rows only: both cover the tokenizer; compare over its real length.
+        pass
+    return vocab
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring: hidden states at valid positions + head, or logits
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScoringOutput:
+    """What the loss needs from a model at the ``N`` valid positions of a batch."""
+
+    hidden: torch.Tensor | None  # [N, H] (fused path), with ``head``
+    head: Head | None
+    logits: torch.Tensor | None  # [N, V] (plain path)
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    m = unwrap(model)
+    if is_seq2seq(m):
+        return False
+    cfg = m.config
+    if any(getattr(cfg, a, None) not in (None, 1.0, 0.0) for a in _LOGIT_TRANSFORMS):
+        return False
+    head = m.get_output_embeddings()
+    base = getattr(m, m.base_model_prefix, None)
+    return isinstance(head, nn.Linear) and isinstance(base, nn.Module)
+
+
+def causal_inputs(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and position ids of ``[left-padded prompt | right-padded completion]``.
+
+    The last completion column is never an input (nothing is predicted after it).
+    """
+    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def score_positions(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    vocab: int | None = None,
+    fused: bool = True,
+) -> ScoringOutput:
+    """Run ``model`` on prompt + completion and return what predicts each valid completion token.
+
+    Causal LMs: the output at column ``P - 1 + j`` predicts completion token ``j`` (P = padded prompt width).
+    Seq2seq LMs: the prompt is the encoder input and the decoder output at ``j`` predicts completion token ``j``.
+    With ``fused`` and a supported model, only the base model runs; the head is applied later, in chunks, by the
+    loss. Otherwise logits are computed at the valid positions only (``logits_to_keep`` is not needed: hidden
+    states are gathered before the head where possible).
+    """
+    m = unwrap(model)
+    valid = completion_mask.bool()
+    if is_seq2seq(m):
+        start = m.config.decoder_start_token_id
+        if start is None:
+            start = m.config.pad_token_id
+        dec_in = torch.cat([torch.full_like(completion_ids[:, :1], start), completion_ids[:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(completion_mask[:, :1]), completion_mask[:, :-1]], dim=1).long()
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            decoder_input_ids=dec_in,
+            decoder_attention_mask=dec_mask,
+        )
+        logits = out.logits[valid]
+        return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
+    ids, mask, positions = causal_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    p = prompt_ids.shape[1]
+    if fused and fused_head_supported(m):
+        base = getattr(m, m.base_model_prefix)
+        out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = out.last_hidden_state[:, p - 1 :][valid]
+        lin = m.get_output_embeddings()
+        return ScoringOutput(hidden, Head(lin.weight, lin.bias, vocab), None)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    logits = out.logits[:, p - 1 :][valid]
+    return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
+
+
+class Scorer(nn.Module):
+    """``score_positions`` as a module, so that data-parallel wrappers (DDP via accelerate) see the forward pass."""
+
+    def __init__(self, model: nn.Module, vocab: int | None, fused: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+        self.fused = fused
+
+    def forward(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> ScoringOutput:
+        return score_positions(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            vocab=self.vocab,
+            fused=self.fused,
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

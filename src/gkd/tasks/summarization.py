@@ -1,0 +1,315 @@
+"""``summarization``: the "salient set" task, a stand-in for XSum on which on-policy distillation separates.
+
+The input lists L=16 distinct items (letters); k in {2..6} of them are *salient* and written in upper case, the rest
+are distractors in lower case, all in random positions. The summary lists the salient items in lower case::
+
+    prompt      Q z q x S B h k f D m p A C l y j :
+    completion  d a c s b                     (any of the 5! orders is valid; the trainer appends EOS)
+
+Why this design (see the toy-scale notes, Part 2): on deterministic, one-answer tasks the teacher is nearly one-hot,
+supervised KD is SFT in disguise and a wrong token dooms the rest, so on-policy distillation has nothing to add.
+Here the target order is a *fresh random permutation per record*, so
+
+* the teacher's next-token distribution is genuinely multi-modal (uniform over the salient items not yet listed,
+  EOS when none is left) and carries information one ground-truth token does not, and
+* errors are recoverable: after a repeat, a distractor or a hallucination the right continuation is still well
+  defined ("the salient items not listed yet"). A student sampling its own prefixes visits exactly those states,
+  and only on-policy training shows it the teacher's answer there (exposure bias).
+
+Optional paraphrases (``paraphrase_prob`` > 0): each output fact may be written ``a~`` instead of ``a``, which adds
+surface-form variety to the teacher's distribution. Every metric canonicalises ``a~`` to ``a``.
+
+Metrics (percent; the per-example functions return [0, 1] and are meant as RL rewards):
+
+* ``set_match`` (headline): the multiset of canonical output items equals the salient set -- nothing missing, no
+  extras, no repeats. Per example: :func:`set_match_score`.
+* ``item_f1``: multiset F1 of output items against the salient set; repeats and non-item tokens are false
+  positives. Per example: :func:`item_f1_score`.
+* ``rouge2``: ROUGE-2 F1 on canonicalised text, best over the references (several orders of the set).
+* ``faithfulness``: share of output facts present anywhere in the input (salient or distractor), i.e. not
+  hallucinated. **An empty summary scores 0**: it supports no fact, and a reward of 1 for stopping at once would be
+  trivially hackable. Per example: :func:`faithfulness_score`.
+* ``dup_rate``: share of outputs that repeat an item (lower is better; on-policy forward KL tends to raise it).
+
+Diversity: draw several samples per prompt and call ``gkd.metrics.self_bleu(samples_per_input)`` (100 = identical
+samples). Self-BLEU is order-sensitive, so on this task it measures how varied the sampled *orders* are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import string
+from collections import Counter
+from dataclasses import dataclass
+
+from gkd import metrics as M
+from gkd.tasks.base import Task
+
+LETTERS = list(string.ascii_lowercase)
+PARAPHRASE_SUFFIX = "~"
+PREFIX, SUFFIX = "Q", ":"
+
+__all__ = [
+    "SalientSetSummarization",
+    "canonical_items",
+    "dup_rate",
+    "faithfulness",
+    "faithfulness_score",
+    "has_duplicate",
+    "input_items",
+    "item_f1",
+    "item_f1_score",
+    "rouge2_canonical",
+    "salient_items",
+    "set_match",
+    "set_match_score",
+]
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+
+def _body(prompt: str) -> list[str]:
+    """The item tokens of a prompt (``Q`` prefix and ``:`` suffix removed by position: a salient q is also ``Q``)."""
+    toks = prompt.split()
+    if len(toks) < 2 or toks[0] != PREFIX or toks[-1] != SUFFIX:
+        raise ValueError(f"not a salient-set prompt: {prompt!r}")
+    return toks[1:-1]
+
+
+def salient_items(prompt: str) -> list[str]:
+    """The salient items of a prompt, lower-cased, in prompt order."""
+    return [tok.lower() for tok in _body(prompt) if tok.isupper()]
+
+
+def input_items(prompt: str) -> set[str]:
+    """Every item mentioned in the input (salient or not), lower-cased."""
+    return {tok.lower() for tok in _body(prompt)}
+
+
+def canonical_items(prediction: str) -> list[str]:
+    """The output's tokens with paraphrases mapped back (``a~`` -> ``a``); other tokens are kept as they are."""
+    out = []
+    for tok in prediction.split():
+        if tok.endswith(PARAPHRASE_SUFFIX) and tok[:-1] in LETTERS:
+            tok = tok[:-1]
+        out.append(tok)
+    return out
+
+
+def _canonical_text(text: str) -> str:
+    return " ".join(canonical_items(text))
+
+
+# --------------------------------------------------------------------------------------------------- per example
+
+
+def set_match_score(record: dict, prediction: str) -> float:
+    """1.0 if the canonical output items are exactly the salient set (no repeats, extras or gaps), else 0.0."""
+    return float(Counter(canonical_items(prediction)) == Counter(salient_items(record["prompt"])))
+
+
+def item_f1_score(record: dict, prediction: str) -> float:
+    """Multiset F1 in [0, 1]: each salient item can be matched once; repeats and non-items are false positives."""
+    pred = Counter(canonical_items(prediction))
+    gold = Counter(salient_items(record["prompt"]))
+    tp = sum((pred & gold).values())
+    denom = sum(pred.values()) + sum(gold.values())
+    return 1.0 if denom == 0 else 2.0 * tp / denom
+
+
+def faithfulness_score(record: dict, prediction: str) -> float:
+    """Share in [0, 1] of output facts (tokens) that name an item present in the input; 0.0 for an empty output."""
+    items = canonical_items(prediction)
+    if not items:
+        return 0.0
+    present = input_items(record["prompt"])
+    return sum(tok in present for tok in items) / len(items)
+
+
+def has_duplicate(prediction: str) -> bool:
+    """True if some canonical item occurs more than once in the output."""
+    items = canonical_items(prediction)
+    return len(items) != len(set(items))
+
+
+# --------------------------------------------------------------------------------------------------- corpus
+
+
+def _mean(fn, predictions: list[str], records: list[dict]) -> float:
+    M.check_inputs(predictions, records)
+    return 100.0 * sum(fn(r, p) for p, r in zip(predictions, records)) / len(predictions)
+
+
+def set_match(predictions: list[str], records: list[dict]) -> float:
+    """Percent of outputs whose item multiset equals the salient set (the headline metric)."""
+    return _mean(set_match_score, predictions, records)
+
+
+def item_f1(predictions: list[str], records: list[dict]) -> float:
+    """Mean multiset item F1, in percent."""
+    return _mean(item_f1_score, predictions, records)
+
+
+def faithfulness(predictions: list[str], records: list[dict]) -> float:
+    """Mean share of output facts supported by the input, in percent (empty outputs count 0)."""
+    return _mean(faithfulness_score, predictions, records)
+
+
+def dup_rate(predictions: list[str], records: list[dict]) -> float:
+    """Percent of outputs with a repeated item (lower is better)."""
+    return _mean(lambda r, p: float(has_duplicate(p)), predictions, records)
+
+
+def rouge2_canonical(predictions: list[str], records: list[dict]) -> float:
+    """ROUGE-2 F1 (best over references) after canonicalising paraphrases on both sides, in percent."""
+    canon = [
+        {
+            "prompt": r["prompt"],
+            "completion": _canonical_text(r["completion"]),
+            "references": [_canonical_text(x) for x in r.get("references", [])],
+        }
+        for r in records
+    ]
+    return M.rouge2([_canonical_text(p) for p in predictions], canon)
+
+
+# --------------------------------------------------------------------------------------------------- the task
+
+
+@dataclass
+class SalientSetSummarization(Task):
+    """Summarise an input by listing its salient (upper-case) items, in any order.
+
+    Args:
+        n_items: items per prompt (L), at most 26. Prompt length is ``n_items + 2`` tokens.
+        min_salient, max_salient: k is uniform on this inclusive range.
+        paraphrase_prob: probability that an output fact is written in its paraphrase form ``x~``.
+        max_references: references per record: distinct orders of the set, the completion first.
+    """
+
+    n_items: int = 16
+    min_salient: int = 2
+    max_salient: int = 6
+    paraphrase_prob: float = 0.0
+    max_references: int = 6
+
+    name = "summarization"
+    metric = "set_match"
+    metrics = ["set_match", "item_f1", "rouge2", "faithfulness", "dup_rate"]  # noqa: RUF012
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_salient <= self.max_salient <= self.n_items <= len(LETTERS):
+            raise ValueError("need 1 <= min_salient <= max_salient <= n_items <= 26")
+        if not 0.0 <= self.paraphrase_prob <= 1.0:
+            raise ValueError("paraphrase_prob must be in [0, 1]")
+        if self.max_references < 1:
+            raise ValueError("max_references must be >= 1")
+
+    # ---- data
+
+    def sample_prompt(self, rng: random.Random) -> str:
+        items = rng.sample(LETTERS, self.n_items)
+        k = rng.randint(self.min_salient, self.max_salient)
+        for pos in rng.sample(range(self.n_items), k):
+            items[pos] = items[pos].upper()
+        return " ".join([PREFIX, *items, SUFFIX])
+
+    def _write(self, items: list[str], rng: random.Random) -> str:
+        if self.paraphrase_prob > 0:
+            items = [it + PARAPHRASE_SUFFIX if rng.random() < self.paraphrase_prob else it for it in items]
+        return " ".join(items)
+
+    def sample_completion(self, prompt: str, rng: random.Random) -> str:
+        """The salient items in a fresh random order (each possibly paraphrased)."""
+        items = salient_items(prompt)
+        rng.shuffle(items)
+        return self._write(items, rng)
+
+    def references(self, prompt: str, completion: str, rng: random.Random) -> list[str]:
+        """The completion plus other distinct orders of the set, written canonically, up to ``max_references``."""
+        items = salient_items(prompt)
+        refs, seen = [completion], {_canonical_text(completion)}
+        if math.factorial(len(items)) <= 4 * self.max_references:
+            orders = [list(p) for p in itertools.permutations(items)]
+            rng.shuffle(orders)
+        else:
+            orders = [rng.sample(items, len(items)) for _ in range(4 * self.max_references)]
+        for order in orders:
+            if len(refs) >= self.max_references:
+                break
+            text = " ".join(order)
+            if text not in seen:
+                seen.add(text)
+                refs.append(text)
+        return refs
+
+    def vocabulary(self) -> list[str]:
+        words = [PREFIX, SUFFIX] + LETTERS + [c.upper() for c in LETTERS if c.upper() != PREFIX]
+        if self.paraphrase_prob > 0:
+            words += [c + PARAPHRASE_SUFFIX for c in LETTERS]
+        return words
+
+    # ---- metrics
+
+    def metric_fns(self) -> dict:
+        return {
+            "set_match": set_match,
+            "item_f1": item_f1,
+            "rouge2": rouge2_canonical,
+            "faithfulness": faithfulness,
+            "dup_rate": dup_rate,
+        }
+
+    # ---- sizes (from the toy-scale notes, run E/F: a 2L d64 teacher vs a 1L d24 student that plateaus below it)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.n_items + 2
+
+    @property
+    def max_completion_tokens(self) -> int:
+        return self.max_salient  # + EOS, appended by the trainer
+
+    def teacher_model_config(self) -> dict:
+        return {
+            "architecture": "llama",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": 32,
+        }
+
+    def student_model_config(self) -> dict:
+        # intermediate 64 keeps the SwiGLU MLP (3 matrices) at the parameter count of the prototype's 4x GELU MLP.
+        return {
+            "architecture": "llama",
+            "hidden_size": 24,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": 32,
+        }
+
+    def default_train_settings(self) -> dict:
+        return {
+            "teacher_steps": 6000,
+            "teacher_lr": 2e-3,
+            "student_sft_steps": 6000,
+            "student_lr": 3e-3,
+            "distill_steps": 500,
+            "distill_lr": 1e-3,
+            "lr_schedule": "cosine (SFT), constant (distillation)",
+            "warmup_steps": 50,
+            "batch_size": 64,
+            "max_new_tokens": self.max_completion_tokens + 1,  # + EOS
+            "fresh_data": True,
+            "eval_examples": 1000,
+            "eval_temperatures": [0.0, 1.0],
+            "recommended_divergences": ["reverse_kl", "jsd(0.9)", "mixed lambda=0.5"],
+        }

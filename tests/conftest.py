@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models built from a config (never downloaded) and a small built-in dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("GKD_TEST_THREADS", "2")))
+
+TINY = {
+    "llama_teacher": {
+        "architecture": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    "llama_student": {
+        "architecture": "llama",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    "t5": {
+        "architecture": "t5",
+        "d_model": 16,
+        "d_kv": 8,
+        "d_ff": 32,
+        "num_layers": 1,
+        "num_decoder_layers": 1,
+        "num_heads": 2,
+        "dropout_rate": 0.0,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def task():
+    from gkd.tasks import get_task
+
+    return get_task("summarization")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(task):
+    return task.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def records(task):
+    return task.generate("train", 256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def eval_records(task):
+    return task.generate("test", 32, seed=0)
+
+
+def make_model(kind: str, tokenizer, seed: int = 0):
+    from gkd.models import build_model
+
+    return build_model(TINY[kind], tokenizer, seed=seed)
+
+
+@pytest.fixture
+def llama_pair(tokenizer):
+    """(student, teacher) tiny Llama models, freshly initialised."""
+    return make_model("llama_student", tokenizer, seed=1), make_model("llama_teacher", tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer, records, eval_records) -> Path:
+    """A folder with saved tiny student/teacher models (with tokenizer) and train/test JSONL files."""
+    root = tmp_path_factory.mktemp("models")
+    for name, kind, seed in (("student", "llama_student", 1), ("teacher", "llama_teacher", 0)):
+        m = make_model(kind, tokenizer, seed=seed)
+        m.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    for name, recs in (("train.jsonl", records), ("test.jsonl", eval_records)):
+        with (root / name).open("w") as fh:
+            for r in recs:
+                fh.write(json.dumps(r) + "\n")
+    return root
+
+
+def base_config(**overrides):
+    from gkd.config import GKDConfig
+
+    cfg = {
+        "learning_rate": 3e-3,
+        "per_device_train_batch_size": 8,
+        "max_steps": 4,
+        "max_new_tokens": 8,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "progress": False,
+        "seed": 0,
+    }
+    cfg.update(overrides)
+    return GKDConfig(**cfg)
