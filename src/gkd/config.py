@@ -477,9 +477,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config path '{p}' is a folder; pass a YAML file to --config")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file '{p}': {e.strerror}; check its permissions") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config file '{p}': it is not UTF-8 text; pass a YAML file") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
