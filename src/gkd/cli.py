@@ -26,7 +26,9 @@ __all__ = ["main"]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument(
+        "--config", "-c", action="append", help="YAML config file; repeat to layer files (later ones win)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lmbda=0.5 beta=0.9 lora.r=8")
 
 
@@ -37,7 +39,7 @@ def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     defaults: dict[str, Any] = {"divergence": "nll", "lmbda": 0.0} if sft else {}
     if args.config is None and not args.overrides:
         raise GKDError(f"gkd {'sft' if sft else 'distill'} needs --config FILE (and/or key=value overrides)")
-    cfg = load_config(args.config, args.overrides, **defaults)
+    cfg = load_config(args.config or [], args.overrides, **defaults)
     if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
         raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
     result = GKDTrainer(cfg).train()

@@ -495,8 +495,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **defaults: Any) -> GKDConfig:
-    """Read a YAML config, apply ``key=value`` overrides, validate."""
-    data = merge(defaults, read_yaml(path) if path is not None else {})
+def load_config(
+    path: str | Path | list[str | Path] | None, overrides: list[str] | None = None, **defaults: Any
+) -> GKDConfig:
+    """Read YAML config file(s) (later files win), apply ``key=value`` overrides, validate."""
+    paths = path if isinstance(path, list) else ([] if path is None else [path])
+    data = dict(defaults)
+    for p in paths:
+        data = merge(data, read_yaml(p))
     data = merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)

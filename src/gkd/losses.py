@@ -23,6 +23,7 @@ The weights carry the reduction (token mean, per-sequence mean, accumulation-wid
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -213,6 +214,9 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 loss = _chunk_terms(zs, zt, topk, targets, spec.terms, sl, spec)
                 if zs.requires_grad and loss.requires_grad:
                     (g,) = torch.autograd.grad(loss, zs)
+            if zs.requires_grad and loss.requires_grad:
+                # Outside autograd: these products must not keep the chunk's [chunk, V] gradient alive.
+                with torch.no_grad():
                     g = g.to(weight.dtype)
                     if grad_h is not None:
                         gh = g @ w_eff
@@ -231,7 +235,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             *(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)),
         )
         ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
-        return total.to(torch.float32)
+        return total.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -273,6 +277,15 @@ def chunked_loss(
         raise ValueError("divergence weights given without a divergence function")
     if terms.needs_targets() and targets is None:
         raise ValueError("nll / sampled_rkl terms need target token ids")
+    bound = getattr(divergence, "keywords", {}) or {}
+    if "temperature" in bound:
+        if temperature != 1.0 and temperature != bound["temperature"]:
+            raise ValueError(
+                f"the divergence has temperature={bound['temperature']} bound and temperature={temperature} was "
+                "passed; give it once"
+            )
+        temperature = float(bound["temperature"])
+        divergence = functools.partial(divergence.func, **{k: v for k, v in bound.items() if k != "temperature"})
     if teacher_head is not None and teacher_head.size != student_head.size:
         raise ValueError(f"teacher head has {teacher_head.size} outputs, student head {student_head.size}")
     spec = _Spec(

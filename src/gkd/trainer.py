@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -574,7 +575,9 @@ class GKDTrainer:
         else:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule (keeps resumes exact)
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._times["optimizer"] = time.perf_counter() - t0
         self.step += 1

@@ -1,0 +1,21 @@
+"""The demo and the paper's experiment families at toy scale (``gkd demo``, ``gkd experiment NAME``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import ConfigError
+
+EXPERIMENTS = ("methods", "divergences", "temperature", "data_efficiency", "rl")
+
+__all__ = ["EXPERIMENTS", "run_experiment"]
+
+
+def run_experiment(name: str, output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """Run one experiment family; its settings live in ``configs/experiments/NAME.yaml``."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    from gkd.experiments import families
+
+    return families.run(name, output_dir=output_dir or Path("runs") / f"experiment-{name}", quick=quick)
