@@ -134,9 +134,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gkd.experiments.demo import run_demo
+    from gkd.experiments.demo import run_demo, train_demo_teacher
 
-    run_demo(output_dir=Path(args.output_dir), quick=args.quick, seeds=args.seeds, workers=args.workers)
+    if args.train_teacher:
+        train_demo_teacher()
+        return 0
+    run_demo(
+        output_dir=Path(args.output_dir),
+        quick=args.quick,
+        seeds=args.seeds,
+        workers=args.workers,
+        retrain_teacher=args.retrain_teacher,
+    )
     return 0
 
 
@@ -189,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a reduced run that takes seconds (for tests)")
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
+    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher instead of using the shipped one")
+    p.add_argument(
+        "--train-teacher", action="store_true", help="(maintainers) train the teacher and write it to gkd's assets"
+    )
 
     p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")
     p.add_argument("name", help="methods, divergences, temperature, data_efficiency or rl")

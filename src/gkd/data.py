@@ -181,6 +181,18 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
     return prompt, completion, False
 
 
+def _batch_tokenize(tokenizer: Any, texts: list[str], special: list[bool]) -> list[list[int]]:
+    """Token ids of ``texts`` (one batched call per special-token setting; fast tokenizers batch in Rust)."""
+    out: list[list[int]] = [[] for _ in texts]
+    for flag in (True, False):
+        idx = [i for i, f in enumerate(special) if f == flag]
+        if idx:
+            ids = tokenizer([texts[i] for i in idx], add_special_tokens=flag)["input_ids"]
+            for i, row in zip(idx, ids):
+                out[i] = list(row)
+    return out
+
+
 def tokenize_records(
     records: list[dict],
     tokenizer: Any,
@@ -194,11 +206,13 @@ def tokenize_records(
     if not records:
         raise DataError(f"{source} is empty; it needs at least one record")
     eos = tokenizer.eos_token_id
+    parts = [split_record(rec, tokenizer, i, source) for i, rec in enumerate(records)]
+    prompt_ids = _batch_tokenize(tokenizer, [p for p, _, _ in parts], [not t for _, _, t in parts])
+    completions = [c for _, c, _ in parts if c is not None]
+    completion_ids = iter(_batch_tokenize(tokenizer, completions, [False] * len(completions)))
     examples: list[Example] = []
     trunc_p = trunc_c = 0
-    for i, rec in enumerate(records):
-        prompt, completion, templated = split_record(rec, tokenizer, i, source)
-        p_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    for rec, (_, completion, _), p_ids in zip(records, parts, prompt_ids):
         if seq2seq and (not p_ids or p_ids[-1] != eos):
             p_ids = [*p_ids, eos]  # T5-style encoders expect an EOS at the end of the input
         if len(p_ids) > max_prompt_length:
@@ -208,7 +222,7 @@ def tokenize_records(
             p_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
         c_ids = None
         if completion is not None:
-            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            c_ids = next(completion_ids)
             if not c_ids or c_ids[-1] != eos:
                 c_ids = [*c_ids, eos]
             if len(c_ids) > max_completion_length:
@@ -216,7 +230,7 @@ def tokenize_records(
                 trunc_c += 1
         examples.append(Example(p_ids, c_ids, rec))
     if trunc_p == len(records):
-        longest = max(len(tokenizer(split_record(r, tokenizer, 0, source)[0])["input_ids"]) for r in records[:100])
+        longest = max(len(p) for p in prompt_ids)
         raise DataError(
             f"every prompt of {source} is longer than max_prompt_length={max_prompt_length} (e.g. {longest} "
             "tokens); raise max_prompt_length"

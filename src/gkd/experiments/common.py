@@ -23,6 +23,9 @@ import torch
 
 __all__ = [
     "Job",
+    "StudySettings",
+    "Workspace",
+    "build_workspace",
     "evaluate_model",
     "mean_se",
     "paired",
@@ -271,3 +274,155 @@ def run_jobs(
                         on_result(results[i])  # type: ignore[arg-type]
             time.sleep(0.05)
     return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a study's workspace: data, teacher, and the student's starting point
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class StudySettings:
+    """Sizes and budgets of a study (the demo's defaults; experiment configs override them)."""
+
+    task: str = "summarization"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 5
+    n_train: int = 100_000
+    n_test: int = 1000
+    teacher_steps: int = 6000
+    teacher_lr: float = 2e-3
+    start_steps: int = 6000
+    start_lr: float = 3e-3
+    method_steps: int = 500
+    method_lr: float = 1e-3
+    batch_size: int = 64
+    max_new_tokens: int = 8
+    student: dict[str, Any] | None = None  # model spec; default: the task's student_model_config()
+    teacher: dict[str, Any] | None = None  # model spec; default: the task's teacher_model_config()
+    shipped_teacher: str | None = None  # a folder with a teacher trained by these settings, used when present
+
+
+@dataclass
+class Workspace:
+    root: Path
+    task: Any
+    tokenizer: Any
+    train_path: Path
+    test_path: Path
+    teacher_dir: Path
+    start_dir: Path
+    teacher_scores: dict[str, dict[str, float]]
+    start_scores: dict[str, dict[str, float]]
+
+
+def sft_config(out: Path, steps: int, lr: float, s: StudySettings, seed: int) -> dict[str, Any]:
+    """The SFT recipe for teachers and starting students: AdamW, warmup, cosine to 0.1 x lr."""
+    return {
+        "divergence": "nll",
+        "lmbda": 0.0,
+        "learning_rate": lr,
+        "lr_scheduler_type": "cosine",
+        "min_lr_ratio": 0.1,
+        "warmup_steps": min(100, max(1, steps // 20)),
+        "max_steps": steps,
+        "per_device_train_batch_size": s.batch_size,
+        "max_new_tokens": s.max_new_tokens,
+        "weight_decay": 0.01,
+        "adam_beta2": 0.98,
+        "output_dir": str(out),
+        "logging_steps": max(1, steps // 10),
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "seed": seed,
+        "progress": False,
+    }
+
+
+def _sft_in_process(cfg: dict[str, Any], model: Any, tok: Any, dataset: Any) -> Any:
+    from gkd.config import GKDConfig
+    from gkd.trainer import GKDTrainer
+
+    trainer = GKDTrainer(GKDConfig(**cfg), student=model, tokenizer=tok, train_dataset=dataset, log=lambda m: None)
+    trainer.train()
+    return trainer.student
+
+
+def _spec_equal(model: Any, spec: dict[str, Any], vocab: int) -> bool:
+    cfg = model.config
+    keys = [k for k in spec if k not in ("architecture", "vocab_size")]
+    return cfg.vocab_size == vocab and all(getattr(cfg, k, None) == spec[k] for k in keys)
+
+
+def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], retrain_teacher: bool = False) -> Workspace:
+    """Data, teacher and starting student of a study, each created once and reused from ``root`` afterwards."""
+    import shutil
+
+    from gkd.models import build_model, load_model
+    from gkd.tasks import get_task
+
+    task = get_task(s.task, **s.task_params)
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    tok = task.build_tokenizer(str(data / "tokenizer"))
+    train_path, test_path = data / "train.jsonl", data / "test.jsonl"
+    stamp = data / "settings.json"
+    want = {"task": s.task, "params": s.task_params, "n_train": s.n_train, "n_test": s.n_test}
+    if not stamp.exists() or json.loads(stamp.read_text()) != want:
+        say(f"data: generating {s.n_train} training and {s.n_test} test prompts ({s.task}) ...")
+        write_jsonl(train_path, ({"prompt": r["prompt"], "completion": r["completion"]} for r in task.generate("train", s.n_train, 0)))
+        write_jsonl(test_path, task.generate("test", s.n_test, 0))
+        stamp.write_text(json.dumps(want))
+        for stale in ("teacher", "start"):
+            shutil.rmtree(root / stale, ignore_errors=True)
+        (root / "reference_scores.json").unlink(missing_ok=True)
+    train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
+    test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
+
+    teacher_spec = s.teacher or task.teacher_model_config()
+    teacher_dir = root / "teacher"
+    shipped = Path(s.shipped_teacher) if s.shipped_teacher else None
+    if retrain_teacher:
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+    if not (teacher_dir / "config.json").exists():
+        model = None
+        if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
+            model = load_model(str(shipped), what="teacher")
+            if _spec_equal(model, teacher_spec, len(tok)):
+                say(f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)")
+            else:
+                model = None
+        if model is None:
+            say(f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ...")
+            t0 = time.perf_counter()
+            model = build_model(teacher_spec, tok, seed=1234)
+            cfg = sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, seed=1234)
+            model = _sft_in_process(cfg, model, tok, train_ds)
+            say(f"teacher: trained in {time.perf_counter() - t0:.0f}s")
+        model.save_pretrained(teacher_dir)
+        tok.save_pretrained(teacher_dir)
+        (root / "reference_scores.json").unlink(missing_ok=True)
+    teacher = load_model(str(teacher_dir), what="teacher")
+
+    start_dir = root / "start"
+    if not (start_dir / "config.json").exists():
+        spec = s.student or task.student_model_config()
+        say(f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ...")
+        t0 = time.perf_counter()
+        model = build_model(spec, tok, seed=4321)
+        cfg = sft_config(root / "runs" / "start", s.start_steps, s.start_lr, s, seed=4321)
+        model = _sft_in_process(cfg, model, tok, train_ds)
+        model.save_pretrained(start_dir)
+        tok.save_pretrained(start_dir)
+        (root / "reference_scores.json").unlink(missing_ok=True)
+        say(f"start: trained in {time.perf_counter() - t0:.0f}s")
+    start = load_model(str(start_dir), what="student")
+
+    scores_path = root / "reference_scores.json"
+    if scores_path.exists():
+        ref = json.loads(scores_path.read_text())
+    else:
+        ref = {
+            name: evaluate_model(m, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
+            for name, m in (("teacher", teacher), ("start", start))
+        }
+        scores_path.write_text(json.dumps(ref, indent=2))
+    return Workspace(root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"])

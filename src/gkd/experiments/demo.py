@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gkd.experiments.common import Job, evaluate_model, mean_se, paired, read_jsonl, run_jobs, write_jsonl
+from gkd.experiments.common import Job, StudySettings, build_workspace, mean_se, paired, run_jobs, write_jsonl
 
-__all__ = ["DEMO_METHODS", "DemoSettings", "run_demo"]
+__all__ = ["DEMO_METHODS", "demo_settings", "method_config", "run_demo"]
 
 ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
 
-# name -> config overrides (on top of DemoSettings.method_config); "steps" multiplies the step budget.
+# name -> config overrides on top of ``method_config``; "steps" multiplies the step budget, "seqkd" trains on
+# the teacher's samples.
 DEMO_METHODS: dict[str, dict[str, Any]] = {
     "sft": {"divergence": "nll", "lmbda": 0.0},
     "sft_2x": {"divergence": "nll", "lmbda": 0.0, "steps": 2},
@@ -48,76 +48,41 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "gkd_mixed_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 0.5},
 }
 # relative cost of a step, for scheduling the longest jobs first
-_COST = {"nll": 1.0, "forward_kl": 1.6, "reverse_kl": 1.6, "jsd": 1.6}
+_COST = {"nll": 1.0, "forward_kl": 1.6, "reverse_kl": 1.6, "jsd": 1.6, "tvd": 1.6}
 
 
-@dataclass
-class DemoSettings:
-    task: str = "summarization"
-    seeds: int = 5
-    n_train: int = 60_000
-    n_test: int = 1000
-    teacher_steps: int = 6000
-    teacher_lr: float = 2e-3
-    start_steps: int = 6000
-    start_lr: float = 3e-3
-    method_steps: int = 500
-    method_lr: float = 1e-3
-    batch_size: int = 64
-    max_new_tokens: int = 8
-    student: dict[str, Any] | None = None
-    teacher: dict[str, Any] | None = None
-
-    @classmethod
-    def quick(cls) -> DemoSettings:
-        return cls(
-            seeds=2,
-            n_train=2000,
-            n_test=64,
-            teacher_steps=60,
-            start_steps=30,
-            method_steps=6,
-            batch_size=16,
-            teacher={
-                "architecture": "llama",
-                "hidden_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "intermediate_size": 64,
-                "max_position_embeddings": 64,
-                "tie_word_embeddings": True,
-            },
-        )
-
-
-def _sft_config(out: Path, steps: int, lr: float, s: DemoSettings, warmup: int, seed: int) -> dict[str, Any]:
-    return {
-        "divergence": "nll",
-        "lmbda": 0.0,
-        "learning_rate": lr,
-        "lr_scheduler_type": "cosine",
-        "min_lr_ratio": 0.1,
-        "warmup_steps": warmup,
-        "max_steps": steps,
-        "per_device_train_batch_size": s.batch_size,
-        "max_new_tokens": s.max_new_tokens,
-        "weight_decay": 0.01,
-        "adam_beta2": 0.98,
-        "output_dir": str(out),
-        "logging_steps": max(1, steps // 10),
-        "save_steps": 0,
-        "save_total_limit": 1,
-        "seed": seed,
-        "progress": False,
+def demo_settings(quick: bool = False) -> StudySettings:
+    """The demo's sizes (see the module docstring); ``quick`` is a seconds-long run for tests."""
+    if not quick:
+        return StudySettings(shipped_teacher=str(ASSET_TEACHER))
+    tiny = {
+        "architecture": "llama",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
     }
+    return StudySettings(
+        seeds=2,
+        n_train=1000,
+        n_test=48,
+        teacher_steps=20,
+        start_steps=10,
+        method_steps=3,
+        batch_size=8,
+        teacher={**tiny, "hidden_size": 32},
+        student=tiny,
+    )
 
 
-def method_config(name: str, seed: int, out: Path, s: DemoSettings) -> dict[str, Any]:
-    spec = dict(DEMO_METHODS[name])
+def method_config(name: str, seed: int, out: Path, s: StudySettings, **extra: Any) -> dict[str, Any]:
+    """Config of one method run: constant learning rate after a short warmup, the same budget for all methods."""
+    spec = {**DEMO_METHODS.get(name, {}), **extra}
     mult = spec.pop("steps", 1)
     spec.pop("seqkd", None)
     return {
-        **spec,
         "learning_rate": s.method_lr,
         "lr_scheduler_type": "constant",
         "warmup_steps": 20 if s.method_steps > 40 else 0,
@@ -133,53 +98,116 @@ def method_config(name: str, seed: int, out: Path, s: DemoSettings) -> dict[str,
         "save_total_limit": 1,
         "seed": seed,
         "progress": False,
+        **spec,
     }
 
 
-class _Console:
-    """Progress output: a rich console when available, else prints."""
+def job_cost(cfg: dict[str, Any]) -> float:
+    on = 1.0 + 0.6 * float(cfg.get("lmbda", 0.0))
+    return cfg["max_steps"] * _COST.get(cfg.get("divergence", "nll"), 1.6) * on
 
+
+class _Console:
     def __init__(self) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(highlight=False)
 
     def say(self, msg: str) -> None:
         self.console.print(msg, markup=False)
 
 
-def _train_in_process(cfg: dict[str, Any], start: Any, tok: Any, records: list[dict], teacher: Any = None) -> Any:
-    from gkd.config import GKDConfig
-    from gkd.trainer import GKDTrainer
+def seqkd_targets(ws: Any, s: StudySettings, n: int, say: Any) -> Path:
+    """SeqKD data: the teacher samples targets (T=1) once for the first ``n`` training prompts, shared by all seeds."""
+    from gkd.data import tokenize_records
+    from gkd.experiments.common import read_jsonl
+    from gkd.models import load_model
+    from gkd.teacher import seqkd_dataset
 
-    trainer = GKDTrainer(GKDConfig(**cfg), student=start, teacher=teacher, tokenizer=tok, train_records=records, log=lambda m: None)
-    trainer.train()
-    return trainer.student
+    path = ws.root / "data" / f"seqkd-{n}.jsonl"
+    if path.exists():
+        return path
+    say(f"seqkd: the teacher writes targets for {n} training prompts (temperature 1, once) ...")
+    tok = ws.tokenizer
+    records = read_jsonl(ws.train_path)[:n]
+    prompts = tokenize_records(records, tok, max_prompt_length=512, max_completion_length=s.max_new_tokens)
+    teacher = load_model(str(ws.teacher_dir), what="teacher")
+    ds = seqkd_dataset(
+        teacher,
+        tok,
+        prompts,
+        cache_dir=ws.root / "runs",
+        teacher_name=str(ws.teacher_dir),
+        max_new_tokens=s.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        batch_size=512,
+        log=lambda m: None,
+    )
+    rows = []
+    for e in ds.examples:
+        ids = [t for t in (e.completion or []) if t != tok.eos_token_id]
+        rows.append({"prompt": e.record["prompt"], "completion": tok.decode(ids)})
+    write_jsonl(path, rows)
+    return path
 
 
-def _load_or_train_teacher(root: Path, s: DemoSettings, tok: Any, task: Any, train: list[dict], say: Any, retrain: bool) -> Path:
-    from gkd.models import build_model, load_model
+def run_study(
+    ws: Any,
+    s: StudySettings,
+    runs: dict[str, dict[str, Any]],
+    *,
+    workers: int,
+    say: Any,
+    console: Any,
+    label: str,
+    eval_temperatures: tuple[float, ...] = (1.0,),
+    eval_samples: int = 1,
+    train_paths: dict[str, Path] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every ``runs`` config (name -> overrides of ``method_config``) for each seed; results ordered by job."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    dest = root / "teacher"
-    shipped = ASSET_TEACHER if s.teacher is None else None
-    if dest.exists() and (dest / "config.json").exists() and not retrain:
-        say(f"teacher: reusing {dest}")
-        return dest
-    if shipped is not None and (shipped / "config.json").exists() and not retrain:
-        model = load_model(str(shipped), what="teacher")
-        if model.config.vocab_size == len(tok):
-            shutil.copytree(shipped, dest, dirs_exist_ok=True)
-            tok.save_pretrained(dest)
-            say(f"teacher: loaded the shipped checkpoint ({shipped.name}, trained by `gkd demo --train-teacher`)")
-            return dest
-    spec = s.teacher or task.teacher_model_config()
-    say(f"teacher: training {spec.get('num_hidden_layers')}L d{spec.get('hidden_size')} for {s.teacher_steps} steps ...")
-    model = build_model(spec, tok, seed=1234)
-    cfg = _sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, warmup=min(100, s.teacher_steps // 10), seed=1234)
-    model = _train_in_process(cfg, model, tok, train)
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return dest
+    jobs = []
+    for seed in range(s.seeds):
+        for name, spec in runs.items():
+            cfg = method_config(name, seed, ws.root / "runs" / label / f"seed{seed}" / name, s, **spec)
+            jobs.append(
+                Job(
+                    name=name,
+                    seed=seed,
+                    config=cfg,
+                    start=str(ws.start_dir),
+                    teacher=str(ws.teacher_dir),
+                    train=str((train_paths or {}).get(name, ws.train_path)),
+                    test=str(ws.test_path),
+                    task=s.task,
+                    task_params=s.task_params,
+                    eval_temperatures=eval_temperatures,
+                    eval_samples=eval_samples,
+                    cost=job_cost(cfg),
+                )
+            )
+    metric = ws.task.metric
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task("runs", total=len(jobs), last="")
+
+        def on_result(r: dict[str, Any]) -> None:
+            g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
+            progress.update(bar, advance=1, last=f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)")
+
+        return run_jobs(jobs, workers=workers, threads=1, on_result=on_result)
 
 
 def run_demo(
@@ -188,128 +216,67 @@ def run_demo(
     quick: bool = False,
     seeds: int | None = None,
     workers: int | None = None,
-    settings: DemoSettings | None = None,
-    train_teacher_only: bool = False,
+    settings: StudySettings | None = None,
     retrain_teacher: bool = False,
 ) -> dict[str, Any]:
     """Run the demo and write ``results.json``, ``results.png`` and ``REPORT.md`` to ``output_dir``."""
-    from gkd.models import build_model, load_model
-    from gkd.tasks import get_task
-
-    s = settings or (DemoSettings.quick() if quick else DemoSettings())
+    s = settings or demo_settings(quick)
     if seeds is not None:
         s = replace(s, seeds=seeds)
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     con = _Console()
     say = con.say
     t_begin = time.perf_counter()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-    # 1. data ---------------------------------------------------------------------------------------------------
-    task = get_task(s.task)
-    data = out / "data"
-    tok = task.build_tokenizer(str(data / "tokenizer"))
-    train_path, test_path = data / "train.jsonl", data / "test.jsonl"
-    if not train_path.exists() or len(read_jsonl(train_path)) != s.n_train:
-        say(f"data: generating {s.n_train} training and {s.n_test} test prompts ({s.task}) ...")
-        write_jsonl(train_path, ({k: v for k, v in r.items() if k != "references"} for r in task.generate("train", s.n_train, 0)))
-        write_jsonl(test_path, task.generate("test", s.n_test, 0))
-    train = read_jsonl(train_path)
-    test = read_jsonl(test_path)
+    ws = build_workspace(out, s, say, retrain_teacher=retrain_teacher)
+    metric = ws.task.metric
+    for who, sc in (("teacher", ws.teacher_scores), ("start", ws.start_scores)):
+        say(f"{who}: {metric} greedy {sc['greedy'][metric]:.1f}, T=1 sample {sc['sample'][metric]:.1f}")
+    seqkd = seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
 
-    # 2. teacher ------------------------------------------------------------------------------------------------
-    teacher_dir = _load_or_train_teacher(out, s, tok, task, train, say, retrain_teacher or train_teacher_only)
-    if train_teacher_only:
-        ASSET_TEACHER.mkdir(parents=True, exist_ok=True)
-        teacher = load_model(str(teacher_dir), what="teacher")
-        teacher.save_pretrained(ASSET_TEACHER)
-        say(f"teacher written to {ASSET_TEACHER}")
-    teacher = load_model(str(teacher_dir), what="teacher")
-    from gkd.data import tokenize_records
-
-    test_ds = tokenize_records(test, tok, max_prompt_length=512, max_completion_length=s.max_new_tokens, source="test")
-    teacher_scores = evaluate_model(teacher, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
-    say(f"teacher: greedy {task.metric} {teacher_scores['greedy'][task.metric]:.1f}, T=1 {teacher_scores['sample'][task.metric]:.1f}")
-
-    # 3. the student's start ------------------------------------------------------------------------------------
-    start_dir = out / "start"
-    if not (start_dir / "config.json").exists():
-        spec = s.student or task.student_model_config()
-        say(f"start: SFT of the student ({spec.get('num_hidden_layers')}L d{spec.get('hidden_size')}) for {s.start_steps} steps ...")
-        t0 = time.perf_counter()
-        model = build_model(spec, tok, seed=4321)
-        cfg = _sft_config(out / "runs" / "start", s.start_steps, s.start_lr, s, warmup=min(50, s.start_steps // 10), seed=4321)
-        model = _train_in_process(cfg, model, tok, train)
-        model.save_pretrained(start_dir)
-        tok.save_pretrained(start_dir)
-        say(f"start: trained in {time.perf_counter() - t0:.0f}s")
-    start = load_model(str(start_dir), what="student")
-    start_scores = evaluate_model(start, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
-    say(f"start: greedy {task.metric} {start_scores['greedy'][task.metric]:.1f}, T=1 {start_scores['sample'][task.metric]:.1f}")
-
-    # SeqKD targets: the teacher samples targets once (as many prompts as a run consumes), shared by all seeds.
-    seqkd_path = data / "seqkd.jsonl"
-    n_seq = min(len(train), s.method_steps * s.batch_size)
-    if not seqkd_path.exists() or len(read_jsonl(seqkd_path)) != n_seq:
-        from gkd.teacher import seqkd_dataset
-
-        say(f"seqkd: the teacher writes targets for {n_seq} prompts (T=1, once) ...")
-        prompts = tokenize_records(train[:n_seq], tok, max_prompt_length=512, max_completion_length=s.max_new_tokens, source="train")
-        ds = seqkd_dataset(
-            teacher, tok, prompts, cache_dir=out / "runs", teacher_name=str(teacher_dir), max_new_tokens=s.max_new_tokens,
-            temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=500, log=lambda m: None,
-        )
-        rows = []
-        for e in ds.examples:
-            ids = [t for t in e.completion or [] if t != tok.eos_token_id]
-            rows.append({"prompt": e.record["prompt"], "completion": tok.decode(ids)})
-        write_jsonl(seqkd_path, rows)
-
-    # 4. the methods ---------------------------------------------------------------------------------------------
-    jobs = []
-    for seed in range(s.seeds):
-        for name, spec in DEMO_METHODS.items():
-            cfg = method_config(name, seed, out / "runs" / f"seed{seed}" / name, s)
-            cost = cfg["max_steps"] * _COST[cfg["divergence"]] * (1.5 if cfg["lmbda"] > 0 else 1.0)
-            jobs.append(
-                Job(
-                    name=name, seed=seed, config=cfg, start=str(start_dir), teacher=str(teacher_dir),
-                    train=str(seqkd_path if spec.get("seqkd") else train_path), test=str(test_path), task=s.task,
-                    cost=cost,
-                )
-            )
-    say(f"methods: {len(jobs)} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each) on {workers} workers ...")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]demo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=con.console)
-    results: list[dict[str, Any]] = []
-    with progress:
-        bar = progress.add_task("runs", total=len(jobs), last="")
-
-        def on_result(r: dict[str, Any]) -> None:
-            results.append(r)
-            g, smp = r["scores"]["greedy"][task.metric], r["scores"]["sample"][task.metric]
-            progress.update(bar, advance=1, last=f"{r['name']} seed {r['seed']}: greedy {g:.1f} / T=1 {smp:.1f} ({r['train_s']:.0f}s)")
-
-        ordered = run_jobs(jobs, workers=workers, threads=1, on_result=on_result)
-
-    # 5. report -------------------------------------------------------------------------------------------------
-    summary = summarize(task, s, ordered, teacher_scores, start_scores, time.perf_counter() - t_begin)
+    n_runs = len(DEMO_METHODS) * s.seeds
+    say(f"methods: {n_runs} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each, "
+        f"all from the same start) on {workers} worker process(es) ...")
+    results = run_study(
+        ws, s, {k: {} for k in DEMO_METHODS}, workers=workers, say=say, console=con.console, label="demo",
+        train_paths={"seqkd": seqkd},
+    )
+    summary = summarize(ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot_results(summary, out / "results.png")
     (out / "REPORT.md").write_text(report_markdown(summary))
-    say("")
-    say(table_text(summary))
-    say(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, {out / 'REPORT.md'} ({summary['wall_s']:.0f}s in all)")
+    print()
+    print(table_text(summary))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, {out / 'REPORT.md'} ({summary['wall_s']:.0f}s in all)")
     return summary
+
+
+def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
+    """Train the demo's teacher from scratch with the demo's settings and write it to the shipped-asset folder."""
+    s = replace(demo_settings(False), shipped_teacher=None)
+    con = _Console()
+    ws = build_workspace(output_dir, s, con.say, retrain_teacher=True)
+    from gkd.models import load_model
+
+    teacher = load_model(str(ws.teacher_dir), what="teacher")
+    ASSET_TEACHER.mkdir(parents=True, exist_ok=True)
+    teacher.save_pretrained(ASSET_TEACHER)
+    (ASSET_TEACHER / "TRAINING.md").write_text(
+        "# The demo's teacher\n\nTrained by `gkd demo --train-teacher` (gkd's own SFT): "
+        f"{s.teacher_steps} steps, lr {s.teacher_lr} cosine, batch {s.batch_size}, seed 1234, on "
+        f"{s.n_train} generated `{s.task}` training prompts (data seed 0).\n"
+        f"Held-out scores: {json.dumps(ws.teacher_scores)}\n"
+    )
+    con.say(f"teacher written to {ASSET_TEACHER}")
+    return ASSET_TEACHER
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # summarising
 # ---------------------------------------------------------------------------------------------------------------
-def summarize(task: Any, s: DemoSettings, results: list[dict[str, Any]], teacher: dict, start: dict, wall: float) -> dict[str, Any]:
+def summarize(task: Any, s: StudySettings, results: list[dict[str, Any]], teacher: dict, start: dict, wall: float) -> dict[str, Any]:
     metric = task.metric
     methods: dict[str, Any] = {}
     for name in DEMO_METHODS:
