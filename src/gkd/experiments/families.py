@@ -1,0 +1,388 @@
+"""The paper's experiment families at toy scale: ``gkd experiment methods|divergences|temperature|data_efficiency|rl``.
+
+Each family is a YAML file in ``configs/experiments/`` (packaged as ``gkd/configs/experiments``):
+
+    settings:   StudySettings overrides (task, sizes, budgets, seeds)
+    workspace:  folder of the data / teacher / starting student to use or create (shared with the demo when equal)
+    runs:       name -> config overrides of one method (on top of the demo's method recipe)
+    variants:   optional extra workspaces (e.g. a larger student) with their own runs
+    eval:       {temperatures: [...], samples: N}
+
+Every family writes ``results.json``, ``results.png`` and ``report.md`` to its output folder. The numbers in the
+repository's RESULTS.md come from these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gkd.errors import ConfigError
+from gkd.experiments.common import StudySettings, build_workspace, mean_se, paired, read_jsonl, write_jsonl
+from gkd.experiments.demo import _Console, run_study, seqkd_targets
+
+__all__ = ["load_family", "run"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+
+
+def load_family(name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"experiment config '{path}' is missing; reinstall gkd")
+    return yaml.safe_load(path.read_text())
+
+
+def _settings(base: dict[str, Any], quick: bool) -> StudySettings:
+    s = StudySettings(**base)
+    if quick:
+        tiny = {
+            "architecture": "llama",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": True,
+        }
+        s = replace(
+            s,
+            seeds=2,
+            n_train=800,
+            n_test=32,
+            teacher_steps=10,
+            start_steps=5,
+            method_steps=3,
+            batch_size=8,
+            teacher={**tiny, "hidden_size": 32},
+            student=tiny,
+            shipped_teacher=None,
+        )
+    return s
+
+
+def _aggregate(results: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """name -> eval mode -> metric -> {mean, se, seeds}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in names:
+        rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
+        out[name] = {}
+        for mode in rows[0]["scores"]:
+            out[name][mode] = {}
+            for metric in rows[0]["scores"][mode]:
+                vals = [r["scores"][mode][metric] for r in rows]
+                m, se = mean_se(vals)
+                out[name][mode][metric] = {"mean": m, "se": se, "seeds": vals}
+        out[name]["_steps"] = rows[0]["steps"]  # type: ignore[assignment]
+        out[name]["_wall_s"] = sum(r["train_s"] for r in rows) / len(rows)  # type: ignore[assignment]
+    return out
+
+
+def _fmt(d: dict[str, Any]) -> str:
+    return f"{d['mean']:.1f} ± {d['se']:.1f}"
+
+
+def _pfmt(a: list[float], b: list[float]) -> str:
+    m, se = paired(a, b)
+    return f"{m:+.1f} ± {se:.1f}"
+
+
+def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
+    spec = load_family(name)
+    con = _Console()
+    say = con.say
+    workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    s = _settings(spec.get("settings", {}), quick)
+    root = Path(spec.get("workspace", out / "workspace")) if not quick else out / "workspace"
+    ws = build_workspace(root, s, say)
+    evaluation = spec.get("eval", {})
+    temps = tuple(evaluation.get("temperatures", [1.0]))
+    samples = int(evaluation.get("samples", 1))
+    runs: dict[str, dict[str, Any]] = spec["runs"]
+    train_paths = _special_data(name, ws, s, runs, spec, say)
+    results = run_study(
+        ws, s, {k: v for k, v in runs.items() if k != "_"}, workers=workers, say=say, console=con.console,
+        label=name, eval_temperatures=temps, eval_samples=samples, train_paths=train_paths,
+    )
+    summary: dict[str, Any] = {
+        "experiment": name,
+        "task": s.task,
+        "metric": ws.task.metric,
+        "settings": {k: v for k, v in s.__dict__.items()},
+        "teacher": ws.teacher_scores,
+        "start": ws.start_scores,
+        "runs": _aggregate(results, list(runs)),
+        "variants": {},
+    }
+    for vname, vspec in (spec.get("variants") or {}).items():
+        vs = replace(s, **vspec.get("settings", {})) if not quick else s
+        vroot = Path(vspec.get("workspace", out / f"workspace-{vname}")) if not quick else out / f"workspace-{vname}"
+        vws = build_workspace(vroot, vs, say)
+        vres = run_study(vws, vs, vspec["runs"], workers=workers, say=say, console=con.console, label=f"{name}/{vname}",
+                         eval_temperatures=temps, eval_samples=samples)
+        summary["variants"][vname] = {
+            "teacher": vws.teacher_scores,
+            "start": vws.start_scores,
+            "runs": _aggregate(vres, list(vspec["runs"])),
+        }
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    report = REPORTS[name](summary)
+    (out / "report.md").write_text(report)
+    try:
+        PLOTS[name](summary, out / "results.png")
+    except Exception as e:  # a plot must never lose the results
+        say(f"warning: plot failed ({e})")
+    print(report)
+    say(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'results.png'} ({summary['wall_s']:.0f}s)")
+    return summary
+
+
+def _special_data(name: str, ws: Any, s: StudySettings, runs: dict[str, Any], spec: dict[str, Any], say: Any) -> dict[str, Path]:
+    """Training files some runs need: SeqKD targets, or prompt-only subsets (data efficiency)."""
+    paths: dict[str, Path] = {}
+    for run_name, cfg in list(runs.items()):
+        if cfg.pop("seqkd", False):
+            paths[run_name] = seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
+        fraction = cfg.pop("data_fraction", None)
+        if fraction is not None:
+            records = read_jsonl(ws.train_path)
+            n = max(1, int(len(records) * float(fraction)))
+            labels = cfg.pop("labels", True)
+            path = ws.root / "data" / f"train-{fraction}-{'labelled' if labels else 'prompts'}.jsonl"
+            if not path.exists():
+                write_jsonl(path, (r if labels else {"prompt": r["prompt"]} for r in records[:n]))
+            paths[run_name] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reports
+# ---------------------------------------------------------------------------------------------------------------
+def _ref_line(summary: dict[str, Any], metric: str, mode: str = "greedy") -> str:
+    t, s = summary["teacher"], summary["start"]
+    return f"teacher {t[mode][metric]:.1f}, starting student {s[mode][metric]:.1f} ({mode})"
+
+
+def _report_methods(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    runs = summary["runs"]
+    lines = [
+        f"# methods ({summary['task']}, {m} %, mean ± SE over {summary['settings']['seeds']} seeds)",
+        "",
+        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
+        "",
+        "| run | greedy | T=1 sample | Δ vs sft (greedy) | Δ vs sft (T=1) |",
+        "|---|---|---|---|---|",
+    ]
+    base = runs.get("sft")
+    for name, r in runs.items():
+        d_g = _pfmt(r["greedy"][m]["seeds"], base["greedy"][m]["seeds"]) if base else "-"
+        d_s = _pfmt(r["sample"][m]["seeds"], base["sample"][m]["seeds"]) if base else "-"
+        lines.append(f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {d_g} | {d_s} |")
+    lam = [(float(n.split("_")[1]), runs[n]) for n in runs if n.startswith("lambda_")]
+    if lam:
+        lines += ["", "λ sweep (JSD(0.9)): " + ", ".join(f"λ={x:g}: {r['sample'][m]['mean']:.1f} (T=1) / {r['greedy'][m]['mean']:.1f} (greedy)" for x, r in sorted(lam))]
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _report_divergences(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    start = summary["start"]["greedy"][m]
+    lines = [
+        f"# divergences ({summary['task']}, {m}, gain over the starting student, greedy decoding, mean ± SE over "
+        f"{summary['settings']['seeds']} seeds)",
+        "",
+        _ref_line(summary, m),
+        "",
+    ]
+
+    def table(runs: dict[str, Any], start_value: float) -> list[str]:
+        divs = sorted({n.rsplit("_lambda_", 1)[0] for n in runs})
+        lams = sorted({float(n.rsplit("_lambda_", 1)[1]) for n in runs})
+        rows = ["| divergence | " + " | ".join(f"λ={x:g}" for x in lams) + " |", "|---" * (len(lams) + 1) + "|"]
+        for d in divs:
+            cells = []
+            for x in lams:
+                r = runs.get(f"{d}_lambda_{x:g}")
+                cells.append("-" if r is None else f"{r['greedy'][m]['mean'] - start_value:+.2f} ± {r['greedy'][m]['se']:.2f}")
+            rows.append(f"| {d} | " + " | ".join(cells) + " |")
+        return rows
+
+    lines += table(summary["runs"], start)
+    for vname, v in summary["variants"].items():
+        vs = v["start"]["greedy"][m]
+        lines += ["", f"variant `{vname}`: teacher {v['teacher']['greedy'][m]:.1f}, start {vs:.1f}", ""]
+        lines += table(v["runs"], vs)
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _report_temperature(summary: dict[str, Any]) -> str:
+    runs = summary["runs"]
+    first = next(iter(runs.values()))
+    modes = [k for k in first if not k.startswith("_")]
+    lines = [
+        f"# temperature ({summary['task']}, on-policy λ=1; ROUGE-2 / Self-BLEU per evaluation decoding; mean over "
+        f"{summary['settings']['seeds']} seeds)",
+        "",
+        "| divergence | " + " | ".join(modes) + " |",
+        "|---" * (len(modes) + 1) + "|",
+    ]
+    for name, r in runs.items():
+        cells = []
+        for mode in modes:
+            rouge = r[mode]["rouge2"]["mean"]
+            sb = r[mode].get("self_bleu")
+            cells.append(f"{rouge:.1f}" + (f" / {sb['mean']:.1f}" if sb else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    t = summary["teacher"]
+    lines += ["", f"teacher ROUGE-2: greedy {t['greedy']['rouge2']:.1f}, T=1 {t['sample']['rouge2']:.1f}; start: greedy "
+              f"{summary['start']['greedy']['rouge2']:.1f}, T=1 {summary['start']['sample']['rouge2']:.1f}",
+              "", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _report_data_efficiency(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    runs = summary["runs"]
+    lines = [
+        f"# data efficiency ({summary['task']}, {m} %, mean ± SE over {summary['settings']['seeds']} seeds, same steps)",
+        "",
+        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
+        "",
+        "| run | greedy | T=1 sample | Δ vs supervised_kd (greedy) | Δ vs supervised_kd (T=1) |",
+        "|---|---|---|---|---|",
+    ]
+    base = runs.get("supervised_kd_100pct")
+    for name, r in runs.items():
+        dg = _pfmt(r["greedy"][m]["seeds"], base["greedy"][m]["seeds"]) if base else "-"
+        ds = _pfmt(r["sample"][m]["seeds"], base["sample"][m]["seeds"]) if base else "-"
+        lines.append(f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {dg} | {ds} |")
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _report_rl(summary: dict[str, Any]) -> str:
+    runs = summary["runs"]
+    start, teacher = summary["start"], summary["teacher"]
+    lines = [
+        f"# RL + GKD ({summary['task']}, reward = faithfulness; gains over the starting student, T=1 samples, mean ± SE "
+        f"over {summary['settings']['seeds']} seeds)",
+        "",
+        f"teacher: ROUGE-2 {teacher['sample']['rouge2']:.1f}, faithfulness {teacher['sample']['faithfulness']:.1f}; "
+        f"start: ROUGE-2 {start['sample']['rouge2']:.1f}, faithfulness {start['sample']['faithfulness']:.1f}",
+        "",
+        "| run | ROUGE-2 | Δ ROUGE-2 | faithfulness | Δ faithfulness | set match |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        s = r["sample"]
+        lines.append(
+            f"| {name} | {_fmt(s['rouge2'])} | {s['rouge2']['mean'] - start['sample']['rouge2']:+.2f} | "
+            f"{_fmt(s['faithfulness'])} | {s['faithfulness']['mean'] - start['sample']['faithfulness']:+.2f} | "
+            f"{_fmt(s['set_match'])} |"
+        )
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+REPORTS = {
+    "methods": _report_methods,
+    "divergences": _report_divergences,
+    "temperature": _report_temperature,
+    "data_efficiency": _report_data_efficiency,
+    "rl": _report_rl,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(summary: dict[str, Any], path: Path, metric: str) -> None:
+    plt = _plt()
+    runs = summary["runs"]
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 4))
+    for k, mode in enumerate(("greedy", "sample")):
+        xs = [i + (k - 0.5) * 0.4 for i in range(len(names))]
+        ax.bar(xs, [runs[n][mode][metric]["mean"] for n in names], 0.4,
+               yerr=[runs[n][mode][metric]["se"] for n in names], capsize=3, label=mode)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.set_title(f"{summary['experiment']}: {summary['task']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_temperature(summary: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    runs = summary["runs"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    modes = [m for m in next(iter(runs.values())) if m.startswith("sample")]
+    for mode in modes:
+        xs = [runs[n][mode]["self_bleu"]["mean"] for n in runs if "self_bleu" in runs[n][mode]]
+        ys = [runs[n][mode]["rouge2"]["mean"] for n in runs if "self_bleu" in runs[n][mode]]
+        label = "T=1" if mode == "sample" else "T=" + mode.split("_", 1)[1]
+        ax.plot(xs, ys, "o-", label=label)
+        for n, x, y in zip(runs, xs, ys):
+            ax.annotate(n.replace("gkd_", ""), (x, y), fontsize=6)
+    ax.set_xlabel("Self-BLEU (100 = identical samples)")
+    ax.set_ylabel("ROUGE-2")
+    ax.legend()
+    ax.set_title("quality vs diversity by divergence")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_rl(summary: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    runs = summary["runs"]
+    start = summary["start"]["sample"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, r in runs.items():
+        x = r["sample"]["faithfulness"]["mean"] - start["faithfulness"]
+        y = r["sample"]["rouge2"]["mean"] - start["rouge2"]
+        ax.errorbar(x, y, xerr=r["sample"]["faithfulness"]["se"], yerr=r["sample"]["rouge2"]["se"], fmt="o")
+        ax.annotate(n, (x, y), fontsize=7)
+    t = summary["teacher"]["sample"]
+    ax.axvline(t["faithfulness"] - start["faithfulness"], color="k", ls="--", lw=1, label="teacher faithfulness")
+    ax.set_xlabel("faithfulness gain over the start (T=1)")
+    ax.set_ylabel("ROUGE-2 gain over the start (T=1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {
+    "methods": lambda s, p: _bars(s, p, s["metric"]),
+    "divergences": lambda s, p: _bars(s, p, s["metric"]),
+    "temperature": _plot_temperature,
+    "data_efficiency": lambda s, p: _bars(s, p, s["metric"]),
+    "rl": _plot_rl,
+}
