@@ -262,3 +262,25 @@ def test_forward_kl_loss_gradient_is_q_minus_p(tokenizer, records, llama_pair):
     t = torch.randn(3, 11)
     forward_kl(s, t).sum().backward()
     torch.testing.assert_close(s.grad, torch.softmax(s, -1).detach() - torch.softmax(t, -1))
+
+
+def test_topk_teacher_cache_is_built_once_and_replaces_the_teacher_on_fixed_batches(tokenizer, records, llama_pair, tmp_path):
+    """With k = vocab the cached top-k + tail loss equals the live-teacher loss; the error shrinks as k grows."""
+    student, teacher = llama_pair
+    live = _trainer(tokenizer, records[:64], student, teacher, tmp_path / "live", lmbda=0.0, divergence="jsd", beta=0.5)
+    full = _trainer(tokenizer, records[:64], student, teacher, tmp_path / "full", lmbda=0.0, divergence="jsd", beta=0.5,
+                    teacher_cache="topk", teacher_cache_topk=len(tokenizer))
+    small = _trainer(tokenizer, records[:64], student, teacher, tmp_path / "small", lmbda=0.0, divergence="jsd", beta=0.5,
+                     teacher_cache="topk", teacher_cache_topk=8)
+    mid = _trainer(tokenizer, records[:64], student, teacher, tmp_path / "mid", lmbda=0.0, divergence="jsd", beta=0.5,
+                   teacher_cache="topk", teacher_cache_topk=32)
+    assert len(list((tmp_path / "full" / "out").glob("teacher-top*.safetensors"))) == 1
+    batch = live.stream.next()
+    for t in (full, small, mid):
+        t.teacher.score = lambda b: (_ for _ in ()).throw(AssertionError("teacher was called"))
+    a = float(live._micro_loss(batch, float(batch.num_tokens()), None, None))
+    b = float(full._micro_loss(batch, float(batch.num_tokens()), None, None))
+    c = float(small._micro_loss(batch, float(batch.num_tokens()), None, None))
+    d = float(mid._micro_loss(batch, float(batch.num_tokens()), None, None))
+    assert b == pytest.approx(a, rel=1e-4)
+    assert abs(d - a) < abs(c - a)

@@ -251,6 +251,7 @@ class Batch:
     completion_mask: torch.Tensor  # [B, C] bool
     records: list[dict]
     on_policy: bool = False
+    indices: list[int] | None = None  # positions of the examples in their dataset (for per-example caches)
 
     @property
     def size(self) -> int:
@@ -267,6 +268,7 @@ class Batch:
             self.completion_mask.to(device),
             self.records,
             self.on_policy,
+            self.indices,
         )
 
     def repeat(self, n: int) -> Batch:
@@ -280,6 +282,7 @@ class Batch:
             self.completion_mask.repeat_interleave(n, 0),
             [r for r in self.records for _ in range(n)],
             self.on_policy,
+            None if self.indices is None else [i for i in self.indices for _ in range(n)],
         )
 
 
@@ -305,10 +308,10 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
+def collate(examples: list[Example], pad_id: int, indices: list[int] | None = None) -> Batch:
     p_ids, p_mask = pad_left([e.prompt for e in examples], pad_id)
     c_ids, c_mask = pad_right([e.completion or [] for e in examples], pad_id)
-    return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples])
+    return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples], indices=indices)
 
 
 class BatchStream:
@@ -352,7 +355,8 @@ class BatchStream:
         return global_idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next(self) -> Batch:
-        return collate([self.dataset.examples[i] for i in self.next_indices()], self.pad_id)
+        idx = self.next_indices()
+        return collate([self.dataset.examples[i] for i in idx], self.pad_id, idx)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

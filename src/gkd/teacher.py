@@ -19,9 +19,10 @@ from torch import nn
 
 from gkd.data import Batch, Example, TokenizedDataset
 from gkd.evaluation import generate_ids
+from gkd.losses import TeacherTopK
 from gkd.models import ScoringOutput, score_positions
 
-__all__ = ["Teacher", "seqkd_dataset"]
+__all__ = ["Teacher", "TopKCache", "build_topk_cache", "seqkd_dataset"]
 
 
 class Teacher:
@@ -108,3 +109,87 @@ def seqkd_dataset(
         os.replace(tmp, path)
     examples = [Example(e.prompt, c, e.record) for e, c in zip(dataset.examples, completions)]
     return replace(dataset, examples=examples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offline teacher cache: top-k log-probabilities + a tail bucket, for the fixed dataset
+# ---------------------------------------------------------------------------------------------------------------
+class TopKCache:
+    """The teacher's top-k log-probabilities at every completion position of a fixed dataset, computed once.
+
+    Off-policy batches (λ < 1, SeqKD) then need no teacher forward pass: the divergence is computed on the
+    (k + 1)-category distribution of the teacher's top-k tokens plus one bucket for the remaining mass, which every
+    divergence supports. Stored with safetensors as ``ids`` / ``logprobs`` ``[positions, k]`` and per-example
+    ``offsets``.
+    """
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.ids, self.logprobs, self.offsets = ids, logprobs, offsets
+
+    def lookup(self, indices: list[int], completion_mask: torch.Tensor) -> TeacherTopK:
+        """The cached rows for the valid positions of a batch, in the loss's (row-major) order."""
+        lengths = completion_mask.sum(-1).tolist()
+        rows = []
+        for i, n in zip(indices, lengths):
+            start = int(self.offsets[i])
+            rows.append(torch.arange(start, start + int(n)))
+        sel = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        return TeacherTopK(self.ids[sel].long(), self.logprobs[sel].float())
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TopKCache:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["ids"], t["logprobs"], t["offsets"])
+
+
+@torch.no_grad()
+def build_topk_cache(
+    teacher: Teacher,
+    dataset: TokenizedDataset,
+    *,
+    k: int,
+    temperature: float,
+    pad_id: int,
+    cache_dir: Path,
+    teacher_name: str,
+    batch_size: int = 64,
+    log: Any = print,
+) -> TopKCache:
+    """Run the teacher once over the dataset's completions and keep its top-k log-probs (cached on disk)."""
+    from gkd.data import collate
+    from gkd.divergences import log_probs
+
+    h = hashlib.sha256()
+    for e in dataset.examples:
+        h.update(json.dumps([e.prompt, e.completion]).encode())
+    h.update(json.dumps({"teacher": teacher_name, "k": k, "T": temperature}).encode())
+    path = cache_dir / f"teacher-top{k}-{h.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return TopKCache.load(path)
+    log(f"teacher cache: top-{k} log-probs for {len(dataset)} examples (once; cached at {path})")
+    k = min(k, teacher.vocab)
+    ids_parts, lp_parts, lengths = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate(dataset.examples[start : start + batch_size], pad_id)
+        out = teacher.score(batch)
+        logits = out.logits if out.logits is not None else out.head.logits(out.hidden)  # type: ignore[union-attr]
+        lp = log_probs(logits, temperature)
+        top = lp.topk(k, dim=-1)
+        ids_parts.append(top.indices.to(torch.int32))
+        lp_parts.append(top.values.to(torch.float32))
+        lengths += batch.completion_mask.sum(-1).tolist()
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    cache = TopKCache(torch.cat(ids_parts), torch.cat(lp_parts), offsets)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache

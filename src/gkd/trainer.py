@@ -56,7 +56,7 @@ from gkd.models import (
 )
 from gkd.rl import compute_advantages, compute_rewards, discounted_returns, load_reward
 from gkd.rollout import sample_completions
-from gkd.teacher import Teacher, seqkd_dataset
+from gkd.teacher import Teacher, build_topk_cache, seqkd_dataset
 from gkd.tracking import Tracker
 
 __all__ = ["GKDTrainer", "TrainResult"]
@@ -197,6 +197,20 @@ class GKDTrainer:
                 top_p=cfg.top_p,
                 seed=cfg.seed,
                 backend=cfg.rollout_backend,
+                log=self.log,
+            )
+        self.topk_cache = None
+        off_policy_possible = cfg.lmbda < 1.0 or (cfg.lmbda_schedule == "linear" and cfg.lmbda_start < 1.0)
+        if cfg.teacher_cache == "topk" and off_policy_possible:
+            assert self.teacher is not None
+            self.topk_cache = build_topk_cache(
+                self.teacher,
+                self.train_data,
+                k=cfg.teacher_cache_topk,
+                temperature=cfg.loss_temperature,
+                pad_id=self.tokenizer.pad_token_id,
+                cache_dir=self.output_dir,
+                teacher_name=str(cfg.teacher_model_name_or_path or "teacher"),
                 log=self.log,
             )
         self.eval_data = None
@@ -432,13 +446,16 @@ class GKDTrainer:
 
         t0 = time.perf_counter()
         teacher_out = None
-        if self.teacher is not None and terms.needs_teacher():
+        teacher_topk = None
+        if self.topk_cache is not None and not batch.on_policy and batch.indices is not None and terms.divergence is not None:
+            teacher_topk = self.topk_cache.lookup(batch.indices, batch.completion_mask)
+        elif self.teacher is not None and terms.needs_teacher():
             teacher_out = self.teacher.score(batch)
         t1 = time.perf_counter()
         student_out = self.scorer(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         t2 = time.perf_counter()
         chunk_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
-        loss = self._loss_from_outputs(student_out, teacher_out, terms, targets, chunk_stats)
+        loss = self._loss_from_outputs(student_out, teacher_out, terms, targets, chunk_stats, teacher_topk=teacher_topk)
         if self.reference is not None:
             ref_out = self.reference.score(batch)
             loss = loss + self._loss_from_outputs(
@@ -466,6 +483,7 @@ class GKDTrainer:
         targets: torch.Tensor,
         stats: dict[str, torch.Tensor] | None,
         divergence: Any = None,
+        teacher_topk: Any = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         div = divergence or self.divergence
@@ -482,6 +500,7 @@ class GKDTrainer:
                 teacher_hidden=t_hidden,
                 teacher_head=t_head,
                 teacher_logits=t_logits,
+                teacher_topk=teacher_topk,
                 temperature=cfg.loss_temperature,
                 chunk_size=cfg.loss_chunk_size,
                 stats=stats,
@@ -495,6 +514,7 @@ class GKDTrainer:
             divergence=div,
             targets=targets,
             teacher_logits=t_logits,
+            teacher_topk=teacher_topk,
             temperature=cfg.loss_temperature,
             stats=stats,
         )
