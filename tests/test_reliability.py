@@ -231,3 +231,9 @@ def test_an_all_masked_batch_gives_zero_loss_and_no_nan(tokenizer, records, tmp_
     assert math.isfinite(record["grad_norm"]) and record["skipped_steps"] == 0
     for p in trainer.student.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_vllm_backend_is_a_clear_error_without_vllm_or_a_gpu(model_dir, tmp_path, capsys):
+    """vLLM cannot run on this CPU-only machine: asking for it is a one-line error, not a crash."""
+    code, err = _run(tmp_path, capsys, _base(model_dir, tmp_path, rollout_backend="vllm"))
+    assert code == 2 and "rollout_backend: vllm needs" in err

@@ -250,6 +250,13 @@ class GKDTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.student = student
         self.scorer, self.optimizer = self.accelerator.prepare(Scorer(student, self.vocab), self.optimizer)
+        self.vllm = None
+        if cfg.rollout_backend == "vllm":
+            if cfg.lora is not None:
+                raise ConfigError("rollout_backend: vllm does not support LoRA students; use rollout_backend: auto")
+            from gkd.rollout_vllm import VLLMSampler
+
+            self.vllm = VLLMSampler(str(cfg.model_name_or_path))
         self.coin_rng = random.Random(cfg.seed)
         self.rollout_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.nonfinite_in_a_row = 0
@@ -375,6 +382,21 @@ class GKDTrainer:
         """Replace the batch's completions by the student's own samples (no gradient flows through this)."""
         cfg = self.cfg
         batch = batch.repeat(cfg.num_generations)
+        if self.vllm is not None:
+            self.vllm.sync_weights(unwrap(self.student))
+            roll = self.vllm.sample(
+                batch.prompt_ids,
+                batch.prompt_mask,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                greedy=False,
+                eos_token_ids=self.eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rollout_gen)),
+            )
+            return Batch(batch.prompt_ids, batch.prompt_mask, roll.completion_ids, roll.completion_mask, batch.records, True)
         roll = sample_completions(
             unwrap(self.student) if cfg.lora is None else self.student,
             batch.prompt_ids.to(self.device),
