@@ -38,6 +38,14 @@ for _ in range(cfg.max_steps):
 weights = {n: p.detach().double().sum().item() for n, p in trainer.student.named_parameters()}
 rank = trainer.rank
 (out / f"rank{rank}.json").write_text(
-    json.dumps({"rank": rank, "world": trainer.world, "flags": flags, "weights": weights, "batch0": trainer.stream.next_indices()})
+    json.dumps(
+        {
+            "rank": rank,
+            "world": trainer.world,
+            "flags": flags,
+            "weights": weights,
+            "batch0": trainer.stream.next_indices(),
+        }
+    )
 )
 torch.distributed.barrier()

@@ -124,7 +124,9 @@ def test_resume_from_an_incompatible_config_is_refused(model_dir, tmp_path):
     out = tmp_path / "out"
     GKDTrainer(_cfg(model_dir, out, max_steps=3)).train()
     with pytest.raises(CheckpointError, match="per_device_train_batch_size"):
-        GKDTrainer(_cfg(model_dir, out, per_device_train_batch_size=2, resume_from_checkpoint="latest")).train()
+        GKDTrainer(
+            _cfg(model_dir, out, per_device_train_batch_size=2, resume_from_checkpoint="latest")
+        ).train()
 
 
 def _write_config(path: Path, cfg: GKDConfig) -> None:
@@ -159,7 +161,15 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     proc.wait()
     assert ckpt.find_latest(out) is not None
     done = subprocess.run(
-        [sys.executable, "-m", "gkd.cli", "distill", "--config", str(config), "resume_from_checkpoint=latest"],
+        [
+            sys.executable,
+            "-m",
+            "gkd.cli",
+            "distill",
+            "--config",
+            str(config),
+            "resume_from_checkpoint=latest",
+        ],
         capture_output=True,
         text=True,
     )
@@ -174,7 +184,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(model_dir, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
     _write_config(config, _cfg(model_dir, out, max_steps=400, save_steps=1000, logging_steps=1))
-    proc = _gkd(["distill", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _gkd(
+        ["distill", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(out / "metrics.jsonl", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

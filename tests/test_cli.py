@@ -9,7 +9,9 @@ import yaml
 from gkd.cli import main
 
 
-def test_distill_from_a_config_file_writes_checkpoints_and_metrics_and_the_loss_goes_down(model_dir, tmp_path, capsys):
+def test_distill_from_a_config_file_writes_checkpoints_and_metrics_and_the_loss_goes_down(
+    model_dir, tmp_path, capsys
+):
     config = {
         "model_name_or_path": str(model_dir / "student"),
         "teacher_model_name_or_path": str(model_dir / "teacher"),
@@ -46,7 +48,14 @@ def test_distill_from_a_config_file_writes_checkpoints_and_metrics_and_the_loss_
 def test_prepare_sft_generate_eval(tmp_path, capsys):
     task = tmp_path / "task"
     assert main(["prepare", "summarization", "--out", str(task), "--n-train", "300", "--n-eval", "16"]) == 0
-    for name in ("train.jsonl", "test.jsonl", "validation.jsonl", "tokenizer", "teacher-init", "student-init"):
+    for name in (
+        "train.jsonl",
+        "test.jsonl",
+        "validation.jsonl",
+        "tokenizer",
+        "teacher-init",
+        "student-init",
+    ):
         assert (task / name).exists()
     sft = [
         "sft",

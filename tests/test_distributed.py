@@ -18,8 +18,18 @@ def test_two_processes_take_the_same_lambda_decisions_and_end_identical(model_di
     script = Path(__file__).with_name("dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(script), str(model_dir), str(out)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(script),
+            str(model_dir),
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,

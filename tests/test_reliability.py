@@ -83,26 +83,84 @@ CASES = [
     ("wrong type", lambda d, t, b: _base(d, t, learning_rate="fast"), "'learning_rate' must be float"),
     ("lambda out of range", lambda d, t, b: _base(d, t, lmbda=2.0), "'lmbda' must be in [0, 1]"),
     ("beta out of range", lambda d, t, b: _base(d, t, beta=1.0), "use divergence: forward_kl"),
-    ("beta out of range normalized", lambda d, t, b: _base(d, t, beta=-0.5, jsd_normalize=True), "'beta' must be in [0, 1]"),
-    ("unknown divergence", lambda d, t, b: _base(d, t, divergence="wasserstein"), "'divergence' must be one of"),
+    (
+        "beta out of range normalized",
+        lambda d, t, b: _base(d, t, beta=-0.5, jsd_normalize=True),
+        "'beta' must be in [0, 1]",
+    ),
+    (
+        "unknown divergence",
+        lambda d, t, b: _base(d, t, divergence="wasserstein"),
+        "'divergence' must be one of",
+    ),
     ("zero learning rate", lambda d, t, b: _base(d, t, learning_rate=0.0), "'learning_rate' must be > 0"),
-    ("negative learning rate", lambda d, t, b: _base(d, t, learning_rate=-1.0), "'learning_rate' must be > 0"),
-    ("zero batch size", lambda d, t, b: _base(d, t, per_device_train_batch_size=0), "'per_device_train_batch_size'"),
+    (
+        "negative learning rate",
+        lambda d, t, b: _base(d, t, learning_rate=-1.0),
+        "'learning_rate' must be > 0",
+    ),
+    (
+        "zero batch size",
+        lambda d, t, b: _base(d, t, per_device_train_batch_size=0),
+        "'per_device_train_batch_size'",
+    ),
     ("zero steps", lambda d, t, b: _base(d, t, max_steps=0), "'max_steps' must be a positive integer"),
-    ("max_new_tokens zero", lambda d, t, b: _base(d, t, max_new_tokens=0), "'max_new_tokens' must be a positive"),
-    ("missing student", lambda d, t, b: _base(d, t, model_name_or_path=str(t / "nope")), "is not a local folder"),
+    (
+        "max_new_tokens zero",
+        lambda d, t, b: _base(d, t, max_new_tokens=0),
+        "'max_new_tokens' must be a positive",
+    ),
+    (
+        "missing student",
+        lambda d, t, b: _base(d, t, model_name_or_path=str(t / "nope")),
+        "is not a local folder",
+    ),
     ("missing teacher", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(t / "nope")), "teacher"),
-    ("different tokenizers", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "other_tokenizer")), "tokenizers differ"),
-    ("vocab mismatch", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "short_vocab")), "output layer has"),
-    ("seq2seq teacher causal student", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "seq2seq")), "seq2seq"),
+    (
+        "different tokenizers",
+        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "other_tokenizer")),
+        "tokenizers differ",
+    ),
+    (
+        "vocab mismatch",
+        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "short_vocab")),
+        "output layer has",
+    ),
+    (
+        "seq2seq teacher causal student",
+        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "seq2seq")),
+        "seq2seq",
+    ),
     ("empty dataset", lambda d, t, b: _base(d, t, dataset=_jsonl(t, "empty.jsonl", [])), "is empty"),
     ("missing dataset", lambda d, t, b: _base(d, t, dataset=str(t / "none.jsonl")), "does not exist"),
-    ("bad json line", lambda d, t, b: _base(d, t, dataset=_jsonl(t, "bad.jsonl", [GOOD, "{oops", GOOD])), "bad.jsonl:2: not valid JSON"),
-    ("missing prompt", lambda d, t, b: _base(d, t, dataset=_jsonl(t, "np.jsonl", [json.dumps({"text": "x"})])), "has no 'prompt' field"),
-    ("prompt-only with lambda < 1", lambda d, t, b: _base(d, t, lmbda=0.5, dataset=_jsonl(t, "po.jsonl", [json.dumps({"prompt": "Q a :"})])), "prompt-only"),
+    (
+        "bad json line",
+        lambda d, t, b: _base(d, t, dataset=_jsonl(t, "bad.jsonl", [GOOD, "{oops", GOOD])),
+        "bad.jsonl:2: not valid JSON",
+    ),
+    (
+        "missing prompt",
+        lambda d, t, b: _base(d, t, dataset=_jsonl(t, "np.jsonl", [json.dumps({"text": "x"})])),
+        "has no 'prompt' field",
+    ),
+    (
+        "prompt-only with lambda < 1",
+        lambda d, t, b: _base(
+            d, t, lmbda=0.5, dataset=_jsonl(t, "po.jsonl", [json.dumps({"prompt": "Q a :"})])
+        ),
+        "prompt-only",
+    ),
     ("all prompts too long", lambda d, t, b: _base(d, t, max_prompt_length=3), "every prompt"),
-    ("output dir not writable", lambda d, t, b: _base(d, t, output_dir=_jsonl(t, "file.txt", ["x"]) + "/sub"), "is not writable"),
-    ("resume missing", lambda d, t, b: _base(d, t, resume_from_checkpoint=str(t / "checkpoint-7")), "does not exist"),
+    (
+        "output dir not writable",
+        lambda d, t, b: _base(d, t, output_dir=_jsonl(t, "file.txt", ["x"]) + "/sub"),
+        "is not writable",
+    ),
+    (
+        "resume missing",
+        lambda d, t, b: _base(d, t, resume_from_checkpoint=str(t / "checkpoint-7")),
+        "does not exist",
+    ),
     ("alpha without reward", lambda d, t, b: _base(d, t, alpha=0.5, lmbda=1.0), "needs a 'reward'"),
     ("unknown reward", lambda d, t, b: _base(d, t, alpha=0.5, lmbda=1.0, reward="bogus"), "built-in reward"),
 ]
@@ -134,13 +192,21 @@ def test_skip_bad_lines_counts_them(model_dir, tmp_path, capsys):
 
 def test_padded_vocab_is_compared_over_the_tokenizer(model_dir, bad_models, tmp_path, capsys):
     """A teacher whose output layer has extra padding rows is fine: only the tokenizer's entries are compared."""
-    code, err = _run(tmp_path, capsys, _base(model_dir, tmp_path, teacher_model_name_or_path=str(bad_models / "padded_vocab")))
+    code, err = _run(
+        tmp_path,
+        capsys,
+        _base(model_dir, tmp_path, teacher_model_name_or_path=str(bad_models / "padded_vocab")),
+    )
     assert code == 0, err
 
 
 def test_resume_from_an_incompatible_config(model_dir, tmp_path, capsys):
     assert _run(tmp_path, capsys, _base(model_dir, tmp_path))[0] == 0
-    code, err = _run(tmp_path, capsys, _base(model_dir, tmp_path, per_device_train_batch_size=2, resume_from_checkpoint="latest"))
+    code, err = _run(
+        tmp_path,
+        capsys,
+        _base(model_dir, tmp_path, per_device_train_batch_size=2, resume_from_checkpoint="latest"),
+    )
     assert code == 2 and "per_device_train_batch_size" in err
 
 
@@ -155,7 +221,10 @@ def reward_module(tmp_path, monkeypatch):
     return "my_rewards"
 
 
-@pytest.mark.parametrize(("fn", "fragment"), [("raises", "raised RuntimeError: boom"), ("wrong_len", "returned 1 values"), ("nan", "non-finite")])
+@pytest.mark.parametrize(
+    ("fn", "fragment"),
+    [("raises", "raised RuntimeError: boom"), ("wrong_len", "returned 1 values"), ("nan", "non-finite")],
+)
 def test_bad_rewards_stop_the_run_naming_the_reward(model_dir, tmp_path, capsys, reward_module, fn, fragment):
     cfg = _base(model_dir, tmp_path, lmbda=1.0, alpha=0.5, reward=f"{reward_module}:{fn}")
     code, err = _run(tmp_path, capsys, cfg)
@@ -186,7 +255,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(token
     teacher = make_model("llama_teacher", tokenizer, seed=0)
     with torch.no_grad():
         teacher.lm_head.weight.fill_(float("nan"))
-    cfg = base_config(output_dir=str(tmp_path / "out"), lmbda=0.0, divergence="forward_kl", max_steps=20, max_consecutive_nonfinite=3)
+    cfg = base_config(
+        output_dir=str(tmp_path / "out"),
+        lmbda=0.0,
+        divergence="forward_kl",
+        max_steps=20,
+        max_consecutive_nonfinite=3,
+    )
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
     with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss") as err:
@@ -225,7 +300,9 @@ def test_an_all_masked_batch_gives_zero_loss_and_no_nan(tokenizer, records, tmp_
     cfg = base_config(output_dir=str(tmp_path / "out"), lmbda=1.0, divergence="jsd", max_steps=1)
     trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
     trainer.setup()
-    trainer._rollout = lambda b: Batch(b.prompt_ids, b.prompt_mask, b.completion_ids, torch.zeros_like(b.completion_mask), b.records, True)
+    trainer._rollout = lambda b: Batch(
+        b.prompt_ids, b.prompt_mask, b.completion_ids, torch.zeros_like(b.completion_mask), b.records, True
+    )
     record = trainer.train_step()
     assert record["loss"] == 0.0 and record["empty_batch"] is True
     assert math.isfinite(record["grad_norm"]) and record["skipped_steps"] == 0

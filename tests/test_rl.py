@@ -16,7 +16,14 @@ def _trainer(tokenizer, records, tmp_path, reward_fn=None, **cfg):
     student = make_model("llama_student", tokenizer, seed=1)
     teacher = make_model("llama_teacher", tokenizer, seed=0)
     config = base_config(output_dir=str(tmp_path / "out"), lmbda=1.0, **cfg)
-    t = GKDTrainer(config, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records, reward_fn=reward_fn)
+    t = GKDTrainer(
+        config,
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        train_records=records,
+        reward_fn=reward_fn,
+    )
     t.setup()
     return t
 
@@ -57,14 +64,18 @@ def test_policy_gradient_ignores_padding_and_post_eos_tokens(tokenizer, records,
     g1 = _grads(t, batch, adv)
     noisy = batch.completion_ids.clone()
     noisy[~batch.completion_mask] = 5
-    g2 = _grads(t, Batch(batch.prompt_ids, batch.prompt_mask, noisy, batch.completion_mask, batch.records), adv)
+    g2 = _grads(
+        t, Batch(batch.prompt_ids, batch.prompt_mask, noisy, batch.completion_mask, batch.records), adv
+    )
     torch.testing.assert_close(g1, g2)
 
 
 def test_alpha_one_equals_plain_on_policy_gkd(tokenizer, records, tmp_path):
     """With α = 1 the reward is logged but the update is exactly the on-policy GKD update."""
     plain = _trainer(tokenizer, records, tmp_path / "plain", divergence="jsd", beta=0.9)
-    rl = _trainer(tokenizer, records, tmp_path / "rl", divergence="jsd", beta=0.9, alpha=1.0, reward="exact_match")
+    rl = _trainer(
+        tokenizer, records, tmp_path / "rl", divergence="jsd", beta=0.9, alpha=1.0, reward="exact_match"
+    )
     for _ in range(2):
         a, b = plain.train_step(), rl.train_step()
         assert "reward_mean" in b and "reward_mean" not in a
@@ -91,8 +102,18 @@ def test_rewards_reach_metrics_and_group_samples(tokenizer, records, tmp_path):
         seen["n"] = len(completions)
         return [float(len(c.split())) for c in completions]
 
-    t = _trainer(tokenizer, records, tmp_path, alpha=0.5, reward="my:len", reward_fn=reward, num_generations=4,
-                 advantage="rloo", divergence="jsd", beta=0.9)
+    t = _trainer(
+        tokenizer,
+        records,
+        tmp_path,
+        alpha=0.5,
+        reward="my:len",
+        reward_fn=reward,
+        num_generations=4,
+        advantage="rloo",
+        divergence="jsd",
+        beta=0.9,
+    )
     rec = t.train_step()
     assert seen["n"] == 8 * 4
     for key in ("reward_mean", "reward_std", "advantage_mean", "advantage_std"):
@@ -102,8 +123,12 @@ def test_rewards_reach_metrics_and_group_samples(tokenizer, records, tmp_path):
 
 def test_builtin_rewards_score_per_completion():
     rec = {"prompt": "Q a B C d :", "completion": "b c", "references": ["b c", "c b"]}
-    assert compute_rewards(load_reward("set_match"), "set_match", ["p"] * 2, ["c b", "b b"], [rec] * 2).tolist() == [1.0, 0.0]
-    assert compute_rewards(load_reward("faithfulness"), "faithfulness", ["p"], ["b z"], [rec]).tolist() == [0.5]
+    assert compute_rewards(
+        load_reward("set_match"), "set_match", ["p"] * 2, ["c b", "b b"], [rec] * 2
+    ).tolist() == [1.0, 0.0]
+    assert compute_rewards(load_reward("faithfulness"), "faithfulness", ["p"], ["b z"], [rec]).tolist() == [
+        0.5
+    ]
     assert compute_rewards(load_reward("exact_match"), "exact_match", ["p"], ["c b"], [rec]).tolist() == [1.0]
     assert 0.0 <= float(compute_rewards(load_reward("rouge2"), "rouge2", ["p"], ["b c"], [rec])[0]) <= 1.0
 
@@ -111,7 +136,9 @@ def test_builtin_rewards_score_per_completion():
 def test_discounted_returns():
     per_tok = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[True, True, True, False]])
-    torch.testing.assert_close(discounted_returns(per_tok, mask, 0.5), torch.tensor([[1 + 1 + 0.75, 2 + 1.5, 3.0, 0.0]]))
+    torch.testing.assert_close(
+        discounted_returns(per_tok, mask, 0.5), torch.tensor([[1 + 1 + 0.75, 2 + 1.5, 3.0, 0.0]])
+    )
     torch.testing.assert_close(discounted_returns(per_tok, mask, 0.0), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
 
 
@@ -123,7 +150,14 @@ def test_sampled_reverse_kl_reward_matches_the_exact_gradient_on_average(tokeniz
     """
     torch.manual_seed(0)
     exact = _trainer(tokenizer, records, tmp_path / "e", divergence="reverse_kl", max_new_tokens=2)
-    sampled = _trainer(tokenizer, records, tmp_path / "s", divergence="reverse_kl", teacher_kl_estimator="sampled", max_new_tokens=2)
+    sampled = _trainer(
+        tokenizer,
+        records,
+        tmp_path / "s",
+        divergence="reverse_kl",
+        teacher_kl_estimator="sampled",
+        max_new_tokens=2,
+    )
     sampled.student.load_state_dict(exact.student.state_dict())
     data = tokenize_records(records[:1], tokenizer, max_prompt_length=64, max_completion_length=4)
     groups = 20

@@ -89,7 +89,9 @@ def save_checkpoint(
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+    )
     torch.save(training_state, tmp / "trainer_state.pt")
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     _fsync_tree(tmp)
@@ -118,7 +120,9 @@ def resolve_resume(spec: str, output_dir: Path) -> Path:
         return found
     path = Path(os.path.expanduser(spec))
     if not path.exists():
-        raise CheckpointError(f"resume_from_checkpoint '{spec}' does not exist; pass a checkpoint-STEP folder")
+        raise CheckpointError(
+            f"resume_from_checkpoint '{spec}' does not exist; pass a checkpoint-STEP folder"
+        )
     if not is_complete(path):
         raise CheckpointError(
             f"resume_from_checkpoint '{spec}' is not a complete gkd checkpoint (no {STATE_JSON}); "

@@ -43,7 +43,11 @@ def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
         raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
     result = GKDTrainer(cfg).train()
-    print(json.dumps({"step": result.step, "final_loss": result.final_loss, "output_dir": str(result.output_dir)}))
+    print(
+        json.dumps(
+            {"step": result.step, "final_loss": result.final_loss, "output_dir": str(result.output_dir)}
+        )
+    )
     return 0
 
 
@@ -70,7 +74,9 @@ def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.evaluation import generate_texts
 
-    tok, model, data = _load_for_inference(args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length)
+    tok, model, data = _load_for_inference(
+        args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -102,7 +108,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gkd.evaluation import generate_texts, resolve_scorer
 
-    tok, model, data = _load_for_inference(args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length)
+    tok, model, data = _load_for_inference(
+        args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
+    )
     scorer = resolve_scorer(args.metric)
     records = [e.record for e in data.examples]
     results: dict[str, float] = {}
@@ -157,7 +165,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gkd", description="On-policy distillation of language models (GKD).")
+    parser = argparse.ArgumentParser(
+        prog="gkd", description="On-policy distillation of language models (GKD)."
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -167,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     for name in ("generate", "eval"):
-        p = sub.add_parser(name, help="sample completions to JSONL" if name == "generate" else "score a model")
+        p = sub.add_parser(
+            name, help="sample completions to JSONL" if name == "generate" else "score a model"
+        )
         p.add_argument("--model", required=True)
         p.add_argument("--dataset", required=True)
         p.add_argument("--split", default="test")
@@ -194,14 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="the built-in comparison of distillation methods (about 10 minutes on 2 cores)")
+    p = sub.add_parser(
+        "demo", help="the built-in comparison of distillation methods (about 10 minutes on 2 cores)"
+    )
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a reduced run that takes seconds (for tests)")
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
-    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument(
-        "--train-teacher", action="store_true", help="(maintainers) train the teacher and write it to gkd's assets"
+        "--retrain-teacher", action="store_true", help="train the teacher instead of using the shipped one"
+    )
+    p.add_argument(
+        "--train-teacher",
+        action="store_true",
+        help="(maintainers) train the teacher and write it to gkd's assets",
     )
 
     p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")

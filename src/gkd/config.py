@@ -332,7 +332,9 @@ def validate(cfg: GKDConfig) -> None:
         )
     if cfg.divergence == "jsd":
         if cfg.jsd_normalize:
-            _check(0.0 <= cfg.beta <= 1.0, "beta", "in [0, 1] for divergence jsd with jsd_normalize", cfg.beta)
+            _check(
+                0.0 <= cfg.beta <= 1.0, "beta", "in [0, 1] for divergence jsd with jsd_normalize", cfg.beta
+            )
         elif not 0.0 < cfg.beta < 1.0:
             raise ConfigError(
                 f"config key 'beta' must be in (0, 1) for divergence jsd, got {cfg.beta}; for β=0 use "
@@ -356,7 +358,12 @@ def validate(cfg: GKDConfig) -> None:
     _check(cfg.top_k >= 0, "top_k", ">= 0 (0 disables top-k)", cfg.top_k)
     _check(cfg.max_new_tokens > 0, "max_new_tokens", "a positive integer", cfg.max_new_tokens)
     if cfg.max_completion_length is not None:
-        _check(cfg.max_completion_length > 0, "max_completion_length", "a positive integer", cfg.max_completion_length)
+        _check(
+            cfg.max_completion_length > 0,
+            "max_completion_length",
+            "a positive integer",
+            cfg.max_completion_length,
+        )
     _check(cfg.max_prompt_length > 0, "max_prompt_length", "a positive integer", cfg.max_prompt_length)
     _check(
         math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, "learning_rate", "> 0", cfg.learning_rate
@@ -381,14 +388,21 @@ def validate(cfg: GKDConfig) -> None:
     _check(cfg.warmup_steps >= 0, "warmup_steps", ">= 0", cfg.warmup_steps)
     _check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]", cfg.min_lr_ratio)
     _check(cfg.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)", cfg.max_grad_norm)
-    _check(cfg.max_consecutive_nonfinite > 0, "max_consecutive_nonfinite", "a positive integer", cfg.max_consecutive_nonfinite)
+    _check(
+        cfg.max_consecutive_nonfinite > 0,
+        "max_consecutive_nonfinite",
+        "a positive integer",
+        cfg.max_consecutive_nonfinite,
+    )
     _check(cfg.logging_steps > 0, "logging_steps", "a positive integer", cfg.logging_steps)
     _check(cfg.save_steps >= 0, "save_steps", ">= 0 (0: save only at the end)", cfg.save_steps)
     _check(cfg.eval_steps >= 0, "eval_steps", ">= 0 (0: evaluate only at the end)", cfg.eval_steps)
     _check(cfg.eval_max_samples > 0, "eval_max_samples", "a positive integer", cfg.eval_max_samples)
     _check(cfg.eval_batch_size > 0, "eval_batch_size", "a positive integer", cfg.eval_batch_size)
     if cfg.save_total_limit is not None:
-        _check(cfg.save_total_limit > 0, "save_total_limit", "a positive integer or null", cfg.save_total_limit)
+        _check(
+            cfg.save_total_limit > 0, "save_total_limit", "a positive integer or null", cfg.save_total_limit
+        )
     if cfg.num_threads is not None:
         _check(cfg.num_threads > 0, "num_threads", "a positive integer", cfg.num_threads)
     if cfg.loss_chunk_size is not None:
@@ -410,7 +424,12 @@ def validate(cfg: GKDConfig) -> None:
             "config key 'teacher_kl_estimator: sampled' estimates the reverse KL; set divergence: reverse_kl"
         )
     for name in cfg.report_to:
-        _check(name in ("tensorboard", "wandb", "trackio"), "report_to", "a list of tensorboard, wandb, trackio", name)
+        _check(
+            name in ("tensorboard", "wandb", "trackio"),
+            "report_to",
+            "a list of tensorboard, wandb, trackio",
+            name,
+        )
     if cfg.lora is not None:
         _check(cfg.lora.r > 0, "lora.r", "a positive integer", cfg.lora.r)
         _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)

@@ -67,9 +67,11 @@ def load_records(
     """Records from a JSONL/JSON file, a local folder or a ``datasets`` hub name. Returns (records, skipped lines)."""
     path = Path(os.path.expanduser(spec))
     if path.is_file():
-        if path.suffix in (".jsonl", ".ndjson") or path.suffix == ".json" and _is_json_lines(path):
+        if path.suffix in (".jsonl", ".ndjson") or (path.suffix == ".json" and _is_json_lines(path)):
             return read_jsonl(path, skip_bad_lines)
-        return _load_with_datasets("json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split), 0
+        return _load_with_datasets(
+            "json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split
+        ), 0
     if path.is_dir():
         jsonl = sorted(path.glob(f"{split}*.jsonl")) or sorted(path.glob("*.jsonl"))
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -155,7 +157,9 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise DataError(f"{source} record {index}: 'messages' must be a non-empty list of {{role, content}}")
+            raise DataError(
+                f"{source} record {index}: 'messages' must be a non-empty list of {{role, content}}"
+            )
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(
                 f"{source} uses 'messages' records but the tokenizer has no chat template; "
@@ -177,7 +181,9 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
         raise DataError(f"{source} record {index}: 'prompt' must be a string, got {type(prompt).__name__}")
     completion = record.get("completion")
     if completion is not None and not isinstance(completion, str):
-        raise DataError(f"{source} record {index}: 'completion' must be a string, got {type(completion).__name__}")
+        raise DataError(
+            f"{source} record {index}: 'completion' must be a string, got {type(completion).__name__}"
+        )
     return prompt, completion, False
 
 
@@ -321,7 +327,13 @@ class BatchStream:
     """
 
     def __init__(
-        self, dataset: TokenizedDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0, world: int = 1
+        self,
+        dataset: TokenizedDataset,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.dataset = dataset
         self.batch_size = batch_size

@@ -143,7 +143,9 @@ def jsd_upper_bound(beta: float) -> float:
     return -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
 
 
-def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def tvd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
     """Total variation distance 1/2 * sum_v |P_v - Q_v| (f-distill)."""
     _check_temperature(temperature)
     p = log_probs(teacher_logits, temperature).exp()
@@ -157,7 +159,11 @@ def _check_alpha(name: str, alpha: float) -> None:
 
 
 def skew_forward_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Skew KL of DistiLLM: KL(P || alpha*P + (1-alpha)*Q). alpha=0 is forward KL."""
     _check_alpha("skew_forward_kl", alpha)
@@ -170,7 +176,11 @@ def skew_forward_kl(
 
 
 def skew_reverse_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Skew reverse KL of DistiLLM: KL(Q || alpha*Q + (1-alpha)*P). alpha=0 is reverse KL."""
     _check_alpha("skew_reverse_kl", alpha)
@@ -243,7 +253,9 @@ def reduce_divergence(values: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     raise ValueError(f"unknown reduction {mode!r}; valid: 'token', 'sequence'")
 
 
-def reduction_weights(mask: torch.Tensor, mode: str = "token", denominator: float | None = None) -> torch.Tensor:
+def reduction_weights(
+    mask: torch.Tensor, mode: str = "token", denominator: float | None = None
+) -> torch.Tensor:
     """Per-position weights ``w`` with ``sum(w * values) == reduce_divergence(values, mask, mode)``.
 
     ``denominator`` overrides the count (valid tokens for "token", non-empty sequences for "sequence"), so that a

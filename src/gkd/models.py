@@ -39,7 +39,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.sep in path.rstrip(os.sep) and path.count("/") != 1
+    return path.startswith((".", "/", "~")) or (os.sep in path.rstrip(os.sep) and path.count("/") != 1)
 
 
 def _not_found(what: str, path: str, err: Exception) -> ModelError:
@@ -85,7 +85,9 @@ def load_model(path: str, *, what: str, dtype: str = "float32") -> nn.Module:
     try:
         model = cls.from_pretrained(local, dtype=_DTYPES[dtype])
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}") from e
+        raise ModelError(
+            f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}"
+        ) from e
     return model
 
 
@@ -134,11 +136,15 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     from peft import LoraConfig, TaskType, get_peft_model
 
     task = TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM
-    cfg = LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    cfg = LoraConfig(
+        task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
-        raise ModelError(f"LoRA could not be applied: {str(e).splitlines()[0]}; check lora.target_modules") from e
+        raise ModelError(
+            f"LoRA could not be applied: {str(e).splitlines()[0]}; check lora.target_modules"
+        ) from e
 
 
 def real_vocab_size(tokenizer: Any) -> int:
@@ -152,7 +158,9 @@ def output_rows(model: nn.Module) -> int:
     return int(unwrap(model).config.vocab_size)
 
 
-def check_teacher_student(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any) -> int:
+def check_teacher_student(
+    student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any
+) -> int:
     """Fail early, with a clear message, if teacher and student cannot be compared token by token.
 
     Returns the number of vocabulary entries to compare: the tokenizer's real length. Models whose output layers
@@ -215,7 +223,10 @@ def fused_head_supported(model: nn.Module) -> bool:
 
 
 def causal_inputs(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input ids, attention mask and position ids of ``[left-padded prompt | right-padded completion]``.
 

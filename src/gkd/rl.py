@@ -93,7 +93,9 @@ def load_reward(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"reward '{spec}': cannot import module '{module_name}' ({e}); check PYTHONPATH") from e
+        raise ConfigError(
+            f"reward '{spec}': cannot import module '{module_name}' ({e}); check PYTHONPATH"
+        ) from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"reward '{spec}': module '{module_name}' has no function '{fn_name}'")
@@ -123,7 +125,9 @@ def compute_rewards(
     return torch.tensor(values, dtype=torch.float32)
 
 
-def compute_advantages(rewards: torch.Tensor, group_size: int, mode: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def compute_advantages(
+    rewards: torch.Tensor, group_size: int, mode: str = "group", eps: float = 1e-6
+) -> torch.Tensor:
     """Detached advantages of ``rewards`` ``[N]`` laid out as consecutive groups of ``group_size`` per prompt.
 
     ``group``: (r - mean) / (std + eps) within each prompt's group (GRPO-style).

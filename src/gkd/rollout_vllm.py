@@ -82,7 +82,8 @@ class VLLMSampler:
             seed=seed,
         )
         prompts = [
-            {"prompt_token_ids": row[mask.bool()].tolist()} for row, mask in zip(input_ids.cpu(), attention_mask.cpu())
+            {"prompt_token_ids": row[mask.bool()].tolist()}
+            for row, mask in zip(input_ids.cpu(), attention_mask.cpu())
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         seqs = []

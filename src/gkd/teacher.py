@@ -75,7 +75,14 @@ def seqkd_dataset(
     """The dataset with every completion replaced by a teacher sample, generated once and cached on disk."""
     key = _fingerprint(
         dataset,
-        {"teacher": teacher_name, "T": temperature, "k": top_k, "p": top_p, "n": max_new_tokens, "seed": seed},
+        {
+            "teacher": teacher_name,
+            "T": temperature,
+            "k": top_k,
+            "p": top_p,
+            "n": max_new_tokens,
+            "seed": seed,
+        },
     )
     path = cache_dir / f"seqkd-{key}.jsonl"
     eos = tokenizer.eos_token_id
@@ -100,7 +107,7 @@ def seqkd_dataset(
             seed=seed,
             backend=backend,
         )
-        completions = [(t + [eos])[:max_new_tokens] for t in ids]
+        completions = [[*t, eos][:max_new_tokens] for t in ids]
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         with tmp.open("w") as fh:

@@ -21,7 +21,9 @@ def _clean(value: Any) -> Any:
 
 
 class Tracker:
-    def __init__(self, output_dir: Path, report_to: list[str], enabled: bool = True, config: dict | None = None):
+    def __init__(
+        self, output_dir: Path, report_to: list[str], enabled: bool = True, config: dict | None = None
+    ):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self._backends: list[Any] = []

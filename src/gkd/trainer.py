@@ -131,7 +131,9 @@ class GKDTrainer:
         if self._student_obj is None or (cfg.needs_teacher and self._teacher_obj is None):
             check_paths_partial(cfg, self._student_obj is not None, self._teacher_obj is not None)
         if self._train_records is None and self._train_dataset is None and cfg.dataset is None:
-            raise ConfigError("config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)")
+            raise ConfigError(
+                "config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)"
+            )
         self.output_dir = Path(os.path.expanduser(cfg.output_dir))
         self._check_output_dir()
         if cfg.num_threads is not None:
@@ -155,7 +157,9 @@ class GKDTrainer:
         if cfg.needs_teacher:
             teacher_model = self._teacher_obj
             if teacher_model is None:
-                teacher_model = load_model(cfg.teacher_model_name_or_path, what="teacher", dtype=cfg.teacher_dtype)  # type: ignore[arg-type]
+                teacher_model = load_model(
+                    cfg.teacher_model_name_or_path, what="teacher", dtype=cfg.teacher_dtype
+                )  # type: ignore[arg-type]
             t_tok = None
             if self._teacher_obj is None and cfg.teacher_model_name_or_path is not None:
                 t_path = cfg.teacher_model_name_or_path
@@ -220,7 +224,12 @@ class GKDTrainer:
             self.eval_data = self._load_dataset(self._eval_records, cfg.eval_dataset, cfg.eval_split, "eval")
             self.eval_data = TokenizedDataset(self.eval_data.examples[: cfg.eval_max_samples])
         self.stream = BatchStream(
-            self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.tokenizer.pad_token_id, self.rank, self.world
+            self.train_data,
+            cfg.per_device_train_batch_size,
+            cfg.seed,
+            self.tokenizer.pad_token_id,
+            self.rank,
+            self.world,
         )
         if cfg.top_k > 0 or cfg.top_p < 1.0:
             self.log(
@@ -253,7 +262,9 @@ class GKDTrainer:
         self.vllm = None
         if cfg.rollout_backend == "vllm":
             if cfg.lora is not None:
-                raise ConfigError("rollout_backend: vllm does not support LoRA students; use rollout_backend: auto")
+                raise ConfigError(
+                    "rollout_backend: vllm does not support LoRA students; use rollout_backend: auto"
+                )
             from gkd.rollout_vllm import VLLMSampler
 
             self.vllm = VLLMSampler(str(cfg.model_name_or_path))
@@ -314,7 +325,9 @@ class GKDTrainer:
             ref = load_model(self.cfg.model_name_or_path, what="student", dtype=self.cfg.student_dtype)  # type: ignore[arg-type]
         return ref
 
-    def _load_dataset(self, records: list[dict] | None, spec: str | None, split: str, what: str) -> TokenizedDataset:
+    def _load_dataset(
+        self, records: list[dict] | None, spec: str | None, split: str, what: str
+    ) -> TokenizedDataset:
         cfg = self.cfg
         skipped = 0
         source = f"{what} data"
@@ -396,7 +409,14 @@ class GKDTrainer:
                 pad_token_id=self.tokenizer.pad_token_id,
                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rollout_gen)),
             )
-            return Batch(batch.prompt_ids, batch.prompt_mask, roll.completion_ids, roll.completion_mask, batch.records, True)
+            return Batch(
+                batch.prompt_ids,
+                batch.prompt_mask,
+                roll.completion_ids,
+                roll.completion_mask,
+                batch.records,
+                True,
+            )
         roll = sample_completions(
             unwrap(self.student) if cfg.lora is None else self.student,
             batch.prompt_ids.to(self.device),
@@ -430,7 +450,10 @@ class GKDTrainer:
         assert self.reward_fn is not None
         cfg = self.cfg
         texts = self.tokenizer.batch_decode(
-            [ids[m].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask & ~self._eos_mask(batch))],
+            [
+                ids[m].tolist()
+                for ids, m in zip(batch.completion_ids, batch.completion_mask & ~self._eos_mask(batch))
+            ],
             skip_special_tokens=True,
         )
         prompts = [r.get("prompt", "") for r in batch.records]
@@ -469,15 +492,24 @@ class GKDTrainer:
         t0 = time.perf_counter()
         teacher_out = None
         teacher_topk = None
-        if self.topk_cache is not None and not batch.on_policy and batch.indices is not None and terms.divergence is not None:
+        if (
+            self.topk_cache is not None
+            and not batch.on_policy
+            and batch.indices is not None
+            and terms.divergence is not None
+        ):
             teacher_topk = self.topk_cache.lookup(batch.indices, batch.completion_mask)
         elif self.teacher is not None and terms.needs_teacher():
             teacher_out = self.teacher.score(batch)
         t1 = time.perf_counter()
-        student_out = self.scorer(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        student_out = self.scorer(
+            batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+        )
         t2 = time.perf_counter()
         chunk_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
-        loss = self._loss_from_outputs(student_out, teacher_out, terms, targets, chunk_stats, teacher_topk=teacher_topk)
+        loss = self._loss_from_outputs(
+            student_out, teacher_out, terms, targets, chunk_stats, teacher_topk=teacher_topk
+        )
         if self.reference is not None:
             ref_out = self.reference.score(batch)
             loss = loss + self._loss_from_outputs(
@@ -827,7 +859,7 @@ class GKDTrainer:
                 )
 
     def _resume(self, path: Path) -> None:
-        info, optim, state = ckpt.load_training_state(path)
+        _, optim, state = ckpt.load_training_state(path)
         self.optimizer.load_state_dict(optim["optimizer"])
         self.scheduler.load_state_dict(optim["scheduler"])
         self.step = int(state["step"])
@@ -854,7 +886,9 @@ def check_paths_partial(cfg: GKDConfig, have_student: bool, have_teacher: bool) 
 
 def _has_tokenizer(path: str) -> bool:
     p = Path(os.path.expanduser(path))
-    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model"))
+    return any(
+        (p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -879,7 +913,9 @@ def _format_record(r: dict[str, Any]) -> str:
     for key, label, fmt in keys:
         if key in r:
             parts.append(f"{label} {format(r[key], fmt)}")
-    times = [f"{k[5:]} {r[k]:.2f}s" for k in ("time_rollout", "time_teacher", "time_student_forward") if r.get(k)]
+    times = [
+        f"{k[5:]} {r[k]:.2f}s" for k in ("time_rollout", "time_teacher", "time_student_forward") if r.get(k)
+    ]
     if times:
         parts.append("(" + ", ".join(times) + ")")
     return " | ".join(parts)

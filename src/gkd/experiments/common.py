@@ -77,7 +77,10 @@ def prepare_task(
     for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
         paths[split] = out / f"{split}.jsonl"
         write_jsonl(paths[split], task.generate(split, n, seed))
-    for role, spec in (("teacher-init", task.teacher_model_config()), ("student-init", task.student_model_config())):
+    for role, spec in (
+        ("teacher-init", task.teacher_model_config()),
+        ("student-init", task.student_model_config()),
+    ):
         model = build_model(spec, tok, seed=seed)
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)
@@ -171,7 +174,9 @@ def evaluate_model(
 
     records = [e.record for e in dataset.examples]
     out: dict[str, dict[str, float]] = {}
-    preds = generate_texts(model, tokenizer, dataset, max_new_tokens=max_new_tokens, greedy=True, batch_size=500)
+    preds = generate_texts(
+        model, tokenizer, dataset, max_new_tokens=max_new_tokens, greedy=True, batch_size=500
+    )
     out["greedy"] = task.score(records, preds)
     for t in temperatures:
         runs = [
@@ -205,7 +210,10 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
     from gkd.trainer import GKDTrainer
 
     t0 = time.perf_counter()
-    task = _cached(("task", job.task, json.dumps(job.task_params, sort_keys=True)), lambda: get_task(job.task, **job.task_params))
+    task = _cached(
+        ("task", job.task, json.dumps(job.task_params, sort_keys=True)),
+        lambda: get_task(job.task, **job.task_params),
+    )
     tok = _cached(("tok", job.start), lambda: load_tokenizer(job.start))
     cfg = GKDConfig(**job.config)
     train = _dataset(job.train, tok, cfg.effective_max_completion_length)
@@ -214,7 +222,9 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
     teacher = None
     if cfg.needs_teacher and job.teacher is not None:
         teacher = _cached(("teacher", job.teacher), lambda: load_model(job.teacher, what="teacher"))
-    trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tok, train_dataset=train, log=log or (lambda m: None))
+    trainer = GKDTrainer(
+        cfg, student=student, teacher=teacher, tokenizer=tok, train_dataset=train, log=log or (lambda m: None)
+    )
     result = trainer.train()
     t_train = time.perf_counter() - t0
     scores = evaluate_model(
@@ -341,7 +351,9 @@ def _sft_in_process(cfg: dict[str, Any], model: Any, tok: Any, dataset: Any) -> 
     from gkd.config import GKDConfig
     from gkd.trainer import GKDTrainer
 
-    trainer = GKDTrainer(GKDConfig(**cfg), student=model, tokenizer=tok, train_dataset=dataset, log=lambda m: None)
+    trainer = GKDTrainer(
+        GKDConfig(**cfg), student=model, tokenizer=tok, train_dataset=dataset, log=lambda m: None
+    )
     trainer.train()
     return trainer.student
 
@@ -352,7 +364,9 @@ def _spec_equal(model: Any, spec: dict[str, Any], vocab: int) -> bool:
     return cfg.vocab_size == vocab and all(getattr(cfg, k, None) == spec[k] for k in keys)
 
 
-def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], retrain_teacher: bool = False) -> Workspace:
+def build_workspace(
+    root: Path, s: StudySettings, say: Callable[[str], None], retrain_teacher: bool = False
+) -> Workspace:
     """Data, teacher and starting student of a study, each created once and reused from ``root`` afterwards."""
     import shutil
 
@@ -368,7 +382,13 @@ def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], re
     want = {"task": s.task, "params": s.task_params, "n_train": s.n_train, "n_test": s.n_test}
     if not stamp.exists() or json.loads(stamp.read_text()) != want:
         say(f"data: generating {s.n_train} training and {s.n_test} test prompts ({s.task}) ...")
-        write_jsonl(train_path, ({"prompt": r["prompt"], "completion": r["completion"]} for r in task.generate("train", s.n_train, 0)))
+        write_jsonl(
+            train_path,
+            (
+                {"prompt": r["prompt"], "completion": r["completion"]}
+                for r in task.generate("train", s.n_train, 0)
+            ),
+        )
         write_jsonl(test_path, task.generate("test", s.n_test, 0))
         stamp.write_text(json.dumps(want))
         for stale in ("teacher", "start"):
@@ -387,11 +407,15 @@ def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], re
         if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
             model = load_model(str(shipped), what="teacher")
             if _spec_equal(model, teacher_spec, len(tok)):
-                say(f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)")
+                say(
+                    f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
+                )
             else:
                 model = None
         if model is None:
-            say(f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ...")
+            say(
+                f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ..."
+            )
             t0 = time.perf_counter()
             model = build_model(teacher_spec, tok, seed=1234)
             cfg = sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, seed=1234)
@@ -405,7 +429,9 @@ def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], re
     start_dir = root / "start"
     if not (start_dir / "config.json").exists():
         spec = s.student or task.student_model_config()
-        say(f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ...")
+        say(
+            f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ..."
+        )
         t0 = time.perf_counter()
         model = build_model(spec, tok, seed=4321)
         cfg = sft_config(root / "runs" / "start", s.start_steps, s.start_lr, s, seed=4321)
@@ -425,4 +451,6 @@ def build_workspace(root: Path, s: StudySettings, say: Callable[[str], None], re
             for name, m in (("teacher", teacher), ("start", start))
         }
         scores_path.write_text(json.dumps(ref, indent=2))
-    return Workspace(root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"])
+    return Workspace(
+        root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"]
+    )

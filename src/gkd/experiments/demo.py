@@ -168,7 +168,14 @@ def run_study(
     train_paths: dict[str, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every ``runs`` config (name -> overrides of ``method_config``) for each seed; results ordered by job."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     jobs = []
     for seed in range(s.seeds):
@@ -205,7 +212,11 @@ def run_study(
 
         def on_result(r: dict[str, Any]) -> None:
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
-            progress.update(bar, advance=1, last=f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)")
+            progress.update(
+                bar,
+                advance=1,
+                last=f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)",
+            )
 
         return run_jobs(jobs, workers=workers, threads=1, on_result=on_result)
 
@@ -237,19 +248,31 @@ def run_demo(
     seqkd = seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
 
     n_runs = len(DEMO_METHODS) * s.seeds
-    say(f"methods: {n_runs} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each, "
-        f"all from the same start) on {workers} worker process(es) ...")
+    say(
+        f"methods: {n_runs} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each, "
+        f"all from the same start) on {workers} worker process(es) ..."
+    )
     results = run_study(
-        ws, s, {k: {} for k in DEMO_METHODS}, workers=workers, say=say, console=con.console, label="demo",
+        ws,
+        s,
+        {k: {} for k in DEMO_METHODS},
+        workers=workers,
+        say=say,
+        console=con.console,
+        label="demo",
         train_paths={"seqkd": seqkd},
     )
-    summary = summarize(ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin)
+    summary = summarize(
+        ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin
+    )
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot_results(summary, out / "results.png")
     (out / "REPORT.md").write_text(report_markdown(summary))
     print()
     print(table_text(summary))
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, {out / 'REPORT.md'} ({summary['wall_s']:.0f}s in all)")
+    print(
+        f"\nwrote {out / 'results.json'}, {out / 'results.png'}, {out / 'REPORT.md'} ({summary['wall_s']:.0f}s in all)"
+    )
     return summary
 
 
@@ -276,12 +299,17 @@ def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # summarising
 # ---------------------------------------------------------------------------------------------------------------
-def summarize(task: Any, s: StudySettings, results: list[dict[str, Any]], teacher: dict, start: dict, wall: float) -> dict[str, Any]:
+def summarize(
+    task: Any, s: StudySettings, results: list[dict[str, Any]], teacher: dict, start: dict, wall: float
+) -> dict[str, Any]:
     metric = task.metric
     methods: dict[str, Any] = {}
     for name in DEMO_METHODS:
         rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
-        entry: dict[str, Any] = {"steps": rows[0]["steps"], "wall_s": sum(r["train_s"] for r in rows) / len(rows)}
+        entry: dict[str, Any] = {
+            "steps": rows[0]["steps"],
+            "wall_s": sum(r["train_s"] for r in rows) / len(rows),
+        }
         for mode in ("greedy", "sample"):
             vals = [r["scores"][mode][metric] for r in rows]
             m, se = mean_se(vals)
@@ -291,7 +319,7 @@ def summarize(task: Any, s: StudySettings, results: list[dict[str, Any]], teache
             for mode in ("greedy", "sample")
         }
         methods[name] = entry
-    for name, entry in methods.items():
+    for entry in methods.values():
         entry["paired"] = {}
         for base in ("sft", "supervised_kd"):
             entry["paired"][base] = {}

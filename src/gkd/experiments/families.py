@@ -110,8 +110,16 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     runs: dict[str, dict[str, Any]] = spec["runs"]
     train_paths = _special_data(name, ws, s, runs, spec, say)
     results = run_study(
-        ws, s, {k: v for k, v in runs.items() if k != "_"}, workers=workers, say=say, console=con.console,
-        label=name, eval_temperatures=temps, eval_samples=samples, train_paths=train_paths,
+        ws,
+        s,
+        {k: v for k, v in runs.items() if k != "_"},
+        workers=workers,
+        say=say,
+        console=con.console,
+        label=name,
+        eval_temperatures=temps,
+        eval_samples=samples,
+        train_paths=train_paths,
     )
     summary: dict[str, Any] = {
         "experiment": name,
@@ -125,10 +133,23 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     }
     for vname, vspec in (spec.get("variants") or {}).items():
         vs = replace(s, **vspec.get("settings", {})) if not quick else s
-        vroot = Path(vspec.get("workspace", out / f"workspace-{vname}")) if not quick else out / f"workspace-{vname}"
+        vroot = (
+            Path(vspec.get("workspace", out / f"workspace-{vname}"))
+            if not quick
+            else out / f"workspace-{vname}"
+        )
         vws = build_workspace(vroot, vs, say)
-        vres = run_study(vws, vs, vspec["runs"], workers=workers, say=say, console=con.console, label=f"{name}/{vname}",
-                         eval_temperatures=temps, eval_samples=samples)
+        vres = run_study(
+            vws,
+            vs,
+            vspec["runs"],
+            workers=workers,
+            say=say,
+            console=con.console,
+            label=f"{name}/{vname}",
+            eval_temperatures=temps,
+            eval_samples=samples,
+        )
         summary["variants"][vname] = {
             "teacher": vws.teacher_scores,
             "start": vws.start_scores,
@@ -144,11 +165,15 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     except Exception as e:  # a plot must never lose the results
         say(f"warning: plot failed ({e})")
     print(report)
-    say(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'results.png'} ({summary['wall_s']:.0f}s)")
+    say(
+        f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'results.png'} ({summary['wall_s']:.0f}s)"
+    )
     return summary
 
 
-def _special_data(name: str, ws: Any, s: StudySettings, runs: dict[str, Any], spec: dict[str, Any], say: Any) -> dict[str, Path]:
+def _special_data(
+    name: str, ws: Any, s: StudySettings, runs: dict[str, Any], spec: dict[str, Any], say: Any
+) -> dict[str, Path]:
     """Training files some runs need: SeqKD targets, or prompt-only subsets (data efficiency)."""
     paths: dict[str, Path] = {}
     for run_name, cfg in list(runs.items()):
@@ -192,7 +217,14 @@ def _report_methods(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {d_g} | {d_s} |")
     lam = [(float(n.split("_")[1]), runs[n]) for n in runs if n.startswith("lambda_")]
     if lam:
-        lines += ["", "λ sweep (JSD(0.9)): " + ", ".join(f"λ={x:g}: {r['sample'][m]['mean']:.1f} (T=1) / {r['greedy'][m]['mean']:.1f} (greedy)" for x, r in sorted(lam))]
+        lines += [
+            "",
+            "λ sweep (JSD(0.9)): "
+            + ", ".join(
+                f"λ={x:g}: {r['sample'][m]['mean']:.1f} (T=1) / {r['greedy'][m]['mean']:.1f} (greedy)"
+                for x, r in sorted(lam)
+            ),
+        ]
     lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
     return "\n".join(lines)
 
@@ -211,12 +243,19 @@ def _report_divergences(summary: dict[str, Any]) -> str:
     def table(runs: dict[str, Any], start_value: float) -> list[str]:
         divs = sorted({n.rsplit("_lambda_", 1)[0] for n in runs})
         lams = sorted({float(n.rsplit("_lambda_", 1)[1]) for n in runs})
-        rows = ["| divergence | " + " | ".join(f"λ={x:g}" for x in lams) + " |", "|---" * (len(lams) + 1) + "|"]
+        rows = [
+            "| divergence | " + " | ".join(f"λ={x:g}" for x in lams) + " |",
+            "|---" * (len(lams) + 1) + "|",
+        ]
         for d in divs:
             cells = []
             for x in lams:
                 r = runs.get(f"{d}_lambda_{x:g}")
-                cells.append("-" if r is None else f"{r['greedy'][m]['mean'] - start_value:+.2f} ± {r['greedy'][m]['se']:.2f}")
+                cells.append(
+                    "-"
+                    if r is None
+                    else f"{r['greedy'][m]['mean'] - start_value:+.2f} ± {r['greedy'][m]['se']:.2f}"
+                )
             rows.append(f"| {d} | " + " | ".join(cells) + " |")
         return rows
 
@@ -248,9 +287,14 @@ def _report_temperature(summary: dict[str, Any]) -> str:
             cells.append(f"{rouge:.1f}" + (f" / {sb['mean']:.1f}" if sb else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     t = summary["teacher"]
-    lines += ["", f"teacher ROUGE-2: greedy {t['greedy']['rouge2']:.1f}, T=1 {t['sample']['rouge2']:.1f}; start: greedy "
-              f"{summary['start']['greedy']['rouge2']:.1f}, T=1 {summary['start']['sample']['rouge2']:.1f}",
-              "", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    lines += [
+        "",
+        f"teacher ROUGE-2: greedy {t['greedy']['rouge2']:.1f}, T=1 {t['sample']['rouge2']:.1f}; start: greedy "
+        f"{summary['start']['greedy']['rouge2']:.1f}, T=1 {summary['start']['sample']['rouge2']:.1f}",
+        "",
+        f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -326,8 +370,14 @@ def _bars(summary: dict[str, Any], path: Path, metric: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 4))
     for k, mode in enumerate(("greedy", "sample")):
         xs = [i + (k - 0.5) * 0.4 for i in range(len(names))]
-        ax.bar(xs, [runs[n][mode][metric]["mean"] for n in names], 0.4,
-               yerr=[runs[n][mode][metric]["se"] for n in names], capsize=3, label=mode)
+        ax.bar(
+            xs,
+            [runs[n][mode][metric]["mean"] for n in names],
+            0.4,
+            yerr=[runs[n][mode][metric]["se"] for n in names],
+            capsize=3,
+            label=mode,
+        )
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel(metric)
@@ -370,7 +420,9 @@ def _plot_rl(summary: dict[str, Any], path: Path) -> None:
         ax.errorbar(x, y, xerr=r["sample"]["faithfulness"]["se"], yerr=r["sample"]["rouge2"]["se"], fmt="o")
         ax.annotate(n, (x, y), fontsize=7)
     t = summary["teacher"]["sample"]
-    ax.axvline(t["faithfulness"] - start["faithfulness"], color="k", ls="--", lw=1, label="teacher faithfulness")
+    ax.axvline(
+        t["faithfulness"] - start["faithfulness"], color="k", ls="--", lw=1, label="teacher faithfulness"
+    )
     ax.set_xlabel("faithfulness gain over the start (T=1)")
     ax.set_ylabel("ROUGE-2 gain over the start (T=1)")
     ax.legend(fontsize=8)
