@@ -183,7 +183,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(model_dir, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
-    _write_config(config, _cfg(model_dir, out, max_steps=400, save_steps=1000, logging_steps=1))
+    _write_config(config, _cfg(model_dir, out, max_steps=1_000_000, save_steps=10_000_000, logging_steps=1))
     proc = _gkd(
         ["distill", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -196,6 +196,6 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(model_dir, tmp_path):
     latest = ckpt.find_latest(out)
     assert latest is not None
     step = json.loads((latest / ckpt.STATE_JSON).read_text())["step"]
-    assert 0 < step < 400
-    t = GKDTrainer(_cfg(model_dir, out, max_steps=step + 2, save_steps=1000, resume_from_checkpoint="latest"))
+    assert 0 < step < 1_000_000
+    t = GKDTrainer(_cfg(model_dir, out, max_steps=step + 2, save_steps=10_000_000, resume_from_checkpoint="latest"))
     assert t.train().step == step + 2
