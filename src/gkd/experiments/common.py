@@ -300,7 +300,7 @@ class StudySettings:
     n_test: int = 1000
     teacher_steps: int = 6000
     teacher_lr: float = 2e-3
-    start_steps: int = 6000
+    start_steps: int = 3000
     start_lr: float = 3e-3
     method_steps: int = 500
     method_lr: float = 1e-3

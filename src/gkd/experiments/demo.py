@@ -210,7 +210,13 @@ def run_study(
     with progress:
         bar = progress.add_task("runs", total=len(jobs), last="")
 
+        log_path = ws.root / "runs" / label / "results.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+
         def on_result(r: dict[str, Any]) -> None:
+            with log_path.open("a") as fh:  # every finished run is on disk at once
+                fh.write(json.dumps(r) + "\n")
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
             progress.update(
                 bar,
