@@ -249,13 +249,7 @@ class GKDTrainer:
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the student has no trainable parameters; check lora.target_modules")
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = _adamw(params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.student = student
         self.scorer, self.optimizer = self.accelerator.prepare(Scorer(student, self.vocab), self.optimizer)
@@ -882,6 +876,22 @@ def check_paths_partial(cfg: GKDConfig, have_student: bool, have_teacher: bool) 
         raise ConfigError("config key 'model_name_or_path' (the student) is required")
     if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None:
         check_paths(cfg)
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: GKDConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel when every parameter allows it (much faster for large vocabularies)."""
+    kwargs = {
+        "lr": cfg.learning_rate,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_epsilon,
+        "weight_decay": cfg.weight_decay,
+    }
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def _has_tokenizer(path: str) -> bool:

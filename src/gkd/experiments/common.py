@@ -270,6 +270,8 @@ def run_jobs(
             if on_result:
                 on_result(results[i])  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+    # Workers' libraries register semaphores that the resource tracker reports as "leaked" at exit; it is noise.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,), maxtasksperchild=None) as pool:
         pending = {i: pool.apply_async(train_job, (jobs[i],)) for i in order}
