@@ -177,3 +177,39 @@ def test_sampled_reverse_kl_reward_matches_the_exact_gradient_on_average(tokeniz
     assert z < 5.0, f"max |z| = {z:.2f}"
     # and the estimator is not trivially equal: single groups differ from the exact gradient
     assert d.abs().max() > 1e-6
+
+
+def test_rl_runs_log_the_kl_to_the_initial_student(tokenizer, records, tmp_path):
+    t = _trainer(
+        tokenizer,
+        records,
+        tmp_path,
+        alpha=0.5,
+        reward="exact_match",
+        divergence="jsd",
+        beta=0.9,
+        learning_rate=5e-2,
+    )
+    first = t.train_step()
+    assert first["kl_to_initial"] == pytest.approx(0.0, abs=1e-6)  # step 1 scores the initial weights
+    later = [t.train_step() for _ in range(3)]
+    assert later[-1]["kl_to_initial"] > 0.0
+    assert "gen_len" in later[-1] and "reverse_kl" in later[-1]
+
+
+def test_rlef_star_trains_without_a_teacher(tokenizer, records, tmp_path):
+    """alpha = 0 with kl_to_initial: policy gradient regularised toward the initial student, no teacher needed."""
+    student = make_model("llama_student", tokenizer, seed=1)
+    cfg = base_config(
+        output_dir=str(tmp_path / "out"),
+        lmbda=1.0,
+        alpha=0.0,
+        reward="exact_match",
+        kl_to_initial=0.1,
+        divergence="reverse_kl",
+    )
+    t = GKDTrainer(cfg, student=student, tokenizer=tokenizer, train_records=records)
+    t.setup()
+    assert t.teacher is None and t.reference is not None
+    rec = t.train_step()
+    assert "reward_mean" in rec and rec["kl_to_initial"] == pytest.approx(0.0, abs=1e-6)

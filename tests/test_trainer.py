@@ -475,3 +475,36 @@ def test_topk_teacher_cache_is_built_once_and_replaces_the_teacher_on_fixed_batc
     d = float(mid._micro_loss(batch, float(batch.num_tokens()), None, None))
     assert b == pytest.approx(a, rel=1e-4)
     assert abs(d - a) < abs(c - a)
+
+
+def test_messages_records_use_the_chat_template_and_the_last_assistant_turn(
+    tokenizer, records, llama_pair, tmp_path
+):
+    """TRL's conversational format: everything before the last assistant turn is the prompt, that turn the target."""
+    student, teacher = llama_pair
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in records[:16]
+    ]
+    t = _trainer(tokenizer, chat, student, teacher, tmp_path, lmbda=0.0, divergence="forward_kl", max_steps=2)
+    plain = tokenize_records(records[:16], tokenizer, max_prompt_length=64, max_completion_length=8)
+    assert [e.prompt for e in t.train_data.examples] == [e.prompt for e in plain.examples]
+    assert [e.completion for e in t.train_data.examples] == [e.completion for e in plain.examples]
+    prompt_only = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in records[:16]]
+    t2 = _trainer(
+        tokenizer,
+        prompt_only,
+        student,
+        teacher,
+        tmp_path / "po",
+        lmbda=1.0,
+        divergence="reverse_kl",
+        max_steps=2,
+    )
+    assert not t2.train_data.has_targets
+    assert t2.train().step == 2

@@ -172,7 +172,7 @@ class GKDTrainer:
             self.vocab = len(self.tokenizer)
             self.teacher = None
         self.reference: Teacher | None = None
-        if cfg.kl_to_initial > 0:
+        if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
             ref = self._load_reference()
             self.reference = Teacher(ref.to(self.device), self.vocab)
         self.seq2seq = is_seq2seq(student)
@@ -504,16 +504,29 @@ class GKDTrainer:
         loss = self._loss_from_outputs(
             student_out, teacher_out, terms, targets, chunk_stats, teacher_topk=teacher_topk
         )
-        if self.reference is not None:
+        if self.reference is not None and (cfg.kl_to_initial > 0 or stats is not None):
             ref_out = self.reference.score(batch)
-            loss = loss + self._loss_from_outputs(
-                student_out,
-                ref_out,
-                LossTerms(divergence=cfg.kl_to_initial * w),
-                targets,
-                None,
-                divergence=get_divergence("reverse_kl"),
-            )
+            ref_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
+            if cfg.kl_to_initial > 0:
+                loss = loss + self._loss_from_outputs(
+                    student_out,
+                    ref_out,
+                    LossTerms(divergence=cfg.kl_to_initial * w),
+                    targets,
+                    ref_stats,
+                    divergence=get_divergence("reverse_kl"),
+                )
+            else:  # logging only: KL(student || initial student), no gradient
+                self._loss_from_outputs(
+                    _detached(student_out),
+                    ref_out,
+                    LossTerms(divergence=torch.zeros_like(w)),
+                    targets,
+                    ref_stats,
+                    divergence=get_divergence("reverse_kl"),
+                )
+            if stats is not None and ref_stats:
+                stats["kl_to_initial"].append(ref_stats["reverse_kl"].detach().float().cpu())
         t3 = time.perf_counter()
         self._times["teacher"] += t1 - t0
         self._times["student_forward"] += t2 - t1
@@ -876,6 +889,22 @@ def check_paths_partial(cfg: GKDConfig, have_student: bool, have_teacher: bool) 
         raise ConfigError("config key 'model_name_or_path' (the student) is required")
     if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None:
         check_paths(cfg)
+
+
+def _detached(out: Any) -> Any:
+    """A scoring output cut from the autograd graph (for statistics that must not train anything)."""
+    from gkd.models import ScoringOutput
+
+    head = out.head
+    if head is not None:
+        head = Head(
+            head.weight.detach(), None if head.bias is None else head.bias.detach(), head.vocab, head.scale
+        )
+    return ScoringOutput(
+        None if out.hidden is None else out.hidden.detach(),
+        head,
+        None if out.logits is None else out.logits.detach(),
+    )
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: GKDConfig) -> torch.optim.Optimizer:
