@@ -251,6 +251,13 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # workers print nothing but their results: no per-load progress bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def run_jobs(
