@@ -197,5 +197,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(model_dir, tmp_path):
     assert latest is not None
     step = json.loads((latest / ckpt.STATE_JSON).read_text())["step"]
     assert 0 < step < 1_000_000
-    t = GKDTrainer(_cfg(model_dir, out, max_steps=step + 2, save_steps=10_000_000, resume_from_checkpoint="latest"))
+    t = GKDTrainer(
+        _cfg(model_dir, out, max_steps=step + 2, save_steps=10_000_000, resume_from_checkpoint="latest")
+    )
     assert t.train().step == step + 2
