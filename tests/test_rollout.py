@@ -343,9 +343,11 @@ def test_unsupported_models_fall_back_to_generate(case):
     assert torch.equal(
         auto.completion_ids, sample(model, ids, mask, greedy=True, backend="generate").completion_ids
     )
-    if case != "lora":  # the adapter is applied: auto still agrees with the per-row reference
-        for b in range(3):
-            assert auto.completion_ids[b].tolist() == generate_row(model, ids[b][mask[b].bool()], 10, None)
+    for b in range(3):  # and it is the model's own (adapter-including) greedy decoding
+        assert auto.completion_ids[b].tolist() == generate_row(model, ids[b][mask[b].bool()], 10, None)
+    if case == "lora":  # the adapter matters: the base model alone decodes differently
+        with model.disable_adapter():
+            assert not torch.equal(sample(model, ids, mask, greedy=True).completion_ids, auto.completion_ids)
 
 
 def test_input_validation():

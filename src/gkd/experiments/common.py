@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,20 @@ class Job:
     eval_temperatures: tuple[float, ...] = (1.0,)
     eval_samples: int = 1  # samples per prompt at each temperature (>1 adds Self-BLEU)
     cost: float = 1.0  # relative run time, for scheduling
+
+
+def job_key(job: Job) -> str:
+    """Fingerprint of a job: its settings and the checkpoints it starts from (a finished job with the same key is
+    not run again when a killed study is restarted)."""
+    import hashlib
+
+    d = asdict(job)
+    d.pop("cost")
+    for who in ("start", "teacher"):
+        if d[who] is not None:
+            w = Path(d[who]) / "model.safetensors"
+            d[who + "_weights"] = [w.stat().st_size, w.stat().st_mtime_ns] if w.exists() else None
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 _CACHE: dict[Any, Any] = {}

@@ -32,7 +32,16 @@ from typing import Any
 
 import torch
 
-from gkd.experiments.common import Job, StudySettings, build_workspace, mean_se, paired, run_jobs, write_jsonl
+from gkd.experiments.common import (
+    Job,
+    StudySettings,
+    build_workspace,
+    job_key,
+    mean_se,
+    paired,
+    run_jobs,
+    write_jsonl,
+)
 
 __all__ = ["DEMO_METHODS", "demo_settings", "method_config", "run_demo"]
 
@@ -202,6 +211,24 @@ def run_study(
                 )
             )
     metric = ws.task.metric
+    # A restarted study keeps the runs a killed one finished: same job settings and checkpoints -> same key.
+    keys = [job_key(j) for j in jobs]
+    log_path = ws.root / "runs" / label / "results.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r.get("job_key") in keys:
+                done[r["job_key"]] = r
+    log_path.write_text("".join(json.dumps(done[k]) + "\n" for k in keys if k in done))
+    if done:
+        say(f"resuming: {len(done)} of {len(jobs)} runs already finished ({log_path})")
+    todo = [j for j, k in zip(jobs, keys) if k not in done]
+    key_of = {(j.name, j.seed): k for j, k in zip(jobs, keys)}
     progress = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -212,13 +239,10 @@ def run_study(
         console=console,
     )
     with progress:
-        bar = progress.add_task("runs", total=len(jobs), last="")
-
-        log_path = ws.root / "runs" / label / "results.jsonl"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+        bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
 
         def on_result(r: dict[str, Any]) -> None:
+            r["job_key"] = key_of[(r["name"], r["seed"])]
             with log_path.open("a") as fh:  # every finished run is on disk at once
                 fh.write(json.dumps(r) + "\n")
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
@@ -228,7 +252,8 @@ def run_study(
                 last=f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)",
             )
 
-        return run_jobs(jobs, workers=workers, threads=1, on_result=on_result)
+        fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result))
+    return [done[k] if k in done else next(fresh) for k in keys]
 
 
 def run_demo(
