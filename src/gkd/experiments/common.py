@@ -430,8 +430,11 @@ def build_workspace(
         if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
             model = load_model(str(shipped), what="teacher")
             if _spec_equal(model, teacher_spec, len(tok)):
+                shipped_by_gkd = shipped.resolve().parent.name == "assets"
                 say(
                     f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
+                    if shipped_by_gkd
+                    else f"teacher: reusing the trained teacher at {shipped}"
                 )
             else:
                 model = None

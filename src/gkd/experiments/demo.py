@@ -246,11 +246,11 @@ def run_study(
             with log_path.open("a") as fh:  # every finished run is on disk at once
                 fh.write(json.dumps(r) + "\n")
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
-            progress.update(
-                bar,
-                advance=1,
-                last=f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)",
-            )
+            line = f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
+            progress.update(bar, advance=1, last=line)
+            if not progress.console.is_terminal:  # a log file gets one line per finished run
+                n = int(progress.tasks[0].completed)
+                say(f"{label} {n}/{len(jobs)}: {line} [{progress.tasks[0].elapsed or 0:.0f}s]")
 
         fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result))
     return [done[k] if k in done else next(fresh) for k in keys]
