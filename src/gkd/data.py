@@ -61,6 +61,9 @@ def read_jsonl(path: Path, skip_bad_lines: bool = False) -> tuple[list[dict], in
     return records, skipped
 
 
+_SPLIT_NAMES = {"train", "training", "validation", "valid", "val", "dev", "test", "eval", "evaluation"}
+
+
 def load_records(
     spec: str, split: str = "train", config_name: str | None = None, skip_bad_lines: bool = False
 ) -> tuple[list[dict], int]:
@@ -73,7 +76,15 @@ def load_records(
             "json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split
         ), 0
     if path.is_dir():
-        jsonl = sorted(path.glob(f"{split}*.jsonl")) or sorted(path.glob("*.jsonl"))
+        jsonl = sorted(path.glob(f"{split}*.jsonl"))
+        if not jsonl:  # unnamed files serve every split, but never another split's file
+            named = [f for f in path.glob("*.jsonl") if f.stem.split("-")[0].split(".")[0] in _SPLIT_NAMES]
+            if named:
+                raise DataError(
+                    f"dataset folder '{path}' has no '{split}*.jsonl' file (it has "
+                    f"{', '.join(sorted(f.name for f in named))}); add one or choose another split"
+                )
+            jsonl = sorted(path.glob("*.jsonl"))
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _load_from_disk(path, split), 0
         if jsonl:

@@ -126,9 +126,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: ``nn.Dropout`` modules and the attention-probability dropout that transformers applies
+    functionally from float attributes (``attention_dropout`` of Llama/Qwen/Mistral attention, ``dropout`` of
+    T5 attention)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    config = getattr(model, "config", None)
+    for attr in ("attention_dropout", "dropout_rate", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if isinstance(getattr(config, attr, None), float):
+            setattr(config, attr, 0.0)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:

@@ -453,8 +453,17 @@ def build_workspace(
     teacher = load_model(str(teacher_dir), what="teacher")
 
     start_dir = root / "start"
+    spec = s.student or task.student_model_config()
+    recipe = json.loads(
+        json.dumps({"spec": spec, "steps": s.start_steps, "lr": s.start_lr, "batch_size": s.batch_size})
+    )
+    recipe_path = start_dir / "gkd_start_recipe.json"
+    if (start_dir / "config.json").exists() and (
+        not recipe_path.exists() or json.loads(recipe_path.read_text()) != recipe
+    ):
+        say("start: the starting student's recipe changed; training it again")
+        shutil.rmtree(start_dir)
     if not (start_dir / "config.json").exists():
-        spec = s.student or task.student_model_config()
         say(
             f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ..."
         )
@@ -464,6 +473,7 @@ def build_workspace(
         model = _sft_in_process(cfg, model, tok, train_ds)
         model.save_pretrained(start_dir)
         tok.save_pretrained(start_dir)
+        recipe_path.write_text(json.dumps(recipe))
         (root / "reference_scores.json").unlink(missing_ok=True)
         say(f"start: trained in {time.perf_counter() - t0:.0f}s")
     start = load_model(str(start_dir), what="student")
