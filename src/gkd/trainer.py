@@ -730,11 +730,22 @@ class GKDTrainer:
         last_loss = float("nan")
         self.log(self._banner())
         progress = _Progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
+        # SIGTERM and the first Ctrl-C only raise a flag: the current step finishes, then a checkpoint is saved
+        # (an exception raised at an arbitrary point inside library code is not a safe place to save from).
+        # A second Ctrl-C interrupts at once.
         interrupted = {"flag": False}
-        previous = None
-        if self.is_main and hasattr(signal, "SIGTERM"):
-            with contextlib.suppress(ValueError):
-                previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.__setitem__("flag", True))
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            interrupted["flag"] = True
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        if self.is_main:
+            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+                if sig is not None:
+                    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                        previous[sig] = signal.signal(sig, on_signal)
         try:
             while self.step < cfg.max_steps:
                 record = self.train_step()
@@ -766,8 +777,8 @@ class GKDTrainer:
             ) from None
         finally:
             progress.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         path = self.save()
         if self.eval_data is not None:
             self.evaluate()
