@@ -215,16 +215,22 @@ def _report_methods(summary: dict[str, Any]) -> str:
         d_g = _pfmt(r["greedy"][m]["seeds"], base["greedy"][m]["seeds"]) if base else "-"
         d_s = _pfmt(r["sample"][m]["seeds"], base["sample"][m]["seeds"]) if base else "-"
         lines.append(f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {d_g} | {d_s} |")
-    lam = [(float(n.split("_")[1]), runs[n]) for n in runs if n.startswith("lambda_")]
-    if lam:
-        lines += [
-            "",
-            "λ sweep (JSD(0.9)): "
-            + ", ".join(
-                f"λ={x:g}: {r['sample'][m]['mean']:.1f} (T=1) / {r['greedy'][m]['mean']:.1f} (greedy)"
-                for x, r in sorted(lam)
-            ),
-        ]
+    fkl = {"supervised_kd": 0.0, "imitkd": 0.5, "gkd_forward_kl": 1.0}
+    sweeps = {
+        "JSD(0.9)": [(float(n.split("_")[1]), runs[n]) for n in runs if n.startswith("lambda_")],
+        "forward KL, as the paper's Fig. 7": [(x, runs[n]) for n, x in fkl.items() if n in runs]
+        + [(float(n.split("_")[-1]), runs[n]) for n in runs if n.startswith("fkl_lambda_")],
+    }
+    for label, lam in sweeps.items():
+        if len(lam) > 1:
+            lines += [
+                "",
+                f"λ sweep ({label}): "
+                + ", ".join(
+                    f"λ={x:g}: {r['sample'][m]['mean']:.1f} (T=1) / {r['greedy'][m]['mean']:.1f} (greedy)"
+                    for x, r in sorted(lam, key=lambda t: t[0])
+                ),
+            ]
     lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
     return "\n".join(lines)
 
