@@ -118,13 +118,13 @@ def test_masks_exclude_prompt_padding_and_post_eos_tokens(tokenizer, records, ll
     t = _trainer(tokenizer, records, student, teacher, tmp_path, lmbda=0.0, divergence="forward_kl")
     data = tokenize_records(records[:4], tokenizer, max_prompt_length=64, max_completion_length=16)
     batch = collate(data.examples, tokenizer.pad_token_id)
-    base = float(t._micro_loss(batch, float(batch.num_tokens()), None, None))
+    base = t._micro_loss(batch, float(batch.num_tokens()), None, None).item()
     noisy_c = batch.completion_ids.clone()
     noisy_c[~batch.completion_mask] = 7  # garbage after EOS / in completion padding
     noisy_p = batch.prompt_ids.clone()
     noisy_p[~batch.prompt_mask] = 9  # garbage in prompt left-padding
     changed = Batch(noisy_p, batch.prompt_mask, noisy_c, batch.completion_mask, batch.records)
-    assert float(t._micro_loss(changed, float(batch.num_tokens()), None, None)) == pytest.approx(
+    assert t._micro_loss(changed, float(batch.num_tokens()), None, None).item() == pytest.approx(
         base, rel=1e-5
     )
     # and the loss counts exactly the completion tokens (incl. EOS), never prompt tokens
@@ -175,7 +175,7 @@ def test_loss_matches_the_dense_reference(tokenizer, records, llama_pair, tmp_pa
         values = torch.zeros(batch.completion_mask.shape)
         values[batch.completion_mask] = get_divergence("jsd", beta=0.9)(s.logits, te.logits).detach()
         ref = reduce_divergence(values, batch.completion_mask, reduction)
-        assert float(fused) == pytest.approx(float(ref), rel=1e-4)
+        assert fused.item() == pytest.approx(float(ref), rel=1e-4)
 
 
 def test_normalisation_uses_the_tokens_actually_in_the_step_across_accumulation(
@@ -469,10 +469,10 @@ def test_topk_teacher_cache_is_built_once_and_replaces_the_teacher_on_fixed_batc
     batch = live.stream.next()
     for t in (full, small, mid):
         t.teacher.score = lambda b: (_ for _ in ()).throw(AssertionError("teacher was called"))
-    a = float(live._micro_loss(batch, float(batch.num_tokens()), None, None))
-    b = float(full._micro_loss(batch, float(batch.num_tokens()), None, None))
-    c = float(small._micro_loss(batch, float(batch.num_tokens()), None, None))
-    d = float(mid._micro_loss(batch, float(batch.num_tokens()), None, None))
+    a = live._micro_loss(batch, float(batch.num_tokens()), None, None).item()
+    b = full._micro_loss(batch, float(batch.num_tokens()), None, None).item()
+    c = small._micro_loss(batch, float(batch.num_tokens()), None, None).item()
+    d = mid._micro_loss(batch, float(batch.num_tokens()), None, None).item()
     assert b == pytest.approx(a, rel=1e-4)
     assert abs(d - a) < abs(c - a)
 
