@@ -26,61 +26,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the TRL benchmark's models, tokenizer and records
+
+from bench_vs_trl import STUDENT, TEACHER, build_model, build_records, build_tokenizer  # noqa: E402
 
 from gkd.config import GKDConfig  # noqa: E402
 from gkd.data import collate, tokenize_records  # noqa: E402
 from gkd.trainer import GKDTrainer  # noqa: E402
 
 
-def _word_tokenizer(vocab: int, path: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for i in range(vocab - 3):
-        words[f"w{i}"] = len(words)
-    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tok.save_pretrained(path)
-    return tok
-
-
 def speed(threads: int, steps: int) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.set_num_threads(threads)
     vocab = 8192
     tmp = Path(tempfile.mkdtemp())
-    tok = _word_tokenizer(vocab, tmp)
-    gen = torch.Generator().manual_seed(0)
-    records = []
-    for _ in range(64):
-        ids = torch.randint(3, vocab, (48 + 63,), generator=gen).tolist()
-        records.append(
-            {
-                "prompt": " ".join(f"w{i - 3}" for i in ids[:48]),
-                "completion": " ".join(f"w{i - 3}" for i in ids[48:]),
-            }
-        )
-
-    def llama(h: int, layers: int, heads: int, mlp: int, seed: int):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=h,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=mlp,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        return LlamaForCausalLM(cfg)
-
-    teacher = llama(384, 8, 6, 1536, 0).eval()
+    tok = build_tokenizer(vocab, tmp)
+    records = build_records(64)
+    teacher = build_model(TEACHER, vocab, tok, seed=1).eval()
     times: dict[str, list[float]] = {"live": [], "cached": []}
     trainers = {}
     for mode in ("live", "cached"):
@@ -102,7 +63,7 @@ def speed(threads: int, steps: int) -> float:
         t0 = time.perf_counter()
         tr = GKDTrainer(
             cfg,
-            student=llama(256, 4, 4, 768, 1),
+            student=build_model(STUDENT, vocab, tok, seed=2),
             teacher=teacher,
             tokenizer=tok,
             train_records=records,
@@ -127,7 +88,7 @@ def speed(threads: int, steps: int) -> float:
 
 
 def error() -> dict[str, dict[int, float]]:
-    from gkd.experiments.demo import ASSET_TEACHER
+    from gkd.experiments.common import ASSET_TEACHER
     from gkd.models import build_model, load_model
     from gkd.tasks import get_task
 

@@ -204,38 +204,7 @@ class _Clock:
 # ================================================================================================================
 def child_gkd(args: argparse.Namespace) -> dict[str, Any]:
     """gkd's GKDTrainer.train() for warmup + steps on-policy steps; step ends timed around train_step."""
-    from gkd.config import GKDConfig
-    from gkd.trainer import GKDTrainer
-
-    tok = build_tokenizer(args.vocab, args.workdir)
-    teacher, student = build_models(args.vocab, tok)
-    out = tempfile.mkdtemp(prefix="gkd-", dir=args.workdir)
-    cfg = GKDConfig(
-        output_dir=out,
-        lmbda=1.0,
-        divergence="jsd",
-        beta=BETA,
-        temperature=1.0,
-        max_new_tokens=NEW_TOKENS,
-        per_device_train_batch_size=BATCH,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        max_steps=args.warmup + args.steps,
-        num_threads=args.threads,
-        logging_steps=10**9,  # like the TRL runs: no logging (gkd logs step 1 only, a warm-up step)
-        save_steps=0,
-        progress=False,
-    )
-    trainer = GKDTrainer(
-        cfg,
-        student=student,
-        teacher=teacher,
-        tokenizer=tok,
-        train_records=build_records(),
-        log=lambda _m: None,
-    )
-    trainer.setup()
+    trainer = _gkd_trainer(args, steps=args.warmup + args.steps)
     rss_before = _maxrss_mb()
     records: list[dict[str, Any]] = []
     step = trainer.train_step
@@ -369,7 +338,7 @@ def _gkd_trainer(args: argparse.Namespace, steps: int = 10**6) -> Any:
         lr_scheduler_type="constant",
         max_steps=steps,
         num_threads=args.threads,
-        logging_steps=10**9,
+        logging_steps=10**9,  # like the TRL runs: no logging (gkd logs step 1 only, a warm-up step)
         save_steps=0,
         progress=False,
     )

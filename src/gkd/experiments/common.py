@@ -139,11 +139,15 @@ def job_key(job: Job) -> str:
     for who in ("start", "teacher"):
         if d[who] is not None:
             w = Path(d[who]) / "model.safetensors"
-            d[who + "_weights"] = [w.stat().st_size, w.stat().st_mtime_ns] if w.exists() else None
+            st = w.stat() if w.exists() else None
+            d[who + "_weights"] = [st.st_size, st.st_mtime_ns] if st else None
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 _CACHE: dict[Any, Any] = {}
+
+# the demo's teacher, trained by `gkd demo --train-teacher` and shipped with the package
+ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
 
 
 def _cached(key: Any, make: Callable[[], Any]) -> Any:
@@ -430,10 +434,9 @@ def build_workspace(
         if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
             model = load_model(str(shipped), what="teacher")
             if _spec_equal(model, teacher_spec, len(tok)):
-                shipped_by_gkd = shipped.resolve().parent.name == "assets"
                 say(
                     f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
-                    if shipped_by_gkd
+                    if shipped.resolve() == ASSET_TEACHER
                     else f"teacher: reusing the trained teacher at {shipped}"
                 )
             else:

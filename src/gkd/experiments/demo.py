@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from gkd.experiments.common import (
+    ASSET_TEACHER,
     Job,
     StudySettings,
     build_workspace,
@@ -44,8 +45,6 @@ from gkd.experiments.common import (
 )
 
 __all__ = ["DEMO_METHODS", "demo_settings", "method_config", "run_demo"]
-
-ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
 
 # name -> config overrides on top of ``method_config``; "steps" multiplies the step budget, "seqkd" trains on
 # the teacher's samples.
