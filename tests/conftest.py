@@ -107,3 +107,11 @@ def base_config(**overrides):
     }
     cfg.update(overrides)
     return GKDConfig(**cfg)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, tokenizer, records, eval_records):
+    """Saved tiny model pairs of several families and the records in every data format (see ``userland``)."""
+    from userland import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"), tokenizer, records, eval_records)

@@ -166,7 +166,8 @@ def test_split_record_messages_use_the_chat_template(tokenizer):
     [
         ({"text": "a", "label": 1}, "record 3 has no 'prompt' field (keys: label, text)"),
         ({}, "(keys: none)"),
-        ({"prompt": ["a"]}, "'prompt' must be a string, got list"),
+        ({"prompt": ["a"]}, "'prompt' must be a non-empty list of {role, content} messages"),
+        ({"prompt": 5}, "'prompt' must be a string or a list of {role, content} messages, got int"),
         ({"prompt": "a", "completion": 5}, "'completion' must be a string, got int"),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": ["a"]}, "'messages' must be a non-empty list"),
@@ -355,3 +356,28 @@ def test_batch_stream_ranks_take_disjoint_slices_of_the_global_batch():
         parts = [s.next_indices() for s in ranks]
         assert _flat(parts) == single.next_indices()
         assert len(set(_flat(parts))) == 8
+
+
+def test_load_records_of_a_mistyped_local_path_never_queries_the_hub(tmp_path, monkeypatch):
+    import time
+
+    import datasets
+
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        raise AssertionError("the hub must not be queried")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec in ("runs/nope", "runs/nope/train", "a/b/c", "../nope", "~/gkd-surely-absent-xyz"):
+        start = time.perf_counter()
+        with pytest.raises(DataError, match="does not exist; check the path") as e:
+            load_records(spec)
+        assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
+    assert calls == []
+    with pytest.raises(DataError, match="could not be loaded"):  # a genuine hub name still goes to the hub
+        load_records("org/name")
+    assert calls

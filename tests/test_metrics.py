@@ -6,14 +6,21 @@ import pytest
 
 from gkd.metrics import (
     METRICS,
+    NoReferenceError,
     bleu,
+    bleu_score,
     exact_match,
+    exact_match_score,
     extract_final_answer,
     final_answer,
+    final_answer_score,
     get_metric,
+    prompt_text_of,
     references_of,
     rouge2,
+    rouge2_score,
     rougeL,
+    rougeL_score,
     self_bleu,
 )
 
@@ -39,6 +46,99 @@ def test_input_checks():
 def test_references_of_puts_completion_first_without_duplicates():
     assert references_of(rec("a b", "b a", "a b")) == ["a b", "b a"]
     assert references_of({"prompt": "p", "completion": "x"}) == ["x"]
+
+
+USER, SYSTEM = {"role": "user", "content": "q"}, {"role": "system", "content": "sys"}
+
+
+def test_references_of_every_record_format():
+    answer = {"role": "assistant", "content": "a b"}
+    # messages: the final assistant turn is the target, then the references
+    assert references_of({"messages": [SYSTEM, USER, answer], "references": ["b a", "a b"]}) == ["a b", "b a"]
+    # messages ending with a user turn are prompt-only: only the references
+    assert references_of({"messages": [USER, answer, USER], "references": ["z"]}) == ["z"]
+    assert references_of({"messages": [USER, answer, USER]}) == []
+    # TRL conversational prompt/completion: the completion's assistant contents, joined
+    assert references_of({"prompt": [USER], "completion": [answer]}) == ["a b"]
+    two = [answer, {"role": "assistant", "content": "#### 4"}]
+    assert references_of({"prompt": [USER], "completion": two, "references": ["r"]}) == ["a b\n#### 4", "r"]
+    # prompt-only
+    assert references_of({"prompt": "p"}) == []
+    assert references_of({"prompt": "p", "references": ["x", "y", "x"]}) == ["x", "y"]
+    # content given as a list of parts
+    parts = {"role": "assistant", "content": [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}]}
+    assert references_of({"messages": [USER, parts]}) == ["a b"]
+
+
+def test_prompt_text_of_every_record_format():
+    assert prompt_text_of({"prompt": "4 + 5 =", "completion": "9"}) == "4 + 5 ="
+    assert prompt_text_of({"prompt": "4 + 5 ="}) == "4 + 5 ="
+    first = {"role": "user", "content": "first"}
+    reply = {"role": "assistant", "content": "ok"}
+    last = {"role": "user", "content": "4 + 5 ="}
+    target = {"role": "assistant", "content": "9"}
+    # the last user turn before the target, whatever comes before it
+    assert prompt_text_of({"messages": [SYSTEM, first, reply, last, target]}) == "4 + 5 ="
+    assert prompt_text_of({"messages": [SYSTEM, first, reply, last]}) == "4 + 5 ="  # prompt-only
+    assert prompt_text_of({"prompt": [SYSTEM, last], "completion": [target]}) == "4 + 5 ="
+    with pytest.raises(ValueError, match="no user turn"):
+        prompt_text_of({"messages": [SYSTEM, target]})
+    with pytest.raises(ValueError, match="no 'prompt' or 'messages'"):
+        prompt_text_of({"text": "x"})
+
+
+def test_metrics_on_every_record_format():
+    answer = {"role": "assistant", "content": "a b c #### 4"}
+    records = [
+        {"prompt": "p", "completion": "a b c #### 4"},
+        {"messages": [USER, answer]},
+        {"prompt": [USER], "completion": [answer]},
+        {"prompt": "p", "references": ["a b c #### 4"]},
+    ]
+    for metric in METRICS.values():
+        assert metric(["a b c #### 4"] * 4, records) == pytest.approx(100.0), metric.__name__
+        assert metric(["x"] * 4, records) == 0.0, metric.__name__
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_reference_metrics_reject_records_without_targets(metric):
+    records = [rec("a b c d"), {"prompt": "p"}]
+    with pytest.raises(ValueError, match="record 1 has no reference") as info:
+        METRICS[metric](["a b c d", "a b c d"], records)
+    assert isinstance(info.value, NoReferenceError)
+
+
+def test_per_example_scores_equal_the_metric_of_one_record():
+    cases = [
+        (rec("a b c e", "x y"), "a b c d"),
+        (rec("... #### 9 0"), "x #### 90.0"),
+        (rec("The cat sat", "the cat sat"), "the cat"),
+        ({"messages": [USER, {"role": "assistant", "content": "a b"}]}, " a  b "),
+    ]
+    for record, pred in cases:
+        for corpus, example in [
+            (exact_match, exact_match_score),
+            (final_answer, final_answer_score),
+            (rouge2, rouge2_score),
+            (rougeL, rougeL_score),
+        ]:
+            assert example(record, pred) == pytest.approx(corpus([pred], [record]) / 100), corpus.__name__
+    for example in (exact_match_score, final_answer_score, rouge2_score, rougeL_score, bleu_score):
+        with pytest.raises(NoReferenceError, match="record has no reference"):
+            example({"prompt": "p"}, "x")
+
+
+def test_bleu_score_is_sentence_bleu_with_effective_order():
+    assert bleu_score(rec("#### 9 0"), "#### 9 0") == pytest.approx(1.0)  # corpus BLEU-4: 0 (no 4-gram)
+    assert bleu(["#### 9 0"], [rec("#### 9 0")]) == 0.0
+    # the same tokenisation as bleu(): whitespace only, so "x~" differs from "x"
+    assert bleu_score(rec("x b c d e f"), "x~ b c d e f") == pytest.approx(
+        bleu(["x~ b c d e f"], [rec("x b c d e f")]) / 100
+    )
+    assert bleu_score(rec("a b c d e f", "a b c d e g"), "a b c d e g") == pytest.approx(
+        1.0
+    )  # best reference
+    assert bleu_score(rec("A b"), "a b", tokenize="13a") < 1.0  # case-sensitive
 
 
 def test_exact_match():

@@ -316,3 +316,242 @@ def test_unwrap_and_eval_mode(tokenizer):
     with pytest.raises(RuntimeError), eval_mode(model):
         raise RuntimeError
     assert model.training  # restored on error too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# context length and configs, read without loading weights
+# ---------------------------------------------------------------------------------------------------------------
+def test_context_length_of_tiny_configs():
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, T5Config
+
+    from gkd.models import context_length
+
+    assert context_length(LlamaConfig(max_position_embeddings=64)) == 64
+    assert context_length(Qwen2Config(max_position_embeddings=128)) == 128
+    assert context_length(GPT2Config(n_positions=32)) == 32
+    assert context_length(T5Config()) is None  # relative attention: no hard limit
+    assert context_length(T5Config(n_positions=512)) is None  # old T5 configs carry an unused n_positions
+    from transformers import PretrainedConfig
+
+    assert context_length(PretrainedConfig()) is None
+    assert context_length(PretrainedConfig(max_sequence_length=48)) == 48
+    assert context_length(PretrainedConfig(seq_length=40)) == 40
+
+
+def test_load_config_reads_a_folder_without_loading_weights(tokenizer, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from gkd.models import context_length, load_config
+
+    make_model("llama_student", tokenizer).save_pretrained(tmp_path / "m")
+
+    def no_weights(*a, **k):
+        raise AssertionError("load_config must not load weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    cfg = load_config(str(tmp_path / "m"), "student")
+    assert (
+        cfg.model_type == "llama" and context_length(cfg) == TINY["llama_student"]["max_position_embeddings"]
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="student") as e:
+        load_config(str(tmp_path / "empty"), "student")
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA results: adapter folders load (merged) from anywhere; merged folders load with from_pretrained
+# ---------------------------------------------------------------------------------------------------------------
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def lora_run(tokenizer, tmp_path, monkeypatch):
+    """A LoRA student trained from the RELATIVE path ``models/base`` and saved as an adapter checkpoint."""
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    base = make_model("llama_student", tokenizer, seed=3)
+    base.save_pretrained(work / "models" / "base")
+    tokenizer.save_pretrained(work / "models" / "base")
+    monkeypatch.chdir(work)
+    student = load_model("models/base", what="student")
+    peft_model = apply_lora(student, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # B = 0 at init: make the adapter matter
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft_model.eval()
+    ckpt = work / "runs" / "lora" / "checkpoint-5"
+    peft_model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    return peft_model, work, ckpt
+
+
+def test_apply_lora_records_an_absolute_base_path(lora_run):
+    import json
+
+    _, work, ckpt = lora_run
+    saved = json.loads((ckpt / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(work / "models" / "base")
+    assert not (ckpt / "config.json").exists()
+
+
+def test_an_adapter_folder_loads_merged_from_another_cwd(lora_run, tmp_path, monkeypatch, tokenizer):
+    from peft import PeftModel
+
+    from gkd.models import load_config
+
+    peft_model, work, ckpt = lora_run
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    expected = _logits(peft_model, ids)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    merged = load_model(str(ckpt), what="model")
+    assert not isinstance(merged, PeftModel) and not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged, ids), expected)
+    assert not torch.allclose(_logits(load_model(str(work / "models" / "base"), what="m"), ids), expected)
+    # relative to the new cwd too
+    monkeypatch.chdir(work / "runs")
+    torch.testing.assert_close(_logits(load_model("lora/checkpoint-5", what="model"), ids), expected)
+    # unmerged, with a trainable adapter (resuming a LoRA student)
+    unmerged = load_model("lora/checkpoint-5", what="student", merge=False)
+    assert isinstance(unmerged, PeftModel)
+    trainable = [n for n, p in unmerged.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    torch.testing.assert_close(_logits(unmerged.eval(), ids), expected)
+    # its tokenizer and config (the base model's)
+    assert load_tokenizer("lora/checkpoint-5").get_vocab() == tokenizer.get_vocab()
+    assert load_config("lora/checkpoint-5", "model").model_type == "llama"
+
+
+def test_an_adapter_saved_with_a_relative_base_path_is_found_from_a_parent_folder(
+    lora_run, tmp_path, monkeypatch
+):
+    import json
+
+    peft_model, _, ckpt = lora_run
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = (
+        "models/base"  # as older checkpoints recorded it: relative to the run's cwd
+    )
+    (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(_logits(load_model(str(ckpt), what="m"), ids), _logits(peft_model, ids))
+
+
+def test_an_adapter_whose_base_is_missing_is_one_line(lora_run, tmp_path, monkeypatch):
+    import json
+
+    _, _, ckpt = lora_run
+    for base in ("models/gone", str(tmp_path / "gone")):
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = base
+        (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelError) as e:
+            load_model(str(ckpt), what="teacher")
+        msg = str(e.value)
+        assert "\n" not in msg and str(ckpt) in msg and base in msg and "base_model_name_or_path" in msg
+
+
+def test_save_merged_writes_a_plain_transformers_folder(lora_run, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gkd.models import save_merged
+
+    peft_model, _, _ = lora_run
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    expected = _logits(peft_model, ids)
+    before = _state(peft_model)
+    save_merged(peft_model, tokenizer, tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").exists()
+    assert list((tmp_path / "merged").glob("*.safetensors"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(plain, ids), expected)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).get_vocab() == tokenizer.get_vocab()
+    # the training model is untouched: same adapter modules, same weights, same outputs
+    after = peft_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, atol=0, rtol=0)
+    # a plain model is saved as is
+    save_merged(unwrap(make_model("llama_student", tokenizer)), None, tmp_path / "plain")
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mistyped local paths never go to the hub
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Every transformers loader raises if called: nothing may reach ``from_pretrained`` (or the hub)."""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        raise AssertionError(f"the hub must not be queried: {a}")
+
+    for cls in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", boom)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", boom)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "path", ["runs/nope", "./nope", "../nope", "a/b/c", "~/gkd-surely-absent-xyz", "/gkd-nope"]
+)
+def test_a_mistyped_local_path_fails_at_once_without_the_hub(path, tmp_path, monkeypatch, no_hub):
+    import time
+
+    from gkd.errors import GKDError
+    from gkd.models import load_config
+
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    loaders = {
+        "model": lambda p: load_model(p, what="model"),
+        "tokenizer": lambda p: load_tokenizer(p, "tokenizer"),
+        "config": lambda p: load_config(p, "model"),
+    }
+    for name, load in loaders.items():
+        start = time.perf_counter()
+        with pytest.raises(GKDError) as e:
+            load(path)
+        assert time.perf_counter() - start < 0.5, name
+        msg = str(e.value)
+        assert "\n" not in msg and f"'{path}'" in msg and "does not exist; check the path" in msg, msg
+    assert no_hub == []
+
+
+def test_a_hub_id_still_goes_to_the_hub(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)  # no 'org' folder here: 'org/name' can only be a hub id
+    with pytest.raises(AssertionError, match="hub must not be queried"):
+        load_model("org/name", what="model")
+    assert no_hub
+
+
+def test_an_adapter_folder_without_tokenizer_files_gives_the_base_tokenizer(lora_run, tokenizer):
+    peft_model, work, _ = lora_run
+    bare = work / "bare-adapter"
+    peft_model.save_pretrained(bare)
+    assert load_tokenizer(str(bare)).get_vocab() == tokenizer.get_vocab()
+
+
+def test_an_adapter_whose_base_is_itself_is_one_line(lora_run):
+    import json
+
+    _, _, ckpt = lora_run
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(ckpt)
+    (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="is itself") as e:
+        load_model(str(ckpt), what="model")
+    assert "\n" not in str(e.value)

@@ -133,6 +133,43 @@ def test_builtin_rewards_score_per_completion():
     assert 0.0 <= float(compute_rewards(load_reward("rouge2"), "rouge2", ["p"], ["b c"], [rec])[0]) <= 1.0
 
 
+def test_builtin_rewards_are_the_metrics_per_example():
+    """Rewards reuse the metrics: same scale (metric / 100), same tokenisation, on every record format."""
+    from gkd.metrics import final_answer, rouge2
+
+    rec = {"prompt": "p", "completion": "The cat sat on the mat"}
+    pred = "the cat sat on a mat"
+    got = compute_rewards(load_reward("rouge2"), "rouge2", ["p"], [pred], [rec])
+    assert float(got[0]) == pytest.approx(rouge2([pred], [rec]) / 100) == pytest.approx(0.4)
+    chain = "4 7 + 1 8 = 6 5 ; 6 5 + 2 5 = 9 0 ; #### 9 0"
+    msgs = {
+        "messages": [
+            {"role": "user", "content": "4 7 + 1 8 + 2 5 ="},
+            {"role": "assistant", "content": chain},
+        ]
+    }
+    preds = ["1 8 + 2 5 = 4 3 ; 4 3 + 4 7 = 9 0 ; #### 9 0", "#### 9 1"]
+    values = compute_rewards(load_reward("final_answer"), "final_answer", ["p"] * 2, preds, [msgs] * 2)
+    assert values.tolist() == [1.0, 0.0] == [final_answer([p], [msgs]) / 100 for p in preds]
+    assert compute_rewards(
+        load_reward("chain_valid"), "chain_valid", ["p"] * 2, preds, [msgs] * 2
+    ).tolist() == [
+        1.0,
+        0.0,
+    ]
+    summ = {"messages": [{"role": "user", "content": "Q a B C d :"}, {"role": "assistant", "content": "b c"}]}
+    assert compute_rewards(load_reward("item_f1"), "item_f1", ["p"], ["b"], [summ]).tolist() == [
+        pytest.approx(2 / 3)
+    ]
+
+
+def test_unknown_reward_names_suggest_the_closest():
+    from gkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'faithfulness'"):
+        load_reward("faithfullness")
+
+
 def test_discounted_returns():
     per_tok = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[True, True, True, False]])

@@ -372,3 +372,234 @@ def test_generate_backend_ignores_checkpoint_generation_defaults():
     out = sample(model, ids, mask, greedy=True, backend="generate")
     assert torch.equal(out.completion_ids, ref.completion_ids)
     assert model.generation_config is defaults and defaults.repetition_penalty == 50.0  # restored
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Padded vocabularies: the LM head has more rows than the tokenizer has tokens (e.g. every Qwen2.5 checkpoint)
+
+REAL = 56  # the tokenizer's length in these tests: head rows REAL..VOCAB-1 are padding
+
+
+def padded_head(kind: str, pad_bias: float = 100.0, seed: int = 0) -> torch.nn.Module:
+    """``kind`` with a biased LM head whose padding rows (ids >= REAL) get ``pad_bias`` added to their logits."""
+    model = build(kind, seed) if kind != "t5" else t5_model(seed)
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[REAL:] = pad_bias
+    model.lm_head = head
+    return model.eval()
+
+
+def t5_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=PAD,
+        tie_word_embeddings=False,
+        **(COMMON | {"initializer_factor": 3.0}),
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def real_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = left_padded_batch()
+    return ids % REAL, mask
+
+
+MODES = {
+    "greedy": {"greedy": True},
+    "sample": {"temperature": 1.0},
+    "hot": {"temperature": 3.0},
+    "top_k": {"top_k": 5, "temperature": 1.5},
+    "top_p": {"top_p": 0.9, "temperature": 1.5},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    "kind,backend",
+    [
+        ("llama", "fast"),
+        ("llama", "generate"),
+        ("qwen2", "fast"),
+        ("qwen2", "auto"),
+        ("gpt2", "fast"),
+        ("gpt2", "generate"),
+        ("t5", "generate"),
+    ],
+)
+def test_padding_rows_of_the_head_are_never_sampled(kind, backend, mode):
+    model = padded_head(kind)
+    ids, mask = real_prompts()
+    kw = MODES[mode] | {"backend": backend, "generator": torch.Generator().manual_seed(0)}
+    unrestricted = sample(model, ids, mask, **kw).completion_ids
+    assert (unrestricted >= REAL).any()  # the bug: padding rows dominate and get sampled
+    kw["generator"] = torch.Generator().manual_seed(0)
+    out = sample(model, ids, mask, vocab_size=REAL, **kw)
+    assert out.completion_ids.shape[1] == 10 and out.completion_ids.max() < REAL
+
+
+@pytest.mark.parametrize("kind,backend", [("llama", "fast"), ("gpt2", "fast"), ("llama", "generate")])
+def test_restricted_greedy_equals_a_model_whose_padding_rows_never_win(kind, backend):
+    ids, mask = real_prompts()
+    restricted = sample(padded_head(kind), ids, mask, greedy=True, vocab_size=REAL, backend=backend)
+    reference = sample(padded_head(kind, pad_bias=-1e4), ids, mask, greedy=True, backend=backend)
+    assert torch.equal(restricted.completion_ids, reference.completion_ids)
+    assert len(set(restricted.completion_ids.flatten().tolist())) > 5
+
+
+@pytest.mark.parametrize("backend", ["fast", "generate"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7)])
+def test_restricted_sampling_follows_the_distribution_over_real_tokens(backend, top_k, top_p):
+    model = padded_head("llama", seed=3)
+    temperature, rows = 2.0, 6000
+    prompt = torch.tensor([5, 9, 17, 33])
+    with torch.no_grad():
+        logits = model(prompt[None]).logits[0, -1, :REAL].double()
+    probs = torch.softmax(logits / temperature, -1)
+    if top_k:
+        probs = torch.where(probs >= probs.topk(top_k).values[-1], probs, 0.0)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+    probs = probs / probs.sum()
+    ids = prompt.repeat(rows, 1)
+    out = sample(
+        model,
+        ids,
+        torch.ones_like(ids),
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        vocab_size=REAL,
+        generator=torch.Generator().manual_seed(0),
+        backend=backend,
+    )
+    assert out.completion_ids.max() < REAL
+    assert chi_square_ok(torch.bincount(out.completion_ids[:, 0], minlength=REAL).double(), probs)
+
+
+def test_vocab_size_without_padding_rows_changes_nothing():
+    """Bit-exact rollouts for models whose head matches the tokenizer (published numbers depend on them)."""
+    model = build("llama")
+    ids, mask = left_padded_batch()
+    for backend in ("fast", "generate"):
+        for kw in MODES.values():
+            a, b = (
+                sample(
+                    model,
+                    ids,
+                    mask,
+                    backend=backend,
+                    generator=torch.Generator().manual_seed(0),
+                    **kw,
+                    **extra,
+                )
+                for extra in ({}, {"vocab_size": VOCAB})
+            )
+            assert torch.equal(a.completion_ids, b.completion_ids)
+    with pytest.raises(ValueError, match="vocab_size"):
+        sample(model, ids, mask, vocab_size=0)
+
+
+def test_generate_ids_never_emits_padding_rows(tokenizer, records):
+    from gkd.data import tokenize_records
+    from gkd.evaluation import generate_ids
+    from gkd.models import build_model
+
+    real = len(tokenizer)
+    spec = {
+        "architecture": "qwen2",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "vocab_size": real + 8,
+    }
+    model = build_model(spec, tokenizer, seed=0).eval()
+    head = torch.nn.Linear(16, real + 8, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[real:] = 100.0
+    model.lm_head = head
+    data = tokenize_records(records[:6], tokenizer, max_prompt_length=64, max_completion_length=8)
+    for backend in ("fast", "generate"):
+        for greedy in (True, False):
+            out = generate_ids(model, tokenizer, data, max_new_tokens=6, greedy=greedy, backend=backend)
+            assert len(out) == 6 and all(t < real for row in out for t in row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which models the fast backend can never run, known from the config alone
+
+
+def test_fast_backend_config_reason():
+    from transformers import Gemma2Config
+
+    from gkd.rollout import fast_backend_config_reason
+
+    for cfg in (LlamaConfig(), Qwen2Config(), Qwen3Config(), MistralConfig(), GPT2Config()):
+        assert fast_backend_config_reason(cfg) is None, cfg.model_type
+    cases = {
+        "encoder-decoder": T5Config(),
+        "'gemma' is not one of": GemmaConfig(),
+        "softcapping": Gemma2Config(),
+        "changes with the sequence length": LlamaConfig(
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        ),
+        "cross-attention": GPT2Config(add_cross_attention=True),
+    }
+    for fragment, cfg in cases.items():
+        reason = fast_backend_config_reason(cfg)
+        assert reason is not None and fragment in reason, (fragment, reason)
+    assert fast_backend_config_reason(None) is not None
+    # the model-level check gives the same reason: one list of config-level reasons
+    for fragment, cfg in cases.items():
+        if fragment != "softcapping":  # no tiny Gemma2 here: building one needs more config
+            torch.manual_seed(0)
+            small = {"vocab_size": VOCAB} | (
+                {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+                if cfg.model_type == "t5"
+                else {"n_embd": 16, "n_layer": 1, "n_head": 2}
+                if cfg.model_type == "gpt2"
+                else {
+                    "hidden_size": 16,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 32,
+                }
+                | ({"head_dim": 8} if cfg.model_type == "gemma" else {})
+            )
+            for k, v in small.items():
+                setattr(cfg, k, v)
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+            cls = AutoModelForSeq2SeqLM if cfg.model_type == "t5" else AutoModelForCausalLM
+            model = cls.from_config(cfg).eval()
+            assert fast_path_unsupported_reason(model) == fast_backend_config_reason(cfg)
+
+
+def test_fast_backend_on_an_unsupported_model_is_a_one_line_config_error():
+    from gkd.errors import ConfigError
+
+    model = t5_model()
+    ids, mask = left_padded_batch()
+    with pytest.raises(ConfigError) as e:
+        sample(model, ids, mask, backend="fast")
+    msg = str(e.value)
+    assert "\n" not in msg and "rollout_backend: fast" in msg and "encoder-decoder" in msg
+    assert "rollout_backend: auto" in msg

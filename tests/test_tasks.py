@@ -8,12 +8,15 @@ from gkd.tasks import TASKS, get_task
 from gkd.tasks.arithmetic import all_chains, chain_valid_score, parse_prompt, step_accuracy
 from gkd.tasks.base import split_of, strip_special
 from gkd.tasks.summarization import (
+    duplicate_score,
     faithfulness_score,
     item_f1_score,
+    rouge2_canonical,
+    rouge2_canonical_score,
     salient_items,
     set_match_score,
 )
-from gkd.tasks.translation import NOUNS
+from gkd.tasks.translation import NOUNS, agreement_score
 
 NAMES = sorted(TASKS)
 PLURAL_NOUNS = {pl for _, pl in NOUNS}
@@ -305,3 +308,67 @@ def test_translation_agreement_metric():
     scores = task.score([r, r], [r["completion"], flipped])
     assert scores["agreement"] == 50.0 and scores["exact_match"] == 50.0
     assert 0.0 < scores["bleu"] < 100.0
+
+
+# --------------------------------------------------------------------------------------------------- record formats
+
+
+def _formats(r: dict) -> dict[str, dict]:
+    """One task record in every record format gkd accepts, with the same prompt text and targets."""
+    system = {"role": "system", "content": "be brief"}
+    user = {"role": "user", "content": r["prompt"]}
+    assistant = {"role": "assistant", "content": r["completion"]}
+    refs = r.get("references", [r["completion"]])
+    return {
+        "prompt_completion": r,
+        "messages": {"messages": [system, user, assistant], "references": refs},
+        "conversational": {"prompt": [system, user], "completion": [assistant], "references": refs},
+        "prompt_only_with_references": {"prompt": r["prompt"], "references": refs},
+    }
+
+
+def test_task_score_is_the_same_on_every_record_format(task):
+    recs = task.generate("test", 40, seed=2)
+    rng = random.Random(0)
+    preds = [
+        rng.choice([r["completion"], r["references"][-1], " ".join(r["completion"].split()[:-1])])
+        for r in recs
+    ]
+    expected = task.score(recs, preds)
+    assert 0.0 < expected[task.metric] < 100.0  # a mix of right and wrong predictions
+    for fmt in ("messages", "conversational", "prompt_only_with_references"):
+        assert task.score([_formats(r)[fmt] for r in recs], preds) == expected, fmt
+
+
+def test_per_example_task_scorers_on_every_record_format():
+    for fmt, record in _formats({**SALIENT, "references": ["s b d a c", "a b c d s"]}).items():
+        assert set_match_score(record, "a~ b c d s") == 1.0, fmt
+        assert item_f1_score(record, "d a c s") == pytest.approx(8 / 9), fmt
+        assert faithfulness_score(record, "d a c e g") == pytest.approx(0.6), fmt
+        assert duplicate_score(record, "d a d") == 1.0 and duplicate_score(record, "d a") == 0.0, fmt
+        assert rouge2_canonical_score(record, "a b c d") == pytest.approx(
+            rouge2_canonical(["a b c d"], [record]) / 100
+        )
+    arith = {"prompt": "4 7 + 1 8 + 2 5 =", "completion": "4 7 + 1 8 = 6 5 ; 6 5 + 2 5 = 9 0 ; #### 9 0"}
+    good = "2 5 + 1 8 = 4 3 ; 4 7 + 4 3 = 9 0 ; #### 9 0"
+    for fmt, record in _formats(arith).items():
+        assert chain_valid_score(record, good) == 1.0, fmt
+        assert chain_valid_score(record, good.replace("4 3 ;", "4 4 ;")) == 0.0, fmt
+        assert step_accuracy([record], [good]) == [100.0, 100.0], fmt
+    trans = get_task("translation").generate("test", 1, seed=0)[0]
+    for fmt, record in _formats(trans).items():
+        assert agreement_score(record, trans["references"][-1]) == 1.0, fmt
+        assert agreement_score(record, trans["completion"] + " x") == 0.0, fmt
+
+
+def test_task_metrics_without_targets():
+    """Prompt-based metrics work on prompt-only records; target-based ones say the record has no reference."""
+    bare = {"prompt": SALIENT["prompt"]}
+    assert set_match_score(bare, "s b d a c") == 1.0
+    assert set_match_score({"messages": [{"role": "user", "content": SALIENT["prompt"]}]}, "s b d a c") == 1.0
+    with pytest.raises(ValueError, match="has no reference"):
+        rouge2_canonical_score(bare, "s b d a c")
+    with pytest.raises(ValueError, match="record 0 has no reference"):
+        get_task("translation").score([{"prompt": "the dog saw a cat :"}], ["x"])
+    with pytest.raises(ValueError, match="has no reference"):
+        agreement_score({"prompt": "the dog saw a cat :"}, "x -a")

@@ -60,6 +60,31 @@ def find_latest(output_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def run_files(output_dir: Path) -> list[Path]:
+    """What a previous run left in ``output_dir``: its checkpoints (complete or not) and its metrics log.
+
+    Caches that are keyed by content (``seqkd-*.jsonl``, ``teacher-top*.safetensors``) are not a run: they are
+    reused by any run they fit.
+    """
+    if not output_dir.is_dir():
+        return []
+    found = sorted(p for p in output_dir.iterdir() if _CKPT.match(p.name) and p.is_dir())
+    found.sort(key=lambda p: int(_CKPT.match(p.name).group(1)))  # type: ignore[union-attr]
+    for name in ("metrics.jsonl", "merged", "tensorboard"):
+        if (output_dir / name).exists():
+            found.append(output_dir / name)
+    return found
+
+
+def remove_run(output_dir: Path) -> None:
+    """Delete what :func:`run_files` lists (``overwrite_output_dir``)."""
+    for p in run_files(output_dir):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def clean_partial(output_dir: Path) -> None:
     """Remove temporary folders left by a write that was killed."""
     if output_dir.is_dir():

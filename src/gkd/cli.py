@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,12 +44,44 @@ def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
         raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
     result = GKDTrainer(cfg).train()
+    loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
+    status = "already_finished" if result.finished else "finished"
     print(
         json.dumps(
-            {"step": result.step, "final_loss": result.final_loss, "output_dir": str(result.output_dir)}
+            {"step": result.step, "final_loss": loss, "output_dir": str(result.output_dir), "status": status}
         )
     )
     return 0
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """The same range checks (and one-line errors) ``gkd distill`` gives for these keys."""
+    checks = [
+        (args.max_new_tokens > 0, "--max-new-tokens", "a positive integer", args.max_new_tokens),
+        (args.max_prompt_length > 0, "--max-prompt-length", "a positive integer", args.max_prompt_length),
+        (args.batch_size > 0, "--batch-size", "a positive integer", args.batch_size),
+        (
+            math.isfinite(args.temperature) and args.temperature >= 0,
+            "--temperature",
+            ">= 0 (0: greedy)",
+            args.temperature,
+        ),
+        (
+            args.max_samples is None or args.max_samples > 0,
+            "--max-samples",
+            "a positive integer",
+            args.max_samples,
+        ),
+    ]
+    if hasattr(args, "top_p"):
+        checks += [
+            (0.0 < args.top_p <= 1.0, "--top-p", "in (0, 1]", args.top_p),
+            (args.top_k >= 0, "--top-k", ">= 0 (0 disables top-k)", args.top_k),
+            (args.num_samples > 0, "--num-samples", "a positive integer", args.num_samples),
+        ]
+    for ok, flag, allowed, value in checks:
+        if not ok:
+            raise GKDError(f"{flag} must be {allowed}, got {value}")
 
 
 def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: int | None, max_prompt: int):
@@ -74,6 +107,7 @@ def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.evaluation import generate_texts
 
+    _check_sampling_args(args)
     tok, model, data = _load_for_inference(
         args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
     )
@@ -95,24 +129,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 seed=args.seed + k,
             )
             for ex, text in zip(data.examples, texts):
-                prompt = ex.record.get("prompt")
-                row = {"prompt": prompt, "completion": text, "sample": k}
-                if prompt is None:
-                    row["messages"] = ex.record.get("messages")
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps({**generated_record(ex.record, text), "sample": k}) + "\n")
     os.replace(tmp, out)
     print(f"wrote {len(data) * args.num_samples} completions to {out}")
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from gkd.evaluation import generate_texts, resolve_scorer
+def generated_record(record: dict, text: str) -> dict:
+    """A training record whose target is ``text``: what ``gkd generate`` writes for each sample.
 
+    Fed back to ``gkd sft`` / ``gkd distill`` it trains on the generation, whatever the source format was: a
+    ``messages`` conversation gets the generation as its final assistant turn (replacing the original answer), a
+    conversational prompt list gets it as the assistant completion, a text prompt as ``completion``. The source's
+    reference answers are not carried over (they are not references of the generation).
+    """
+    if "messages" in record:
+        msgs = list(record["messages"])
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        return {"messages": [*msgs, {"role": "assistant", "content": text}]}
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]}
+    return {"prompt": prompt, "completion": text}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gkd.evaluation import generate_texts
+    from gkd.scoring import check_metric_name, check_records, resolve_scorer
+
+    _check_sampling_args(args)
+    check_metric_name(args.metric, key="--metric")
     tok, model, data = _load_for_inference(
         args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
     )
-    scorer = resolve_scorer(args.metric)
     records = [e.record for e in data.examples]
+    check_records(args.metric, records, key="--metric")
+    scorer = resolve_scorer(args.metric)
     results: dict[str, float] = {}
     modes = [("greedy", True)] if args.greedy_only else [("greedy", True), ("sample", False)]
     for mode, greedy in modes:
@@ -135,7 +188,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from gkd.experiments.common import prepare_task
 
-    paths = prepare_task(args.task, Path(args.out), n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+    if args.n_train <= 0 or args.n_eval <= 0:
+        raise GKDError(f"--n-train and --n-eval must be positive, got {args.n_train} and {args.n_eval}")
+    paths = prepare_task(
+        args.task, Path(args.out), n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, force=args.force
+    )
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
@@ -164,11 +221,18 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from gkd import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gkd", description="On-policy distillation of language models (GKD)."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"gkd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("distill", help="distil a teacher into a student")
@@ -205,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite a folder that holds another task's files")
 
     p = sub.add_parser(
         "demo", help="the built-in comparison of distillation methods (about 10 minutes on 2 cores)"

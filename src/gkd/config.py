@@ -15,6 +15,8 @@ import difflib
 import hashlib
 import json
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +28,47 @@ import yaml
 from gkd.divergences import DIVERGENCES, validate_divergence_params
 from gkd.errors import ConfigError
 
-__all__ = ["GKDConfig", "LoraConfig", "load_config", "parse_overrides"]
+__all__ = ["GKDConfig", "LoraConfig", "load_config", "parse_overrides", "parse_value", "resolve_config_path"]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the number and null spellings people actually write.
+
+    PyYAML implements YAML 1.1, where ``1e-5`` (no dot), ``1E-5``, ``inf`` and ``nan`` are *strings* and only
+    ``1.0e-5`` / ``.inf`` are floats; every other trainer (and YAML 1.2, and Python) reads them as numbers. ``None``
+    (Python's spelling) is read as null like ``null`` and ``~``. ``none`` stays a string (``teacher_cache: none``).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_FLOAT_RE = re.compile(
+    r"""^[-+]?(?:
+        (?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+    # 1e-5, 2E-4, 1.5e3, .5e-3
+      | [0-9][0-9_]*\.[0-9_]*                        # 1. 1.5
+      | \.[0-9][0-9_]*                               # .5
+      | \.?(?:inf|Inf|INF)                           # inf .inf
+      | \.?(?:nan|NaN|NAN)                           # nan .nan
+    )$""",
+    re.X,
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789.iInN"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = str(loader.construct_scalar(node)).replace("_", "").lower().lstrip("+")
+    if text.lstrip("-").lstrip(".") in ("inf", "nan"):
+        sign = -1.0 if text.startswith("-") else 1.0
+        return sign * float(text.lstrip("-").lstrip("."))
+    return float(text)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line or YAML scalar as gkd reads it: ``1e-5`` -> 1e-05, ``None`` -> None, ``[a, b]`` -> list."""
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
 
 
 @dataclass
@@ -37,6 +79,9 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+    save_merged: bool = False
+    """At the end of the run also write ``output_dir/merged``: the adapter merged into the base model, a plain
+    model folder that any tool loads (gkd's own eval/generate/teacher loading also reads adapter checkpoints)."""
 
 
 @dataclass
@@ -147,6 +192,9 @@ class GKDConfig:
 
     # --- output, logging, evaluation --------------------------------------------------------------------------
     output_dir: str = "runs/gkd"
+    overwrite_output_dir: bool = False
+    """Start a fresh run in an ``output_dir`` that already holds one (its checkpoints and metrics.jsonl are removed).
+    Without it such a run is refused unless ``resume_from_checkpoint`` is set."""
     logging_steps: int = 10
     save_steps: int = 500
     """Checkpoint every this many steps (0: only at the end)."""
@@ -158,7 +206,8 @@ class GKDConfig:
     eval_max_samples: int = 256
     eval_batch_size: int = 64
     report_to: list[str] = field(default_factory=list)
-    """Extra loggers when installed: tensorboard, wandb, trackio."""
+    """Extra loggers when installed: tensorboard, wandb, trackio (a name or a list; ``all``: every installed one;
+    ``none``: none)."""
     resume_from_checkpoint: str | None = None
     """A ``checkpoint-STEP`` folder, or ``latest`` for the newest complete one in ``output_dir``."""
     progress: bool = True
@@ -167,6 +216,9 @@ class GKDConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = _build(LoraConfig, self.lora, prefix="lora.")
+        hints = _hints(GKDConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name]))
         validate(self)
 
     @property
@@ -174,13 +226,66 @@ class GKDConfig:
         return self.max_completion_length or self.max_new_tokens
 
     @property
-    def needs_teacher(self) -> bool:
-        distill = self.divergence != "nll" and self.alpha > 0
-        return distill or (self.seq_kd and self.lmbda < 1.0) or self.teacher_cache == "topk"
+    def off_policy_possible(self) -> bool:
+        """Can any step take a fixed dataset batch? (λ < 1 at some step of the λ schedule.)"""
+        if self.lmbda < 1.0:
+            return True
+        return self.lmbda_schedule == "linear" and self.lmbda_warmup_steps > 0 and self.lmbda_start < 1.0
 
     @property
-    def rl(self) -> bool:
-        return self.reward is not None and self.alpha < 1.0
+    def needs_targets(self) -> bool:
+        """Do off-policy batches need dataset completions? (No when the teacher writes them: SeqKD.)"""
+        return self.off_policy_possible and not self.seq_kd
+
+    @property
+    def needs_teacher(self) -> bool:
+        distill = self.divergence != "nll" and self.alpha > 0
+        return distill or (self.seq_kd and self.off_policy_possible) or self.teacher_cache == "topk"
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what the user meant (printed when a run starts)."""
+        out = []
+        if self.top_k > 0 or self.top_p < 1.0:
+            out.append(
+                "top_k/top_p truncate the student's sampling distribution, so rollouts are no longer exactly "
+                "on-policy samples of the student"
+            )
+        if self.teacher_cache == "topk" and self.divergence in (
+            "reverse_kl",
+            "skew_reverse_kl",
+            "jsd",
+            "tvd",
+        ):
+            rkl_like = self.divergence in ("reverse_kl", "skew_reverse_kl") or (
+                self.divergence == "jsd" and self.beta > 0.5
+            )
+            if rkl_like:
+                out.append(
+                    f"teacher_cache: topk with divergence {self.divergence} is approximate: the student's mass "
+                    "outside the teacher's top-k is lumped into one tail bucket (measured relative error 0.27 for "
+                    "reverse KL at k=8); prefer forward-KL-like divergences with the cache, or a larger "
+                    "teacher_cache_topk"
+                )
+        if self.student_dtype == "bfloat16":
+            lost = self.learning_rate * 2**9  # |w| above this: an update of ~lr is below half a bf16 spacing
+            out.append(
+                "student_dtype: bfloat16 trains the bf16 weights directly (no float32 master copy): an update "
+                f"of about learning_rate={self.learning_rate:g} is rounded away for every weight with "
+                f"|w| > {lost:.2g} (bf16 keeps 8 significant bits), e.g. all RMSNorm/LayerNorm gains near 1; "
+                "use student_dtype: float32 unless the learning rate is large"
+            )
+        if (
+            self.divergence == "nll"
+            and self.teacher_model_name_or_path is not None
+            and not self.needs_teacher
+        ):
+            out.append("teacher_model_name_or_path is ignored: divergence nll trains on the dataset alone")
+        if self.teacher_kl_estimator == "sampled":
+            out.append(
+                "teacher_kl_estimator: sampled logs a surrogate loss (its gradient is the reverse KL's); its value "
+                "can be negative and is not the divergence: read reverse_kl in the logs instead"
+            )
+        return out
 
     def divergence_params(self) -> dict[str, Any]:
         """Parameters of the training divergence (without temperature, which the loss passes itself)."""
@@ -259,17 +364,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-# Names users often type for a key (from TRL, peft, other trainers).
+# Names users often type for a key (from TRL, transformers' TrainingArguments, peft, other trainers), tried before
+# any spelling match: "lr" is learning_rate, not the closest spelling "lora". Keys inside ``lora`` are looked up with
+# their ``lora.`` prefix.
 _ALIASES = {
-    "rank": "r",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
+    "lr": "learning_rate",
     "lambda": "lmbda",
     "lam": "lmbda",
-    "lr": "learning_rate",
     "batch_size": "per_device_train_batch_size",
     "train_batch_size": "per_device_train_batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
     "steps": "max_steps",
     "num_steps": "max_steps",
     "model": "model_name_or_path",
@@ -278,32 +382,135 @@ _ALIASES = {
     "teacher": "teacher_model_name_or_path",
     "teacher_model": "teacher_model_name_or_path",
     "loss": "divergence",
-    "max_length": "max_prompt_length",
     "max_completion_tokens": "max_completion_length",
     "gradient_clip": "max_grad_norm",
+    "dataset_name": "dataset",
+    "dataset_path": "dataset",
+    "train_dataset": "dataset",
+    "dataset_config": "dataset_config_name",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "test_dataset": "eval_dataset",
+    "validation_dataset": "eval_dataset",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "lora.rank": "lora.r",
+    "lora.lora_r": "lora.r",
+    "lora.lora_alpha": "lora.alpha",
+    "lora.lora_dropout": "lora.dropout",
+    "lora.modules": "lora.target_modules",
+}
+
+# Keys of other trainers that have no gkd equivalent yet: a spelling match would point somewhere wrong
+# ("deepspeed" -> "seed"), so say what to do instead.
+_FOREIGN = {
+    "max_length": "gkd limits prompts and completions separately: set max_prompt_length and max_new_tokens",
+    "bf16": "use student_dtype: bfloat16 / teacher_dtype: bfloat16",
+    "fp16": "use teacher_dtype: float16 (students train in float32 or bfloat16)",
+    "torch_dtype": "use student_dtype / teacher_dtype",
+    "dtype": "use student_dtype / teacher_dtype",
+    "deepspeed": "configure DeepSpeed with `accelerate config` and launch with `accelerate launch`",
+    "fsdp": "configure FSDP with `accelerate config` and launch with `accelerate launch`",
+    "use_peft": "set lora: {r: 16} (or any lora.* key) to train a LoRA adapter",
+    "num_train_epochs": "gkd counts optimizer steps: set max_steps",
+    "warmup_ratio": "set warmup_steps",
+    "eval_strategy": "set eval_steps (0: evaluate only at the end)",
+    "evaluation_strategy": "set eval_steps (0: evaluate only at the end)",
+    "save_strategy": "set save_steps (0: save only at the end)",
+    "logging_dir": "metrics go to output_dir/metrics.jsonl (and report_to backends)",
 }
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not close and _ALIASES.get(key) in valid:
-        close = [_ALIASES[key]]
+    full = f"{prefix}{key}"
+    if full in _FOREIGN:
+        return ConfigError(f"unknown config key '{full}': {_FOREIGN[full]}")
+    alias = _ALIASES.get(full)
+    if alias is not None:
+        return ConfigError(f"unknown config key '{full}'; did you mean '{alias}'?")
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; valid keys are listed in docs/config.md"
-    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    return ConfigError(f"unknown config key '{full}'{hint}")
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """``value`` as people write it, converted to what ``annotation`` expects where the intent is unambiguous.
+
+    ``"1e-5"`` (a string from Python or an old YAML reader) -> 1e-05 for a float key; ``2.0`` or ``1e3`` -> an int for
+    an int key; a single name -> a one-element list for a list key (``report_to: tensorboard``), ``none``/null -> [];
+    null -> ``"none"`` for a choice key that has that value. Anything else is returned unchanged (and then checked).
+    """
+    if _type_ok(value, annotation):
+        return value
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    options = args or (annotation,)
+    if value is None:
+        for opt in options:
+            if typing.get_origin(opt) is list:
+                return []
+            if typing.get_origin(opt) is Literal and "none" in typing.get_args(opt):
+                return "none"
+        return value
+    if isinstance(value, str) and (float in options or int in options):
+        try:
+            parsed = parse_value(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            value = parsed
+    if (
+        isinstance(value, float)
+        and int in options
+        and float not in options
+        and math.isfinite(value)
+        and value.is_integer()
+    ):
+        return int(value)
+    for opt in options:
+        if typing.get_origin(opt) is list and isinstance(value, str):
+            return [] if value.lower() == "none" else [value]
+    return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
+    data = dict(data)
+    unknown = [_unknown_key(str(k), list(hints), prefix) for k in data if k not in hints]
+    if len(unknown) == 1:
+        raise unknown[0]
+    if unknown:  # all of them at once: a migrated config is fixed in one go, not one key per run
+        parts = [str(e).removeprefix("unknown config key ") for e in unknown]
+        raise ConfigError(f"{len(unknown)} unknown config keys: " + " | ".join(parts))
     for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(str(key), list(hints), prefix)
+        data[key] = value = _coerce(value, hints[key])
+        if dataclasses.is_dataclass(_dataclass_of(hints[key])) and isinstance(value, dict):
+            continue  # built (and checked) by the dataclass's own __post_init__ / _build
         if not _type_ok(value, hints[key]):
             raise ConfigError(
                 f"config key '{prefix}{key}' must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
             )
     return cls(**data)
+
+
+def _dataclass_of(annotation: Any) -> Any:
+    for opt in typing.get_args(annotation) or (annotation,):
+        if isinstance(opt, type) and dataclasses.is_dataclass(opt):
+            return opt
+    return None
+
+
+# Float keys where infinity means something (no clipping).
+_INF_OK = ("max_grad_norm",)
+REPORT_TO = ("tensorboard", "wandb", "trackio")
 
 
 def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
@@ -320,9 +527,36 @@ def validate(cfg: GKDConfig) -> None:
             raise ConfigError(
                 f"config key '{f.name}' must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})"
             )
+        if (
+            isinstance(value, float)
+            and not math.isfinite(value)
+            and (math.isnan(value) or f.name not in _INF_OK)
+        ):
+            raise ConfigError(f"config key '{f.name}' must be a finite number, got {value}")
     _check(0.0 <= cfg.lmbda <= 1.0, "lmbda", "in [0, 1] (the student data fraction)", cfg.lmbda)
     _check(0.0 <= cfg.lmbda_start <= 1.0, "lmbda_start", "in [0, 1]", cfg.lmbda_start)
     _check(cfg.lmbda_warmup_steps >= 0, "lmbda_warmup_steps", ">= 0", cfg.lmbda_warmup_steps)
+    if cfg.lmbda_schedule == "linear":
+        if cfg.lmbda_warmup_steps == 0:
+            raise ConfigError(
+                "config key 'lmbda_schedule: linear' ramps λ over lmbda_warmup_steps steps, which is 0; "
+                "set lmbda_warmup_steps > 0 or use lmbda_schedule: constant"
+            )
+        if cfg.lmbda_start == cfg.lmbda:
+            raise ConfigError(
+                f"config key 'lmbda_schedule: linear' ramps from lmbda_start={cfg.lmbda_start} to lmbda={cfg.lmbda}, "
+                "which are equal; set a different lmbda_start or use lmbda_schedule: constant"
+            )
+    if cfg.seq_kd and not cfg.off_policy_possible:
+        raise ConfigError(
+            "config key 'seq_kd: true' replaces the targets of off-policy batches, but with lmbda: 1 every batch is "
+            "the student's own samples; set lmbda < 1 (or a linear lmbda schedule) or drop seq_kd"
+        )
+    if cfg.teacher_cache == "topk" and not cfg.off_policy_possible:
+        raise ConfigError(
+            "config key 'teacher_cache: topk' caches the teacher on the fixed dataset, but with lmbda: 1 every "
+            "batch is the student's own samples; set teacher_cache: none"
+        )
     valid_div = [*DIVERGENCES, "nll"]
     if cfg.divergence not in valid_div:
         close = difflib.get_close_matches(cfg.divergence, valid_div, n=1)
@@ -425,27 +659,21 @@ def validate(cfg: GKDConfig) -> None:
         )
     for name in cfg.report_to:
         _check(
-            name in ("tensorboard", "wandb", "trackio"),
+            name in (*REPORT_TO, "all"),
             "report_to",
-            "a list of tensorboard, wandb, trackio",
+            f"a name or list of {', '.join(REPORT_TO)}, all or none",
             name,
         )
+    if cfg.eval_metric is not None or cfg.reward is not None:
+        from gkd.scoring import check_metric_name, check_reward_name
+
+        if cfg.eval_metric is not None:
+            check_metric_name(cfg.eval_metric, "eval_metric")
+        if cfg.reward is not None:
+            check_reward_name(cfg.reward, "reward")
     if cfg.lora is not None:
         _check(cfg.lora.r > 0, "lora.r", "a positive integer", cfg.lora.r)
         _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
-
-
-def check_paths(cfg: GKDConfig) -> None:
-    """Checks that need the configured inputs to exist (run before loading models)."""
-    if cfg.model_name_or_path is None:
-        raise ConfigError("config key 'model_name_or_path' (the student) is required")
-    if cfg.needs_teacher and cfg.teacher_model_name_or_path is None:
-        raise ConfigError(
-            f"config key 'teacher_model_name_or_path' is required for divergence '{cfg.divergence}' "
-            "(use divergence: nll for plain SFT without a teacher)"
-        )
-    if cfg.dataset is None:
-        raise ConfigError("config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,7 +688,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else None
+            value = parse_value(raw) if raw.strip() != "" else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -484,15 +712,34 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> GKDConfig:
     """Build and validate a GKDConfig from a plain dict (unknown keys get a suggestion)."""
     data = dict(data)
-    if "lora" in data and data["lora"] is not None:
+    if "lora" in data and data["lora"] is not None and not isinstance(data["lora"], str):
         data["lora"] = _build(LoraConfig, data["lora"], prefix="lora.")
     return _build(GKDConfig, data)
 
 
+PRESETS_DIR = Path(__file__).parent / "configs" / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the packaged method presets (``--config NAME`` finds them without a path)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the packaged preset of that name (``on_policy_gkd`` or ``on_policy_gkd.yaml``)."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        return p
+    name = p.name.removesuffix(".yaml").removesuffix(".yml")
+    if str(p.parent) in (".", "presets", "configs/presets") and name in presets():
+        return PRESETS_DIR / f"{name}.yaml"
+    close = difflib.get_close_matches(name, presets(), n=1, cutoff=0.7)
+    hint = f"; did you mean the preset '{close[0]}'?" if close else f"; presets: {', '.join(presets())}"
+    raise ConfigError(f"config file '{path}' does not exist and is not a preset name{hint}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file '{p}' does not exist; pass an existing YAML file to --config")
+    p = resolve_config_path(path)
     if p.is_dir():
         raise ConfigError(f"config path '{p}' is a folder; pass a YAML file to --config")
     try:
@@ -502,7 +749,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"cannot read config file '{p}': it is not UTF-8 text; pass a YAML file") from e
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -14,6 +14,7 @@ left and counted, never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -65,9 +66,20 @@ _SPLIT_NAMES = {"train", "training", "validation", "valid", "val", "dev", "test"
 
 
 def load_records(
-    spec: str, split: str = "train", config_name: str | None = None, skip_bad_lines: bool = False
+    spec: str,
+    split: str = "train",
+    config_name: str | None = None,
+    skip_bad_lines: bool = False,
+    split_key: str = "split",
 ) -> tuple[list[dict], int]:
-    """Records from a JSONL/JSON file, a local folder or a ``datasets`` hub name. Returns (records, skipped lines)."""
+    """Records from a JSONL/JSON file, a local folder or a ``datasets`` hub name. Returns (records, skipped lines).
+
+    ``split_key`` is the setting that chose ``split`` (``dataset_split``, ``eval_split``, ``--split``), named in the
+    error when a folder has no file for it.
+
+    A spec that is evidently a local path (``./x``, ``a/b/c``, ``runs/x`` when ``runs/`` exists, ``x.jsonl``) but
+    does not exist is a ``DataError`` at once; only names that can be hub datasets are looked up on the hub.
+    """
     path = Path(os.path.expanduser(spec))
     if path.is_file():
         if path.suffix in (".jsonl", ".ndjson") or (path.suffix == ".json" and _is_json_lines(path)):
@@ -82,7 +94,8 @@ def load_records(
             if named:
                 raise DataError(
                     f"dataset folder '{path}' has no '{split}*.jsonl' file (it has "
-                    f"{', '.join(sorted(f.name for f in named))}); add one or choose another split"
+                    f"{', '.join(sorted(f.name for f in named))}); add one or set {split_key} to one of "
+                    f"{', '.join(sorted({f.stem.split('-')[0].split('.')[0] for f in named}))}"
                 )
             jsonl = sorted(path.glob("*.jsonl"))
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -96,9 +109,17 @@ def load_records(
                 skipped += s
             return records, skipped
         return _load_with_datasets(None, path, split, config_name), 0
-    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".csv")):
-        raise DataError(f"dataset '{spec}' does not exist; check the path")
+    if _missing_local(spec):
+        raise DataError(f"dataset '{spec}' does not exist; check the path (looked for {path.absolute()})")
     return _load_with_datasets(spec, None, split, config_name), 0
+
+
+def _missing_local(spec: str) -> bool:
+    """A spec that does not exist and is evidently a local path (a data file name, or a path that cannot be a hub
+    name or whose first folder exists here): failing at once beats minutes of hub retries."""
+    from gkd.models import missing_local_path
+
+    return spec.endswith((".jsonl", ".json", ".parquet", ".csv")) or missing_local_path(spec)
 
 
 def _is_json_lines(path: Path) -> bool:
@@ -107,10 +128,23 @@ def _is_json_lines(path: Path) -> bool:
     return head == "{"
 
 
-def _load_from_disk(path: Path, split: str) -> list[dict]:
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Generating train split" / "Loading dataset" progress bars from datasets: gkd reports what it read."""
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load_from_disk(path: Path, split: str) -> list[dict]:
+    with _quiet_datasets() as datasets:
+        ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"dataset '{path}' has no split '{split}'; available: {', '.join(ds)}")
@@ -121,19 +155,23 @@ def _load_from_disk(path: Path, split: str) -> list[dict]:
 def _load_with_datasets(
     builder: str | None, path: Path | None, split: str, config_name: str | None = None
 ) -> list[dict]:
-    import datasets
-
     try:
-        if builder is not None and path is not None and path.is_file():
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        elif path is not None:
-            ds = datasets.load_dataset(str(path), config_name, split=split)
-        else:
-            assert builder is not None
-            ds = datasets.load_dataset(builder, config_name, split=split)
+        with _quiet_datasets() as datasets:
+            ds = _load_dataset(datasets, builder, path, split, config_name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
         raise DataError(f"dataset '{builder or path}' could not be loaded: {str(e).splitlines()[0]}") from e
     return list(ds)
+
+
+def _load_dataset(
+    datasets: Any, builder: str | None, path: Path | None, split: str, config_name: str | None
+) -> Any:
+    if builder is not None and path is not None and path.is_file():
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path is not None:
+        return datasets.load_dataset(str(path), config_name, split=split)
+    assert builder is not None
+    return datasets.load_dataset(builder, config_name, split=split)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,15 +205,8 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
     """(prompt text, completion text or None, prompt already holds special tokens?) of one record."""
     if "messages" in record:
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise DataError(
-                f"{source} record {index}: 'messages' must be a non-empty list of {{role, content}}"
-            )
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError(
-                f"{source} uses 'messages' records but the tokenizer has no chat template; "
-                "use prompt/completion records or a tokenizer with a chat_template"
-            )
+        _check_messages(msgs, "messages", index, source)
+        _check_chat_template(tokenizer, source)
         if msgs[-1].get("role") == "assistant":
             prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
             return prompt, str(msgs[-1].get("content", "")), True
@@ -188,14 +219,50 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
             "or messages"
         )
     prompt = record["prompt"]
-    if not isinstance(prompt, str):
-        raise DataError(f"{source} record {index}: 'prompt' must be a string, got {type(prompt).__name__}")
     completion = record.get("completion")
+    if isinstance(prompt, list):  # TRL's conversational prompt-completion: lists of {role, content}
+        return _conversational(prompt, completion, tokenizer, index, source)
+    if not isinstance(prompt, str):
+        raise DataError(
+            f"{source} record {index}: 'prompt' must be a string or a list of {{role, content}} messages, "
+            f"got {type(prompt).__name__}"
+        )
     if completion is not None and not isinstance(completion, str):
         raise DataError(
             f"{source} record {index}: 'completion' must be a string, got {type(completion).__name__}"
         )
     return prompt, completion, False
+
+
+def _conversational(
+    prompt: list, completion: Any, tokenizer: Any, index: int, source: str
+) -> tuple[str, str | None, bool]:
+    """TRL's conversational format: the prompt messages go through the chat template (with the generation prompt),
+    the completion messages' contents are the target."""
+    _check_messages(prompt, "prompt", index, source)
+    _check_chat_template(tokenizer, source)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if completion is None:
+        return text, None, True
+    if isinstance(completion, str):
+        return text, completion, True
+    _check_messages(completion, "completion", index, source)
+    return text, "".join(str(m.get("content", "")) for m in completion), True
+
+
+def _check_messages(msgs: Any, key: str, index: int, source: str) -> None:
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+        raise DataError(
+            f"{source} record {index}: '{key}' must be a non-empty list of {{role, content}} messages"
+        )
+
+
+def _check_chat_template(tokenizer: Any, source: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{source} has chat messages but the tokenizer has no chat template; use prompt/completion text "
+            "records or a tokenizer with a chat_template"
+        )
 
 
 def _batch_tokenize(tokenizer: Any, texts: list[str], special: list[bool]) -> list[list[int]]:

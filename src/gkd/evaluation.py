@@ -42,7 +42,11 @@ def generate_ids(
     backend: str = "auto",
     progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
-    """Completion token ids (without the EOS) for every example, in order, in eval mode."""
+    """Completion token ids (without the EOS) for every example, in order, in eval mode.
+
+    Only ids the tokenizer knows are generated (``vocab_size=len(tokenizer)``): an output layer padded beyond the
+    tokenizer never yields an id that cannot be decoded.
+    """
     gen = torch.Generator().manual_seed(seed)
     out: list[list[int]] = []
     m = unwrap(model)
@@ -63,6 +67,7 @@ def generate_ids(
                 pad_token_id=tokenizer.pad_token_id,
                 generator=gen,
                 backend=backend,
+                vocab_size=len(tokenizer),
             )
             for ids, mask in zip(roll.completion_ids.tolist(), roll.completion_mask.tolist()):
                 toks = [t for t, keep in zip(ids, mask) if keep]

@@ -504,6 +504,21 @@ def _chunk_stats(
 
 
 @torch.no_grad()
+def _chunk_stats_topk(
+    zs: torch.Tensor, topk: TeacherTopK, targets: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """``_chunk_stats`` against a top-k teacher: the KLs on the (k + 1)-category support (teacher top-k + tail),
+    top-1 agreement exact (the teacher's argmax is its first cached id)."""
+    out = _chunk_stats(zs, None, targets)
+    lq, lp = _topk_tail(log_probs(zs, 1.0), topk)
+    out["forward_kl"] = (lp.exp() * (lp - lq)).sum(-1)
+    out["reverse_kl"] = (lq.exp() * (lq - lp)).sum(-1)
+    best = topk.logprobs.argmax(-1, keepdim=True)
+    out["top1_agree"] = (zs.argmax(-1) == topk.ids.gather(-1, best).squeeze(-1)).float()
+    return out
+
+
+@torch.no_grad()
 def _chunk_stats_into(
     zs: torch.Tensor, zt: torch.Tensor | None, targets: torch.Tensor | None, work: list[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -613,7 +628,10 @@ class _FusedChunkedLoss(torch.autograd.Function):
                     if zs.requires_grad and loss.requires_grad:
                         (g,) = torch.autograd.grad(loss, zs)
                 if spec.stats is not None:
-                    stats_parts.append(_chunk_stats(zs.detach(), zt, targets))
+                    if topk is not None:
+                        stats_parts.append(_chunk_stats_topk(zs.detach(), topk, targets))
+                    else:
+                        stats_parts.append(_chunk_stats(zs.detach(), zt, targets))
             if g is not None:
                 # Outside autograd: these products must not keep the chunk's [chunk, V] gradient alive.
                 with torch.no_grad():
@@ -728,7 +746,10 @@ def logits_loss(
     n = student_logits.shape[0]
     loss = _chunk_terms(student_logits, teacher_logits, teacher_topk, targets, terms, slice(0, n), spec)
     if stats is not None:
-        stats.update(_chunk_stats(student_logits.detach(), teacher_logits, targets))
+        if teacher_topk is not None:
+            stats.update(_chunk_stats_topk(student_logits.detach(), teacher_topk, targets))
+        else:
+            stats.update(_chunk_stats(student_logits.detach(), teacher_logits, targets))
     return loss
 
 

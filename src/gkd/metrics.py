@@ -5,9 +5,18 @@ Every metric has the same signature::
     metric(predictions: list[str], records: list[dict]) -> float
 
 ``predictions[i]`` is the decoded completion the model produced for ``records[i]`` (EOS and padding already
-stripped). A record is in the trainer's data format: ``{"prompt": str, "completion": str}`` plus, optionally,
-``"references": list[str]`` holding every valid target we know of. When ``references`` is missing, the completion
-is the only reference. When it is present, the completion is added to it if it is not already there.
+stripped). A record is in any of the trainer's data formats (see :func:`references_of`): ``{"prompt": str,
+"completion": str}``, ``{"messages": [...]}`` (a final assistant turn is the target), TRL's conversational
+``{"prompt": [messages], "completion": [messages]}`` or a prompt-only ``{"prompt": ...}``, plus, optionally,
+``"references": list[str]`` holding every valid target we know of. The target (completion) is the first
+reference, followed by ``references``. A metric that compares against references raises :class:`NoReferenceError`
+(a ``ValueError``) on a record that has none.
+
+Each reference-based metric also has a per-example form ``NAME_score(record, prediction) -> float in [0, 1]``
+(:func:`exact_match_score`, :func:`final_answer_score`, :func:`bleu_score`, :func:`rouge2_score`,
+:func:`rougeL_score`), meant as RL rewards. For exact match, final answer and ROUGE it equals the corpus metric on a
+one-record corpus divided by 100; :func:`bleu_score` is sentence BLEU (effective order), since corpus BLEU-4 of one
+short sentence is often 0.
 
 **All metrics return a percentage: a float in [0, 100]** (100 = perfect). This matches how the GKD paper reports
 accuracy, BLEU and ROUGE, and lets tables mix metrics without rescaling.
@@ -37,17 +46,26 @@ Metric = Callable[[list[str], list[dict]], float]
 __all__ = [
     "METRICS",
     "Metric",
+    "NoReferenceError",
     "bleu",
+    "bleu_score",
     "check_inputs",
     "exact_match",
+    "exact_match_score",
     "extract_final_answer",
     "final_answer",
+    "final_answer_score",
     "get_metric",
     "normalize_whitespace",
+    "prompt_text_of",
     "references_of",
+    "require_references",
     "rouge2",
+    "rouge2_score",
     "rougeL",
+    "rougeL_score",
     "self_bleu",
+    "target_of",
 ]
 
 
@@ -59,9 +77,58 @@ def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
+class NoReferenceError(ValueError):
+    """A metric that compares against references got a record that has none (e.g. a prompt-only record)."""
+
+
+def _text(content: Any) -> str:
+    """The text of a message's ``content``: a string, or the ``text`` parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", "")) if isinstance(part, dict) else str(part)
+            for part in content
+            if not isinstance(part, dict) or part.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def _messages(value: Any) -> list[dict]:
+    """``value`` as a list of message dicts (anything that is not a dict is ignored)."""
+    return [m for m in value if isinstance(m, dict)] if isinstance(value, list) else []
+
+
+def target_of(record: dict) -> str | None:
+    """The record's target text, or ``None`` for a prompt-only record.
+
+    ``completion`` when it is a string; for a conversational completion (a list of messages) the contents of its
+    assistant turns joined by newlines; for ``messages`` ending with an assistant turn, that turn's content.
+    """
+    if "messages" in record:
+        msgs = _messages(record["messages"])
+        if msgs and msgs[-1].get("role") == "assistant":
+            return _text(msgs[-1].get("content"))
+        return None
+    completion = record.get("completion")
+    if completion is None or isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        turns = [m for m in _messages(completion) if m.get("role", "assistant") == "assistant"]
+        return "\n".join(_text(m.get("content")) for m in turns) if turns else None
+    return str(completion)
+
+
 def references_of(record: dict) -> list[str]:
-    """All valid targets of a record: its ``references`` (if any) with its ``completion`` first and no duplicates."""
-    refs = [record["completion"], *record.get("references", [])]
+    """All valid targets of a record: its target (see :func:`target_of`) first, then its ``references``, without
+    duplicates, order kept. A prompt-only record without ``references`` has none: ``[]``."""
+    target = target_of(record)
+    extra = record.get("references") or []
+    if isinstance(extra, str):
+        extra = [extra]
+    refs = ([] if target is None else [target]) + [str(r) for r in extra]
     seen: set[str] = set()
     out = []
     for ref in refs:
@@ -69,6 +136,43 @@ def references_of(record: dict) -> list[str]:
             seen.add(ref)
             out.append(ref)
     return out
+
+
+def require_references(record: dict, index: int | None = None) -> list[str]:
+    """:func:`references_of`, or :class:`NoReferenceError` when the record has none."""
+    refs = references_of(record)
+    if not refs:
+        where = "record" if index is None else f"record {index}"
+        raise NoReferenceError(
+            f"{where} has no reference to compare with (no completion, no final assistant turn and no "
+            "'references'); this metric needs targets"
+        )
+    return refs
+
+
+def prompt_text_of(record: dict) -> str:
+    """The raw prompt text a task parses: the ``prompt`` string, or, for ``messages`` and a conversational
+    ``prompt`` (a list of messages), the content of the last ``user`` turn before the target.
+
+    Raises ``ValueError`` when the record has no prompt text (no ``prompt`` / ``messages``, or no user turn).
+    """
+    if "messages" in record:
+        msgs = _messages(record["messages"])
+        if msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+    elif "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return prompt
+        msgs = _messages(prompt)
+    else:
+        raise ValueError(
+            f"record has no 'prompt' or 'messages' (keys: {', '.join(sorted(record)) or 'none'})"
+        )
+    for msg in reversed(msgs):
+        if msg.get("role") == "user":
+            return _text(msg.get("content"))
+    raise ValueError("record has no user turn to take the prompt from")
 
 
 def _clamp(score: float) -> float:
@@ -87,13 +191,22 @@ def check_inputs(predictions: Sequence[str], records: Sequence[dict]) -> None:
 # --------------------------------------------------------------------------------------------------- exact match
 
 
+def _exact_match(prediction: str, refs: list[str]) -> float:
+    pred = normalize_whitespace(prediction)
+    return float(any(pred == normalize_whitespace(ref) for ref in refs))
+
+
+def exact_match_score(record: dict, prediction: str) -> float:
+    """1.0 if the prediction equals the target or any reference after whitespace normalisation, else 0.0."""
+    return _exact_match(prediction, require_references(record))
+
+
 def exact_match(predictions: list[str], records: list[dict]) -> float:
     """Percent of predictions equal to the completion or to any reference, after whitespace normalisation."""
     check_inputs(predictions, records)
-    hits = 0
-    for pred, rec in zip(predictions, records):
-        pred = normalize_whitespace(pred)
-        hits += any(pred == normalize_whitespace(ref) for ref in references_of(rec))
+    hits = 0.0
+    for i, (pred, rec) in enumerate(zip(predictions, records)):
+        hits += _exact_match(pred, require_references(rec, i))
     return 100.0 * hits / len(predictions)
 
 
@@ -123,6 +236,25 @@ def _same_answer(a: str, b: str) -> bool:
         return False
 
 
+def _final_answer(prediction: str, refs: list[str], marker: str) -> float:
+    got = extract_final_answer(prediction, marker)
+    if got is None or got == "":
+        return 0.0
+    gold = set()
+    for ref in refs:
+        ans = extract_final_answer(ref, marker)
+        gold.add(ans if ans is not None else _ANSWER_JUNK.sub("", ref).rstrip("."))
+    return float(any(_same_answer(got, g) for g in gold))
+
+
+def final_answer_score(record: dict, prediction: str, marker: str = "####") -> float:
+    """1.0 if the prediction's final answer (after ``marker``) equals the gold final answer, else 0.0.
+
+    See :func:`final_answer` for how answers are extracted and compared.
+    """
+    return _final_answer(prediction, require_references(record), marker)
+
+
 def final_answer(predictions: list[str], records: list[dict], marker: str = "####") -> float:
     """Percent of predictions whose final answer (after ``marker``) equals the gold final answer.
 
@@ -130,16 +262,9 @@ def final_answer(predictions: list[str], records: list[dict], marker: str = "###
     counts as a bare answer); a prediction without the marker is wrong. Numbers compare numerically when both parse.
     """
     check_inputs(predictions, records)
-    hits = 0
-    for pred, rec in zip(predictions, records):
-        got = extract_final_answer(pred, marker)
-        if got is None or got == "":
-            continue
-        gold = set()
-        for ref in references_of(rec):
-            ans = extract_final_answer(ref, marker)
-            gold.add(ans if ans is not None else _ANSWER_JUNK.sub("", ref).rstrip("."))
-        hits += any(_same_answer(got, g) for g in gold)
+    hits = 0.0
+    for i, (pred, rec) in enumerate(zip(predictions, records)):
+        hits += _final_answer(pred, require_references(rec, i), marker)
     return 100.0 * hits / len(predictions)
 
 
@@ -156,10 +281,25 @@ def bleu(predictions: list[str], records: list[dict], tokenize: str = "none") ->
     check_inputs(predictions, records)
     from sacrebleu.metrics import BLEU
 
-    refs = [references_of(rec) for rec in records]
+    refs = [require_references(rec, i) for i, rec in enumerate(records)]
     n_streams = max(len(r) for r in refs)
     streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n_streams)]
     return _clamp(BLEU(tokenize=tokenize).corpus_score(list(predictions), streams).score)
+
+
+_SENTENCE_BLEU: dict[str, Any] = {}
+
+
+def bleu_score(record: dict, prediction: str, tokenize: str = "none") -> float:
+    """Sentence BLEU-4 in [0, 1] against all references of the record, with sacrebleu's effective order (n-gram
+    orders longer than the prediction are ignored), so short outputs are not all 0. ``tokenize`` as in :func:`bleu`.
+    """
+    refs = require_references(record)
+    if tokenize not in _SENTENCE_BLEU:
+        from sacrebleu.metrics import BLEU
+
+        _SENTENCE_BLEU[tokenize] = BLEU(tokenize=tokenize, effective_order=True)
+    return _clamp(_SENTENCE_BLEU[tokenize].sentence_score(prediction, refs).score) / 100.0
 
 
 def self_bleu(samples_per_input: list[list[str]], tokenize: str = "none") -> float:
@@ -213,13 +353,27 @@ def _scorer(rouge_type: str, tokenizer: str) -> Any:
     return _SCORERS[key]
 
 
+def _best_rouge(scorer: Any, rouge_type: str, prediction: str, refs: list[str]) -> float:
+    return max(scorer.score(ref, prediction)[rouge_type].fmeasure for ref in refs)
+
+
 def _rouge(rouge_type: str, predictions: list[str], records: list[dict], tokenizer: str) -> float:
     check_inputs(predictions, records)
     scorer = _scorer(rouge_type, tokenizer)
     total = 0.0
-    for pred, rec in zip(predictions, records):
-        total += max(scorer.score(ref, pred)[rouge_type].fmeasure for ref in references_of(rec))
+    for i, (pred, rec) in enumerate(zip(predictions, records)):
+        total += _best_rouge(scorer, rouge_type, pred, require_references(rec, i))
     return 100.0 * total / len(predictions)
+
+
+def rouge2_score(record: dict, prediction: str, tokenizer: str = "whitespace") -> float:
+    """ROUGE-2 F1 in [0, 1], best over the record's references (same tokenizer and cached scorer as :func:`rouge2`)."""
+    return _best_rouge(_scorer("rouge2", tokenizer), "rouge2", prediction, require_references(record))
+
+
+def rougeL_score(record: dict, prediction: str, tokenizer: str = "whitespace") -> float:
+    """ROUGE-L F1 in [0, 1], best over the record's references (same tokenizer and cached scorer as :func:`rougeL`)."""
+    return _best_rouge(_scorer("rougeL", tokenizer), "rougeL", prediction, require_references(record))
 
 
 def rouge2(predictions: list[str], records: list[dict], tokenizer: str = "whitespace") -> float:

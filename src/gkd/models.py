@@ -1,15 +1,23 @@
 """Loading teacher and student, checking they can be compared, and reading hidden states + output heads.
 
 Any ``AutoModelForCausalLM`` (decoder-only) or ``AutoModelForSeq2SeqLM`` (T5-style, as in the paper) works, loaded
-with the real ``from_pretrained`` from a local folder or a hub id. The loss needs, at each valid completion position,
-either the final hidden state plus the output head (the fused, memory-lean path) or the logits (any other model).
+with the real ``from_pretrained`` from a local folder or a hub id. A folder holding only a LoRA adapter (what a LoRA
+run saves: ``adapter_config.json`` + adapter weights, no ``config.json``) loads as its base model with the adapter
+applied (merged by default). A path that can only be local (``./x``, ``/x``, ``a/b/c``, or ``runs/x`` when ``runs``
+is a folder here) and does not exist fails at once, without querying the hub. The loss needs, at each valid
+completion position, either the final hidden state plus the output head (the fused, memory-lean path) or the logits
+(any other model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +32,14 @@ __all__ = [
     "apply_lora",
     "build_model",
     "check_teacher_student",
+    "context_length",
     "disable_dropout",
     "is_seq2seq",
+    "load_config",
     "load_model",
     "load_tokenizer",
+    "missing_local_path",
+    "save_merged",
     "score_positions",
     "unwrap",
 ]
@@ -37,9 +49,58 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Config attributes that change logits after the head; models carrying them use the plain-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
+# Config attributes that bound the number of positions a model can read (learned position tables, rope ranges).
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "max_seq_len",
+    "seq_length",
+    "n_ctx",
+)
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or (os.sep in path.rstrip(os.sep) and path.count("/") != 1)
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# paths: local folders, hub ids and LoRA adapter folders
+# ---------------------------------------------------------------------------------------------------------------
+def _cannot_be_hub_id(path: str) -> bool:
+    """Whether ``path`` is not a valid hub repo id (``name`` or ``org/name``), so it can only be a local path."""
+    # ./x, ../x, .x, /x, ~/x, a/b/c, a\\b: never hub ids (validate_repo_id would say so too; these need no import)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
+        return True
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def missing_local_path(path: str) -> bool:
+    """True when ``path`` is evidently meant as a local path and does not exist, so looking it up on the hub
+    would only waste time (retries without network) before failing.
+
+    Evidently local: it cannot be a hub id (it starts with ``./``, ``../``, ``/``, ``~`` or ``.``, has more than one
+    ``/``, or has characters a hub id cannot have), or its first component is a folder here (``runs/nope`` when
+    ``runs/`` exists). URLs (``scheme://...``) are never local.
+    """
+    if "://" in path:
+        return False
+    if os.path.exists(os.path.expanduser(path)):
+        return False
+    first = path.split("/", 1)[0]
+    return _cannot_be_hub_id(path) or ("/" in path and bool(first) and os.path.isdir(first))
+
+
+def _check_exists(path: str, what: str) -> None:
+    if missing_local_path(path):
+        where = os.path.abspath(os.path.expanduser(path))
+        raise ModelError(f"{what} '{path}' is not a local folder: {where} does not exist; check the path")
 
 
 def _not_found(what: str, path: str, err: Exception) -> ModelError:
@@ -51,14 +112,59 @@ def _not_found(what: str, path: str, err: Exception) -> ModelError:
     return ModelError(f"{what} '{path}' could not be loaded: {str(err).splitlines()[0]}")
 
 
+def _is_adapter_folder(path: str) -> bool:
+    local = Path(os.path.expanduser(path))
+    return (local / _ADAPTER_CONFIG).is_file() and not (local / "config.json").exists()
+
+
+def _adapter_base(path: str, what: str) -> str:
+    """The base model of the LoRA adapter folder ``path``: a local folder (absolute) or a hub id.
+
+    Adapters record ``base_model_name_or_path``; gkd writes it absolute, but older runs (and other tools) wrote the
+    path the base was loaded from, relative to the run's working directory. A relative base is looked up from the
+    current directory, then from each folder above the adapter (a run's ``output_dir`` usually lies below the
+    directory it was started from).
+    """
+    config_file = Path(os.path.expanduser(path)) / _ADAPTER_CONFIG
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{what} '{path}': cannot read {config_file} ({e}); fix or replace the file") from e
+    fix = f"set base_model_name_or_path in {config_file} to the base model's folder or hub id"
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"{what} '{path}' is a LoRA adapter that does not name its base model; {fix}")
+    expanded = os.path.expanduser(base)
+    if os.path.isabs(expanded):
+        if os.path.exists(expanded):
+            return expanded
+    else:
+        if os.path.exists(expanded):
+            return os.path.abspath(expanded)
+        for parent in config_file.resolve().parent.parents:
+            if (parent / expanded).exists():
+                return str(parent / expanded)
+        if not _cannot_be_hub_id(base) and not missing_local_path(base):
+            return base  # a hub id
+    raise ModelError(
+        f"{what} '{path}' is a LoRA adapter whose base model '{base}' does not exist (looked in {os.getcwd()} "
+        f"and the folders above the adapter); {fix}"
+    )
+
+
 def load_tokenizer(path: str, what: str = "tokenizer") -> Any:
-    """Load a tokenizer; give it a pad token (the EOS) if it has none. Masks never rely on pad ids."""
+    """Load a tokenizer; give it a pad token (the EOS) if it has none. Masks never rely on pad ids.
+
+    A LoRA adapter folder without tokenizer files gives its base model's tokenizer.
+    """
     from transformers import AutoTokenizer
 
+    _check_exists(path, what)
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
     except (OSError, ValueError, TypeError) as e:
-        raise _not_found(what, path, e) from e
+        if not _is_adapter_folder(path):
+            raise _not_found(what, path, e) from e
+        return load_tokenizer(_adapter_base(path, what), f"{what} (base of the adapter '{path}')")
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"{what} '{path}' has neither a pad nor an EOS token; add an eos_token to it")
@@ -72,8 +178,113 @@ def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
 
 
-def load_model(path: str, *, what: str, dtype: str = "float32") -> nn.Module:
-    """``from_pretrained`` of a causal or seq2seq LM from a local folder or hub id, with a one-line error."""
+def load_config(path: str, what: str = "model") -> Any:
+    """The transformers config of a model folder or hub id, without loading weights (one-line ``ModelError``).
+
+    For a LoRA adapter folder it is the base model's config (the adapter changes weights, not the architecture).
+    """
+    return _load_config(path, what, frozenset())
+
+
+def _load_config(path: str, what: str, seen: frozenset[str]) -> Any:
+    from transformers import AutoConfig
+
+    _check_exists(path, what)
+    if _is_adapter_folder(path):
+        base = _adapter_base(path, what)
+        _check_no_cycle(path, base, what, seen)
+        return _load_config(base, f"{what} (base of the adapter '{path}')", seen | {_key(path)})
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError) as e:
+        raise _not_found(what, path, e) from e
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _check_no_cycle(path: str, base: str, what: str, seen: frozenset[str]) -> None:
+    if _key(base) in seen | {_key(path)}:
+        raise ModelError(
+            f"{what} '{path}' is a LoRA adapter whose base model '{base}' is itself (directly or through other "
+            f"adapters); set base_model_name_or_path in its {_ADAPTER_CONFIG} to the real base model"
+        )
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions (prompt + completion tokens) the model of ``config`` can read, or ``None`` without a
+    hard limit (e.g. T5's relative attention).
+
+    Read from the config alone (``max_position_embeddings``, ``n_positions``, ``max_sequence_length``, ...), so it
+    can be checked before any weights are loaded. Multimodal configs are read through their text (decoder) config.
+    """
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        with contextlib.suppress(Exception):
+            configs.insert(0, get_text(decoder=True))
+    for cfg in configs:
+        if getattr(cfg, "relative_attention_num_buckets", None) is not None:
+            return None  # relative position buckets: any length runs (T5, mT5, UMT5, LongT5, ...)
+        for key in _CONTEXT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def load_model(path: str, *, what: str, dtype: str = "float32", merge: bool = True) -> nn.Module:
+    """``from_pretrained`` of a causal or seq2seq LM from a local folder or hub id, with a one-line error.
+
+    A LoRA adapter folder (``adapter_config.json``, no ``config.json``) loads its base model (itself possibly an
+    adapter folder) and applies the adapter with peft. ``merge=True`` folds it into the weights and returns a plain
+    transformers model, whose ``name_or_path`` is then the adapter folder (a LoRA applied on top of it records that
+    folder as its base). ``merge=False`` returns the ``PeftModel`` with the adapter weights trainable, to train it
+    further.
+    """
+    return _load_model(path, what, dtype, merge, frozenset())
+
+
+def _load_model(path: str, what: str, dtype: str, merge: bool, seen: frozenset[str]) -> nn.Module:
+    _check_exists(path, what)
+    if not _is_adapter_folder(path):
+        return _load_plain(path, what, dtype)
+    base = _adapter_base(path, what)
+    _check_no_cycle(path, base, what, seen)
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ModelError(
+            f"{what} '{path}' is a LoRA adapter; loading it needs peft (pip install peft)"
+        ) from e
+    model = _load_model(base, f"{what} (base of the adapter '{path}')", dtype, True, seen | {_key(path)})
+    local = os.path.expanduser(path)
+    try:
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, local, is_trainable=not merge)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(
+            f"{what} '{path}': the LoRA adapter could not be applied to its base model '{base}': "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    if not merge:
+        return model
+    model = model.merge_and_unload()
+    model.config._name_or_path = os.path.abspath(local)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Hide the deprecation warning peft triggers in transformers 5 (``is_gradient_checkpointing``): it is about
+    peft's code, not the user's, and would be printed on every load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def _load_plain(path: str, what: str, dtype: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     local = os.path.expanduser(path)
@@ -142,7 +353,11 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
-    """Wrap the student in a peft LoRA adapter; only adapter weights stay trainable."""
+    """Wrap the student in a peft LoRA adapter; only adapter weights stay trainable.
+
+    When the student was loaded from a local folder, the adapter records that folder's absolute path as its base
+    model, so a saved adapter loads (``load_model``) from any working directory.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     task = TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM
@@ -150,11 +365,51 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
         task_type=task, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
     )
     try:
-        return get_peft_model(model, cfg)
+        with _quiet_peft():
+            peft_model = get_peft_model(model, cfg)
     except ValueError as e:
         raise ModelError(
             f"LoRA could not be applied: {str(e).splitlines()[0]}; check lora.target_modules"
         ) from e
+    base = getattr(unwrap(model).config, "_name_or_path", None) or ""
+    if base and os.path.isdir(os.path.expanduser(base)):
+        for adapter_config in peft_model.peft_config.values():
+            adapter_config.base_model_name_or_path = os.path.abspath(os.path.expanduser(base))
+    return peft_model
+
+
+def save_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> Path:
+    """Save ``model`` as a plain transformers folder (``config.json`` + safetensors + ``tokenizer``) that
+    ``from_pretrained`` loads without peft. A LoRA (peft) model is saved with its adapters merged into the weights.
+
+    The training model is not modified: the merge runs on a copy that shares every tensor the merge does not write
+    (only the weights of adapted layers are copied, so the extra memory is small).
+    """
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
+        model = model.module
+    out = Path(path)
+    if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
+        model = _merged_copy(model)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _merged_copy(model: nn.Module) -> nn.Module:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    written = {
+        id(t)
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer)
+        for t in (*m.get_base_layer().parameters(), *m.get_base_layer().buffers())
+    }
+    shared: dict[int, Any] = {
+        id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in written
+    }
+    with torch.no_grad():
+        return copy.deepcopy(model, shared).merge_and_unload()
 
 
 def real_vocab_size(tokenizer: Any) -> int:

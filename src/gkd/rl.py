@@ -9,97 +9,29 @@ every completion token ``t`` (the same per-token weights as the distillation ter
 divergence term is exactly the on-policy GKD loss. Neither term differentiates through sampling.
 
 A reward is a built-in name or ``module:function``; the function takes ``(prompts, completions, records)`` (lists of
-equal length) and returns one float per completion.
+equal length) and returns one float per completion. Built-in rewards are the names of :mod:`gkd.scoring` (the same
+vocabulary as the evaluation metrics, scored by the metrics' own per-example functions, in [0, 1]);
+:func:`load_reward` and :data:`BUILTIN_REWARDS` are re-exported from there.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from gkd.errors import ConfigError, RewardError
+from gkd.errors import RewardError
+from gkd.scoring import BUILTIN_REWARDS, RewardFn, load_reward
 
-__all__ = ["BUILTIN_REWARDS", "RewardFn", "compute_advantages", "compute_rewards", "load_reward"]
-
-RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], Sequence[float]]
-
-
-def _per_example(score: Callable[[dict, str], float]) -> RewardFn:
-    def reward(prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict]) -> list[float]:
-        return [float(score(rec, c)) for rec, c in zip(records, completions)]
-
-    return reward
-
-
-def _references(record: dict) -> list[str]:
-    refs = list(record.get("references") or [])
-    if record.get("completion") is not None and record["completion"] not in refs:
-        refs.append(record["completion"])
-    return refs
-
-
-def _exact_match(record: dict, prediction: str) -> float:
-    norm = " ".join(prediction.split())
-    return float(any(norm == " ".join(r.split()) for r in _references(record)))
-
-
-def _rouge2(record: dict, prediction: str) -> float:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge2"])
-    refs = _references(record) or [""]
-    return max(scorer.score(r, prediction)["rouge2"].fmeasure for r in refs)
-
-
-def _bleu(record: dict, prediction: str) -> float:
-    import sacrebleu
-
-    refs = _references(record) or [""]
-    return sacrebleu.sentence_bleu(prediction, refs, tokenize="none").score / 100.0
-
-
-def _task_reward(module: str, name: str) -> Callable[[dict, str], float]:
-    def score(record: dict, prediction: str) -> float:
-        fn = getattr(importlib.import_module(module), name)
-        return float(fn(record, prediction))
-
-    return score
-
-
-BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
-    "exact_match": lambda: _per_example(_exact_match),
-    "rouge2": lambda: _per_example(_rouge2),
-    "bleu": lambda: _per_example(_bleu),
-    "final_answer": lambda: _per_example(_task_reward("gkd.tasks.arithmetic", "final_answer_score")),
-    "faithfulness": lambda: _per_example(_task_reward("gkd.tasks.summarization", "faithfulness_score")),
-    "set_match": lambda: _per_example(_task_reward("gkd.tasks.summarization", "set_match_score")),
-    "item_f1": lambda: _per_example(_task_reward("gkd.tasks.summarization", "item_f1_score")),
-}
-
-
-def load_reward(spec: str) -> RewardFn:
-    """A built-in reward by name, or ``package.module:function``."""
-    if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]()
-    if ":" not in spec:
-        raise ConfigError(
-            f"config key 'reward' must be a built-in reward ({', '.join(BUILTIN_REWARDS)}) or module:function, "
-            f"got {spec!r}"
-        )
-    module_name, fn_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(
-            f"reward '{spec}': cannot import module '{module_name}' ({e}); check PYTHONPATH"
-        ) from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward '{spec}': module '{module_name}' has no function '{fn_name}'")
-    return fn
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RewardFn",
+    "compute_advantages",
+    "compute_rewards",
+    "discounted_returns",
+    "load_reward",
+]
 
 
 def compute_rewards(

@@ -19,7 +19,8 @@ cache objects and mask construction. This module offers two backends behind one 
     ``model.generate`` with exactly the requested options. It is the fallback for everything the fast path does
     not recognise, and the path for encoder-decoder (T5-style) models.
 
-``"auto"`` picks ``"fast"`` when :func:`fast_path_unsupported_reason` returns ``None``.
+``"auto"`` picks ``"fast"`` when :func:`fast_path_unsupported_reason` returns ``None``. Models the fast backend can
+never run are known from their config alone (:func:`fast_backend_config_reason`), before any weights are loaded.
 
 Conventions shared by both backends:
 
@@ -31,6 +32,10 @@ Conventions shared by both backends:
 * The model's train/eval mode is left untouched: the caller decides whether the policy being sampled is the
   dropout-perturbed one. The fast path has no dropout, so it declines (auto falls back) when the model is in
   train mode with active dropout.
+* ``vocab_size`` (the tokenizer's length) restricts every backend to token ids ``< vocab_size``: an LM head
+  padded beyond the tokenizer (151,936 rows for Qwen2.5's 151,665 tokens) never yields an id the tokenizer, the
+  loss or the teacher cannot handle. Choosing among the real tokens is unchanged (greedy, top-k and top-p see only
+  them); a head without padding rows samples exactly as without the restriction.
 * Everything runs without autograd (the fast path in inference mode); returned tensors are ordinary tensors
   that can be fed to a training forward pass.
 """
@@ -45,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Rollout", "fast_path_unsupported_reason", "sample_completions"]
+from gkd.errors import ConfigError
+
+__all__ = ["Rollout", "fast_backend_config_reason", "fast_path_unsupported_reason", "sample_completions"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_FAMILY = ("gpt2",)
@@ -78,6 +85,7 @@ class _SamplingParams:
     greedy: bool
     eos_token_ids: list[int]
     pad_token_id: int
+    vocab_size: int | None = None  # sample only ids < vocab_size (None: every row of the head)
 
 
 def sample_completions(
@@ -94,6 +102,7 @@ def sample_completions(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    vocab_size: int | None = None,
 ) -> Rollout:
     """Sample (or greedily decode) up to ``max_new_tokens`` tokens for each left-padded prompt.
 
@@ -102,8 +111,12 @@ def sample_completions(
     ``greedy=True`` (or ``temperature == 0``) takes the argmax instead. A row stops at its first token in
     ``eos_token_ids``; the loop stops when every row has stopped.
 
+    ``vocab_size`` (the tokenizer's length) excludes ids ``>= vocab_size``: the padding rows of an LM head that
+    is larger than the tokenizer are never emitted, greedy or sampled (``None``: every row of the head).
+
     ``generator`` must live on the model's device. ``backend`` is ``"auto"``, ``"fast"`` or ``"generate"``;
-    ``"fast"`` raises ``ValueError`` if the model is not supported (see :func:`fast_path_unsupported_reason`).
+    ``"fast"`` raises :class:`~gkd.errors.ConfigError` (a ``ValueError``) if the model is not supported (see
+    :func:`fast_path_unsupported_reason`).
     """
     if backend not in ("auto", "fast", "generate"):
         raise ValueError(f"backend must be 'auto', 'fast' or 'generate', got {backend!r}")
@@ -115,6 +128,8 @@ def sample_completions(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1 (the tokenizer's length), got {vocab_size}")
     if input_ids.shape[1] == 0:
         raise ValueError("prompts must contain at least one token")
     if not bool(attention_mask[:, -1].all()):
@@ -127,6 +142,7 @@ def sample_completions(
         greedy=bool(greedy) or temperature == 0,
         eos_token_ids=[int(e) for e in eos_token_ids],
         pad_token_id=int(pad_token_id),
+        vocab_size=None if vocab_size is None else int(vocab_size),
     )
     batch = input_ids.shape[0]
     if params.max_new_tokens <= 0 or batch == 0:
@@ -140,7 +156,9 @@ def sample_completions(
         if reason is None:
             return _sample_fast(model, input_ids, attention_mask, params, generator)
         if backend == "fast":
-            raise ValueError(f"fast rollout backend does not support this model: {reason}")
+            raise ConfigError(
+                f"rollout_backend: fast does not support this model ({reason}); use rollout_backend: auto"
+            )
     return _sample_generate(model, input_ids, attention_mask, params, generator)
 
 
@@ -153,8 +171,11 @@ def _next_tokens(logits: torch.Tensor, p: _SamplingParams, generator: torch.Gene
 
     Same semantics as generate's temperature -> top-k -> top-p chain: top-k keeps exactly ``k`` tokens (via
     ``topk``, which also hands top-p its tokens already sorted); top-p keeps a token while the probability of
-    the tokens more likely than it is below ``top_p``, so the most likely token always survives.
+    the tokens more likely than it is below ``top_p``, so the most likely token always survives. Columns from
+    ``p.vocab_size`` on (padding rows of the head) are cut off first, so they are never chosen.
     """
+    if p.vocab_size is not None and p.vocab_size < logits.shape[-1]:
+        logits = logits[:, : p.vocab_size]
     if p.greedy:
         return logits.argmax(-1)
     if p.temperature != 1.0:
@@ -211,24 +232,61 @@ def fast_path_unsupported_reason(model: nn.Module, total_length: int = 0) -> str
     Support is decided from ``config.model_type`` *and* the exact module structure (plain ``nn.Linear`` /
     ``nn.Embedding`` / ``Conv1D`` layers), so PEFT/LoRA-wrapped, quantized or otherwise patched models fall back
     to ``generate`` instead of silently ignoring the patch. ``total_length`` (prompt + new tokens) is checked
-    against sliding windows and learned position tables.
+    against sliding windows and learned position tables. Reasons known from the config alone come first (see
+    :func:`fast_backend_config_reason`).
     """
     config = getattr(model, "config", None)
+    reason = fast_backend_config_reason(config)
+    if reason is not None:
+        return reason
+    if _has_active_dropout(model):
+        return "model is in train mode with active dropout (the fast path has no dropout)"
+    if config.model_type in GPT2_FAMILY:
+        return _gpt2_unsupported_reason(model, total_length)
+    return _llama_unsupported_reason(model, total_length)
+
+
+def fast_backend_config_reason(config: object) -> str | None:
+    """Why the fast backend can never sample from a model with this transformers ``config`` (``None`` if it may).
+
+    Judged from the config alone, so it can be checked before any weights are loaded: encoder-decoder models,
+    model types outside the supported families, logit softcapping, rope variants whose frequencies depend on the
+    running length, GPT-2 with cross-attention. A ``None`` does not promise the fast path: the module structure
+    (LoRA, quantization), dropout in train mode and the rollout length are checked on the model itself by
+    :func:`fast_path_unsupported_reason`.
+    """
     if config is None:
         return "model has no config"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder model"
-    model_type = getattr(config, "model_type", None)
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, name, None) is not None:
             return f"config.{name} is set"
-    if _has_active_dropout(model):
-        return "model is in train mode with active dropout (the fast path has no dropout)"
-    if model_type in LLAMA_FAMILY:
-        return _llama_unsupported_reason(model, total_length)
-    if model_type in GPT2_FAMILY:
-        return _gpt2_unsupported_reason(model, total_length)
-    return f"model_type {model_type!r} is not one of {LLAMA_FAMILY + GPT2_FAMILY}"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY + GPT2_FAMILY:
+        return f"model_type {model_type!r} is not one of {LLAMA_FAMILY + GPT2_FAMILY}"
+    for rope_type in _rope_types(config):
+        if any(kind in rope_type for kind in _DYNAMIC_ROPE):
+            return f"rope type {rope_type!r} changes with the sequence length"
+    if model_type in GPT2_FAMILY and getattr(config, "add_cross_attention", False):
+        return "GPT-2 with cross-attention"
+    return None
+
+
+def _rope_types(config: object) -> list[str]:
+    """The rope types a config asks for: ``rope_parameters`` (transformers >= 5, possibly one dict per attention
+    type) or ``rope_scaling`` (older releases; ``type`` was the key before ``rope_type``)."""
+    found = []
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, attr, None)
+        if not isinstance(params, dict):
+            continue
+        nested = [v for v in params.values() if isinstance(v, dict)]
+        for entry in nested or [params]:
+            kind = entry.get("rope_type", entry.get("type"))
+            if kind is not None:
+                found.append(str(kind))
+    return found
 
 
 def _has_active_dropout(model: nn.Module) -> bool:
@@ -267,9 +325,6 @@ def _llama_unsupported_reason(model: nn.Module, total_length: int) -> str | None
     inv_freq = getattr(rotary, "inv_freq", None)
     if inv_freq is None or 2 * inv_freq.numel() != getattr(attn0, "head_dim", -1):
         return "rotary embedding does not cover the whole head (partial rotary) or has no inv_freq"
-    rope_type = str(getattr(rotary, "rope_type", "default"))
-    if any(kind in rope_type for kind in _DYNAMIC_ROPE):
-        return f"rope type {rope_type!r} changes with the sequence length"
     config = model.config
     window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
     for layer in layers[: config.num_hidden_layers]:
@@ -306,8 +361,6 @@ def _gpt2_unsupported_reason(model: nn.Module, total_length: int) -> str | None:
         return "unexpected embeddings"
     if total_length > core.wpe.num_embeddings:
         return f"prompt + completion ({total_length}) exceeds the {core.wpe.num_embeddings} learned positions"
-    if getattr(model.config, "add_cross_attention", False):
-        return "GPT-2 with cross-attention"
     for block in blocks:
         convs = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
         if not all(type(m) is Conv1D for m in convs):
@@ -638,11 +691,17 @@ def _sample_generate(
     """``model.generate`` with exactly the requested decoding options, seeded from ``generator``.
 
     Randomness: one seed is drawn from ``generator`` and generate runs inside ``torch.random.fork_rng`` seeded
-    with it, so the global RNG is neither used nor advanced.
+    with it, so the global RNG is neither used nor advanced. Padding rows of the head (ids >= ``p.vocab_size``) are
+    suppressed by generate's own ``suppress_tokens`` processor, which runs before temperature, top-k and top-p (a
+    custom ``logits_processor`` would run after them, and top-k would keep padding rows).
     """
     from transformers import GenerationConfig
 
     sampling = {} if p.greedy else {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}
+    rows = _output_rows(model)
+    padding_rows = {}
+    if p.vocab_size is not None and rows is not None and p.vocab_size < rows:
+        padding_rows["suppress_tokens"] = list(range(p.vocab_size, rows))
     request = GenerationConfig(
         max_new_tokens=p.max_new_tokens,
         do_sample=not p.greedy,
@@ -651,6 +710,7 @@ def _sample_generate(
         pad_token_id=p.pad_token_id,
         use_cache=True,
         **sampling,
+        **padding_rows,
     )
     with torch.no_grad(), _neutral_generation_defaults(model):
         if generator is None or p.greedy:
@@ -672,6 +732,17 @@ def _sample_generate(
     else:
         completion = sequences[:, input_ids.shape[1] :]
     return _to_rollout(completion, p.eos_token_ids, p.pad_token_id)
+
+
+def _output_rows(model: nn.Module) -> int | None:
+    """How many logits the model produces per position (rows of its output layer)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(rows) if isinstance(rows, int) else None
 
 
 @contextmanager

@@ -11,7 +11,9 @@ developed and tested on, so this module is import-guarded and only exercised up 
   between vLLM releases, so pin the vLLM version you validated;
 - vLLM's sampler differs numerically from the training model's forward pass (kernels, precision), so rollouts are
   very slightly off-policy; this is the usual trade-off of vLLM-based RL and distillation stacks;
-- LoRA students are not supported by this backend (use ``rollout_backend: auto``).
+- LoRA students are not supported by this backend (use ``rollout_backend: auto``);
+- ``vocab_size`` (the tokenizer's length) is passed as ``SamplingParams.allowed_token_ids``, so an output layer padded
+  beyond the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens) never yields an id the loss cannot index.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class VLLMSampler:
         engine = self.llm.llm_engine
         engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
 
+    def _engine_vocab_size(self) -> int | None:
+        """Rows of the served model's output layer, when this vLLM version tells (``None`` otherwise)."""
+        try:
+            return int(self.llm.llm_engine.model_config.get_vocab_size())
+        except Exception:  # internal API; absent or moved in some versions
+            return None
+
     @torch.no_grad()
     def sample(
         self,
@@ -69,9 +78,19 @@ class VLLMSampler:
         eos_token_ids: list[int],
         pad_token_id: int,
         seed: int,
+        vocab_size: int | None = None,
     ) -> Any:
+        """Completions for left-padded prompts (padding is dropped; vLLM takes unpadded token lists).
+
+        ``vocab_size`` restricts sampling to ids ``< vocab_size`` (the tokenizer's length).
+        """
         from gkd.rollout import Rollout
 
+        restrict = {}
+        if vocab_size is not None:
+            rows = self._engine_vocab_size()
+            if rows is None or vocab_size < rows:
+                restrict["allowed_token_ids"] = list(range(vocab_size))
         params = self._vllm.SamplingParams(
             n=1,
             temperature=0.0 if greedy else temperature,
@@ -80,6 +99,7 @@ class VLLMSampler:
             max_tokens=max_new_tokens,
             stop_token_ids=eos_token_ids,
             seed=seed,
+            **restrict,
         )
         prompts = [
             {"prompt_token_ids": row[mask.bool()].tolist()}

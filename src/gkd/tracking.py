@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name if name != "tensorboard" else "tensorboard") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 class Tracker:
     def __init__(
         self, output_dir: Path, report_to: list[str], enabled: bool = True, config: dict | None = None
@@ -30,9 +42,13 @@ class Tracker:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        if (
+            "all" in report_to
+        ):  # transformers' meaning: every installed integration, silently skipping the rest
+            report_to = [n for n in ("tensorboard", "wandb", "trackio") if _installed(n)]
         for name in report_to:
-            if importlib.util.find_spec(name if name != "tensorboard" else "torch.utils.tensorboard") is None:
-                print(f"warning: report_to '{name}' is not installed; logging to metrics.jsonl only")
+            if not _installed(name):
+                _warn(f"report_to '{name}' is not installed; logging to metrics.jsonl only")
                 continue
             try:
                 if name == "tensorboard":
@@ -49,7 +65,7 @@ class Tracker:
                     trackio.init(project="gkd", config=config)
                     self._backends.append(("trackio", trackio))
             except Exception as e:  # a logger failing must never stop training
-                print(f"warning: report_to '{name}' could not start ({e}); logging to metrics.jsonl only")
+                _warn(f"report_to '{name}' could not start ({e}); logging to metrics.jsonl only")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -25,9 +25,11 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,12 @@ import torch
 from torch import nn
 
 from gkd import checkpoint as ckpt
-from gkd.config import RESUME_KEYS, GKDConfig, check_paths
+from gkd import preflight
+from gkd.config import RESUME_KEYS, GKDConfig
 from gkd.data import Batch, BatchStream, TokenizedDataset, load_records, tokenize_records
 from gkd.divergences import get_divergence, reduction_weights
-from gkd.errors import CheckpointError, ConfigError, DataError, GKDError, TrainingError
-from gkd.evaluation import eos_ids, generate_texts, resolve_scorer
+from gkd.errors import CheckpointError, ConfigError, GKDError, TrainingError
+from gkd.evaluation import eos_ids, generate_texts
 from gkd.losses import Head, LossTerms, chunked_loss, logits_loss
 from gkd.models import (
     Scorer,
@@ -49,13 +52,16 @@ from gkd.models import (
     check_teacher_student,
     disable_dropout,
     is_seq2seq,
+    load_config,
     load_model,
     load_tokenizer,
+    save_merged,
     score_positions,
     unwrap,
 )
 from gkd.rl import compute_advantages, compute_rewards, discounted_returns, load_reward
 from gkd.rollout import sample_completions
+from gkd.scoring import resolve_scorer
 from gkd.teacher import Teacher, build_topk_cache, seqkd_dataset
 from gkd.tracking import Tracker
 
@@ -69,6 +75,8 @@ class TrainResult:
     skipped_steps: int
     output_dir: Path
     wall_s: float
+    finished: bool = False
+    """True when the run was already complete (resumed at ``max_steps``): nothing was trained or saved."""
 
 
 class TrainingInterrupted(GKDError):
@@ -109,17 +117,21 @@ class GKDTrainer:
         self._log_fn = log
         self._setup_done = False
         self.step = 0
+        self.last_loss = float("nan")
         self._times: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up
     # ------------------------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
+        """Human-readable run log (banner, warnings, step lines, eval lines): stderr, one line per message.
+
+        stdout is left to the caller (``gkd distill`` prints one JSON result there)."""
         if getattr(self, "is_main", True):
             if self._log_fn is not None:
                 self._log_fn(msg)
             else:
-                print(msg, flush=True)
+                print(msg, file=sys.stderr, flush=True)
 
     def setup(self) -> None:
         """Validate inputs, load models and data, build optimizer and scheduler, resume. Idempotent."""
@@ -128,14 +140,13 @@ class GKDTrainer:
         cfg = self.cfg
         from accelerate import Accelerator
 
-        if self._student_obj is None or (cfg.needs_teacher and self._teacher_obj is None):
-            check_paths_partial(cfg, self._student_obj is not None, self._teacher_obj is not None)
-        if self._train_records is None and self._train_dataset is None and cfg.dataset is None:
-            raise ConfigError(
-                "config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)"
-            )
+        preflight.check_paths(
+            cfg,
+            have_student=self._student_obj is not None,
+            have_teacher=self._teacher_obj is not None,
+            have_data=self._train_records is not None or self._train_dataset is not None,
+        )
         self.output_dir = Path(os.path.expanduser(cfg.output_dir))
-        self._check_output_dir()
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -143,15 +154,38 @@ class GKDTrainer:
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
+        self._check_output_dir()
+        self.accelerator.wait_for_everyone()
+        for warning in cfg.warnings():
+            self.log(f"warning: {warning}")
         _seed_everything(cfg.seed + self.rank)
 
-        # tokenizer and models --------------------------------------------------------------------------------
+        # everything that can be checked without model weights: tokenizer, config.json files, data ----------------
         tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
         self.tokenizer = self._tokenizer_obj or load_tokenizer(tok_path, "tokenizer")  # type: ignore[arg-type]
         resume_dir = None
         if cfg.resume_from_checkpoint:
             resume_dir = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
             self._check_resume_compat(resume_dir)
+        model_configs = self._model_configs()
+        preflight.check_backend(cfg, model_configs["student"])
+        self.seq2seq = bool(getattr(model_configs["student"], "is_encoder_decoder", False))
+        self.train_data = self._train_dataset or self._load_dataset(
+            self._train_records, cfg.dataset, cfg.dataset_split, "train"
+        )
+        self.eval_data = None
+        if self._eval_dataset is not None:
+            self.eval_data = self._eval_dataset
+        elif self._eval_records is not None or cfg.eval_dataset is not None:
+            self.eval_data = self._load_dataset(self._eval_records, cfg.eval_dataset, cfg.eval_split, "eval")
+            self.eval_data = TokenizedDataset(self.eval_data.examples[: cfg.eval_max_samples])
+        preflight.check_data(cfg, self.train_data, self.eval_data)
+        preflight.check_context(cfg, model_configs, self.train_data, self.eval_data)
+        self.reward_fn = None
+        if cfg.reward is not None:
+            self.reward_fn = self._reward_obj or load_reward(cfg.reward)
+
+        # models --------------------------------------------------------------------------------------------------
         student = self._load_student(resume_dir)
         teacher_model = None
         if cfg.needs_teacher:
@@ -175,19 +209,10 @@ class GKDTrainer:
         if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
             ref = self._load_reference()
             self.reference = Teacher(ref.to(self.device), self.vocab)
-        self.seq2seq = is_seq2seq(student)
         self.eos = eos_ids(student, self.tokenizer)
 
-        # data --------------------------------------------------------------------------------------------------
-        self.train_data = self._train_dataset or self._load_dataset(
-            self._train_records, cfg.dataset, cfg.dataset_split, "train"
-        )
-        if not self.train_data.has_targets and cfg.lmbda < 1.0 and not cfg.seq_kd:
-            raise DataError(
-                "the dataset has prompt-only records but lmbda < 1 needs targets for off-policy batches; "
-                "set lmbda: 1, or seq_kd: true to let the teacher write targets, or add completions"
-            )
-        if cfg.seq_kd and cfg.lmbda < 1.0:
+        # data the teacher writes -----------------------------------------------------------------------------
+        if cfg.seq_kd and cfg.off_policy_possible:
             assert teacher_model is not None
             self.train_data = seqkd_dataset(
                 teacher_model,
@@ -204,8 +229,7 @@ class GKDTrainer:
                 log=self.log,
             )
         self.topk_cache = None
-        off_policy_possible = cfg.lmbda < 1.0 or (cfg.lmbda_schedule == "linear" and cfg.lmbda_start < 1.0)
-        if cfg.teacher_cache == "topk" and off_policy_possible:
+        if cfg.teacher_cache == "topk":
             assert self.teacher is not None
             self.topk_cache = build_topk_cache(
                 self.teacher,
@@ -217,12 +241,6 @@ class GKDTrainer:
                 teacher_name=str(cfg.teacher_model_name_or_path or "teacher"),
                 log=self.log,
             )
-        self.eval_data = None
-        if self._eval_dataset is not None:
-            self.eval_data = self._eval_dataset
-        elif self._eval_records is not None or cfg.eval_dataset is not None:
-            self.eval_data = self._load_dataset(self._eval_records, cfg.eval_dataset, cfg.eval_split, "eval")
-            self.eval_data = TokenizedDataset(self.eval_data.examples[: cfg.eval_max_samples])
         self.stream = BatchStream(
             self.train_data,
             cfg.per_device_train_batch_size,
@@ -231,19 +249,11 @@ class GKDTrainer:
             self.rank,
             self.world,
         )
-        if cfg.top_k > 0 or cfg.top_p < 1.0:
-            self.log(
-                "warning: top_k/top_p truncate the student's sampling distribution, so rollouts are no longer exactly "
-                "on-policy samples of the student"
-            )
 
         # loss --------------------------------------------------------------------------------------------------
         self.divergence = None
         if cfg.divergence != "nll":
             self.divergence = get_divergence(cfg.divergence, **cfg.divergence_params())
-        self.reward_fn = None
-        if cfg.reward is not None:
-            self.reward_fn = self._reward_obj or load_reward(cfg.reward)
 
         # optimisation ------------------------------------------------------------------------------------------
         params = [p for p in student.parameters() if p.requires_grad]
@@ -283,6 +293,31 @@ class GKDTrainer:
                 f"output_dir '{out}' is not writable ({e.strerror}); choose another output_dir"
             ) from e
         ckpt.clean_partial(out)
+        previous = ckpt.run_files(out)
+        if previous and not self.cfg.resume_from_checkpoint:
+            if not self.cfg.overwrite_output_dir:
+                names = ", ".join(p.name for p in previous[:3]) + (", ..." if len(previous) > 3 else "")
+                raise ConfigError(
+                    f"output_dir '{out}' already holds a run ({names}); set resume_from_checkpoint=latest to "
+                    "continue it, overwrite_output_dir=true to replace it, or choose another output_dir"
+                )
+            if self.is_main:
+                ckpt.remove_run(out)
+
+    def _model_configs(self) -> dict[str, Any]:
+        """The student's (and teacher's) transformers configs, read without loading weights."""
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        if self._student_obj is not None:
+            out["student"] = unwrap(self._student_obj).config
+        else:
+            out["student"] = load_config(cfg.model_name_or_path, "student")  # type: ignore[arg-type]
+        if cfg.needs_teacher:
+            if self._teacher_obj is not None:
+                out["teacher"] = unwrap(self._teacher_obj).config
+            else:
+                out["teacher"] = load_config(cfg.teacher_model_name_or_path, "teacher")  # type: ignore[arg-type]
+        return out
 
     def _load_student(self, resume_dir: Path | None) -> nn.Module:
         cfg = self.cfg
@@ -327,7 +362,13 @@ class GKDTrainer:
         source = f"{what} data"
         if records is None:
             assert spec is not None
-            records, skipped = load_records(spec, split, cfg.dataset_config_name, cfg.skip_bad_lines)
+            records, skipped = load_records(
+                spec,
+                split,
+                cfg.dataset_config_name,
+                cfg.skip_bad_lines,
+                split_key="dataset_split" if what == "train" else "eval_split",
+            )
             source = f"dataset '{spec}'"
         data = tokenize_records(
             records,
@@ -335,11 +376,12 @@ class GKDTrainer:
             max_prompt_length=cfg.max_prompt_length,
             max_completion_length=cfg.effective_max_completion_length,
             source=source,
-            seq2seq=self.seq2seq if hasattr(self, "seq2seq") else False,
+            seq2seq=self.seq2seq,
         )
         data.skipped_lines = skipped
         if skipped:
-            self.log(f"warning: {source}: skipped {skipped} lines that were not valid JSON")
+            lines = "1 line that was" if skipped == 1 else f"{skipped} lines that were"
+            self.log(f"warning: {source}: skipped {lines} not valid JSON")
         if data.truncated_prompts:
             self.log(
                 f"warning: {source}: {data.truncated_prompts} of {len(data)} prompts were longer than "
@@ -402,6 +444,7 @@ class GKDTrainer:
                 eos_token_ids=self.eos,
                 pad_token_id=self.tokenizer.pad_token_id,
                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rollout_gen)),
+                vocab_size=self.vocab,
             )
             return Batch(
                 batch.prompt_ids,
@@ -423,6 +466,7 @@ class GKDTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
             generator=self.rollout_gen,
             backend=cfg.rollout_backend,
+            vocab_size=self.vocab,
         )
         return Batch(
             batch.prompt_ids,
@@ -727,9 +771,16 @@ class GKDTrainer:
         self.setup()
         cfg = self.cfg
         t_begin = time.perf_counter()
-        last_loss = float("nan")
+        if self.step >= cfg.max_steps:
+            self.log(
+                f"nothing to do: the run is already at step {self.step} (max_steps={cfg.max_steps}); raise "
+                "max_steps to train further"
+            )
+            return TrainResult(
+                self.step, self.last_loss, self.skipped_steps, self.output_dir, 0.0, finished=True
+            )
         self.log(self._banner())
-        progress = _Progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
+        progress = _Progress(cfg.max_steps, self.step, show_bar=cfg.progress and self.is_main, log=self.log)
         # SIGTERM and the first Ctrl-C only raise a flag: the current step finishes, then a checkpoint is saved
         # (an exception raised at an arbitrary point inside library code is not a safe place to save from).
         # A second Ctrl-C interrupts at once.
@@ -749,7 +800,7 @@ class GKDTrainer:
         try:
             while self.step < cfg.max_steps:
                 record = self.train_step()
-                last_loss = record["loss"]
+                self.last_loss = record["loss"]
                 progress.update(self.step, record)
                 if self.step % cfg.logging_steps == 0 or self.step == 1:
                     self.tracker.log(record)
@@ -780,12 +831,17 @@ class GKDTrainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         path = self.save()
+        if cfg.lora is not None and cfg.lora.save_merged and self.is_main:
+            merged = save_merged(self.student, self.tokenizer, self.output_dir / "merged")
+            self.log(f"LoRA adapter merged into the base model: {merged}")
         if self.eval_data is not None:
             self.evaluate()
         self.tracker.close()
         wall = time.perf_counter() - t_begin
-        self.log(f"done: {self.step} steps in {wall:.1f}s, final loss {last_loss:.4f}; model saved to {path}")
-        return TrainResult(self.step, last_loss, self.skipped_steps, self.output_dir, wall)
+        self.log(
+            f"done: {self.step} steps in {wall:.1f}s, final loss {self.last_loss:.4f}; model saved to {path}"
+        )
+        return TrainResult(self.step, self.last_loss, self.skipped_steps, self.output_dir, wall)
 
     def _banner(self) -> str:
         cfg = self.cfg
@@ -846,6 +902,7 @@ class GKDTrainer:
                 "numpy_rng": np.random.get_state(),
                 "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "last_loss": self.last_loss,
             }
             path = ckpt.save_checkpoint(
                 self.output_dir,
@@ -889,19 +946,13 @@ class GKDTrainer:
         np.random.set_state(state["numpy_rng"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.last_loss = float(state.get("last_loss", float("nan")))
         self.log(f"resumed from {path} at step {self.step}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-def check_paths_partial(cfg: GKDConfig, have_student: bool, have_teacher: bool) -> None:
-    if not have_student and cfg.model_name_or_path is None:
-        raise ConfigError("config key 'model_name_or_path' (the student) is required")
-    if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None:
-        check_paths(cfg)
-
-
 def _detached(out: Any) -> Any:
     """A scoring output cut from the autograd graph (for statistics that must not train anything)."""
     from gkd.models import ScoringOutput
@@ -972,25 +1023,27 @@ def _format_record(r: dict[str, Any]) -> str:
 
 
 class _Progress:
-    """A rich progress bar with ETA (falls back to plain prints when not a terminal)."""
+    """A rich progress bar with ETA on an interactive terminal; nothing otherwise.
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
+    Step lines go through :meth:`print`: above the bar on a terminal, else to ``log`` one unwrapped line each (so a
+    log file holds one line per step, greppable). ``show_bar`` (config key ``progress``) hides only the bar.
+    """
+
+    def __init__(self, total: int, start: int, show_bar: bool, log: Callable[[str], None]) -> None:
+        self._log = log
         self._bar = None
-        self._console = None
-        if not enabled:
+        if not (show_bar and sys.stderr.isatty()):
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._console = Console(stderr=True)
         self._bar = Progress(
             TextColumn("[bold]gkd"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
-            console=self._console,
+            console=Console(stderr=True, soft_wrap=True),
             transient=True,
         )
         self._task = self._bar.add_task("train", total=total, completed=start, info="")
@@ -1002,9 +1055,9 @@ class _Progress:
 
     def print(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
-        elif self.enabled:
-            print(text, flush=True)
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self._log(text)
 
     def close(self) -> None:
         if self._bar is not None:

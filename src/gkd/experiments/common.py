@@ -61,15 +61,28 @@ def prepare_task(
     n_eval: int = 500,
     seed: int = 0,
     params: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Write a built-in task's train/validation/test JSONL, its tokenizer and randomly initialised tiny models.
 
     The result is everything ``gkd sft`` / ``gkd distill`` need, e.g.
     ``gkd sft model_name_or_path=OUT/teacher-init dataset=OUT/train.jsonl output_dir=OUT/teacher``.
+    ``OUT/task.json`` records which task the folder holds; another task's folder is refused unless ``force``.
     """
+    from gkd.errors import ConfigError
     from gkd.models import build_model
-    from gkd.tasks import get_task
+    from gkd.tasks import TASKS, get_task
 
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    marker = out / "task.json"
+    if not force and out.is_dir() and any(out.iterdir()):
+        held = json.loads(marker.read_text()).get("task") if marker.is_file() else None
+        if held != name:
+            what = f"task '{held}'" if held else "other files"
+            raise ConfigError(
+                f"'{out}' already holds {what}; choose another --out folder or pass --force to overwrite it"
+            )
     task = get_task(name, **(params or {}))
     out.mkdir(parents=True, exist_ok=True)
     tok = task.build_tokenizer(str(out / "tokenizer"))
@@ -85,6 +98,7 @@ def prepare_task(
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)
         paths[role] = out / role
+    marker.write_text(json.dumps({"task": name, "params": params or {}, "seed": seed}) + "\n")
     return paths
 
 
@@ -366,6 +380,7 @@ def sft_config(out: Path, steps: int, lr: float, s: StudySettings, seed: int) ->
         "weight_decay": 0.01,
         "adam_beta2": 0.98,
         "output_dir": str(out),
+        "overwrite_output_dir": True,  # a study re-runs an unfinished job from its start
         "logging_steps": max(1, steps // 10),
         "save_steps": 0,
         "save_total_limit": 1,

@@ -105,6 +105,7 @@ def method_config(name: str, seed: int, out: Path, s: StudySettings, **extra: An
         "adam_beta2": 0.98,
         "weight_decay": 0.01,
         "output_dir": str(out),
+        "overwrite_output_dir": True,  # a study re-runs an unfinished job from its start
         "logging_steps": max(1, s.method_steps // 5),
         "save_steps": 0,
         "save_total_limit": 1,

@@ -17,8 +17,10 @@ error profile (the exposure-bias probe of experiment E1).
 
 Splits hash the *multiset* of terms, so ``47+18+25`` and ``18+25+47`` always land in the same split.
 
-Metrics: ``final_answer`` (headline, exact match of the number after ``####``) and ``chain_valid`` (the whole
-output is a valid chain for the problem: correct, legal steps in the exact format, and the right answer).
+Metrics: ``final_answer`` (headline, exact match of the number after ``####``; per example
+:func:`gkd.metrics.final_answer_score`) and ``chain_valid`` (the whole output is a valid chain for the problem:
+correct, legal steps in the exact format, and the right answer; per example :func:`chain_valid_score`). The prompt is
+read with :func:`gkd.metrics.prompt_text_of`, so every record format works.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _check_steps(terms: list[int], prediction: str) -> tuple[list[bool], bool]:
 
 def chain_valid_score(record: dict, prediction: str) -> float:
     """1.0 if the prediction is a valid chain for the record's problem, else 0.0."""
-    return float(_check_steps(parse_prompt(record["prompt"]), prediction)[1])
+    return float(_check_steps(parse_prompt(M.prompt_text_of(record)), prediction)[1])
 
 
 def chain_valid(predictions: list[str], records: list[dict]) -> float:
@@ -160,10 +162,10 @@ def chain_valid(predictions: list[str], records: list[dict]) -> float:
 def step_accuracy(records: list[dict], predictions: list[str]) -> list[float]:
     """Percent of predictions whose j-th step is present and correct, for each step position j (E1's probe)."""
     M.check_inputs(predictions, records)
-    n_steps = max(len(parse_prompt(r["prompt"])) - 1 for r in records)
+    n_steps = max(len(parse_prompt(M.prompt_text_of(r))) - 1 for r in records)
     hits = [0] * n_steps
     for pred, rec in zip(predictions, records):
-        ok, _ = _check_steps(parse_prompt(rec["prompt"]), pred)
+        ok, _ = _check_steps(parse_prompt(M.prompt_text_of(rec)), pred)
         for j, good in enumerate(ok[:n_steps]):
             hits[j] += good
     return [100.0 * h / len(predictions) for h in hits]
@@ -217,6 +219,10 @@ class ArithmeticCoT(Task):
 
     def metric_fns(self) -> dict:
         return {"chain_valid": chain_valid}
+
+    def example_fns(self) -> dict:
+        """Per-example forms ``(record, prediction) -> [0, 1]`` of :meth:`metric_fns` (the RL rewards)."""
+        return {"chain_valid": chain_valid_score}
 
     # ---- sizes
 

@@ -30,6 +30,11 @@ Metrics (percent; the per-example functions return [0, 1] and are meant as RL re
   hallucinated. **An empty summary scores 0**: it supports no fact, and a reward of 1 for stopping at once would be
   trivially hackable. Per example: :func:`faithfulness_score`.
 * ``dup_rate``: share of outputs that repeat an item (lower is better; on-policy forward KL tends to raise it).
+  Per example: :func:`duplicate_score`.
+
+The per-example functions read the prompt with :func:`gkd.metrics.prompt_text_of` and the targets with
+:func:`gkd.metrics.references_of`, so they score every record format (prompt/completion, ``messages``,
+conversational prompt/completion, prompt-only with ``references``).
 
 Diversity: draw several samples per prompt and call ``gkd.metrics.self_bleu(samples_per_input)`` (100 = identical
 samples). Self-BLEU is order-sensitive, so on this task it measures how varied the sampled *orders* are.
@@ -55,6 +60,7 @@ __all__ = [
     "SalientSetSummarization",
     "canonical_items",
     "dup_rate",
+    "duplicate_score",
     "faithfulness",
     "faithfulness_score",
     "has_duplicate",
@@ -62,6 +68,7 @@ __all__ = [
     "item_f1",
     "item_f1_score",
     "rouge2_canonical",
+    "rouge2_canonical_score",
     "salient_items",
     "set_match",
     "set_match_score",
@@ -108,13 +115,13 @@ def _canonical_text(text: str) -> str:
 
 def set_match_score(record: dict, prediction: str) -> float:
     """1.0 if the canonical output items are exactly the salient set (no repeats, extras or gaps), else 0.0."""
-    return float(Counter(canonical_items(prediction)) == Counter(salient_items(record["prompt"])))
+    return float(Counter(canonical_items(prediction)) == Counter(salient_items(M.prompt_text_of(record))))
 
 
 def item_f1_score(record: dict, prediction: str) -> float:
     """Multiset F1 in [0, 1]: each salient item can be matched once; repeats and non-items are false positives."""
     pred = Counter(canonical_items(prediction))
-    gold = Counter(salient_items(record["prompt"]))
+    gold = Counter(salient_items(M.prompt_text_of(record)))
     tp = sum((pred & gold).values())
     denom = sum(pred.values()) + sum(gold.values())
     return 1.0 if denom == 0 else 2.0 * tp / denom
@@ -125,7 +132,7 @@ def faithfulness_score(record: dict, prediction: str) -> float:
     items = canonical_items(prediction)
     if not items:
         return 0.0
-    present = input_items(record["prompt"])
+    present = input_items(M.prompt_text_of(record))
     return sum(tok in present for tok in items) / len(items)
 
 
@@ -133,6 +140,21 @@ def has_duplicate(prediction: str) -> bool:
     """True if some canonical item occurs more than once in the output."""
     items = canonical_items(prediction)
     return len(items) != len(set(items))
+
+
+def duplicate_score(record: dict, prediction: str) -> float:
+    """1.0 if the output repeats an item, else 0.0 (lower is better: as a reward it would favour repeats)."""
+    return float(has_duplicate(prediction))
+
+
+def _canonical_record(record: dict, index: int | None = None) -> dict:
+    """A record whose only targets are the record's references (target first), paraphrases canonicalised."""
+    return {"references": [_canonical_text(x) for x in M.require_references(record, index)]}
+
+
+def rouge2_canonical_score(record: dict, prediction: str) -> float:
+    """ROUGE-2 F1 in [0, 1] (best over references) after canonicalising paraphrases on both sides."""
+    return M.rouge2_score(_canonical_record(record), _canonical_text(prediction))
 
 
 # --------------------------------------------------------------------------------------------------- corpus
@@ -160,19 +182,13 @@ def faithfulness(predictions: list[str], records: list[dict]) -> float:
 
 def dup_rate(predictions: list[str], records: list[dict]) -> float:
     """Percent of outputs with a repeated item (lower is better)."""
-    return _mean(lambda r, p: float(has_duplicate(p)), predictions, records)
+    return _mean(duplicate_score, predictions, records)
 
 
 def rouge2_canonical(predictions: list[str], records: list[dict]) -> float:
     """ROUGE-2 F1 (best over references) after canonicalising paraphrases on both sides, in percent."""
-    canon = [
-        {
-            "prompt": r["prompt"],
-            "completion": _canonical_text(r["completion"]),
-            "references": [_canonical_text(x) for x in r.get("references", [])],
-        }
-        for r in records
-    ]
+    M.check_inputs(predictions, records)
+    canon = [_canonical_record(r, i) for i, r in enumerate(records)]
     return M.rouge2([_canonical_text(p) for p in predictions], canon)
 
 
@@ -199,6 +215,9 @@ class SalientSetSummarization(Task):
     name = "summarization"
     metric = "set_match"
     metrics = ["set_match", "item_f1", "rouge2", "faithfulness", "dup_rate"]  # noqa: RUF012
+    reference_metrics = (
+        "rouge2",
+    )  # metrics that compare with the record's targets (the others read the prompt)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_salient <= self.max_salient <= self.n_items <= len(LETTERS):
@@ -261,6 +280,16 @@ class SalientSetSummarization(Task):
             "rouge2": rouge2_canonical,
             "faithfulness": faithfulness,
             "dup_rate": dup_rate,
+        }
+
+    def example_fns(self) -> dict:
+        """Per-example forms ``(record, prediction) -> [0, 1]`` of :meth:`metric_fns` (the RL rewards)."""
+        return {
+            "set_match": set_match_score,
+            "item_f1": item_f1_score,
+            "rouge2": rouge2_canonical_score,
+            "faithfulness": faithfulness_score,
+            "dup_rate": duplicate_score,
         }
 
     # ---- sizes (from the toy-scale notes, run E/F: a 2L d64 teacher vs a 1L d24 student that plateaus below it)

@@ -27,7 +27,8 @@ The lexicon is generated once from ``lexicon_seed`` (fixed by default), independ
 
 Metrics: ``bleu`` (headline: corpus BLEU-4 against all references, whitespace tokenisation), ``exact_match``
 (against the stored references only, so it is a lower bound) and ``agreement`` (share of outputs ending in the right
-agreement suffix, a probe of the long-range dependency).
+agreement suffix, a probe of the long-range dependency; per example :func:`agreement_score`, which reads the gold
+suffix from the record's target via :func:`gkd.metrics.references_of`, so every record format with a target works).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class SyntheticTranslation(Task):
     name = "translation"
     metric = "bleu"
     metrics = ["bleu", "exact_match", "agreement"]  # noqa: RUF012
+    reference_metrics = ("agreement",)  # metrics that compare with the record's targets
 
     def __post_init__(self) -> None:
         if (
@@ -213,6 +215,10 @@ class SyntheticTranslation(Task):
     def metric_fns(self) -> dict:
         return {"agreement": agreement}
 
+    def example_fns(self) -> dict:
+        """Per-example forms ``(record, prediction) -> [0, 1]`` of :meth:`metric_fns` (the RL rewards)."""
+        return {"agreement": agreement_score}
+
     # ---- sizes
 
     @property
@@ -264,13 +270,22 @@ class SyntheticTranslation(Task):
         }
 
 
+def _agreement(prediction: str, refs: list[str]) -> float:
+    toks, gold = prediction.split(), refs[0].split()
+    return float(bool(toks) and bool(gold) and toks[-1] == gold[-1])
+
+
 def agreement_score(record: dict, prediction: str) -> float:
-    """1.0 if the output's last token is the agreement suffix the subject requires (from the completion), else 0."""
-    toks, gold = prediction.split(), record["completion"].split()
-    return float(bool(toks) and toks[-1] == gold[-1])
+    """1.0 if the output's last token is the agreement suffix the subject requires (read from the record's target,
+    its first reference), else 0."""
+    return _agreement(prediction, M.require_references(record))
 
 
 def agreement(predictions: list[str], records: list[dict]) -> float:
     """Percent of outputs ending in the right subject-agreement suffix."""
     M.check_inputs(predictions, records)
-    return 100.0 * sum(agreement_score(r, p) for p, r in zip(predictions, records)) / len(predictions)
+    return (
+        100.0
+        * sum(_agreement(p, M.require_references(r, i)) for i, (p, r) in enumerate(zip(predictions, records)))
+        / len(predictions)
+    )

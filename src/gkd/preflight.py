@@ -1,0 +1,101 @@
+"""Checks that run before any model weights load: everything that can be known from the config, the model configs
+(``config.json``, read without weights) and the tokenized data.
+
+With a 7B teacher a model load takes minutes, so a run that is going to fail on its input must fail here, with one
+line naming the key, the value and the fix. Each check is a plain function of what it needs, so it can be tested
+without a trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gkd.config import GKDConfig
+from gkd.data import TokenizedDataset
+from gkd.errors import ConfigError, DataError
+
+__all__ = ["check_backend", "check_context", "check_data", "check_paths"]
+
+
+def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_data: bool) -> None:
+    """The keys a run cannot start without (objects given from Python stand in for paths)."""
+    if not have_student and cfg.model_name_or_path is None:
+        raise ConfigError("config key 'model_name_or_path' (the student) is required")
+    if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None:
+        raise ConfigError(
+            f"config key 'teacher_model_name_or_path' is required for divergence '{cfg.divergence}' "
+            "(use divergence: nll for plain SFT without a teacher)"
+        )
+    if not have_data and cfg.dataset is None:
+        raise ConfigError("config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)")
+
+
+def check_data(cfg: GKDConfig, train: TokenizedDataset, evaluation: TokenizedDataset | None) -> None:
+    """Do the records carry what the λ schedule, the eval metric and the reward need?"""
+    from gkd.scoring import check_records
+
+    if not train.has_targets and cfg.needs_targets:
+        when = (
+            "lmbda < 1"
+            if cfg.lmbda < 1.0
+            else f"the linear lmbda schedule (from lmbda_start={cfg.lmbda_start})"
+        )
+        raise DataError(
+            f"the dataset has prompt-only records but {when} makes off-policy steps, which train on targets; "
+            "set lmbda: 1 (constant), or seq_kd: true to let the teacher write targets, or add completions"
+        )
+    if evaluation is not None:
+        check_records(
+            cfg.eval_metric or "exact_match", [e.record for e in evaluation.examples], "eval_metric"
+        )
+    if cfg.reward is not None and ":" not in cfg.reward:
+        check_records(cfg.reward, [e.record for e in train.examples], "reward")
+
+
+def _longest(data: TokenizedDataset | None) -> tuple[int, int]:
+    if data is None or not len(data):
+        return 0, 0
+    prompt = max(len(e.prompt) for e in data.examples)
+    completion = max((len(e.completion) for e in data.examples if e.completion is not None), default=0)
+    return prompt, completion
+
+
+def check_context(
+    cfg: GKDConfig,
+    model_configs: dict[str, Any],
+    train: TokenizedDataset,
+    evaluation: TokenizedDataset | None,
+) -> None:
+    """Prompt + generated (or dataset) tokens must fit every model's context: past it, learned position tables
+    index out of range (GPT-2) and rotary models leave the range they were trained on."""
+    from gkd.models import context_length
+
+    prompts = max(_longest(train)[0], _longest(evaluation)[0])
+    completion = max(cfg.max_new_tokens, min(_longest(train)[1], cfg.effective_max_completion_length))
+    for who, config in model_configs.items():
+        limit = context_length(config)
+        if limit is None or getattr(config, "is_encoder_decoder", False):
+            continue
+        if prompts + completion > limit:
+            raise ConfigError(
+                f"the longest prompt ({prompts} tokens) plus max_new_tokens={cfg.max_new_tokens} (or the longest "
+                f"completion) needs {prompts + completion} positions but the {who} reads at most {limit}; lower "
+                f"max_prompt_length (prompts are cut from the left) or max_new_tokens so they sum to <= {limit}"
+            )
+
+
+def check_backend(cfg: GKDConfig, student_config: Any) -> None:
+    """``rollout_backend`` against the student, known from its config (and the LoRA setting)."""
+    if cfg.rollout_backend == "fast":
+        from gkd.rollout import fast_backend_config_reason
+
+        reason = fast_backend_config_reason(student_config)
+        if reason is None and cfg.lora is not None:
+            reason = "a LoRA (peft) student"
+        if reason is not None:
+            raise ConfigError(
+                f"config key 'rollout_backend: fast' cannot sample this student ({reason}); use rollout_backend: "
+                "auto (it picks the fast loop where it can and model.generate elsewhere)"
+            )
+    if cfg.rollout_backend == "vllm" and cfg.lora is not None:
+        raise ConfigError("rollout_backend: vllm does not support LoRA students; use rollout_backend: auto")

@@ -1,0 +1,632 @@
+"""Every finding of the first-contact report (``first-contact.md`` §A-§D), reproduced as a user meets it.
+
+One test per row, named after it (``test_A3_...``). Each runs the user's command through the CLI in-process on tiny
+local models and data files in every format (see ``userland``), and checks what a user expects: a result, or one
+``error:`` line that names the problem and the fix, before any model loads where the input can be checked first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from userland import run_cli
+
+import gkd.trainer
+
+
+def _distill(world, tmp_path: Path, *extra: str, family: str = "llama", fmt: str = "prompt_completion", **kw):
+    args = [
+        "distill",
+        f"model_name_or_path={world.model(family, 'student')}",
+        f"teacher_model_name_or_path={world.model(family, 'teacher')}",
+        f"dataset={world.data(fmt)}",
+        "max_new_tokens=6",
+        "per_device_train_batch_size=4",
+        "learning_rate=1e-3",
+        "max_steps=2",
+        "logging_steps=1",
+        f"output_dir={kw.pop('output_dir', tmp_path / 'run')}",
+        *[f"{k}={v}" for k, v in kw.items()],
+        *extra,
+    ]
+    return run_cli(args)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail if the trainer loads a model: for inputs that must be refused before any model loads."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(gkd.trainer, "load_model", refuse)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §A: crashes with a raw traceback, or documented features that did not run
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["exact_mtch", "chain_vald", "bogus"])
+def test_A1_a_mistyped_eval_metric_is_one_line_before_any_model_loads(
+    metric, world, tmp_path, no_model_loads
+):
+    r = _distill(world, tmp_path, eval_dataset=world.data("prompt_completion", "test"), eval_metric=metric)
+    assert r.is_clean_error(), r
+    assert "eval_metric" in r.err and metric in r.err
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+
+
+def test_A1_eval_metric_None_means_the_default(world, tmp_path):
+    r = _distill(world, tmp_path, eval_dataset=world.data("prompt_completion", "test"), eval_metric="None")
+    assert r.code == 0, r
+    assert "eval/greedy/exact_match" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_A1_gkd_eval_with_a_bad_metric_is_one_line(world, tmp_path):
+    r = run_cli(
+        [
+            "eval",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data("messages", "test"),
+            "--metric",
+            "bogus",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert r.is_clean_error(), r
+    assert "did you mean" in r.err or "valid" in r.err
+
+
+@pytest.mark.parametrize("fmt", ["messages", "conversational", "prompt_only"])
+def test_A2_evaluation_works_on_every_format_with_a_reference(fmt, world, tmp_path):
+    """messages / conversational: the final assistant turn is the reference; prompt-only: its `references`."""
+    r = run_cli(
+        [
+            "eval",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data(fmt, "test"),
+            "--metric",
+            "rouge2",
+            "--max-new-tokens",
+            "4",
+            "--greedy-only",
+        ]
+    )
+    assert r.code == 0, r
+    assert "greedy/rouge2" in json.loads(r.out)
+    r = _distill(
+        world, tmp_path, fmt=fmt, lmbda=1, eval_dataset=world.data(fmt, "test"), eval_metric="rouge2"
+    )
+    assert r.code == 0, r
+
+
+def test_A2_records_without_any_reference_are_refused_before_training(world, tmp_path, no_model_loads):
+    r = _distill(
+        world,
+        tmp_path,
+        lmbda=1,
+        eval_dataset=world.data("messages_prompt_only", "test"),
+        eval_metric="rouge2",
+    )
+    assert r.is_clean_error(), r
+    assert "reference" in r.err
+
+
+def test_A3_a_student_with_padding_rows_beyond_its_tokenizer_trains_on_policy(world, tmp_path):
+    """Qwen2.5 checkpoints have more head rows than tokens; the rollout must never sample a padding row."""
+    r = _distill(world, tmp_path, family="qwen2", lmbda=1, max_steps=3)
+    assert r.code == 0, r
+
+
+def test_A4_prompt_plus_new_tokens_beyond_the_context_is_one_line_before_loading(
+    world, tmp_path, no_model_loads
+):
+    r = _distill(world, tmp_path, family="gpt2", lmbda=1, max_new_tokens=60)  # 18-token prompts, 64 positions
+    assert r.is_clean_error(), r
+    assert "max_new_tokens" in r.err and "64" in r.err
+
+
+def test_A5_the_documented_final_answer_reward_runs(world, tmp_path):
+    r = _distill(world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2)
+    assert r.code == 0, r
+
+
+@pytest.mark.parametrize("reward", ["item_f1", "set_match", "faithfulness"])
+def test_A6_built_in_rewards_accept_messages_records(reward, world, tmp_path):
+    r = _distill(world, tmp_path, fmt="messages", lmbda=1, alpha=0.5, reward=reward, num_generations=2)
+    assert r.code == 0, r
+
+
+def test_A7_fast_backend_with_t5_is_refused_before_loading(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, family="t5", lmbda=1, rollout_backend="fast")
+    assert r.is_clean_error(), r
+    assert "rollout_backend" in r.err and "auto" in r.err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--top-p", "0"), ("--temperature", "-1"), ("--top-k", "-1"), ("--num-samples", "0")]
+)
+def test_A8_bad_generate_options_are_one_line(flag, value, world, tmp_path):
+    r = run_cli(
+        [
+            "generate",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            flag,
+            value,
+        ]
+    )
+    assert r.is_clean_error(), r
+    assert flag in r.err
+
+
+def test_A9_prepare_an_unknown_task_is_one_line(tmp_path):
+    r = run_cli(["prepare", "bogus", "--out", str(tmp_path / "x")])
+    assert r.is_clean_error(), r
+    assert "summarization" in r.err
+
+
+def test_A10_a_task_metric_on_another_tasks_data_is_one_line(world, tmp_path, no_model_loads):
+    r = run_cli(
+        [
+            "eval",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--metric",
+            "arithmetic",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert r.is_clean_error(), r
+    assert "arithmetic" in r.err
+    r = _distill(
+        world, tmp_path, eval_dataset=world.data("prompt_completion", "test"), eval_metric="arithmetic"
+    )
+    assert r.is_clean_error(), r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §B: silently wrong results
+# ---------------------------------------------------------------------------------------------------------------
+def test_B1_prompt_only_data_with_an_off_policy_warmup_is_refused(world, tmp_path, no_model_loads):
+    r = _distill(
+        world,
+        tmp_path,
+        fmt="prompt_only",
+        lmbda=1,
+        lmbda_schedule="linear",
+        lmbda_start=0,
+        lmbda_warmup_steps=4,
+    )
+    assert r.is_clean_error(), r
+    assert "lmbda" in r.err
+
+
+def test_B2_seqkd_targets_are_written_when_the_schedule_makes_off_policy_steps(world, tmp_path):
+    r = _distill(
+        world,
+        tmp_path,
+        fmt="prompt_only",
+        seq_kd="true",
+        lmbda=1,
+        lmbda_schedule="linear",
+        lmbda_start=0,
+        lmbda_warmup_steps=4,
+        max_steps=3,
+    )
+    assert r.code == 0, r
+    assert list((tmp_path / "run").glob("seqkd-*.jsonl")), "no SeqKD targets were written"
+    records = _metrics(tmp_path / "run")
+    off = [m for m in records if "on_policy" in m and not m["on_policy"]]
+    assert off and all(m["completion_tokens"] > 0 for m in off)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "conversational"])
+def test_B3_rewards_find_references_in_chat_records(fmt, world, tmp_path):
+    r = _distill(
+        world,
+        tmp_path,
+        fmt=fmt,
+        lmbda=1,
+        alpha=0.5,
+        reward="bleu",
+        num_generations=2,
+        max_new_tokens=8,
+        max_steps=3,
+        temperature=2,
+    )
+    assert r.code == 0, r
+    assert any(m.get("reward_std", 0) > 0 for m in _metrics(tmp_path / "run"))
+
+
+def test_B4_generated_files_train_on_the_generations(world, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    r = run_cli(
+        [
+            "generate",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data("messages", "test"),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+        ]
+    )
+    assert r.code == 0, r
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    originals = [json.loads(x) for x in Path(world.data("messages", "test")).read_text().splitlines()]
+    for row, orig in zip(rows, originals):
+        assert row["messages"][:-1] == orig["messages"][:-1]
+        assert row["messages"][-1]["role"] == "assistant"
+    from gkd.data import tokenize_records
+    from gkd.models import load_tokenizer
+
+    tok = load_tokenizer(world.model("llama", "student"))
+    data = tokenize_records(rows, tok, max_prompt_length=512, max_completion_length=64)
+    target = tok.decode(data.examples[0].completion, skip_special_tokens=True).strip()
+    assert target == rows[0]["messages"][-1]["content"].strip()
+
+
+def test_B5_a_bf16_student_warns_which_updates_are_lost(world, tmp_path):
+    r = _distill(world, tmp_path, student_dtype="bfloat16", learning_rate="1e-5")
+    assert r.code == 0, r
+    assert "warning: student_dtype: bfloat16" in r.err and "|w| >" in r.err
+
+
+def test_B6_a_second_run_into_the_same_output_dir_is_refused_then_overwritten_on_request(world, tmp_path):
+    assert _distill(world, tmp_path).code == 0
+    r = _distill(world, tmp_path)
+    assert r.is_clean_error(), r
+    assert "resume_from_checkpoint=latest" in r.err and "overwrite_output_dir" in r.err
+    r = _distill(world, tmp_path, overwrite_output_dir="true")
+    assert r.code == 0, r
+    steps = [m["step"] for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert steps == [1, 2]
+
+
+def test_B7_a_linear_schedule_without_warmup_steps_is_refused(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, lmbda=1, lmbda_schedule="linear", lmbda_start=0)
+    assert r.is_clean_error(), r
+    assert "lmbda_warmup_steps" in r.err
+
+
+def test_B8_the_topk_cache_warns_for_reverse_kl_and_keeps_the_diagnostics(world, tmp_path):
+    r = _distill(
+        world, tmp_path, lmbda=0, divergence="reverse_kl", teacher_cache="topk", teacher_cache_topk=4
+    )
+    assert r.code == 0, r
+    assert "warning: teacher_cache: topk with divergence reverse_kl" in r.err
+    first = _metrics(tmp_path / "run")[0]
+    for key in ("forward_kl", "reverse_kl", "top1_agree"):
+        assert key in first
+
+
+def test_B9_progress_false_hides_only_the_bar(world, tmp_path):
+    r = _distill(world, tmp_path, progress="false")
+    assert r.code == 0, r
+    assert "step 1 |" in r.err and "step 2 |" in r.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §C: confusing errors and late checks
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override",
+    [
+        "learning_rate=1e-5",
+        "learning_rate=5e-05",
+        "learning_rate=1E-5",
+        "adam_epsilon=1e-8",
+        "beta=9e-1",
+        "max_steps=2.0",
+        "max_grad_norm=inf",
+        "learning_rate=.001",
+    ],
+)
+def test_C1_numbers_in_every_spelling(override, world, tmp_path):
+    r = _distill(world, tmp_path, override)
+    assert r.code == 0, r
+
+
+def test_C1_scientific_notation_inside_a_yaml_file(world, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 1e-3\nmax_steps: 2\n")
+    r = _distill(world, tmp_path, "--config", str(cfg))
+    assert r.code == 0, r
+
+
+def test_C1_nan_learning_rate_is_one_line(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, learning_rate="nan")
+    assert r.is_clean_error(), r
+    assert "learning_rate" in r.err and "finite" in r.err
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("lr", "learning_rate"),
+        ("lora_alpha", "lora.alpha"),
+        ("dataset_name", "dataset"),
+        ("per_device_eval_batch_size", "eval_batch_size"),
+        ("lora_dropout", "lora.dropout"),
+    ],
+)
+def test_C2_did_you_mean_points_to_the_right_key(key, hint, world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, f"{key}=1")
+    assert r.is_clean_error(), r
+    assert f"did you mean '{hint}'" in r.err
+
+
+def test_C2_keys_of_other_trainers_get_advice_not_a_wrong_spelling(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, "deepspeed=ds.json")
+    assert r.is_clean_error(), r
+    assert "'seed'" not in r.err and "accelerate" in r.err
+
+
+@pytest.mark.parametrize("value", ["tensorboard", "none", "[]", "all"])
+def test_C3_report_to_takes_a_single_name(value, world, tmp_path):
+    r = _distill(world, tmp_path, report_to=value)
+    assert r.code == 0, r
+
+
+def test_C4_a_lora_checkpoint_is_usable_by_eval_generate_and_as_a_teacher(world, tmp_path, monkeypatch):
+    run = tmp_path / "lora"
+    r = _distill(world, tmp_path, "lora.r=4", "lora.save_merged=true", output_dir=run)
+    assert r.code == 0, r
+    ckpt = run / "checkpoint-2"
+    assert (ckpt / "adapter_config.json").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the adapter must not depend on the cwd of the training run
+    r = run_cli(
+        [
+            "eval",
+            "--model",
+            str(ckpt),
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--metric",
+            "exact_match",
+            "--max-new-tokens",
+            "4",
+            "--greedy-only",
+        ]
+    )
+    assert r.code == 0, r
+    r = run_cli(
+        [
+            "generate",
+            "--model",
+            str(ckpt),
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--out",
+            str(tmp_path / "g.jsonl"),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert r.code == 0, r
+    r = _distill(world, tmp_path, teacher_model_name_or_path=str(ckpt), output_dir=tmp_path / "t")
+    assert r.code == 0, r
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(run / "merged"))
+
+
+def test_C5_trl_conversational_prompt_completion_records_train(world, tmp_path):
+    r = _distill(world, tmp_path, fmt="conversational", lmbda=0.5, max_steps=3)
+    assert r.code == 0, r
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"reward": "exact_mach", "lmbda": 1, "alpha": 0.5},
+        {"dataset": "data/missing.jsonl"},
+        {"eval_metric": "rouge3", "eval_dataset": "EVAL"},
+        {"eval_dataset": "data/missing.jsonl"},
+    ],
+)
+def test_C6_names_and_paths_are_checked_before_any_model_loads(bad, world, tmp_path, no_model_loads):
+    bad = {k: (world.data("prompt_completion", "test") if v == "EVAL" else v) for k, v in bad.items()}
+    r = _distill(world, tmp_path, **bad)
+    assert r.is_clean_error(), r
+
+
+def test_C7_presets_resolve_by_name(world, tmp_path):
+    r = _distill(world, tmp_path, "--config", "on_policy_gkd")
+    assert r.code == 0, r
+    r = _distill(world, tmp_path, "--config", "on_polcy_gkd", output_dir=tmp_path / "x")
+    assert r.is_clean_error(), r
+    assert "did you mean the preset 'on_policy_gkd'" in r.err
+
+
+def test_C8_a_mistyped_local_path_fails_at_once(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    t0 = time.perf_counter()
+    r = run_cli(
+        [
+            "generate",
+            "--model",
+            "runs/nope",
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--out",
+            "o.jsonl",
+        ]
+    )
+    assert r.is_clean_error(), r
+    r2 = _distill(world, tmp_path, dataset="runs/nope.jsonl")
+    assert r2.is_clean_error(), r2
+    assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("override", ["resume_from_checkpoint=None", "save_total_limit=None", "lora=None"])
+def test_C9_python_none_is_null(override, world, tmp_path):
+    r = _distill(world, tmp_path, override)
+    assert r.code == 0, r
+
+
+def test_C10_long_prompts_are_truncated_and_only_an_impossible_limit_stops(world, tmp_path):
+    rows = [json.loads(x) for x in Path(world.data("prompt_completion")).read_text().splitlines()]
+    for row in rows[::2]:
+        row["prompt"] = " ".join(row["prompt"].split()[:6])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _distill(world, tmp_path, max_prompt_length=10, dataset=str(mixed))
+    assert r.code == 0, r
+    assert "truncated from the left" in r.err
+    r = _distill(world, tmp_path, max_prompt_length=3, dataset=str(mixed), output_dir=tmp_path / "x")
+    assert r.is_clean_error(), r
+    config_md = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    assert "if EVERY prompt is longer the run stops" in config_md
+
+
+def test_C11_a_folder_without_the_eval_split_names_the_key(world, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(world.data("prompt_completion"), folder / "train.jsonl")
+    shutil.copy(world.data("prompt_completion", "test"), folder / "test.jsonl")
+    r = _distill(world, tmp_path, dataset=str(folder), eval_dataset=str(folder))
+    assert r.is_clean_error(), r
+    assert "eval_split" in r.err
+
+
+def test_C12_one_vocabulary_for_metrics_rewards_and_tasks(world, tmp_path):
+    r = _distill(world, tmp_path, eval_dataset=world.data("prompt_completion", "test"), eval_metric="nope")
+    assert r.is_clean_error(), r
+    for name in ("summarization", "set_match", "exact_match", "rouge2"):
+        assert name in r.err
+    for metric in ("set_match", "summarization"):
+        r = _distill(
+            world,
+            tmp_path,
+            eval_dataset=world.data("prompt_completion", "test"),
+            eval_metric=metric,
+            output_dir=tmp_path / metric,
+        )
+        assert r.code == 0, r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §D: cosmetic
+# ---------------------------------------------------------------------------------------------------------------
+def test_D1_resuming_a_finished_run_says_so_in_strict_json(world, tmp_path):
+    assert _distill(world, tmp_path).code == 0
+    before = (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
+    r = _distill(world, tmp_path, resume_from_checkpoint="latest")
+    assert r.code == 0, r
+    summary = json.loads(
+        r.out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"non-JSON {c}")
+    )
+    assert summary["status"] == "already_finished" and summary["final_loss"] is not None
+    assert "nothing to do" in r.err
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == before
+
+
+def test_D2_logs_are_one_line_per_step_on_stderr_and_stdout_is_json(world, tmp_path):
+    r = _distill(world, tmp_path, top_k=5)
+    assert r.code == 0, r
+    step_lines = [line for line in r.err.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2 and all("tok/s" in line for line in step_lines)
+    assert "warning: top_k/top_p" in r.err
+    assert len(r.out.strip().splitlines()) == 1
+    json.loads(r.out)
+
+
+def test_D3_version():
+    r = run_cli(["--version"])
+    assert r.code == 0 and r.out.startswith("gkd ")
+
+
+def test_D4_no_third_party_progress_bars_or_warnings(world, tmp_path):
+    data = tmp_path / "array.json"
+    data.write_text(
+        json.dumps([json.loads(x) for x in Path(world.data("prompt_completion")).read_text().splitlines()])
+    )
+    r = _distill(world, tmp_path, "lora.r=4", dataset=str(data))
+    assert r.code == 0, r
+    for noise in ("Generating train split", "FutureWarning", "Loading weights", "Writing model shards"):
+        assert noise not in r.err and noise not in r.out
+
+
+def test_D5_empty_or_clobbering_inputs_are_refused(world, tmp_path):
+    r = run_cli(["prepare", "summarization", "--out", str(tmp_path / "a"), "--n-train", "0"])
+    assert r.is_clean_error(), r
+    assert (
+        run_cli(
+            ["prepare", "arithmetic", "--out", str(tmp_path / "b"), "--n-train", "8", "--n-eval", "4"]
+        ).code
+        == 0
+    )
+    r = run_cli(["prepare", "summarization", "--out", str(tmp_path / "b"), "--n-train", "8", "--n-eval", "4"])
+    assert r.is_clean_error(), r
+    assert "--force" in r.err
+    r = run_cli(
+        [
+            "generate",
+            "--model",
+            world.model("llama", "student"),
+            "--dataset",
+            world.data("prompt_completion", "test"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--max-new-tokens",
+            "0",
+        ]
+    )
+    assert r.is_clean_error(), r
+
+
+def test_D6_sft_says_a_given_teacher_is_ignored(world, tmp_path):
+    r = run_cli(
+        [
+            "sft",
+            f"model_name_or_path={world.model('llama', 'student')}",
+            f"teacher_model_name_or_path={world.model('llama', 'teacher')}",
+            f"dataset={world.data('prompt_completion')}",
+            "max_steps=1",
+            "max_new_tokens=4",
+            f"output_dir={tmp_path / 'sft'}",
+        ]
+    )
+    assert r.code == 0, r
+    assert "teacher_model_name_or_path is ignored" in r.err
+
+
+def test_D7_the_sampled_reverse_kl_surrogate_is_explained(world, tmp_path):
+    r = _distill(world, tmp_path, "--config", "on_policy_sampled_rkl")
+    assert r.code == 0, r
+    assert "surrogate" in r.err
+
+
+def test_D8_one_skipped_line_is_singular(world, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(Path(world.data("prompt_completion")).read_text() + "{oops\n")
+    r = _distill(world, tmp_path, dataset=str(data), skip_bad_lines="true")
+    assert r.code == 0, r
+    assert "skipped 1 line that was not valid JSON" in r.err
