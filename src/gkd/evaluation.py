@@ -11,7 +11,7 @@ from gkd.data import TokenizedDataset, collate
 from gkd.models import eval_mode, unwrap
 from gkd.rollout import sample_completions
 
-__all__ = ["eos_ids", "generate_texts", "resolve_scorer"]
+__all__ = ["eos_ids", "generate_texts"]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -83,18 +83,3 @@ def generate_texts(model: Any, tokenizer: Any, dataset: TokenizedDataset, **kw: 
     """Decoded completions (special tokens removed) for every example of ``dataset``."""
     ids = generate_ids(model, tokenizer, dataset, **kw)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-
-
-def resolve_scorer(name: str) -> Callable[[list[dict], list[str]], dict[str, float]]:
-    """A scoring function ``(records, predictions) -> {metric: value}`` for a metric name or a built-in task name."""
-    from gkd import metrics, tasks
-
-    if name in tasks.TASKS:
-        task = tasks.get_task(name)
-        return task.score
-    fn = metrics.get_metric(name)
-
-    def score(records: list[dict], predictions: list[str]) -> dict[str, float]:
-        return {name: float(fn(predictions, records))}
-
-    return score
