@@ -6,13 +6,17 @@ every sequence masked out), resets the kernel's peak-RSS counter (``/proc/self/c
 ``ru_maxrss``), runs forward + backward and reports the peak RSS above the inputs.
 
     dense    student and teacher logits [B, T, V] from the hidden states, jsd(beta=0.5), reduce_divergence, backward
-    chunked  chunked_divergence_loss(...) (never holds [N, V] logits), backward
+    chunked  chunked_divergence_loss(...) (never holds [N, V] logits), backward, with a caller-owned Workspace
+
+``--repeat N`` runs forward + backward N times in the same child (the chunked path reuses its Workspace, as a
+training loop does) and also reports the median time of the repeats after the first (the steady state).
 
 The child's address space is limited (``RLIMIT_AS``, default 20 GiB, less if the machine has less available), so a
 dense run that cannot fit fails inside the child with an allocation error instead of taking the machine down. The
 memory it would need is then estimated from two smaller dense runs (linear fit in the number of positions).
 
 Usage:  python benchmarks/bench_loss_memory.py [--vocab 32000 128000] [--positions 4096] [--hidden 1024]
+        [--repeat 10]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -71,7 +76,7 @@ def run_child(args: argparse.Namespace) -> None:
     import torch
 
     from gkd.divergences import jsd, reduce_divergence
-    from gkd.losses import chunked_divergence_loss
+    from gkd.losses import Workspace, chunked_divergence_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,32 +92,44 @@ def run_child(args: argparse.Namespace) -> None:
         mask[:, : int(t * args.prompt_fraction)] = False
         result["valid_positions"] = int(mask.sum())
 
+        workspace = Workspace()  # the chunked path's scratch memory, kept across the repeats
+
+        def step() -> torch.Tensor:
+            hs.grad = ws.grad = None
+            if args.child == "dense":
+                zs = hs @ ws.t()
+                with torch.no_grad():
+                    zt = ht @ wt.t()
+                loss = reduce_divergence(jsd(zs, zt, beta=0.5), mask, "token")
+            else:
+                loss = chunked_divergence_loss(
+                    hs,
+                    ws,
+                    mask,
+                    teacher_hidden=ht,
+                    teacher_weight=wt,
+                    divergence="jsd",
+                    beta=0.5,
+                    chunk_size=args.chunk_size,
+                    workspace=workspace,
+                )
+            loss.backward()
+            return loss.detach()
+
         baseline_kib = _status_kib("VmRSS")
         method = _reset_peak()
-        start = time.perf_counter()
-        if args.child == "dense":
-            zs = hs @ ws.t()
-            with torch.no_grad():
-                zt = ht @ wt.t()
-            loss = reduce_divergence(jsd(zs, zt, beta=0.5), mask, "token")
-        else:
-            loss = chunked_divergence_loss(
-                hs,
-                ws,
-                mask,
-                teacher_hidden=ht,
-                teacher_weight=wt,
-                divergence="jsd",
-                beta=0.5,
-                chunk_size=args.chunk_size,
-            )
-        loss.backward()
-        elapsed = time.perf_counter() - start
+        times = []
+        for _ in range(max(1, args.repeat)):
+            start = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - start)
         peak_kib = _peak_kib(method)
+        if len(times) > 1:
+            result["steady_seconds"] = statistics.median(times[1:])
         result.update(
             ok=True,
             loss=float(loss),
-            seconds=elapsed,
+            seconds=times[0],
             peak_above_inputs_mb=(peak_kib - baseline_kib) / 1024,
             inputs_mb=baseline_kib / 1024,
             method=method,
@@ -156,6 +173,8 @@ def measure(args: argparse.Namespace, mode: str, vocab: int, batch: int, seq_len
         str(args.threads),
         "--mem-limit-bytes",
         str(args.mem_limit_bytes),
+        "--repeat",
+        str(args.repeat),
     ]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
@@ -197,6 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--mem-limit-gib", type=float, default=20.0, help="RLIMIT_AS of each child")
     parser.add_argument("--modes", nargs="+", default=["dense", "chunked"], choices=["dense", "chunked"])
+    parser.add_argument("--repeat", type=int, default=1, help="forward + backward runs per measurement")
     parser.add_argument("--child", choices=["dense", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--mem-limit-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,6 +252,8 @@ def main() -> None:
                 losses.setdefault(vocab, {})[mode] = float(r["loss"])  # type: ignore[arg-type]
                 rows.append((str(vocab), mode, f"{peak:,.0f}", f"{secs:.1f}", f"{float(r['loss']):.6f}", ""))  # type: ignore[arg-type]
                 machine += [f"{key}={peak:.1f}", f"{mode}_seconds_v{vocab}={secs:.2f}"]
+                if "steady_seconds" in r:
+                    machine.append(f"{mode}_steady_seconds_v{vocab}={float(r['steady_seconds']):.3f}")  # type: ignore[arg-type]
             elif not r.get("oom"):
                 rows.append((str(vocab), mode, "-", "-", "-", "error (see stderr)"))
                 machine.append(f"{key}=NA")

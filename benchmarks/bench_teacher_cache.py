@@ -32,6 +32,7 @@ from bench_vs_trl import STUDENT, TEACHER, build_model, build_records, build_tok
 
 from gkd.config import GKDConfig  # noqa: E402
 from gkd.data import collate, tokenize_records  # noqa: E402
+from gkd.step import micro_batch_loss  # noqa: E402
 from gkd.trainer import GKDTrainer  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def error() -> dict[str, dict[int, float]]:
             )
             tr.setup()
             with torch.no_grad():
-                total = sum(float(tr._micro_loss(b, float(b.num_tokens()), None, None)) for b in batches)
+                total = sum(float(micro_batch_loss(tr.run, b, float(b.num_tokens()))) for b in batches)
             if k == 0:
                 exact = total
             else:

@@ -18,7 +18,7 @@ What is measured (everything on the CPU, float32, ``--threads`` torch threads, d
   median over the measured steps of all rounds is reported. Random-init models almost never sample EOS, so
   completions are (almost always) the full 64 tokens; tok/s counts 8 x 112 sequence tokens ("all") and
   8 x 64 completion tokens ("loss") per step.
-* **Same loss on the same samples.** One batch is rolled out by gkd; gkd's training loss (``_micro_loss``, the
+* **Same loss on the same samples.** One batch is rolled out by gkd; gkd's training loss (``micro_batch_loss``, the
   fused chunked JSD from hidden states) and TRL's ``GKDTrainer.generalized_jsd_loss`` on the full logits of the
   same models and sequences are compared, values and student gradients.
 * **gkd's step, part by part.** The parts a step cannot avoid are timed in isolation on the same kind of batch:
@@ -355,57 +355,49 @@ def _gkd_trainer(args: argparse.Namespace, steps: int = 10**6) -> Any:
 
 
 def child_parts(args: argparse.Namespace) -> dict[str, Any]:
-    """gkd's train_step vs the sum of its necessary parts, each timed in isolation, alternating round by round."""
-    import torch
+    """gkd's real step (``GKDTrainer.train_step`` -> ``gkd.step.gkd_step``) vs the sum of its parts, each timed in
+    isolation through the same public pieces the step calls, alternating round by round."""
+    import dataclasses
 
-    from gkd.divergences import reduction_weights
-    from gkd.losses import LossTerms, chunked_loss
+    from gkd.step import optimizer_step, student_samples
 
     trainer = _gkd_trainer(args)
+    run = trainer.setup()
+    objective = run.objective
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     names = ("rollout", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
     parts: dict[str, list[float]] = {k: [] for k in (*names, "loss_with_stats")}
     steps: list[float] = []
     trainer_parts: list[dict[str, float]] = []
-    params = [p for p in trainer.student.parameters() if p.requires_grad]
     for r in range(args.warmup + args.steps):
         t0 = clock()
         record = trainer.train_step()
         step_s = clock() - t0
 
-        batch = trainer.stream.next()
         times: dict[str, float] = {}
         t0 = clock()
-        batch = trainer._rollout(batch)
+        batch = student_samples(run, run.stream.next())
         times["rollout"] = clock() - t0
-        valid = batch.completion_mask
-        w = reduction_weights(valid, "token", float(valid.sum()))[valid]
+        terms = objective.terms(batch, float(batch.num_tokens()), None)
+        targets = batch.completion_ids[batch.completion_mask]
         t0 = clock()
-        t_out = trainer.teacher.score(batch)
+        t_out = run.teacher.score(batch)
         times["teacher_forward"] = clock() - t0
         t0 = clock()
-        s_out = trainer.scorer(
-            batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
-        )
+        s_out = run.scorer(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         times["student_forward"] = clock() - t0
-        kwargs = {
-            "divergence": trainer.divergence,
-            "teacher_hidden": t_out.hidden,
-            "teacher_head": t_out.head,
-        }
         t0 = clock()
-        chunked_loss(s_out.hidden.detach(), s_out.head, LossTerms(divergence=w), stats={}, **kwargs)
+        detached = dataclasses.replace(s_out, hidden=s_out.hidden.detach())
+        objective.evaluate(detached, t_out, terms, targets, stats={})
         times["loss_with_stats"] = clock() - t0
         t0 = clock()
-        loss = chunked_loss(s_out.hidden, s_out.head, LossTerms(divergence=w), **kwargs)
+        loss = objective.evaluate(s_out, t_out, terms, targets, None)
         times["loss"] = clock() - t0
         t0 = clock()
         loss.backward()
         times["backward"] = clock() - t0
         t0 = clock()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(run, True)
         times["optimizer"] = clock() - t0
         if r >= args.warmup:
             steps.append(step_s)
@@ -422,8 +414,10 @@ def child_check(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 
+    from gkd.step import micro_batch_loss, student_samples
+
     trainer = _gkd_trainer(args)
-    batch = trainer._rollout(trainer.stream.next())
+    batch = student_samples(trainer.setup(), trainer.stream.next())
     valid = batch.completion_mask
     n_valid = float(valid.sum())
     params = [p for p in trainer.student.parameters() if p.requires_grad]
@@ -434,7 +428,7 @@ def child_check(args: argparse.Namespace) -> dict[str, Any]:
         return flat
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    gkd_loss = trainer._micro_loss(batch, n_valid, None, None)
+    gkd_loss = micro_batch_loss(trainer.run, batch, n_valid)
     gkd_loss.backward()
     g_gkd = grads()
 

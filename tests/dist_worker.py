@@ -36,12 +36,12 @@ for _ in range(cfg.max_steps):
     indices.append(trainer.stream._order[trainer.stream.position : trainer.stream.position + 1])
     flags.append(trainer.train_step()["on_policy"])
 weights = {n: p.detach().double().sum().item() for n, p in trainer.student.named_parameters()}
-rank = trainer.rank
+rank = trainer.run.dist.rank
 (out / f"rank{rank}.json").write_text(
     json.dumps(
         {
             "rank": rank,
-            "world": trainer.world,
+            "world": trainer.run.dist.world,
             "flags": flags,
             "weights": weights,
             "batch0": trainer.stream.next_indices(),

@@ -111,7 +111,7 @@ def test_a_failing_write_leaves_the_previous_checkpoint_loadable(model_dir, tmp_
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", dying_save)
-    t.step = 4
+    t.state.step = 4
     with pytest.raises(OSError):
         t.save()
     monkeypatch.undo()

@@ -8,7 +8,10 @@ skew_reverse_kl = KL(Q || alpha Q + (1-alpha) P).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,16 +24,23 @@ from hypothesis.extra import numpy as hnp
 
 from gkd.divergences import (
     DIVERGENCES,
+    BoundDivergence,
+    DivergenceSpec,
+    as_bound_divergence,
+    check_temperature,
     forward_kl,
     get_divergence,
     jsd,
     jsd_upper_bound,
+    log_probs,
     reduce_divergence,
     reduction_weights,
+    register_divergence,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
     tvd,
+    validate_divergence_params,
 )
 
 FUNCS: dict[str, Callable[..., torch.Tensor]] = {
@@ -690,6 +700,129 @@ def test_normalized_endpoints_allowed_via_get_divergence() -> None:
     s, t = _example_logits()
     assert torch.equal(get_divergence("jsd", beta=0.0, normalize=True)(s, t), forward_kl(s, t))
     assert torch.equal(get_divergence("jsd", beta=1.0, normalize=True)(s, t), reverse_kl(s, t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry entries: bound divergences, closed forms, registering a new divergence
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _seed_of(name: str, params: dict[str, Any]) -> int:
+    return sum(map(ord, name + repr(sorted(params.items())))) % 997
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize(("name", "params"), SPECS, ids=SPEC_IDS)
+def test_closed_form_matches_autograd_through_fn(
+    name: str, params: dict[str, Any], temperature: float, dtype: torch.dtype
+) -> None:
+    """Every entry's closed form gives the values of its pure function and scale * d(value)/d(student logits) equal
+    to autograd through that function; guards against the fast path drifting from the one source of truth."""
+    bound = get_divergence(name, **params)
+    assert bound.closed_form is not None, f"{name} has no closed form"
+    gen = torch.Generator().manual_seed(_seed_of(name, params))
+    zs = (torch.randn(5, 13, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    zt = (torch.randn(5, 13, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    zs[:, 4] = zt[:, 4] = -float("inf")  # a masked vocabulary entry shared by both
+    scale = torch.rand(5, generator=gen, dtype=torch.float64).to(dtype)
+
+    leaf = zs.clone().requires_grad_(True)
+    want = bound(leaf, zt, temperature=temperature)
+    (scale * want).sum().backward()
+
+    def scratch() -> list[torch.Tensor]:
+        return [torch.empty_like(zs) for _ in range(bound.spec.scratch_buffers)]
+
+    values, grad = bound.closed_form(zs.clone(), zt.clone(), temperature, scale, scratch())
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(values, want.detach(), **tol)
+    assert grad is not None
+    torch.testing.assert_close(grad, leaf.grad, **tol)
+    values_only, no_grad = bound.closed_form(zs.clone(), zt.clone(), temperature, None, scratch())
+    assert no_grad is None
+    torch.testing.assert_close(values_only, want.detach(), **tol)
+
+
+def test_every_registered_divergence_is_tested() -> None:
+    """Every registry entry has a closed form and appears in SPECS (so the closed-form test above covers it), and
+    each entry is exactly the pure function with its defaults."""
+    assert {name for name, _ in SPECS} == set(DIVERGENCES)
+    for name, spec in DIVERGENCES.items():
+        assert spec.name == name and spec.fn is FUNCS[name] and spec.closed_form is not None
+        assert "temperature" in spec.defaults and spec.doc
+        assert set(spec.config_keys) <= set(spec.defaults)
+
+
+def test_bound_divergence_carries_its_entry() -> None:
+    """get_divergence returns a BoundDivergence with .spec, .name, .params; calling it is the pure function with the
+    parameters bound, and a temperature given at call time overrides a bound one. It pickles and deep-copies (by
+    name) like the functools.partial it replaces."""
+    s, t = _example_logits()
+    fn = get_divergence("jsd", beta=0.9, temperature=2.0)
+    assert isinstance(fn, BoundDivergence)
+    assert fn.spec is DIVERGENCES["jsd"] and fn.name == "jsd" and fn.__name__ == "jsd"
+    assert dict(fn.params) == {"beta": 0.9, "temperature": 2.0} and fn.temperature == 2.0
+    assert get_divergence("jsd").temperature is None
+    assert torch.equal(fn(s, t), jsd(s, t, beta=0.9, temperature=2.0))
+    assert torch.equal(fn(s, t, temperature=0.5), jsd(s, t, beta=0.9, temperature=0.5))
+    assert "beta=0.9" in repr(fn)
+    with pytest.raises(TypeError):
+        fn.params["beta"] = 0.1  # type: ignore[index]
+    for copied in (pickle.loads(pickle.dumps(fn)), copy.deepcopy(fn)):
+        assert copied.spec is fn.spec and dict(copied.params) == dict(fn.params)
+
+
+def test_as_bound_divergence_recognises_registered_functions_only() -> None:
+    """Registered functions and keyword partials of them map to their entry; other callables have none."""
+    assert as_bound_divergence(forward_kl).spec is DIVERGENCES["forward_kl"]  # type: ignore[union-attr]
+    bound = as_bound_divergence(functools.partial(jsd, beta=0.3))
+    assert bound is not None and bound.name == "jsd" and dict(bound.params) == {"beta": 0.3}
+    same = get_divergence("tvd")
+    assert as_bound_divergence(same) is same
+    assert as_bound_divergence(lambda s, t, *, temperature=1.0: forward_kl(s, t)) is None
+    assert as_bound_divergence(functools.partial(jsd, torch.zeros(3))) is None
+    with pytest.raises(ValueError, match="beta"):
+        as_bound_divergence(functools.partial(jsd, beta=2.0))
+
+
+def _toy_hellinger() -> Callable[..., torch.Tensor]:
+    def hellinger(
+        student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Squared Hellinger distance 1 - sum_v sqrt(P_v Q_v)."""
+        check_temperature(temperature)
+        logp, logq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+        return 1.0 - torch.exp(0.5 * (logp + logq)).sum(-1)
+
+    return hellinger
+
+
+def test_register_divergence_is_one_entry() -> None:
+    """A new divergence is one register_divergence call: get_divergence, validate_divergence_params and the valid
+    names all know it; it has no closed form (the loss then uses autograd)."""
+    fn = _toy_hellinger()
+    register_divergence(DivergenceSpec("toy_hellinger", fn, {"temperature": 1.0}, doc="squared Hellinger"))
+    try:
+        s, t = _example_logits()
+        bound = get_divergence("toy_hellinger")
+        assert bound.closed_form is None
+        p, q = np.array(P_EX), np.array(Q_EX)
+        assert bound(s, t).item() == pytest.approx(1 - np.sqrt(p * q).sum(), rel=1e-12)
+        validate_divergence_params("toy_hellinger", {"temperature": 2.0})
+        with pytest.raises(ValueError, match="valid parameters: temperature"):
+            get_divergence("toy_hellinger", beta=0.5)
+        with pytest.raises(ValueError, match="temperature"):
+            get_divergence("toy_hellinger", temperature=0.0)
+        with pytest.raises(ValueError, match="toy_hellinger"):
+            get_divergence("nope")
+        with pytest.raises(ValueError, match="already registered"):
+            register_divergence(DivergenceSpec("toy_hellinger", fn, {"temperature": 1.0}))
+    finally:
+        del DIVERGENCES["toy_hellinger"]
+    with pytest.raises(ValueError, match="temperature"):
+        register_divergence(DivergenceSpec("no_temperature", fn, {}))
+    assert "no_temperature" not in DIVERGENCES
 
 
 # ----------------------------------------------------------------------------------------------------------------

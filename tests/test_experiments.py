@@ -1,13 +1,21 @@
-"""End to end: `gkd demo --quick` and every `gkd experiment NAME --quick` run and write their outputs."""
+"""The demo and the experiment families: end to end (`gkd demo --quick`, every `gkd experiment NAME --quick`), and
+the study machinery they share (recipes from the packaged presets, the job plan, resuming, caching)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from gkd.cli import main
-from gkd.experiments.demo import DEMO_METHODS
+from gkd.errors import ConfigError, GKDError
+from gkd.experiments import EXPERIMENTS, study
+from gkd.experiments.common import write_jsonl
+from gkd.experiments.demo import DEMO_METHODS, demo_settings
+from gkd.experiments.families import load_family
+from gkd.experiments.study import Recipe, StudyOptions, StudySettings, job_config, named_recipes, parse_runs
 
 
 def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
@@ -44,16 +52,11 @@ def test_unknown_experiment_is_a_clear_error(capsys):
     assert "unknown experiment 'nope'" in capsys.readouterr().err
 
 
-def test_a_killed_study_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import gkd.experiments.demo as demo
-    from gkd.experiments.common import StudySettings
-
+def _fake_workspace(tmp_path):
     for d in ("start", "teacher"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "model.safetensors").write_bytes(b"weights")
-    ws = SimpleNamespace(
+    return SimpleNamespace(
         root=tmp_path,
         task=SimpleNamespace(metric="m"),
         start_dir=tmp_path / "start",
@@ -61,8 +64,12 @@ def test_a_killed_study_resumes_without_rerunning_finished_runs(tmp_path, monkey
         train_path=tmp_path / "train.jsonl",
         test_path=tmp_path / "test.jsonl",
     )
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+    ws = _fake_workspace(tmp_path)
     s = StudySettings(seeds=2, method_steps=3)
-    runs = {"a": {"divergence": "forward_kl", "lmbda": 0.0}, "b": {"divergence": "reverse_kl", "lmbda": 1.0}}
+    runs = {"a": Recipe("supervised_kd"), "b": Recipe("on_policy_reverse_kl")}
     ran: list[list[tuple[str, int]]] = []
 
     def fake_run_jobs(jobs, *, workers, threads=1, on_result=None, kill_after=None):
@@ -77,17 +84,170 @@ def test_a_killed_study_resumes_without_rerunning_finished_runs(tmp_path, monkey
             out.append(r)
         return out
 
-    def study():
-        return demo.run_study(ws, s, runs, workers=1, say=lambda m: None, console=None, label="x")
+    def run():
+        return study.run_study(ws, s, runs, workers=1, say=lambda m: None, console=None, label="x")
 
-    monkeypatch.setattr(demo, "run_jobs", lambda *a, **k: fake_run_jobs(*a, **k, kill_after=3))
+    monkeypatch.setattr(study, "run_jobs", lambda *a, **k: fake_run_jobs(*a, **k, kill_after=3))
     with pytest.raises(KeyboardInterrupt):
-        study()
-    monkeypatch.setattr(demo, "run_jobs", fake_run_jobs)
-    results = study()
+        run()
+    monkeypatch.setattr(study, "run_jobs", fake_run_jobs)
+    results = run()
     assert len(ran[0]) == 4 and ran[1] == ran[0][3:]  # only the unfinished run is trained again
     assert [(r["name"], r["seed"]) for r in results] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     # changed settings or a retrained starting checkpoint invalidate the finished runs
     (tmp_path / "start" / "model.safetensors").write_bytes(b"other weights")
-    study()
+    run()
     assert len(ran[2]) == 4
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+
+def test_every_recipe_and_family_run_is_a_preset_plus_overrides():
+    recipes = named_recipes()
+    assert set(DEMO_METHODS) <= set(recipes)
+    for name in EXPERIMENTS:
+        spec = load_family(name)
+        runs = parse_runs(spec["runs"], name, recipes)
+        for vspec in (spec.get("variants") or {}).values():
+            runs.update(parse_runs(vspec["runs"], name, recipes))
+        for run in runs.values():
+            cfg = job_config(run, 0, Path("out"), StudySettings())
+            assert not {"seqkd", "steps", "data_fraction", "labels"} & set(cfg)  # study switches stay out
+
+
+def test_the_published_job_configs_are_unchanged():
+    """The demo's configs as published in README.md (full settings, seed 3): a change here changes the numbers."""
+    recipes = named_recipes()
+    s = demo_settings()
+    common = {
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 20,
+        "max_steps": 500,
+        "per_device_train_batch_size": 64,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "adam_beta2": 0.98,
+        "weight_decay": 0.01,
+        "output_dir": "out",
+        "overwrite_output_dir": True,
+        "logging_steps": 100,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "seed": 3,
+        "progress": False,
+    }
+    expected = {
+        "sft": {"divergence": "nll", "lmbda": 0.0},
+        "sft_2x": {"divergence": "nll", "lmbda": 0.0, "max_steps": 1000},
+        "supervised_kd": {"divergence": "forward_kl", "lmbda": 0.0},
+        "seqkd": {"divergence": "nll", "lmbda": 0.0},  # trained on the teacher's targets, not `seq_kd: true`
+        "imitkd": {"divergence": "forward_kl", "lmbda": 0.5},
+        "gkd_forward_kl": {"divergence": "forward_kl", "lmbda": 1.0},
+        "gkd_reverse_kl": {"divergence": "reverse_kl", "lmbda": 1.0},
+        "gkd_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 1.0},
+        "gkd_mixed_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 0.5},
+    }
+    for name in DEMO_METHODS:
+        assert job_config(recipes[name], 3, Path("out"), s) == {**common, **expected[name]}, name
+    assert recipes["seqkd"].study == StudyOptions(teacher_targets=True)
+
+
+def test_recipes_read_their_preset_and_leave_the_loaded_yaml_alone():
+    spec = {
+        "recipe": "gkd_reverse_kl",
+        "config": {"lmbda": 0.5},
+        "study": {"data_fraction": 0.05, "labels": False},
+    }
+    before = json.dumps(spec, sort_keys=True)
+    recipes = named_recipes()
+    run = Recipe.parse(spec, "x", recipes)
+    assert json.dumps(spec, sort_keys=True) == before
+    assert run.preset == "on_policy_reverse_kl" and dict(run.config) == {"lmbda": 0.5}
+    assert run.study == StudyOptions(data_fraction=0.05, labels=False)
+    assert recipes["gkd_reverse_kl"] == named_recipes()["gkd_reverse_kl"]  # the named recipe is not modified
+    assert run.preset_config() == {"divergence": "reverse_kl", "lmbda": 1.0, "temperature": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"divergence": "nll", "lmbda": 0.0}, "unknown key 'divergence'; a run is"),
+        ({"preset": "sft", "config": {"seqkd": True}}, "unknown key 'seqkd'"),
+        ({"preset": "sft", "config": {"max_steps": 10}}, "the study sets max_steps"),
+        ({"preset": "sft", "study": {"step": 2}}, "did you mean 'steps'"),
+        ({"preset": "sft", "study": {"labels": False}}, "labels: false needs data_fraction"),
+        ({"preset": "sft", "study": {"data_fraction": 2}}, "data_fraction must be in (0, 1]"),
+        ({"preset": "nope"}, "unknown preset 'nope'"),
+        ({"recipe": "nope"}, "unknown recipe 'nope'"),
+        ({"preset": "sft", "recipe": "sft"}, "exactly one of preset: or recipe:"),
+    ],
+)
+def test_a_bad_run_is_a_one_line_error(spec, message):
+    with pytest.raises(ConfigError, match=r"^runs\.yaml: run 'r'") as e:
+        parse_runs({"r": spec}, "runs.yaml", named_recipes())
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_job_config_the_trainer_would_reject_fails_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_jobs", lambda *a, **k: pytest.fail("nothing may train"))
+    runs = {"bad": Recipe("on_policy_gkd", {"beta": 7.0})}
+    with pytest.raises(ConfigError, match="run 'bad'"):
+        study.run_study(
+            _fake_workspace(tmp_path),
+            StudySettings(seeds=1),
+            runs,
+            workers=1,
+            say=print,
+            console=None,
+            label="x",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- machinery
+
+
+def test_the_study_evaluation_is_gkd_evaluate_with_the_study_conventions(monkeypatch):
+    import gkd.evaluation
+
+    seen = {}
+    monkeypatch.setattr(gkd.evaluation, "evaluate", lambda *a, **k: seen.update(args=a, kw=k) or {})
+    task = SimpleNamespace(score=lambda records, preds: {})
+    study.evaluate_model(
+        "m", "tok", task, "data", max_new_tokens=5, seed=2, temperatures=(0.5, 1.0), samples=3
+    )
+    assert seen["args"] == ("m", "tok", "data", task.score)
+    assert seen["kw"] == {
+        "max_new_tokens": 5,
+        "sampled": {"sample_0.5": 0.5, "sample": 1.0},
+        "seeds": [2000, 2001, 2002],
+        "batch_size": 500,
+    }
+
+
+def test_cached_datasets_are_read_again_when_their_file_changes(tmp_path):
+    from gkd.tasks import get_task
+
+    task = get_task("summarization")
+    tok = task.build_tokenizer(str(tmp_path / "tok"))
+    path = tmp_path / "data.jsonl"
+    records = task.generate("train", 3, 0)
+    write_jsonl(path, records[:2])
+    first = study._dataset(str(path), tok, 8)
+    assert study._dataset(str(path), tok, 8) is first  # cached while the file is unchanged
+    write_jsonl(path, records)
+    assert len(study._dataset(str(path), tok, 8)) == 3
+
+
+def test_train_teacher_refuses_when_the_package_folder_is_not_writable(tmp_path, monkeypatch, capsys):
+    import gkd.experiments.demo as demo
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(demo, "ASSET_TEACHER", tmp_path / "a_file" / "demo_teacher")
+    monkeypatch.setattr(demo, "build_workspace", lambda *a, **k: pytest.fail("refuse before training"))
+    with pytest.raises(GKDError, match="not writable; it is for maintainers in a source checkout"):
+        demo.train_demo_teacher(tmp_path / "ws")
+    assert main(["demo", "--train-teacher"]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "Traceback" not in err

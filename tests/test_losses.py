@@ -3,7 +3,11 @@ divergence, reduction, chunk size, teacher form and head variant; the nll / samp
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
+import itertools
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +18,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gkd.divergences import forward_kl, get_divergence, reduce_divergence, reduction_weights, reverse_kl
-from gkd.losses import Head, LossTerms, TeacherTopK, chunked_divergence_loss, chunked_loss, logits_loss
+from gkd.divergences import (
+    DIVERGENCES,
+    BoundDivergence,
+    DivergenceSpec,
+    check_temperature,
+    forward_kl,
+    get_divergence,
+    jsd,
+    log_probs,
+    reduce_divergence,
+    reduction_weights,
+    register_divergence,
+    reverse_kl,
+)
+from gkd.losses import (
+    AutogradFallbackWarning,
+    Head,
+    LossTerms,
+    TeacherTopK,
+    Workspace,
+    chunked_divergence_loss,
+    chunked_loss,
+    logits_loss,
+)
 
 LOSS_SPECS: list[tuple[str, dict[str, Any]]] = [
     ("forward_kl", {}),
@@ -729,3 +755,210 @@ def test_forward_keeps_no_per_chunk_logit_tensors() -> None:
     )
     loss.backward()
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch through the registry entry, the autograd fallback, the caller-owned workspace
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fused_run(
+    divergence: Any, seed: int = 21, **kwargs: Any
+) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    """chunked_loss of the divergence term on a fixed problem: (loss, [grad hidden, grad weight], warnings)."""
+    p = make_problem(seed=seed)
+    hs = p.hs[p.mask].clone().requires_grad_(True)
+    ws = p.ws.clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = chunked_loss(
+            hs,
+            Head(ws, p.bs),
+            LossTerms(divergence=reduction_weights(p.mask, "token")[p.mask]),
+            divergence=divergence,
+            teacher_hidden=p.ht[p.mask],
+            teacher_head=Head(p.wt, p.bt),
+            chunk_size=4,
+            **kwargs,
+        )
+    return loss, _grads(loss, hs, ws), [w for w in caught if issubclass(w.category, AutogradFallbackWarning)]
+
+
+def _dense_run(fn: Any, seed: int = 21) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    p = make_problem(seed=seed)
+    hs = p.hs[p.mask].clone().requires_grad_(True)
+    ws = p.ws.clone().requires_grad_(True)
+    values = fn(hs @ ws.t() + p.bs, p.ht[p.mask] @ p.wt.t() + p.bt, temperature=1.0)
+    loss = (reduction_weights(p.mask, "token")[p.mask] * values).sum()
+    return loss, _grads(loss, hs, ws)
+
+
+def test_user_function_without_closed_form_works_and_warns_once() -> None:
+    """Any callable (zs, zt, *, temperature) trains through autograd, with the dense values and gradients, and
+    chunked_loss says so once per function: naming it and saying why it is slower."""
+
+    def my_divergence(zs: torch.Tensor, zt: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        return jsd(zs, zt, beta=0.3, temperature=temperature)
+
+    loss, grads, caught = _fused_run(my_divergence)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "my_divergence" in message and "closed-form" in message and "slower" in message
+    dense, grads_d = _dense_run(my_divergence)
+    _assert_same(loss, dense, grads, grads_d)
+    _, _, again = _fused_run(my_divergence, seed=22)
+    assert again == [], "the warning is given once per function"
+    _, _, other = _fused_run(lambda zs, zt, *, temperature=1.0: forward_kl(zs, zt, temperature=temperature))
+    assert len(other) == 1 and "lambda" in str(other[0].message)
+
+
+def test_registered_divergences_take_the_closed_form_silently() -> None:
+    """get_divergence results, registered functions and keyword partials of them use the closed form (no warning);
+    the closed form differs from autograd in the last bits, so bit-equality shows which path ran."""
+    fused, grads, caught = _fused_run(get_divergence("jsd", beta=0.3))
+    assert caught == []
+    for same in (functools.partial(jsd, beta=0.3), get_divergence("jsd", beta=0.3, temperature=1.0)):
+        loss, grads_same, caught = _fused_run(same)
+        assert caught == [] and torch.equal(loss, fused)
+        assert all(torch.equal(a, b) for a, b in zip(grads_same, grads, strict=True))
+    _, _, caught = _fused_run(forward_kl)
+    assert caught == []
+
+
+def test_bound_divergence_dispatches_through_its_entry_not_function_identity() -> None:
+    """A BoundDivergence whose entry is renamed and whose function is a wrapper still uses the entry's closed form
+    (bit-identical to the registered jsd, the wrapper never called); without a closed form it uses the wrapper."""
+    calls = []
+
+    @functools.wraps(jsd)
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return jsd(*args, **kwargs)
+
+    renamed = dataclasses.replace(DIVERGENCES["jsd"], name="my_jsd", fn=wrapped)
+    reference, grads_ref, _ = _fused_run(get_divergence("jsd", beta=0.3))
+    loss, grads, caught = _fused_run(BoundDivergence(renamed, {"beta": 0.3}))
+    assert calls == [] and caught == []
+    assert torch.equal(loss, reference)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
+
+    no_closed_form = dataclasses.replace(renamed, name="my_slow_jsd", closed_form=None)
+    loss, grads, caught = _fused_run(BoundDivergence(no_closed_form, {"beta": 0.3}))
+    assert calls and len(caught) == 1 and "my_slow_jsd" in str(caught[0].message)
+    _assert_same(loss, reference, grads, grads_ref)
+
+
+def test_workspace_is_reused_across_calls() -> None:
+    """A caller-owned Workspace keeps its buffer between calls (same storage, no reallocation), grows only when a
+    call needs more, and gives the results of a call with a temporary workspace bit for bit."""
+    workspace = Workspace()
+    fresh, grads_fresh, _ = _fused_run(get_divergence("tvd"))
+    first, grads_first, _ = _fused_run(get_divergence("tvd"), workspace=workspace)
+    (buffer,) = workspace.buffers()
+    ptr, nbytes = buffer.data_ptr(), workspace.nbytes
+    assert nbytes > 0
+    for seed in (21, 23):
+        loss, _, _ = _fused_run(get_divergence("tvd"), seed=seed, workspace=workspace)
+        (buffer,) = workspace.buffers()
+        assert buffer.data_ptr() == ptr and workspace.nbytes == nbytes
+    assert torch.equal(first, fresh) and torch.equal(loss, _fused_run(get_divergence("tvd"), seed=23)[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads_first, grads_fresh, strict=True))
+    # A smaller call (fewer buffers: no stats, no targets) reuses the same buffer too.
+    _fused_run(get_divergence("forward_kl"), workspace=workspace)
+    assert workspace.buffers()[0].data_ptr() == ptr
+    workspace.clear()
+    assert workspace.buffers() == [] and workspace.nbytes == 0
+
+
+def test_workspace_buffer_plan_covers_every_term_combination() -> None:
+    """With one Workspace, every combination of terms and stats equals a fresh temporary workspace bit for bit (the
+    named buffers never overlap where a term still needs one)."""
+    p = make_problem(seed=24)
+    y = _targets(N_VALID, p.ws.shape[0], seed=4)
+    workspace = Workspace()
+    gen = torch.Generator().manual_seed(25)
+    w = {k: torch.rand(N_VALID, generator=gen) for k in ("divergence", "nll", "sampled_rkl")}
+    for keys in (("divergence",), ("nll",), ("sampled_rkl",), ("nll", "sampled_rkl"), tuple(w)):
+        for with_stats in (False, True):
+            results = []
+            for ws_arg in (None, workspace):
+                hs = p.hs[p.mask].clone().requires_grad_(True)
+                stats: dict[str, torch.Tensor] | None = {} if with_stats else None
+                loss = chunked_loss(
+                    hs,
+                    Head(p.ws, p.bs),
+                    LossTerms(**{k: w[k] for k in keys}),
+                    divergence=get_divergence("skew_reverse_kl", alpha=0.2),
+                    targets=y,
+                    teacher_logits=p.ht[p.mask] @ p.wt.t() + p.bt,
+                    chunk_size=3,
+                    stats=stats,
+                    workspace=ws_arg,
+                )
+                results.append((loss, *_grads(loss, hs), *(stats or {}).values()))
+            assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), (keys, with_stats)
+
+
+def test_registered_toy_divergence_trains_through_chunked_loss() -> None:
+    """Adding a divergence is one registry entry: a squared Hellinger distance without closed form, registered and
+    looked up by name, gives chunked_divergence_loss the dense values and gradients (autograd path, with the
+    warning), and a few gradient steps reduce it."""
+
+    def hellinger(zs: torch.Tensor, zt: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        check_temperature(temperature)
+        return 1.0 - torch.exp(0.5 * (log_probs(zs, temperature) + log_probs(zt, temperature))).sum(-1)
+
+    register_divergence(DivergenceSpec("toy_hellinger", hellinger, {"temperature": 1.0}, doc="H^2(P, Q)"))
+    try:
+        p = make_problem(seed=26)
+        hs, ws, bs = p.leaves()
+        dense = reduce_divergence(
+            hellinger(hs @ ws.t() + bs, p.teacher_logits(), temperature=2.0), p.mask, "token"
+        )
+        grads_d = _grads(dense, hs, ws, bs)
+        hs, ws, bs = p.leaves()
+        teacher = {"teacher_hidden": p.ht, "teacher_weight": p.wt, "teacher_bias": p.bt}
+        with pytest.warns(AutogradFallbackWarning, match="toy_hellinger"):
+            loss = chunked_divergence_loss(
+                hs, ws, p.mask, student_bias=bs, divergence="toy_hellinger", temperature=2.0, **teacher
+            )
+        _assert_same(loss, dense, _grads(loss, hs, ws, bs), grads_d)
+
+        hs, ws, bs = p.leaves()
+        optimizer = torch.optim.SGD([hs, ws, bs], lr=2.0)
+        history = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = chunked_divergence_loss(
+                hs, ws, p.mask, student_bias=bs, divergence="toy_hellinger", chunk_size=4, **teacher
+            )
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+        assert all(b < a for a, b in itertools.pairwise(history)), history
+        assert history[-1] < 0.9 * history[0], history
+    finally:
+        del DIVERGENCES["toy_hellinger"]
+
+
+def test_logits_loss_honours_or_rejects_bound_temperature() -> None:
+    """logits_loss resolves a bound temperature like chunked_loss: used when no other is given, an error when a
+    different one is."""
+    p = make_problem(seed=27)
+    zs = p.hs[p.mask] @ p.ws.t() + p.bs
+    zt = p.ht[p.mask] @ p.wt.t() + p.bt
+    w = torch.full((N_VALID,), 1.0 / N_VALID)
+    bound = get_divergence("forward_kl", temperature=2.0)
+    loss = logits_loss(zs, LossTerms(divergence=w), divergence=bound, teacher_logits=zt)
+    assert torch.equal(loss, (w * forward_kl(zs, zt, temperature=2.0)).sum())
+    with pytest.raises(ValueError, match="give it once"):
+        logits_loss(zs, LossTerms(divergence=w), divergence=bound, teacher_logits=zt, temperature=3.0)
+    with pytest.raises(ValueError, match="give it once"):
+        chunked_loss(
+            p.hs[p.mask],
+            Head(p.ws, p.bs),
+            LossTerms(divergence=w),
+            divergence=bound,
+            teacher_logits=zt,
+            temperature=3.0,
+        )

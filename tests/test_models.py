@@ -24,7 +24,6 @@ from gkd.models import (
     load_model,
     load_tokenizer,
     output_rows,
-    real_vocab_size,
     score_positions,
     unwrap,
 )
@@ -73,7 +72,6 @@ def test_build_model_kinds_and_vocab_rows(tokenizer):
     t5 = make_model("t5", tokenizer)
     assert not is_seq2seq(llama) and is_seq2seq(t5)
     assert t5.config.decoder_start_token_id == tokenizer.pad_token_id
-    assert real_vocab_size(tokenizer) == len(tokenizer)
     assert output_rows(llama) == output_rows(t5) == len(tokenizer)
     padded = build_model({**TINY["llama_student"], "vocab_size": len(tokenizer) + 8}, tokenizer, seed=0)
     assert output_rows(padded) == len(tokenizer) + 8

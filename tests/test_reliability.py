@@ -82,11 +82,11 @@ CASES = [
     ("unknown key", lambda d, t, b: {**_base(d, t), "lmbd": 0.5}, "did you mean 'lmbda'"),
     ("wrong type", lambda d, t, b: _base(d, t, learning_rate="fast"), "'learning_rate' must be float"),
     ("lambda out of range", lambda d, t, b: _base(d, t, lmbda=2.0), "'lmbda' must be in [0, 1]"),
-    ("beta out of range", lambda d, t, b: _base(d, t, beta=1.0), "use divergence: forward_kl"),
+    ("beta out of range", lambda d, t, b: _base(d, t, beta=1.0), "Use divergence 'forward_kl'"),
     (
         "beta out of range normalized",
         lambda d, t, b: _base(d, t, beta=-0.5, jsd_normalize=True),
-        "'beta' must be in [0, 1]",
+        "beta must be in [0, 1] with jsd_normalize",
     ),
     (
         "unknown divergence",
@@ -278,8 +278,8 @@ def test_a_single_bad_step_is_skipped_and_training_continues(tokenizer, records,
     teacher = make_model("llama_teacher", tokenizer, seed=0)
     cfg = base_config(output_dir=str(tmp_path / "out"), lmbda=0.0, divergence="forward_kl", max_steps=4)
     trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
-    trainer.setup()
-    real = trainer._micro_loss
+    objective = trainer.setup().objective
+    real = objective.loss
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -287,22 +287,26 @@ def test_a_single_bad_step_is_skipped_and_training_continues(tokenizer, records,
         loss = real(*a, **k)
         return loss * float("inf") if calls["n"] == 2 else loss
 
-    trainer._micro_loss = poisoned
+    objective.loss = poisoned  # the run's objective is a component: a test may replace its loss
     result = trainer.train()
     assert result.step == 4 and result.skipped_steps == 1
 
 
 def test_an_all_masked_batch_gives_zero_loss_and_no_nan(tokenizer, records, tmp_path):
-    from gkd.data import Batch
 
     student = make_model("llama_student", tokenizer, seed=1)
     teacher = make_model("llama_teacher", tokenizer, seed=0)
     cfg = base_config(output_dir=str(tmp_path / "out"), lmbda=1.0, divergence="jsd", max_steps=1)
     trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
-    trainer.setup()
-    trainer._rollout = lambda b: Batch(
-        b.prompt_ids, b.prompt_mask, b.completion_ids, torch.zeros_like(b.completion_mask), b.records, True
-    )
+    from gkd.rollout import Rollout
+    from gkd.sampling import LocalSampler
+
+    class EmptySampler(LocalSampler):  # a rollout backend whose samples are all masked
+        def sample(self, model, prompt_ids, prompt_mask, params, generator=None):
+            ids = torch.zeros(prompt_ids.shape[0], 3, dtype=torch.long)
+            return Rollout(ids, torch.zeros_like(ids, dtype=torch.bool))
+
+    trainer.setup().sampler = EmptySampler()
     record = trainer.train_step()
     assert record["loss"] == 0.0 and record["empty_batch"] is True
     assert math.isfinite(record["grad_norm"]) and record["skipped_steps"] == 0

@@ -9,6 +9,7 @@ from conftest import base_config, make_model
 
 from gkd.data import Batch, collate, tokenize_records
 from gkd.rl import compute_advantages, compute_rewards, discounted_returns, load_reward
+from gkd.step import micro_batch_loss, student_samples
 from gkd.trainer import GKDTrainer
 
 
@@ -30,7 +31,7 @@ def _trainer(tokenizer, records, tmp_path, reward_fn=None, **cfg):
 
 def _grads(t: GKDTrainer, batch: Batch, adv: torch.Tensor | None) -> torch.Tensor:
     t.optimizer.zero_grad(set_to_none=True)
-    t._micro_loss(batch, float(batch.num_tokens()), adv, None).backward()
+    micro_batch_loss(t.run, batch, float(batch.num_tokens()), advantages=adv).backward()
     return torch.cat([p.grad.flatten() for p in t.student.parameters() if p.grad is not None])
 
 
@@ -86,7 +87,7 @@ def test_alpha_one_equals_plain_on_policy_gkd(tokenizer, records, tmp_path):
 
 def test_constant_reward_leaves_only_the_scaled_distillation_gradient(tokenizer, records, tmp_path):
     t = _trainer(tokenizer, records, tmp_path, alpha=0.25, reward="exact_match", divergence="reverse_kl")
-    batch = t._rollout(t.stream.next())
+    batch = student_samples(t.run, t.stream.next())
     zero_adv = compute_advantages(torch.ones(batch.size), 1, "group")
     g_rl = _grads(t, batch, zero_adv)
     plain = _trainer(tokenizer, records, tmp_path / "p", divergence="reverse_kl")
@@ -201,8 +202,8 @@ def test_sampled_reverse_kl_reward_matches_the_exact_gradient_on_average(tokeniz
     diffs, exact_grads = [], []
     for k in range(groups):
         batch = collate(data.examples * 256, tokenizer.pad_token_id)
-        exact.rollout_gen.manual_seed(1000 + k)
-        roll = exact._rollout(batch)
+        exact.run.rollout_gen.manual_seed(1000 + k)
+        roll = student_samples(exact.run, batch)
         ge = _grads(exact, roll, None)
         gs = _grads(sampled, roll, None)
         diffs.append(gs - ge)
@@ -247,6 +248,6 @@ def test_rlef_star_trains_without_a_teacher(tokenizer, records, tmp_path):
     )
     t = GKDTrainer(cfg, student=student, tokenizer=tokenizer, train_records=records)
     t.setup()
-    assert t.teacher is None and t.reference is not None
+    assert t.teacher is None and t.run.reference is not None
     rec = t.train_step()
     assert "reward_mean" in rec and rec["kl_to_initial"] == pytest.approx(0.0, abs=1e-6)

@@ -159,6 +159,61 @@ def test_seqkd_cuts_targets_at_max_new_tokens(tokenizer, records, llama_pair, tm
     assert [e.completion for e in out.examples] == [[7, 8, 9], [7, 8, 9]]  # no room left for the EOS
 
 
+def test_seqkd_cache_key_is_the_same_as_before_samplers(tokenizer, records, tmp_path, monkeypatch):
+    """Caches written by earlier versions stay valid: the key of a local backend did not change (pinned)."""
+    monkeypatch.setattr(teacher_mod, "generate_ids", lambda m, t, d, **kw: [[7]] * len(d))
+    data = _dataset(tokenizer, records, 4)
+    for backend in ("auto", "fast", "generate", "vllm"):
+        folder = tmp_path / backend
+        seqkd_dataset(None, tokenizer, data, cache_dir=folder, backend=backend, log=lambda _: None, **SEQKD)
+        assert [p.name for p in folder.iterdir()] == ["seqkd-0083c46eb1e613a6.jsonl"], backend
+
+
+def test_seqkd_with_rollout_backend_vllm_samples_the_teacher_in_process(
+    tokenizer, records, llama_pair, tmp_path
+):
+    """The run's vLLM engine holds the student: SeqKD samples the teacher with the local auto sampler, no crash."""
+    _, model = llama_pair
+    data = _dataset(tokenizer, records, 4)
+    logs = []
+    out = seqkd_dataset(
+        model,
+        tokenizer,
+        data,
+        cache_dir=tmp_path / "v",
+        batch_size=3,
+        backend="vllm",
+        log=logs.append,
+        **SEQKD,
+    )
+    ref = seqkd_dataset(
+        model,
+        tokenizer,
+        data,
+        cache_dir=tmp_path / "a",
+        batch_size=3,
+        backend="auto",
+        log=lambda _: None,
+        **SEQKD,
+    )
+    assert out.examples == ref.examples
+    assert len(logs) == 2 and "in-process" in logs[1]
+
+
+def test_seqkd_samples_through_the_given_sampler(tokenizer, records, llama_pair, tmp_path):
+    from gkd.sampling import get_sampler
+
+    _, model = llama_pair
+    data = _dataset(tokenizer, records, 4)
+    kw = {"cache_dir": tmp_path, "batch_size": 3, "log": lambda _: None, **SEQKD}
+    by_generate = seqkd_dataset(model, tokenizer, data, sampler=get_sampler("generate"), **kw)
+    samples = generate_ids(
+        model, tokenizer, data, max_new_tokens=6, greedy=False, batch_size=3, seed=3, backend="generate"
+    )
+    eos = tokenizer.eos_token_id
+    assert [e.completion for e in by_generate.examples] == [[*s, eos][:6] for s in samples]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the offline top-k cache
 # ---------------------------------------------------------------------------------------------------------------

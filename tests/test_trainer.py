@@ -12,6 +12,9 @@ from conftest import base_config, make_model
 from gkd.data import Batch, collate, tokenize_records
 from gkd.divergences import forward_kl, get_divergence, reduce_divergence
 from gkd.models import score_positions
+from gkd.rollout import Rollout
+from gkd.sampling import LocalSampler
+from gkd.step import lmbda_at, micro_batch_loss, student_samples
 from gkd.trainer import GKDTrainer
 
 
@@ -20,6 +23,54 @@ def _trainer(tokenizer, records, student, teacher, tmp_path, **cfg):
     t = GKDTrainer(config, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
     t.setup()
     return t
+
+
+def _loss(t: GKDTrainer, batch: Batch, stats=None) -> torch.Tensor:
+    """The trainer's micro-batch loss of ``batch`` normalised by its own token count."""
+    return micro_batch_loss(t.run, batch, float(batch.num_tokens()), stats=stats)
+
+
+class _FixedSampler(LocalSampler):
+    """A rollout backend that always returns the completions of one batch (to train on the same samples)."""
+
+    def __init__(self, batch: Batch) -> None:
+        super().__init__("auto")
+        self.batch = batch
+
+    def sample(self, model, prompt_ids, prompt_mask, params, generator=None) -> Rollout:
+        return Rollout(self.batch.completion_ids, self.batch.completion_mask)
+
+
+class _CountingSampler(LocalSampler):
+    def __init__(self, inner) -> None:
+        super().__init__("auto")
+        self.inner, self.calls = inner, 0
+
+    def sample(self, *args, **kwargs) -> Rollout:
+        self.calls += 1
+        return self.inner.sample(*args, **kwargs)
+
+
+class _EchoSampler(LocalSampler):
+    """Returns the dataset's own completions as the 'samples' (cheap on-policy steps for coin tests)."""
+
+    def __init__(self) -> None:
+        super().__init__("auto")
+        self.last: Batch | None = None
+
+    def sample(self, model, prompt_ids, prompt_mask, params, generator=None) -> Rollout:
+        return Rollout(self.last.completion_ids, self.last.completion_mask)
+
+
+class _Remember:
+    """A stream that hands each batch to an _EchoSampler too."""
+
+    def __init__(self, stream, echo: _EchoSampler) -> None:
+        self.stream, self.echo = stream, echo
+
+    def next(self) -> Batch:
+        self.echo.last = self.stream.next()
+        return self.echo.last
 
 
 def _dense_divergence(student, teacher, batch: Batch, name="jsd", **params) -> torch.Tensor:
@@ -53,10 +104,10 @@ def test_one_on_policy_step_lowers_the_divergence_on_a_fixed_batch(tokenizer, re
         beta=0.5,
         learning_rate=1e-2,
     )
-    fixed = t._rollout(t.stream.next())
+    fixed = student_samples(t.run, t.stream.next())
     before = _dense_divergence(t.student, teacher, fixed, beta=0.5).item()
-    t.stream = _FixedStream(fixed)
-    t._rollout = lambda b: b  # keep training on the same sampled batch
+    t.run.stream = _FixedStream(fixed)
+    t.run.sampler = _FixedSampler(fixed)  # keep training on the same sampled batch
     t.train_step()
     after = _dense_divergence(t.student, teacher, fixed, beta=0.5).item()
     assert after < before
@@ -85,13 +136,13 @@ def test_sampled_ids_carry_no_gradient_and_the_sampler_seed_only_changes_data(
     student, teacher = llama_pair
     t = _trainer(tokenizer, records, student, teacher, tmp_path, lmbda=1.0, divergence="reverse_kl")
     batch = t.stream.next()
-    roll = t._rollout(batch)
+    roll = student_samples(t.run, batch)
     assert not roll.completion_ids.requires_grad and not roll.completion_mask.requires_grad
     assert roll.completion_ids.grad_fn is None
 
     def grads(b: Batch) -> list[torch.Tensor]:
         t.optimizer.zero_grad(set_to_none=True)
-        loss = t._micro_loss(b, float(b.num_tokens()), None, None)
+        loss = _loss(t, b)
         loss.backward()
         return [p.grad.clone() for p in t.student.parameters() if p.grad is not None]
 
@@ -105,8 +156,8 @@ def test_sampled_ids_carry_no_gradient_and_the_sampler_seed_only_changes_data(
     for a, b in zip(grads(roll), grads(as_data)):
         torch.testing.assert_close(a, b)
     # a different sampler seed gives different data, through the same computation
-    t.rollout_gen.manual_seed(12345)
-    other = t._rollout(batch)
+    t.run.rollout_gen.manual_seed(12345)
+    other = student_samples(t.run, batch)
     assert not torch.equal(other.completion_ids, roll.completion_ids) or not torch.equal(
         other.completion_mask, roll.completion_mask
     )
@@ -118,18 +169,16 @@ def test_masks_exclude_prompt_padding_and_post_eos_tokens(tokenizer, records, ll
     t = _trainer(tokenizer, records, student, teacher, tmp_path, lmbda=0.0, divergence="forward_kl")
     data = tokenize_records(records[:4], tokenizer, max_prompt_length=64, max_completion_length=16)
     batch = collate(data.examples, tokenizer.pad_token_id)
-    base = t._micro_loss(batch, float(batch.num_tokens()), None, None).item()
+    base = _loss(t, batch).item()
     noisy_c = batch.completion_ids.clone()
     noisy_c[~batch.completion_mask] = 7  # garbage after EOS / in completion padding
     noisy_p = batch.prompt_ids.clone()
     noisy_p[~batch.prompt_mask] = 9  # garbage in prompt left-padding
     changed = Batch(noisy_p, batch.prompt_mask, noisy_c, batch.completion_mask, batch.records)
-    assert t._micro_loss(changed, float(batch.num_tokens()), None, None).item() == pytest.approx(
-        base, rel=1e-5
-    )
+    assert _loss(t, changed).item() == pytest.approx(base, rel=1e-5)
     # and the loss counts exactly the completion tokens (incl. EOS), never prompt tokens
     stats: dict = defaultdict(list)
-    t._micro_loss(batch, float(batch.num_tokens()), None, stats)
+    _loss(t, batch, stats)
     assert torch.cat(stats["forward_kl"]).numel() == int(batch.completion_mask.sum())
 
 
@@ -155,7 +204,7 @@ def test_loss_matches_the_dense_reference(tokenizer, records, llama_pair, tmp_pa
             if reduction == "token"
             else float((batch.completion_mask.sum(-1) > 0).sum())
         )
-        fused = t._micro_loss(batch, denom, None, None)
+        fused = micro_batch_loss(t.run, batch, denom)
         s = score_positions(
             student,
             batch.prompt_ids,
@@ -201,7 +250,7 @@ def test_normalisation_uses_the_tokens_actually_in_the_step_across_accumulation(
         )
         data = tokenize_records(records[:8], tokenizer, max_prompt_length=64, max_completion_length=16)
         micro = [collate(data.examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, 8, bs)]
-        t.stream = _ListStream(micro)
+        t.run.stream = _ListStream(micro)
         t.optimizer.step = lambda: None  # keep the gradient for inspection
         t.optimizer.zero_grad = lambda set_to_none=True: None
         t.train_step()
@@ -224,12 +273,10 @@ def test_on_policy_token_count_is_the_generated_count(tokenizer, records, llama_
 def test_lambda_zero_never_samples_and_one_always_does(tokenizer, records, llama_pair, tmp_path, lmbda):
     student, teacher = llama_pair
     t = _trainer(tokenizer, records, student, teacher, tmp_path, lmbda=lmbda, divergence="forward_kl")
-    calls = []
-    real = t._rollout
-    t._rollout = lambda b: calls.append(1) or real(b)
+    t.run.sampler = counting = _CountingSampler(t.run.sampler)
     flags = [t.train_step()["on_policy"] for _ in range(6)]
     assert flags == [lmbda == 1.0] * 6
-    assert len(calls) == (6 if lmbda == 1.0 else 0)
+    assert counting.calls == (6 if lmbda == 1.0 else 0)
 
 
 def test_lambda_half_mixes_per_step_with_a_seeded_coin(tokenizer, records, llama_pair, tmp_path):
@@ -240,9 +287,8 @@ def test_lambda_half_mixes_per_step_with_a_seeded_coin(tokenizer, records, llama
         t = _trainer(
             tokenizer, records, s, teacher, tmp_path, lmbda=0.5, divergence="forward_kl", max_new_tokens=2
         )
-        t._rollout = lambda b: Batch(
-            b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, b.records, True
-        )
+        t.run.sampler = echo = _EchoSampler()
+        t.run.stream = _Remember(t.run.stream, echo)
         runs.append([t.train_step()["on_policy"] for _ in range(40)])
     assert runs[0] == runs[1]  # seeded
     assert 10 <= sum(runs[0]) <= 30
@@ -260,7 +306,7 @@ def test_linear_lambda_schedule(tokenizer, records, llama_pair, tmp_path):
         lmbda_schedule="linear",
         lmbda_warmup_steps=4,
     )
-    assert [round(t.lmbda_at(s), 2) for s in (0, 2, 4, 10)] == [0.0, 0.4, 0.8, 0.8]
+    assert [round(lmbda_at(t.cfg, s), 2) for s in (0, 2, 4, 10)] == [0.0, 0.4, 0.8, 0.8]
 
 
 def test_sft_needs_no_teacher_and_lowers_the_nll(tokenizer, records, tmp_path):
@@ -282,7 +328,7 @@ def test_seqkd_targets_are_generated_once_and_cached(tokenizer, records, llama_p
     assert len(cache) == 1
     lines = cache[0].read_text().splitlines()
     assert len(lines) == 32
-    first = [e.completion for e in t.train_data.examples]
+    first = [e.completion for e in t.run.train_data.examples]
     # a second trainer reads the cache: same targets, and the teacher is not asked to generate again
     import gkd.teacher as teacher_mod
 
@@ -303,7 +349,7 @@ def test_seqkd_targets_are_generated_once_and_cached(tokenizer, records, llama_p
     finally:
         teacher_mod.generate_ids = orig
     assert not called
-    assert [e.completion for e in t2.train_data.examples] == first
+    assert [e.completion for e in t2.run.train_data.examples] == first
     assert all((c and c[-1] == tokenizer.eos_token_id) or len(c) == 8 for c in first)
 
 
@@ -469,10 +515,7 @@ def test_topk_teacher_cache_is_built_once_and_replaces_the_teacher_on_fixed_batc
     batch = live.stream.next()
     for t in (full, small, mid):
         t.teacher.score = lambda b: (_ for _ in ()).throw(AssertionError("teacher was called"))
-    a = live._micro_loss(batch, float(batch.num_tokens()), None, None).item()
-    b = full._micro_loss(batch, float(batch.num_tokens()), None, None).item()
-    c = small._micro_loss(batch, float(batch.num_tokens()), None, None).item()
-    d = mid._micro_loss(batch, float(batch.num_tokens()), None, None).item()
+    a, b, c, d = (_loss(t, batch).item() for t in (live, full, small, mid))
     assert b == pytest.approx(a, rel=1e-4)
     assert abs(d - a) < abs(c - a)
 
@@ -493,8 +536,8 @@ def test_messages_records_use_the_chat_template_and_the_last_assistant_turn(
     ]
     t = _trainer(tokenizer, chat, student, teacher, tmp_path, lmbda=0.0, divergence="forward_kl", max_steps=2)
     plain = tokenize_records(records[:16], tokenizer, max_prompt_length=64, max_completion_length=8)
-    assert [e.prompt for e in t.train_data.examples] == [e.prompt for e in plain.examples]
-    assert [e.completion for e in t.train_data.examples] == [e.completion for e in plain.examples]
+    assert [e.prompt for e in t.run.train_data.examples] == [e.prompt for e in plain.examples]
+    assert [e.completion for e in t.run.train_data.examples] == [e.completion for e in plain.examples]
     prompt_only = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in records[:16]]
     t2 = _trainer(
         tokenizer,
@@ -506,5 +549,5 @@ def test_messages_records_use_the_chat_template_and_the_last_assistant_turn(
         divergence="reverse_kl",
         max_steps=2,
     )
-    assert not t2.train_data.has_targets
+    assert not t2.run.train_data.has_targets
     assert t2.train().step == 2

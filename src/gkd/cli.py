@@ -106,11 +106,13 @@ def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.evaluation import generate_texts
+    from gkd.sampling import local_sampler
 
     _check_sampling_args(args)
     tok, model, data = _load_for_inference(
         args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
     )
+    sampler = local_sampler("auto")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -127,6 +129,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 top_p=args.top_p,
                 batch_size=args.batch_size,
                 seed=args.seed + k,
+                sampler=sampler,
             )
             for ex, text in zip(data.examples, texts):
                 fh.write(json.dumps({**generated_record(ex.record, text), "sample": k}) + "\n")
@@ -155,33 +158,28 @@ def generated_record(record: dict, text: str) -> dict:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gkd.evaluation import generate_texts
-    from gkd.scoring import check_metric_name, check_records, resolve_scorer
+    from gkd.evaluation import evaluate, flatten
+    from gkd.sampling import local_sampler
+    from gkd.scoring import check_metric_name, check_records
 
     _check_sampling_args(args)
     check_metric_name(args.metric, key="--metric")
     tok, model, data = _load_for_inference(
         args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
     )
-    records = [e.record for e in data.examples]
-    check_records(args.metric, records, key="--metric")
-    scorer = resolve_scorer(args.metric)
-    results: dict[str, float] = {}
-    modes = [("greedy", True)] if args.greedy_only else [("greedy", True), ("sample", False)]
-    for mode, greedy in modes:
-        preds = generate_texts(
-            model,
-            tok,
-            data,
-            max_new_tokens=args.max_new_tokens,
-            greedy=greedy,
-            temperature=args.temperature,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        for k, v in scorer(records, preds).items():
-            results[f"{mode}/{k}"] = v
-    print(json.dumps(results, indent=2))
+    check_records(args.metric, [e.record for e in data.examples], key="--metric")
+    results = evaluate(
+        model,
+        tok,
+        data,
+        args.metric,
+        max_new_tokens=args.max_new_tokens,
+        sampled={} if args.greedy_only else {"sample": args.temperature},
+        seeds=(args.seed,),
+        batch_size=args.batch_size,
+        sampler=local_sampler("auto"),
+    )
+    print(json.dumps(flatten(results), indent=2))
     return 0
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -288,21 +287,15 @@ class GKDConfig:
         return out
 
     def divergence_params(self) -> dict[str, Any]:
-        """Parameters of the training divergence (without temperature, which the loss passes itself)."""
-        if self.divergence == "jsd":
-            return {"beta": self.beta, "normalize": self.jsd_normalize}
-        if self.divergence.startswith("skew_"):
-            return {"alpha": self.skew_alpha}
-        return {}
+        """Parameters of the training divergence (without temperature, which the loss passes itself), read from the
+        config keys its registry entry names (``gkd.divergences.DIVERGENCES[name].config_keys``)."""
+        spec = DIVERGENCES.get(self.divergence)
+        if spec is None:
+            return {}
+        return {param: getattr(self, key) for param, key in spec.config_keys.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def fingerprint(self, keys: tuple[str, ...]) -> str:
-        data = {k: getattr(self, k) for k in keys}
-        if "lora" in data and data["lora"] is not None:
-            data["lora"] = dataclasses.asdict(data["lora"])
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Keys that must match for a checkpoint to be resumed.
@@ -518,8 +511,63 @@ def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
 
 
+_POSITIVE = "a positive integer"
+# key -> (is the value allowed?, what is allowed); null values of optional keys are not checked
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lmbda": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (the student data fraction)"),
+    "lmbda_start": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "lmbda_warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "loss_temperature": (lambda v: v > 0, "> 0"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 disables top-k)"),
+    "max_new_tokens": (lambda v: v > 0, _POSITIVE),
+    "max_completion_length": (lambda v: v > 0, _POSITIVE),
+    "max_prompt_length": (lambda v: v > 0, _POSITIVE),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "> 0"),
+    "per_device_train_batch_size": (lambda v: v > 0, _POSITIVE),
+    "gradient_accumulation_steps": (lambda v: v > 0, _POSITIVE),
+    "max_steps": (lambda v: v > 0, _POSITIVE),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "max_consecutive_nonfinite": (lambda v: v > 0, _POSITIVE),
+    "logging_steps": (lambda v: v > 0, _POSITIVE),
+    "save_steps": (lambda v: v >= 0, ">= 0 (0: save only at the end)"),
+    "eval_steps": (lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
+    "eval_max_samples": (lambda v: v > 0, _POSITIVE),
+    "eval_batch_size": (lambda v: v > 0, _POSITIVE),
+    "save_total_limit": (lambda v: v > 0, "a positive integer or null"),
+    "num_threads": (lambda v: v > 0, _POSITIVE),
+    "loss_chunk_size": (lambda v: v > 0, _POSITIVE),
+    "teacher_cache_topk": (lambda v: v > 0, _POSITIVE),
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (weight of the distillation term)"),
+    "num_generations": (lambda v: v > 0, _POSITIVE),
+    "kl_to_initial": (lambda v: v >= 0, ">= 0"),
+    "rkl_discount": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+}
+
+
 def validate(cfg: GKDConfig) -> None:
-    """Check types and ranges of every key; raise ConfigError naming the first bad key."""
+    """Check every key (types, ranges, combinations); raise ConfigError naming the first bad key."""
+    _check_types(cfg)
+    for key, (ok, allowed) in _RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None:
+            _check(ok(value), key, allowed, value)
+    _check_objective(cfg)
+    _check_rl(cfg)
+    _check_names(cfg)
+    if cfg.lora is not None:
+        _check(cfg.lora.r > 0, "lora.r", _POSITIVE, cfg.lora.r)
+        _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
+
+
+def _check_types(cfg: GKDConfig) -> None:
     hints = _hints(GKDConfig)
     for f in dataclasses.fields(GKDConfig):
         value = getattr(cfg, f.name)
@@ -527,15 +575,12 @@ def validate(cfg: GKDConfig) -> None:
             raise ConfigError(
                 f"config key '{f.name}' must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})"
             )
-        if (
-            isinstance(value, float)
-            and not math.isfinite(value)
-            and (math.isnan(value) or f.name not in _INF_OK)
-        ):
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and f.name not in _INF_OK)):
             raise ConfigError(f"config key '{f.name}' must be a finite number, got {value}")
-    _check(0.0 <= cfg.lmbda <= 1.0, "lmbda", "in [0, 1] (the student data fraction)", cfg.lmbda)
-    _check(0.0 <= cfg.lmbda_start <= 1.0, "lmbda_start", "in [0, 1]", cfg.lmbda_start)
-    _check(cfg.lmbda_warmup_steps >= 0, "lmbda_warmup_steps", ">= 0", cfg.lmbda_warmup_steps)
+
+
+def _check_objective(cfg: GKDConfig) -> None:
+    """The divergence and its parameters, and λ-schedule settings that could not do anything."""
     if cfg.lmbda_schedule == "linear":
         if cfg.lmbda_warmup_steps == 0:
             raise ConfigError(
@@ -564,89 +609,14 @@ def validate(cfg: GKDConfig) -> None:
         raise ConfigError(
             f"config key 'divergence' must be one of {', '.join(valid_div)}, got {cfg.divergence!r}{hint}"
         )
-    if cfg.divergence == "jsd":
-        if cfg.jsd_normalize:
-            _check(
-                0.0 <= cfg.beta <= 1.0, "beta", "in [0, 1] for divergence jsd with jsd_normalize", cfg.beta
-            )
-        elif not 0.0 < cfg.beta < 1.0:
-            raise ConfigError(
-                f"config key 'beta' must be in (0, 1) for divergence jsd, got {cfg.beta}; for β=0 use "
-                "divergence: forward_kl, for β=1 divergence: reverse_kl, or set jsd_normalize: true"
-            )
-    if cfg.divergence.startswith("skew_"):
-        _check(0.0 <= cfg.skew_alpha < 1.0, "skew_alpha", "in [0, 1)", cfg.skew_alpha)
     if cfg.divergence in DIVERGENCES:
         try:
             validate_divergence_params(cfg.divergence, cfg.divergence_params())
-        except ValueError as e:  # pragma: no cover - the checks above come first
-            raise ConfigError(str(e)) from e
-    _check(
-        math.isfinite(cfg.loss_temperature) and cfg.loss_temperature > 0,
-        "loss_temperature",
-        "> 0",
-        cfg.loss_temperature,
-    )
-    _check(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "> 0", cfg.temperature)
-    _check(0.0 < cfg.top_p <= 1.0, "top_p", "in (0, 1]", cfg.top_p)
-    _check(cfg.top_k >= 0, "top_k", ">= 0 (0 disables top-k)", cfg.top_k)
-    _check(cfg.max_new_tokens > 0, "max_new_tokens", "a positive integer", cfg.max_new_tokens)
-    if cfg.max_completion_length is not None:
-        _check(
-            cfg.max_completion_length > 0,
-            "max_completion_length",
-            "a positive integer",
-            cfg.max_completion_length,
-        )
-    _check(cfg.max_prompt_length > 0, "max_prompt_length", "a positive integer", cfg.max_prompt_length)
-    _check(
-        math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, "learning_rate", "> 0", cfg.learning_rate
-    )
-    _check(cfg.weight_decay >= 0, "weight_decay", ">= 0", cfg.weight_decay)
-    _check(0 <= cfg.adam_beta1 < 1, "adam_beta1", "in [0, 1)", cfg.adam_beta1)
-    _check(0 <= cfg.adam_beta2 < 1, "adam_beta2", "in [0, 1)", cfg.adam_beta2)
-    _check(cfg.adam_epsilon > 0, "adam_epsilon", "> 0", cfg.adam_epsilon)
-    _check(
-        cfg.per_device_train_batch_size > 0,
-        "per_device_train_batch_size",
-        "a positive integer",
-        cfg.per_device_train_batch_size,
-    )
-    _check(
-        cfg.gradient_accumulation_steps > 0,
-        "gradient_accumulation_steps",
-        "a positive integer",
-        cfg.gradient_accumulation_steps,
-    )
-    _check(cfg.max_steps > 0, "max_steps", "a positive integer", cfg.max_steps)
-    _check(cfg.warmup_steps >= 0, "warmup_steps", ">= 0", cfg.warmup_steps)
-    _check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]", cfg.min_lr_ratio)
-    _check(cfg.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)", cfg.max_grad_norm)
-    _check(
-        cfg.max_consecutive_nonfinite > 0,
-        "max_consecutive_nonfinite",
-        "a positive integer",
-        cfg.max_consecutive_nonfinite,
-    )
-    _check(cfg.logging_steps > 0, "logging_steps", "a positive integer", cfg.logging_steps)
-    _check(cfg.save_steps >= 0, "save_steps", ">= 0 (0: save only at the end)", cfg.save_steps)
-    _check(cfg.eval_steps >= 0, "eval_steps", ">= 0 (0: evaluate only at the end)", cfg.eval_steps)
-    _check(cfg.eval_max_samples > 0, "eval_max_samples", "a positive integer", cfg.eval_max_samples)
-    _check(cfg.eval_batch_size > 0, "eval_batch_size", "a positive integer", cfg.eval_batch_size)
-    if cfg.save_total_limit is not None:
-        _check(
-            cfg.save_total_limit > 0, "save_total_limit", "a positive integer or null", cfg.save_total_limit
-        )
-    if cfg.num_threads is not None:
-        _check(cfg.num_threads > 0, "num_threads", "a positive integer", cfg.num_threads)
-    if cfg.loss_chunk_size is not None:
-        _check(cfg.loss_chunk_size > 0, "loss_chunk_size", "a positive integer", cfg.loss_chunk_size)
-    _check(cfg.teacher_cache_topk > 0, "teacher_cache_topk", "a positive integer", cfg.teacher_cache_topk)
-    # RL
-    _check(0.0 <= cfg.alpha <= 1.0, "alpha", "in [0, 1] (weight of the distillation term)", cfg.alpha)
-    _check(cfg.num_generations > 0, "num_generations", "a positive integer", cfg.num_generations)
-    _check(cfg.kl_to_initial >= 0, "kl_to_initial", ">= 0", cfg.kl_to_initial)
-    _check(0.0 <= cfg.rkl_discount <= 1.0, "rkl_discount", "in [0, 1]", cfg.rkl_discount)
+        except ValueError as e:
+            raise ConfigError(_config_terms(cfg, str(e))) from e
+
+
+def _check_rl(cfg: GKDConfig) -> None:
     if cfg.alpha < 1.0 and cfg.reward is None:
         raise ConfigError("config key 'alpha' < 1 needs a 'reward' (a built-in name or module:function)")
     if cfg.reward is not None and cfg.lmbda != 1.0:
@@ -657,6 +627,10 @@ def validate(cfg: GKDConfig) -> None:
         raise ConfigError(
             "config key 'teacher_kl_estimator: sampled' estimates the reverse KL; set divergence: reverse_kl"
         )
+
+
+def _check_names(cfg: GKDConfig) -> None:
+    """Names from gkd's vocabularies: trackers, metrics, rewards."""
     for name in cfg.report_to:
         _check(
             name in (*REPORT_TO, "all"),
@@ -671,9 +645,16 @@ def validate(cfg: GKDConfig) -> None:
             check_metric_name(cfg.eval_metric, "eval_metric")
         if cfg.reward is not None:
             check_reward_name(cfg.reward, "reward")
-    if cfg.lora is not None:
-        _check(cfg.lora.r > 0, "lora.r", "a positive integer", cfg.lora.r)
-        _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
+
+
+def _config_terms(cfg: GKDConfig, message: str) -> str:
+    """A divergence-parameter error of :mod:`gkd.divergences` (the one place they are checked) in config keys."""
+    keys = dict(DIVERGENCES[cfg.divergence].config_keys)
+    message = message.removeprefix(f"{cfg.divergence}: ")
+    for param, key in keys.items():
+        message = re.sub(rf"\b{param}\b(?!_)", key, message)
+    named = next((key for key in keys.values() if key in message), "divergence")
+    return f"config key '{named}' (divergence {cfg.divergence}): {message}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

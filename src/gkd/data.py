@@ -117,7 +117,7 @@ def load_records(
 def _missing_local(spec: str) -> bool:
     """A spec that does not exist and is evidently a local path (a data file name, or a path that cannot be a hub
     name or whose first folder exists here): failing at once beats minutes of hub retries."""
-    from gkd.models import missing_local_path
+    from gkd.io import missing_local_path
 
     return spec.endswith((".jsonl", ".json", ".parquet", ".csv")) or missing_local_path(spec)
 

@@ -36,3 +36,9 @@ class RewardError(GKDError):
 
 class TrainingError(GKDError):
     """Training cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+class TrainingInterrupted(GKDError):
+    """Ctrl-C or SIGTERM: the current step finished and a checkpoint was saved."""
+
+    exit_code = 130

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gkd.errors import ModelError
+from gkd.io import cannot_be_hub_id, missing_local_path
 from gkd.losses import Head
 
 __all__ = [
@@ -65,38 +66,6 @@ _ADAPTER_CONFIG = "adapter_config.json"
 # ---------------------------------------------------------------------------------------------------------------
 # paths: local folders, hub ids and LoRA adapter folders
 # ---------------------------------------------------------------------------------------------------------------
-def _cannot_be_hub_id(path: str) -> bool:
-    """Whether ``path`` is not a valid hub repo id (``name`` or ``org/name``), so it can only be a local path."""
-    # ./x, ../x, .x, /x, ~/x, a/b/c, a\\b: never hub ids (validate_repo_id would say so too; these need no import)
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
-        return True
-    try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return False
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return True
-    return False
-
-
-def missing_local_path(path: str) -> bool:
-    """True when ``path`` is evidently meant as a local path and does not exist, so looking it up on the hub
-    would only waste time (retries without network) before failing.
-
-    Evidently local: it cannot be a hub id (it starts with ``./``, ``../``, ``/``, ``~`` or ``.``, has more than one
-    ``/``, or has characters a hub id cannot have), or its first component is a folder here (``runs/nope`` when
-    ``runs/`` exists). URLs (``scheme://...``) are never local.
-    """
-    if "://" in path:
-        return False
-    if os.path.exists(os.path.expanduser(path)):
-        return False
-    first = path.split("/", 1)[0]
-    return _cannot_be_hub_id(path) or ("/" in path and bool(first) and os.path.isdir(first))
-
-
 def _check_exists(path: str, what: str) -> None:
     if missing_local_path(path):
         where = os.path.abspath(os.path.expanduser(path))
@@ -143,7 +112,7 @@ def _adapter_base(path: str, what: str) -> str:
         for parent in config_file.resolve().parent.parents:
             if (parent / expanded).exists():
                 return str(parent / expanded)
-        if not _cannot_be_hub_id(base) and not missing_local_path(base):
+        if not cannot_be_hub_id(base) and not missing_local_path(base):
             return base  # a hub id
     raise ModelError(
         f"{what} '{path}' is a LoRA adapter whose base model '{base}' does not exist (looked in {os.getcwd()} "
@@ -412,10 +381,6 @@ def _merged_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model, shared).merge_and_unload()
 
 
-def real_vocab_size(tokenizer: Any) -> int:
-    return len(tokenizer)
-
-
 def output_rows(model: nn.Module) -> int:
     head = unwrap(model).get_output_embeddings()
     if head is not None and hasattr(head, "weight"):
@@ -448,7 +413,9 @@ def check_teacher_student(
                 f"teacher and student tokenizers have different EOS ids ({teacher_tokenizer.eos_token_id} vs "
                 f"{tokenizer.eos_token_id}); use the same tokenizer for both"
             )
-    vocab = real_vocab_size(tokenizer)
+    vocab = len(
+        tokenizer
+    )  # padding rows of a larger head (Qwen2.5: 151,936 for 151,665 tokens) are never compared
     for what, m in (("student", student), ("teacher", teacher)):
         rows = output_rows(m)
         if rows < vocab:
@@ -456,10 +423,6 @@ def check_teacher_student(
                 f"the {what}'s output layer has {rows} rows but the tokenizer has {vocab} tokens; "
                 "the model does not match the tokenizer"
             )
-    s_rows, t_rows = output_rows(student), output_rows(teacher)
-    if s_rows != t_rows:
-        # Padding rows only: both cover the tokenizer; compare over its real length.
-        pass
     return vocab
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,37 @@ __all__ = [
     "compute_rewards",
     "discounted_returns",
     "load_reward",
+    "score_samples",
 ]
+
+
+def score_samples(
+    batch: Any,
+    reward_fn: RewardFn,
+    name: str,
+    tokenizer: Any,
+    eos_ids: Sequence[int],
+    group_size: int,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards and detached advantages of a batch of the student's samples (a ``gkd.data.Batch``).
+
+    The reward sees each completion decoded without its EOS and special tokens, the prompt text the record poses
+    (``prompt``, or the last user turn of chat records) and the record itself.
+    """
+    from gkd.metrics import prompt_text_of
+
+    ids, mask = batch.completion_ids, batch.completion_mask
+    keep = mask & ~torch.isin(ids, torch.tensor(list(eos_ids), device=ids.device))
+    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, keep)], skip_special_tokens=True)
+    prompts = []
+    for record in batch.records:
+        try:
+            prompts.append(prompt_text_of(record))
+        except ValueError:
+            prompts.append("")
+    rewards = compute_rewards(reward_fn, name, prompts, texts, batch.records)
+    return rewards, compute_advantages(rewards, group_size, mode)
 
 
 def compute_rewards(

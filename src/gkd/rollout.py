@@ -22,6 +22,10 @@ cache objects and mask construction. This module offers two backends behind one 
 ``"auto"`` picks ``"fast"`` when :func:`fast_path_unsupported_reason` returns ``None``. Models the fast backend can
 never run are known from their config alone (:func:`fast_backend_config_reason`), before any weights are loaded.
 
+Callers do not use this module directly: every rollout goes through the sampler interface of :mod:`gkd.sampling`
+(``get_sampler("auto" | "fast" | "generate")`` wraps :func:`sample_completions`; ``"vllm"`` is another
+implementation of that interface, in :mod:`gkd.rollout_vllm`). This module is the in-process implementation.
+
 Conventions shared by both backends:
 
 * Prompts are LEFT-padded. Position ids are ``cumsum(attention_mask) - 1`` so a row's result does not depend on
@@ -119,7 +123,10 @@ def sample_completions(
     :func:`fast_path_unsupported_reason`).
     """
     if backend not in ("auto", "fast", "generate"):
-        raise ValueError(f"backend must be 'auto', 'fast' or 'generate', got {backend!r}")
+        raise ConfigError(
+            f"sample_completions backend must be 'auto', 'fast' or 'generate', got {backend!r} "
+            "(other backends, e.g. vllm, are samplers: gkd.sampling.get_sampler)"
+        )
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids and attention_mask must both be [batch, prompt_len]")
     if temperature < 0:

@@ -1,12 +1,19 @@
-"""Optional vLLM rollout backend for GPU users (``rollout_backend: vllm``).
+"""Optional vLLM rollout backend for GPU users (``rollout_backend: vllm``): a :class:`gkd.sampling.Sampler`.
 
-The student is served by an in-process (colocated) vLLM engine that holds a copy of its weights; before each rollout
-the trainer pushes the current weights into the engine, then samples with vLLM's paged KV cache and continuous
+The student is served by an in-process (colocated) vLLM engine that holds a copy of its weights. ``sync(model)``
+pushes the model's current weights into the engine (the trainer's rollout does it before every on-policy batch,
+:func:`gkd.evaluation.evaluate` before evaluating); ``sample`` then decodes with vLLM's paged KV cache and continuous
 batching. The result has the same ``Rollout`` format as the built-in backends, so the rest of the step is unchanged.
 
 **Status: untested in this project's CI.** vLLM needs a CUDA GPU and is not installed on the CPU-only machines gkd is
 developed and tested on, so this module is import-guarded and only exercised up to its error messages. Install with
 ``pip install "gkd[vllm]"``. Things to know:
+
+- the engine can only sample the model it was built for (``model_path``, the student); ``sample(model, ...)``
+  refuses a model that was not given to ``sync`` first, so the teacher (SeqKD) is never sampled through it;
+- randomness: like the built-in backends, the seed comes from the ``generator`` (one draw per sampled batch, none
+  when greedy), so the same seeding code drives every backend. The samples themselves differ from the built-in
+  backends' for the same seed;
 - weight sync uses vLLM's model ``load_weights`` (through ``LLM.apply_model`` when available); its internal APIs move
   between vLLM releases, so pin the vLLM version you validated;
 - vLLM's sampler differs numerically from the training model's forward pass (kernels, precision), so rollouts are
@@ -18,11 +25,17 @@ developed and tested on, so this module is import-guarded and only exercised up 
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from gkd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gkd.rollout import Rollout
+    from gkd.sampling import SamplingParams
 
 __all__ = ["VLLMSampler"]
 
@@ -41,6 +54,8 @@ class VLLMSampler:
         if not torch.cuda.is_available():
             raise ConfigError("rollout_backend: vllm needs a CUDA GPU; use rollout_backend: auto on CPU")
         self._vllm = vllm
+        self.model_path = model_path
+        self._synced: weakref.ref[nn.Module] | None = None
         self.llm = vllm.LLM(
             model=model_path,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -48,14 +63,18 @@ class VLLMSampler:
             enable_prefix_caching=True,
         )
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy the student's current weights into the engine."""
+    def __repr__(self) -> str:
+        return f"VLLMSampler({self.model_path!r})"
+
+    def sync(self, model: nn.Module) -> None:
+        """Copy ``model``'s current weights (the student's) into the engine."""
         weights = [(name, p.detach()) for name, p in model.state_dict().items()]
         if hasattr(self.llm, "apply_model"):
             self.llm.apply_model(lambda m: m.load_weights(weights))
-            return
-        engine = self.llm.llm_engine
-        engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        else:
+            engine = self.llm.llm_engine
+            engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        self._synced = weakref.ref(model)
 
     def _engine_vocab_size(self) -> int | None:
         """Rows of the served model's output layer, when this vLLM version tells (``None`` otherwise)."""
@@ -67,55 +86,61 @@ class VLLMSampler:
     @torch.no_grad()
     def sample(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        greedy: bool,
-        eos_token_ids: list[int],
-        pad_token_id: int,
-        seed: int,
-        vocab_size: int | None = None,
-    ) -> Any:
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
         """Completions for left-padded prompts (padding is dropped; vLLM takes unpadded token lists).
 
-        ``vocab_size`` restricts sampling to ids ``< vocab_size`` (the tokenizer's length).
+        ``model`` must be the module last given to :meth:`sync`: the engine samples its own copy of those weights.
         """
         from gkd.rollout import Rollout
 
+        if self._synced is None or self._synced() is not model:
+            raise ConfigError(
+                f"the vLLM engine holds a copy of {self.model_path}: call sync(model) with this model before "
+                "sampling it (another model, e.g. the teacher, needs a local sampler)"
+            )
+        if params.max_new_tokens == 0 or prompt_ids.shape[0] == 0:
+            empty = torch.zeros(prompt_ids.shape[0], 0, dtype=torch.long, device=prompt_ids.device)
+            return Rollout(empty, empty.bool())
+        greedy = params.greedy or params.temperature == 0
+        seed = None
+        if generator is not None and not greedy:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
         restrict = {}
-        if vocab_size is not None:
+        if params.vocab_size is not None:
             rows = self._engine_vocab_size()
-            if rows is None or vocab_size < rows:
-                restrict["allowed_token_ids"] = list(range(vocab_size))
-        params = self._vllm.SamplingParams(
+            if rows is None or params.vocab_size < rows:
+                restrict["allowed_token_ids"] = list(range(params.vocab_size))
+        eos = list(params.eos_token_ids)
+        request = self._vllm.SamplingParams(
             n=1,
-            temperature=0.0 if greedy else temperature,
-            top_k=top_k if top_k > 0 else -1,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            stop_token_ids=eos_token_ids,
+            temperature=0.0 if greedy else params.temperature,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=eos,
             seed=seed,
             **restrict,
         )
         prompts = [
             {"prompt_token_ids": row[mask.bool()].tolist()}
-            for row, mask in zip(input_ids.cpu(), attention_mask.cpu())
+            for row, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, request, use_tqdm=False)
         seqs = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
-            if out.outputs[0].finish_reason == "stop" and (not ids or ids[-1] not in eos_token_ids):
-                ids.append(eos_token_ids[0])
-            seqs.append(ids[:max_new_tokens])
+            if eos and out.outputs[0].finish_reason == "stop" and (not ids or ids[-1] not in eos):
+                ids.append(eos[0])
+            seqs.append(ids[: params.max_new_tokens])
         width = max(1, max(len(s) for s in seqs))
-        ids_t = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+        ids_t = torch.full((len(seqs), width), params.pad_token_id, dtype=torch.long)
         mask_t = torch.zeros((len(seqs), width), dtype=torch.bool)
         for i, s in enumerate(seqs):
             ids_t[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask_t[i, : len(s)] = True
-        return Rollout(ids_t.to(input_ids.device), mask_t.to(input_ids.device))
+        return Rollout(ids_t.to(prompt_ids.device), mask_t.to(prompt_ids.device))

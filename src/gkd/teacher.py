@@ -21,6 +21,7 @@ from gkd.data import Batch, Example, TokenizedDataset
 from gkd.evaluation import generate_ids
 from gkd.losses import TeacherTopK
 from gkd.models import ScoringOutput, score_positions
+from gkd.sampling import LocalSampler, Sampler, local_sampler
 
 __all__ = ["Teacher", "TopKCache", "build_topk_cache", "seqkd_dataset"]
 
@@ -69,21 +70,35 @@ def seqkd_dataset(
     top_p: float,
     seed: int,
     batch_size: int = 64,
+    sampler: Sampler | None = None,
     backend: str = "auto",
     log: Any = print,
 ) -> TokenizedDataset:
-    """The dataset with every completion replaced by a teacher sample, generated once and cached on disk."""
-    key = _fingerprint(
-        dataset,
-        {
-            "teacher": teacher_name,
-            "T": temperature,
-            "k": top_k,
-            "p": top_p,
-            "n": max_new_tokens,
-            "seed": seed,
-        },
-    )
+    """The dataset with every completion replaced by a teacher sample, generated once and cached on disk.
+
+    The samples come from ``sampler`` (:func:`gkd.evaluation.generate_ids`: one generator seeded with ``seed``,
+    ``batch_size`` prompts at a time). Without one, ``backend`` (the run's ``rollout_backend``) picks an in-process
+    sampler through :func:`gkd.sampling.local_sampler`: ``rollout_backend: vllm`` samples the teacher with the local
+    ``auto`` backend, because the run's vLLM engine holds the student, not the teacher. A ``sampler`` given here
+    must be able to sample ``teacher`` (its ``sync(teacher)`` is called first).
+
+    The cache key covers the prompts, ``teacher_name``, the sampling settings and the seed, not which local backend
+    sampled (caches written before samplers existed stay valid); any other sampler adds its class name to the key.
+    """
+    in_process_for_vllm = sampler is None and backend == "vllm"
+    if sampler is None:
+        sampler = local_sampler(backend)
+    settings: dict[str, Any] = {
+        "teacher": teacher_name,
+        "T": temperature,
+        "k": top_k,
+        "p": top_p,
+        "n": max_new_tokens,
+        "seed": seed,
+    }
+    if not isinstance(sampler, LocalSampler):
+        settings["sampler"] = type(sampler).__qualname__
+    key = _fingerprint(dataset, settings)
     path = cache_dir / f"seqkd-{key}.jsonl"
     eos = tokenizer.eos_token_id
     completions: list[list[int]] | None = None
@@ -94,6 +109,8 @@ def seqkd_dataset(
             completions = None
     if completions is None:
         log(f"SeqKD: the teacher writes targets for {len(dataset)} prompts (once; cached at {path})")
+        if in_process_for_vllm:
+            log("SeqKD: the teacher is sampled in-process (the run's vLLM engine serves only the student)")
         ids = generate_ids(
             teacher,
             tokenizer,
@@ -105,7 +122,7 @@ def seqkd_dataset(
             top_p=top_p,
             batch_size=batch_size,
             seed=seed,
-            backend=backend,
+            sampler=sampler,
         )
         completions = [[*t, eos][:max_new_tokens] for t in ids]
         cache_dir.mkdir(parents=True, exist_ok=True)

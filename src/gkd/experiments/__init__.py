@@ -1,4 +1,10 @@
-"""The demo and the paper's experiment families at toy scale (``gkd demo``, ``gkd experiment NAME``)."""
+"""The demo and the paper's experiment families at toy scale (``gkd demo``, ``gkd experiment NAME``).
+
+* :mod:`~gkd.experiments.study`: the machinery both run on (recipes from the packaged presets, workspace, jobs,
+  worker pool, resuming, evaluation, statistics);
+* :mod:`~gkd.experiments.demo` and :mod:`~gkd.experiments.families`: their settings, reports and plots;
+* :mod:`~gkd.experiments.common`: task data on disk (``gkd prepare``) and the teacher gkd ships.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ Pipeline (everything from the same seeds is reproducible):
 3. the student's start: a 1-layer d24 Llama, SFT for 3,000 steps (cosine), clearly below the teacher;
 4. per seed, from that same start with equal step budgets (500 steps at batch 64, constant lr 1e-3): SFT, SFT with
    twice the steps (equal wall time), supervised KD, SeqKD (teacher samples drawn once), ImitKD, on-policy GKD
-   (forward KL, reverse KL, JSD(0.9)) and mixed GKD (λ=0.5, JSD(0.9));
+   (forward KL, reverse KL, JSD(0.9)) and mixed GKD (λ=0.5, JSD(0.9)), each a named recipe of
+   ``configs/experiments/recipes.yaml`` (a packaged preset plus overrides);
 5. evaluation on the held-out prompts, greedy and one sample at temperature 1; mean ± SE over seeds and paired
    per-seed differences to SFT and to supervised KD.
 Runs are spread over worker processes with one torch thread each (tiny models are bound by per-op overhead).
@@ -32,50 +33,39 @@ from typing import Any
 
 import torch
 
-from gkd.experiments.common import (
-    ASSET_TEACHER,
-    Job,
+from gkd.errors import GKDError
+from gkd.experiments.common import ASSET_TEACHER
+from gkd.experiments.study import (
+    TINY_MODEL,
+    StudyConsole,
     StudySettings,
     build_workspace,
-    job_key,
     mean_se,
+    named_recipes,
     paired,
-    run_jobs,
-    write_jsonl,
+    run_study,
 )
 
-__all__ = ["DEMO_METHODS", "demo_settings", "method_config", "run_demo"]
+__all__ = ["DEMO_METHODS", "demo_settings", "run_demo", "train_demo_teacher"]
 
-# name -> config overrides on top of ``method_config``; "steps" multiplies the step budget, "seqkd" trains on
-# the teacher's samples.
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "sft": {"divergence": "nll", "lmbda": 0.0},
-    "sft_2x": {"divergence": "nll", "lmbda": 0.0, "steps": 2},
-    "supervised_kd": {"divergence": "forward_kl", "lmbda": 0.0},
-    "seqkd": {"divergence": "nll", "lmbda": 0.0, "seqkd": True},
-    "imitkd": {"divergence": "forward_kl", "lmbda": 0.5},
-    "gkd_forward_kl": {"divergence": "forward_kl", "lmbda": 1.0},
-    "gkd_reverse_kl": {"divergence": "reverse_kl", "lmbda": 1.0},
-    "gkd_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 1.0},
-    "gkd_mixed_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 0.5},
-}
-# relative cost of a step, for scheduling the longest jobs first
-_COST = {"nll": 1.0, "forward_kl": 1.6, "reverse_kl": 1.6, "jsd": 1.6, "tvd": 1.6}
+# The demo's methods, in report order: named recipes of configs/experiments/recipes.yaml (a preset plus overrides).
+DEMO_METHODS: tuple[str, ...] = (
+    "sft",
+    "sft_2x",
+    "supervised_kd",
+    "seqkd",
+    "imitkd",
+    "gkd_forward_kl",
+    "gkd_reverse_kl",
+    "gkd_jsd_0.9",
+    "gkd_mixed_jsd_0.9",
+)
 
 
 def demo_settings(quick: bool = False) -> StudySettings:
     """The demo's sizes (see the module docstring); ``quick`` is a seconds-long run for tests."""
     if not quick:
         return StudySettings(shipped_teacher=str(ASSET_TEACHER))
-    tiny = {
-        "architecture": "llama",
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    }
     return StudySettings(
         seeds=2,
         n_train=1000,
@@ -84,176 +74,9 @@ def demo_settings(quick: bool = False) -> StudySettings:
         start_steps=10,
         method_steps=3,
         batch_size=8,
-        teacher={**tiny, "hidden_size": 32},
-        student=tiny,
+        teacher={**TINY_MODEL, "hidden_size": 32},
+        student=dict(TINY_MODEL),
     )
-
-
-def method_config(name: str, seed: int, out: Path, s: StudySettings, **extra: Any) -> dict[str, Any]:
-    """Config of one method run: constant learning rate after a short warmup, the same budget for all methods."""
-    spec = {**DEMO_METHODS.get(name, {}), **extra}
-    mult = spec.pop("steps", 1)
-    spec.pop("seqkd", None)
-    return {
-        "learning_rate": s.method_lr,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 20 if s.method_steps > 40 else 0,
-        "max_steps": s.method_steps * mult,
-        "per_device_train_batch_size": s.batch_size,
-        "max_new_tokens": s.max_new_tokens,
-        "temperature": 1.0,
-        "adam_beta2": 0.98,
-        "weight_decay": 0.01,
-        "output_dir": str(out),
-        "overwrite_output_dir": True,  # a study re-runs an unfinished job from its start
-        "logging_steps": max(1, s.method_steps // 5),
-        "save_steps": 0,
-        "save_total_limit": 1,
-        "seed": seed,
-        "progress": False,
-        **spec,
-    }
-
-
-def job_cost(cfg: dict[str, Any]) -> float:
-    on = 1.0 + 0.6 * float(cfg.get("lmbda", 0.0))
-    return cfg["max_steps"] * _COST.get(cfg.get("divergence", "nll"), 1.6) * on
-
-
-class _Console:
-    def __init__(self) -> None:
-        from rich.console import Console
-
-        self.console = Console(highlight=False)
-
-    def say(self, msg: str) -> None:
-        self.console.print(msg, markup=False)
-
-
-def seqkd_targets(ws: Any, s: StudySettings, n: int, say: Any) -> Path:
-    """SeqKD data: the teacher samples targets (T=1) once for the first ``n`` training prompts, shared by all seeds."""
-    from gkd.data import tokenize_records
-    from gkd.experiments.common import read_jsonl
-    from gkd.models import load_model
-    from gkd.teacher import seqkd_dataset
-
-    path = ws.root / "data" / f"seqkd-{n}.jsonl"
-    if path.exists():
-        return path
-    say(f"seqkd: the teacher writes targets for {n} training prompts (temperature 1, once) ...")
-    tok = ws.tokenizer
-    records = read_jsonl(ws.train_path)[:n]
-    prompts = tokenize_records(records, tok, max_prompt_length=512, max_completion_length=s.max_new_tokens)
-    teacher = load_model(str(ws.teacher_dir), what="teacher")
-    ds = seqkd_dataset(
-        teacher,
-        tok,
-        prompts,
-        cache_dir=ws.root / "runs",
-        teacher_name=str(ws.teacher_dir),
-        max_new_tokens=s.max_new_tokens,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        seed=0,
-        batch_size=512,
-        log=lambda m: None,
-    )
-    rows = []
-    for e in ds.examples:
-        ids = [t for t in (e.completion or []) if t != tok.eos_token_id]
-        rows.append({"prompt": e.record["prompt"], "completion": tok.decode(ids)})
-    write_jsonl(path, rows)
-    return path
-
-
-def run_study(
-    ws: Any,
-    s: StudySettings,
-    runs: dict[str, dict[str, Any]],
-    *,
-    workers: int,
-    say: Any,
-    console: Any,
-    label: str,
-    eval_temperatures: tuple[float, ...] = (1.0,),
-    eval_samples: int = 1,
-    train_paths: dict[str, Path] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every ``runs`` config (name -> overrides of ``method_config``) for each seed; results ordered by job."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    jobs = []
-    for seed in range(s.seeds):
-        for name, spec in runs.items():
-            cfg = method_config(name, seed, ws.root / "runs" / label / f"seed{seed}" / name, s, **spec)
-            jobs.append(
-                Job(
-                    name=name,
-                    seed=seed,
-                    config=cfg,
-                    start=str(ws.start_dir),
-                    teacher=str(ws.teacher_dir),
-                    train=str((train_paths or {}).get(name, ws.train_path)),
-                    test=str(ws.test_path),
-                    task=s.task,
-                    task_params=s.task_params,
-                    eval_temperatures=eval_temperatures,
-                    eval_samples=eval_samples,
-                    cost=job_cost(cfg),
-                )
-            )
-    metric = ws.task.metric
-    # A restarted study keeps the runs a killed one finished: same job settings and checkpoints -> same key.
-    keys = [job_key(j) for j in jobs]
-    log_path = ws.root / "runs" / label / "results.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict[str, Any]] = {}
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if r.get("job_key") in keys:
-                done[r["job_key"]] = r
-    log_path.write_text("".join(json.dumps(done[k]) + "\n" for k in keys if k in done))
-    if done:
-        say(f"resuming: {len(done)} of {len(jobs)} runs already finished ({log_path})")
-    todo = [j for j, k in zip(jobs, keys) if k not in done]
-    key_of = {(j.name, j.seed): k for j, k in zip(jobs, keys)}
-    progress = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    with progress:
-        bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
-
-        def on_result(r: dict[str, Any]) -> None:
-            r["job_key"] = key_of[(r["name"], r["seed"])]
-            with log_path.open("a") as fh:  # every finished run is on disk at once
-                fh.write(json.dumps(r) + "\n")
-            g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
-            line = f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
-            progress.update(bar, advance=1, last=line)
-            if not progress.console.is_terminal:  # a log file gets one line per finished run
-                n = int(progress.tasks[0].completed)
-                say(f"{label} {n}/{len(jobs)}: {line} [{progress.tasks[0].elapsed or 0:.0f}s]")
-
-        fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result))
-    return [done[k] if k in done else next(fresh) for k in keys]
 
 
 def run_demo(
@@ -271,7 +94,7 @@ def run_demo(
         s = replace(s, seeds=seeds)
     workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
     out = Path(output_dir)
-    con = _Console()
+    con = StudyConsole()
     say = con.say
     t_begin = time.perf_counter()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -280,8 +103,8 @@ def run_demo(
     metric = ws.task.metric
     for who, sc in (("teacher", ws.teacher_scores), ("start", ws.start_scores)):
         say(f"{who}: {metric} greedy {sc['greedy'][metric]:.1f}, T=1 sample {sc['sample'][metric]:.1f}")
-    seqkd = seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
 
+    recipes = named_recipes()
     n_runs = len(DEMO_METHODS) * s.seeds
     say(
         f"methods: {n_runs} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each, "
@@ -290,12 +113,11 @@ def run_demo(
     results = run_study(
         ws,
         s,
-        {k: {} for k in DEMO_METHODS},
+        {name: recipes[name] for name in DEMO_METHODS},
         workers=workers,
         say=say,
         console=con.console,
         label="demo",
-        train_paths={"seqkd": seqkd},
     )
     summary = summarize(
         ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin
@@ -312,9 +134,15 @@ def run_demo(
 
 
 def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
-    """Train the demo's teacher from scratch with the demo's settings and write it to the shipped-asset folder."""
+    """Train the demo's teacher from scratch with the demo's settings and write it to the shipped-asset folder.
+
+    For maintainers working in a source checkout (``gkd demo --train-teacher``): it rewrites the teacher gkd ships,
+    ``gkd/assets/demo_teacher`` inside the package, and refuses before training when that folder is not writable.
+    Users retrain the teacher of their own demo folder with ``gkd demo --retrain-teacher``.
+    """
+    _check_writable(ASSET_TEACHER)
     s = replace(demo_settings(False), shipped_teacher=None)
-    con = _Console()
+    con = StudyConsole()
     ws = build_workspace(output_dir, s, con.say, retrain_teacher=True)
     from gkd.models import load_model
 
@@ -329,6 +157,23 @@ def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
     )
     con.say(f"teacher written to {ASSET_TEACHER}")
     return ASSET_TEACHER
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse (one line) when ``folder``, or the folder it would be created in, cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if (
+        not existing.is_dir()
+        or not os.access(existing, os.W_OK | os.X_OK)
+        or not all(os.access(p, os.W_OK) for p in files)
+    ):
+        raise GKDError(
+            f"--train-teacher rewrites the teacher gkd ships, but '{folder}' is not writable; it is for maintainers "
+            "in a source checkout (use --retrain-teacher to retrain the teacher of your own demo folder)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@ Each family is a YAML file in ``configs/experiments/`` (packaged as ``gkd/config
 
     settings:   StudySettings overrides (task, sizes, budgets, seeds)
     workspace:  folder of the data / teacher / starting student to use or create (shared with the demo when equal)
-    runs:       name -> config overrides of one method (on top of the demo's method recipe)
-    variants:   optional extra workspaces (e.g. a larger student) with their own runs
+    runs:       name -> {preset: NAME | recipe: NAME, config: {...}, study: {...}} (see gkd.experiments.study)
+    variants:   optional extra workspaces (e.g. a larger student) with their own settings and runs
     eval:       {temperatures: [...], samples: N}
 
 Every family writes ``results.json``, ``results.png`` and ``report.md`` to its output folder. The numbers in the
-repository's RESULTS.md come from these files.
+repository's RESULTS.md come from these files. This module holds the families' settings, reports and plots; running
+them is :func:`gkd.experiments.study.run_study`.
 """
 
 from __future__ import annotations
@@ -21,36 +22,43 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gkd.errors import ConfigError
-from gkd.experiments.common import StudySettings, build_workspace, mean_se, paired, read_jsonl, write_jsonl
-from gkd.experiments.demo import _Console, run_study, seqkd_targets
+from gkd.experiments.study import (
+    CONFIG_DIR,
+    TINY_MODEL,
+    Recipe,
+    StudyConsole,
+    StudySettings,
+    build_workspace,
+    mean_se,
+    named_recipes,
+    paired,
+    parse_runs,
+    run_study,
+)
 
 __all__ = ["load_family", "run"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+_SECTIONS = ("settings", "workspace", "runs", "variants", "eval")
 
 
 def load_family(name: str) -> dict[str, Any]:
+    """The family's YAML file as read (its runs are parsed by :func:`run`)."""
+    from gkd.config import read_yaml
+
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"experiment config '{path}' is missing; reinstall gkd")
-    return yaml.safe_load(path.read_text())
+    spec = read_yaml(path)
+    for key in spec:
+        if key not in _SECTIONS:
+            raise ConfigError(f"{path.name}: unknown section '{key}'; sections: {', '.join(_SECTIONS)}")
+    return spec
 
 
-def _settings(base: dict[str, Any], quick: bool) -> StudySettings:
-    s = StudySettings(**base)
+def _settings(base: dict[str, Any], quick: bool, where: str) -> StudySettings:
+    s = StudySettings.from_mapping(base, where)
     if quick:
-        tiny = {
-            "architecture": "llama",
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 64,
-            "tie_word_embeddings": True,
-        }
         s = replace(
             s,
             seeds=2,
@@ -60,8 +68,8 @@ def _settings(base: dict[str, Any], quick: bool) -> StudySettings:
             start_steps=5,
             method_steps=3,
             batch_size=8,
-            teacher={**tiny, "hidden_size": 32},
-            student=tiny,
+            teacher={**TINY_MODEL, "hidden_size": 32},
+            student=dict(TINY_MODEL),
             shipped_teacher=None,
         )
     return s
@@ -95,31 +103,34 @@ def _pfmt(a: list[float], b: list[float]) -> str:
 
 def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
     spec = load_family(name)
-    con = _Console()
+    where = f"{name}.yaml"
+    recipes = named_recipes()
+    runs: dict[str, Recipe] = parse_runs(spec.get("runs"), where, recipes)
+    variants: dict[str, tuple[dict[str, Any], dict[str, Recipe]]] = {}
+    for vname, vspec in (spec.get("variants") or {}).items():
+        variants[vname] = (vspec, parse_runs(vspec.get("runs"), f"{where} variant '{vname}'", recipes))
+    con = StudyConsole()
     say = con.say
     workers = workers or (1 if quick else min(2, os.cpu_count() or 1))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    s = _settings(spec.get("settings", {}), quick)
+    s = _settings(spec.get("settings", {}), quick, where)
     root = Path(spec.get("workspace", out / "workspace")) if not quick else out / "workspace"
     ws = build_workspace(root, s, say)
     evaluation = spec.get("eval", {})
     temps = tuple(evaluation.get("temperatures", [1.0]))
     samples = int(evaluation.get("samples", 1))
-    runs: dict[str, dict[str, Any]] = spec["runs"]
-    train_paths = _special_data(name, ws, s, runs, spec, say)
     results = run_study(
         ws,
         s,
-        {k: v for k, v in runs.items() if k != "_"},
+        runs,
         workers=workers,
         say=say,
         console=con.console,
         label=name,
         eval_temperatures=temps,
         eval_samples=samples,
-        train_paths=train_paths,
     )
     summary: dict[str, Any] = {
         "experiment": name,
@@ -131,8 +142,11 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
         "runs": _aggregate(results, list(runs)),
         "variants": {},
     }
-    for vname, vspec in (spec.get("variants") or {}).items():
-        vs = replace(s, **vspec.get("settings", {})) if not quick else s
+    for vname, (vspec, vruns) in variants.items():
+        vwhere = f"{where} variant '{vname}'"
+        vs = StudySettings.from_mapping(vspec.get("settings") or {}, vwhere, base=s)
+        if quick:  # a quick run keeps the family's tiny settings
+            vs = s
         vroot = (
             Path(vspec.get("workspace", out / f"workspace-{vname}"))
             if not quick
@@ -142,7 +156,7 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
         vres = run_study(
             vws,
             vs,
-            vspec["runs"],
+            vruns,
             workers=workers,
             say=say,
             console=con.console,
@@ -153,7 +167,7 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
         summary["variants"][vname] = {
             "teacher": vws.teacher_scores,
             "start": vws.start_scores,
-            "runs": _aggregate(vres, list(vspec["runs"])),
+            "runs": _aggregate(vres, list(vruns)),
         }
     summary["wall_s"] = time.perf_counter() - t0
     summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
@@ -169,26 +183,6 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
         f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'results.png'} ({summary['wall_s']:.0f}s)"
     )
     return summary
-
-
-def _special_data(
-    name: str, ws: Any, s: StudySettings, runs: dict[str, Any], spec: dict[str, Any], say: Any
-) -> dict[str, Path]:
-    """Training files some runs need: SeqKD targets, or prompt-only subsets (data efficiency)."""
-    paths: dict[str, Path] = {}
-    for run_name, cfg in list(runs.items()):
-        if cfg.pop("seqkd", False):
-            paths[run_name] = seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
-        fraction = cfg.pop("data_fraction", None)
-        if fraction is not None:
-            records = read_jsonl(ws.train_path)
-            n = max(1, int(len(records) * float(fraction)))
-            labels = cfg.pop("labels", True)
-            path = ws.root / "data" / f"train-{fraction}-{'labelled' if labels else 'prompts'}.jsonl"
-            if not path.exists():
-                write_jsonl(path, (r if labels else {"prompt": r["prompt"]} for r in records[:n]))
-            paths[run_name] = path
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------

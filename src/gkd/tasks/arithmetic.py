@@ -259,22 +259,3 @@ class ArithmeticCoT(Task):
             "vocab_size": self.vocab_size,
             "max_position_embeddings": 64,
         }
-
-    def default_train_settings(self) -> dict:
-        # Starting points from the toy-scale notes (sum task, part 1); multi-chain targets are untested there.
-        return {
-            "teacher_steps": 2000,
-            "teacher_lr": 2e-3,
-            "student_sft_steps": 1500,
-            "student_lr": 3e-3,
-            "distill_steps": 500,
-            "distill_lr": 1e-3,
-            "lr_schedule": "cosine (SFT), constant (distillation)",
-            "warmup_steps": 50,
-            "batch_size": 64,
-            "max_new_tokens": self.max_completion_tokens + 1,  # + EOS
-            "fresh_data": False,
-            "train_examples": 20_000,
-            "eval_examples": 1000,
-            "eval_temperatures": [0.0],
-        }

@@ -152,10 +152,6 @@ class Task(ABC):
     def student_model_config(self) -> dict:
         """Size of the student: a plain dict describing a (smaller) decoder-only model."""
 
-    @abstractmethod
-    def default_train_settings(self) -> dict:
-        """Suggested SFT / distillation steps, learning rates, batch size and ``max_new_tokens``."""
-
     def metric_fns(self) -> dict[str, Callable[[list[str], list[dict]], float]]:
         """Task-specific metrics by name (same signature as :mod:`gkd.metrics`); override to add some."""
         return {}

@@ -324,21 +324,3 @@ class SalientSetSummarization(Task):
             "vocab_size": self.vocab_size,
             "max_position_embeddings": 32,
         }
-
-    def default_train_settings(self) -> dict:
-        return {
-            "teacher_steps": 6000,
-            "teacher_lr": 2e-3,
-            "student_sft_steps": 6000,
-            "student_lr": 3e-3,
-            "distill_steps": 500,
-            "distill_lr": 1e-3,
-            "lr_schedule": "cosine (SFT), constant (distillation)",
-            "warmup_steps": 50,
-            "batch_size": 64,
-            "max_new_tokens": self.max_completion_tokens + 1,  # + EOS
-            "fresh_data": True,
-            "eval_examples": 1000,
-            "eval_temperatures": [0.0, 1.0],
-            "recommended_divergences": ["reverse_kl", "jsd(0.9)", "mixed lambda=0.5"],
-        }

@@ -251,24 +251,6 @@ class SyntheticTranslation(Task):
             "max_position_embeddings": 64,
         }
 
-    def default_train_settings(self) -> dict:
-        # Untested starting points (method.md E2); no prototype of this task was run.
-        return {
-            "teacher_steps": 3000,
-            "teacher_lr": 2e-3,
-            "student_sft_steps": 1500,
-            "student_lr": 3e-3,
-            "distill_steps": 600,
-            "distill_lr": 1e-3,
-            "lr_schedule": "cosine (SFT), constant (distillation)",
-            "warmup_steps": 50,
-            "batch_size": 64,
-            "max_new_tokens": self.max_completion_tokens + 1,  # + EOS
-            "fresh_data": True,
-            "eval_examples": 1000,
-            "eval_temperatures": [0.0, 1.0],
-        }
-
 
 def _agreement(prediction: str, refs: list[str]) -> float:
     toks, gold = prediction.split(), refs[0].split()

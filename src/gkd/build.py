@@ -1,0 +1,511 @@
+"""Everything a run needs, built once from the config: :func:`build_run` returns a :class:`Run`.
+
+The order matters and is the contract of this module: first everything that can be checked without model weights
+(keys, output folder, tokenizer, ``config.json`` files, the data and what the λ schedule, metric and reward need
+from it: :mod:`gkd.preflight`), then the models, then what the teacher writes (SeqKD targets, the top-k cache),
+then the optimizer. A run that is going to fail on its input fails before a 7B teacher spends minutes loading.
+
+Objects given from Python (models, tokenizer, records, a tokenized dataset, a reward function, a sampler) replace
+the corresponding paths of the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gkd import checkpoint as ckpt
+from gkd import preflight
+from gkd.config import GKDConfig
+from gkd.data import BatchStream, TokenizedDataset, load_records, tokenize_records
+from gkd.errors import ConfigError
+from gkd.evaluation import eos_ids
+from gkd.models import (
+    Scorer,
+    apply_lora,
+    check_teacher_student,
+    disable_dropout,
+    is_seq2seq,
+    load_config,
+    load_model,
+    load_tokenizer,
+    unwrap,
+)
+from gkd.objective import Objective
+from gkd.rl import load_reward
+from gkd.sampling import Sampler, SamplingParams, get_sampler
+from gkd.step import Coin
+from gkd.teacher import Teacher, TopKCache, build_topk_cache, seqkd_dataset
+
+__all__ = ["Dist", "Run", "build_run", "load_dataset"]
+
+
+class Dist:
+    """The processes of the run (accelerate): sums over ranks and rank 0's decisions."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.device = accelerator.device
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+
+@dataclass
+class Run:
+    """The components of a run. ``student`` is the trained model (a peft model for LoRA); ``scorer`` is its
+    forward pass at completion positions, wrapped for data parallelism; ``sampling_model`` is what the sampler
+    samples (the plain transformers model, or the peft model)."""
+
+    cfg: GKDConfig
+    accelerator: Any
+    dist: Dist
+    output_dir: Path
+    tokenizer: Any
+    student: nn.Module
+    scorer: nn.Module
+    sampling_model: nn.Module
+    teacher: Teacher | None
+    reference: Teacher | None
+    topk_cache: TopKCache | None
+    train_data: TokenizedDataset
+    eval_data: TokenizedDataset | None
+    stream: BatchStream
+    sampler: Sampler
+    sampling: SamplingParams
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    coin: Coin
+    rollout_gen: torch.Generator
+    reward_fn: Any
+    eos: list[int]
+    vocab: int
+    resume_dir: Path | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+def build_run(
+    cfg: GKDConfig,
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    tokenizer: Any = None,
+    train_records: list[dict] | None = None,
+    eval_records: list[dict] | None = None,
+    train_dataset: TokenizedDataset | None = None,
+    eval_dataset: TokenizedDataset | None = None,
+    reward_fn: Any = None,
+    sampler: Sampler | None = None,
+    log: Callable[[str], None] = print,
+) -> Run:
+    """Check the inputs, load models and data, build every component of the run (see the module docstring).
+
+    (Its length is the :class:`Run`'s fields, one per line; the work is in the functions it calls, in order.)
+    """
+    from accelerate import Accelerator
+
+    preflight.check_paths(
+        cfg,
+        have_student=student is not None,
+        have_teacher=teacher is not None,
+        have_data=train_records is not None or train_dataset is not None,
+    )
+    output_dir = Path(os.path.expanduser(cfg.output_dir))
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dist = Dist(accelerator)
+    prepare_output_dir(cfg, output_dir, dist.is_main)
+    accelerator.wait_for_everyone()
+    for warning in cfg.warnings():
+        log(f"warning: {warning}")
+    seed_everything(cfg.seed + dist.rank)
+
+    # 1. everything that can be checked without model weights
+    inputs = check_inputs(
+        cfg,
+        output_dir,
+        student,
+        teacher,
+        tokenizer,
+        train_records,
+        eval_records,
+        train_dataset,
+        eval_dataset,
+        log,
+    )
+    reward_fn = reward_fn or (load_reward(cfg.reward) if cfg.reward is not None else None)
+    # 2. the models
+    models = load_models(cfg, inputs, student, teacher, dist.device)
+    # 3. what the teacher writes: SeqKD targets, the top-k cache
+    train_data, topk_cache = teacher_data(cfg, inputs, models, output_dir, log)
+    # 4. optimisation
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the student has no trainable parameters; check lora.target_modules")
+    optimizer = adamw(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
+    tok = inputs.tokenizer
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        dist=dist,
+        output_dir=output_dir,
+        tokenizer=tok,
+        student=models.student,
+        scorer=scorer,
+        sampling_model=unwrap(models.student) if cfg.lora is None else models.student,
+        teacher=models.teacher,
+        reference=models.reference,
+        topk_cache=topk_cache,
+        train_data=train_data,
+        eval_data=inputs.eval_data,
+        stream=BatchStream(
+            train_data, cfg.per_device_train_batch_size, cfg.seed, tok.pad_token_id, dist.rank, dist.world
+        ),
+        sampler=sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path),
+        sampling=rollout_params(cfg, models.eos, tok.pad_token_id, models.vocab),
+        objective=Objective.from_config(cfg),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        coin=Coin(cfg.seed, dist),
+        rollout_gen=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank),
+        reward_fn=reward_fn,
+        eos=models.eos,
+        vocab=models.vocab,
+        resume_dir=inputs.resume_dir,
+    )
+
+
+def rollout_params(cfg: GKDConfig, eos: list[int], pad_id: int, vocab: int) -> SamplingParams:
+    """How the student samples its rollouts (never an id beyond the tokenizer: padded heads have extra rows)."""
+    return SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_ids=tuple(eos),
+        pad_token_id=pad_id,
+        vocab_size=vocab,
+    )
+
+
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` read and checked before any weights load."""
+
+    tokenizer: Any
+    resume_dir: Path | None
+    train_data: TokenizedDataset
+    eval_data: TokenizedDataset | None
+
+
+def check_inputs(
+    cfg: GKDConfig,
+    output_dir: Path,
+    student: nn.Module | None,
+    teacher: nn.Module | None,
+    tokenizer: Any,
+    train_records: list[dict] | None,
+    eval_records: list[dict] | None,
+    train_dataset: TokenizedDataset | None,
+    eval_dataset: TokenizedDataset | None,
+    log: Callable[[str], None],
+) -> Inputs:
+    """Tokenizer, resume checkpoint, model ``config.json`` files and data: read and checked (:mod:`gkd.preflight`)."""
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, "tokenizer")
+    resume_dir = None
+    if cfg.resume_from_checkpoint:
+        from gkd.state import check_resume_compat
+
+        resume_dir = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+        check_resume_compat(cfg, resume_dir)
+    configs = model_configs(cfg, student, teacher)
+    preflight.check_backend(cfg, configs["student"])
+    seq2seq = bool(getattr(configs["student"], "is_encoder_decoder", False))
+    train = train_dataset or load_dataset(
+        cfg, train_records, cfg.dataset, cfg.dataset_split, "train", tokenizer, seq2seq, log
+    )
+    evaluation = eval_dataset
+    if evaluation is None and (eval_records is not None or cfg.eval_dataset is not None):
+        evaluation = load_dataset(
+            cfg, eval_records, cfg.eval_dataset, cfg.eval_split, "eval", tokenizer, seq2seq, log
+        )
+        evaluation = TokenizedDataset(evaluation.examples[: cfg.eval_max_samples])
+    preflight.check_data(cfg, train, evaluation)
+    preflight.check_context(cfg, configs, train, evaluation)
+    return Inputs(tokenizer, resume_dir, train, evaluation)
+
+
+@dataclass
+class Models:
+    student: nn.Module
+    teacher_model: nn.Module | None
+    teacher: Teacher | None
+    reference: Teacher | None
+    vocab: int
+    eos: list[int]
+
+
+def load_models(
+    cfg: GKDConfig, inputs: Inputs, student: nn.Module | None, teacher: nn.Module | None, device: Any
+) -> Models:
+    """Student (trainable, on ``device``), frozen teacher and reference, and the vocabulary they are compared on."""
+    tokenizer = inputs.tokenizer
+    given_student = student
+    student = load_student(cfg, given_student, inputs.resume_dir, device)
+    teacher_view = None
+    vocab = len(tokenizer)
+    if cfg.needs_teacher:
+        teacher_tokenizer = None
+        if teacher is None:
+            teacher = load_model(cfg.teacher_model_name_or_path, what="teacher", dtype=cfg.teacher_dtype)  # type: ignore[arg-type]
+            teacher_tokenizer = _teacher_tokenizer(cfg)
+        vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
+        teacher.to(device)
+        teacher_view = Teacher(teacher, vocab)
+    reference = None
+    if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
+        initial = given_student if cfg.model_name_or_path is None else None
+        reference = Teacher(load_reference(cfg, initial).to(device), vocab)
+    return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))
+
+
+def teacher_data(
+    cfg: GKDConfig, inputs: Inputs, models: Models, output_dir: Path, log: Callable[[str], None]
+) -> tuple[TokenizedDataset, TopKCache | None]:
+    """The training data with SeqKD targets (the teacher's samples, generated once and cached) when off-policy
+    steps use them, and the teacher's top-k cache over it when ``teacher_cache: topk``."""
+    train_data = inputs.train_data
+    teacher_name = str(cfg.teacher_model_name_or_path or "teacher")
+    if cfg.seq_kd and cfg.off_policy_possible:
+        assert models.teacher_model is not None
+        train_data = seqkd_dataset(
+            models.teacher_model,
+            inputs.tokenizer,
+            train_data,
+            cache_dir=output_dir,
+            teacher_name=teacher_name,
+            max_new_tokens=cfg.effective_max_completion_length,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            backend=cfg.rollout_backend,
+            log=log,
+        )
+    topk_cache = None
+    if cfg.teacher_cache == "topk":
+        assert models.teacher is not None
+        topk_cache = build_topk_cache(
+            models.teacher,
+            train_data,
+            k=cfg.teacher_cache_topk,
+            temperature=cfg.loss_temperature,
+            pad_id=inputs.tokenizer.pad_token_id,
+            cache_dir=output_dir,
+            teacher_name=teacher_name,
+            log=log,
+        )
+    return train_data, topk_cache
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pieces
+# ---------------------------------------------------------------------------------------------------------------
+def prepare_output_dir(cfg: GKDConfig, out: Path, is_main: bool) -> None:
+    """A writable ``output_dir`` that holds no other run (unless resuming, or ``overwrite_output_dir``)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir '{out}' is not writable ({e.strerror}); choose another output_dir"
+        ) from e
+    ckpt.clean_partial(out)
+    previous = ckpt.run_files(out)
+    if previous and not cfg.resume_from_checkpoint:
+        if not cfg.overwrite_output_dir:
+            names = ", ".join(p.name for p in previous[:3]) + (", ..." if len(previous) > 3 else "")
+            raise ConfigError(
+                f"output_dir '{out}' already holds a run ({names}); set resume_from_checkpoint=latest to "
+                "continue it, overwrite_output_dir=true to replace it, or choose another output_dir"
+            )
+        if is_main:
+            ckpt.remove_run(out)
+
+
+def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module | None) -> dict[str, Any]:
+    """The student's (and teacher's) transformers configs, read without loading weights."""
+    out: dict[str, Any] = {}
+    if student is not None:
+        out["student"] = unwrap(student).config
+    else:
+        out["student"] = load_config(cfg.model_name_or_path, "student")  # type: ignore[arg-type]
+    if cfg.needs_teacher:
+        if teacher is not None:
+            out["teacher"] = unwrap(teacher).config
+        else:
+            out["teacher"] = load_config(cfg.teacher_model_name_or_path, "teacher")  # type: ignore[arg-type]
+    return out
+
+
+def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | None, device: Any) -> nn.Module:
+    """The student in train mode on ``device``: loaded (or the given object), from a checkpoint when resuming,
+    wrapped in a LoRA adapter when ``lora`` is set, dropout off when ``disable_dropout``."""
+    if given is not None:
+        student = given
+        if resume_dir is not None and cfg.lora is None:
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+            cls = AutoModelForSeq2SeqLM if is_seq2seq(student) else AutoModelForCausalLM
+            student.load_state_dict(cls.from_pretrained(str(resume_dir)).state_dict())
+    else:
+        path = str(resume_dir) if resume_dir is not None and cfg.lora is None else cfg.model_name_or_path
+        student = load_model(path, what="student", dtype=cfg.student_dtype)  # type: ignore[arg-type]
+    if cfg.lora is not None:
+        if resume_dir is not None:
+            from peft import PeftModel
+
+            student = PeftModel.from_pretrained(student, str(resume_dir), is_trainable=True)
+        else:
+            lc = cfg.lora
+            student = apply_lora(student, lc.r, lc.alpha, lc.dropout, lc.target_modules)
+    if cfg.disable_dropout:
+        disable_dropout(student)
+    student.train()
+    return student.to(device)
+
+
+def load_reference(cfg: GKDConfig, given: nn.Module | None) -> nn.Module:
+    """The initial student (RL runs: KL to it is logged, or is the RLEF* regulariser)."""
+    if given is not None:
+        return copy.deepcopy(unwrap(given))
+    return load_model(cfg.model_name_or_path, what="student", dtype=cfg.student_dtype)  # type: ignore[arg-type]
+
+
+def _teacher_tokenizer(cfg: GKDConfig) -> Any:
+    """The teacher folder's own tokenizer, when it has one (to check it is the student's)."""
+    path = cfg.teacher_model_name_or_path
+    if path is None or not os.path.isdir(os.path.expanduser(path)):
+        return None
+    folder = Path(os.path.expanduser(path))
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+    if any((folder / f).exists() for f in names):
+        return load_tokenizer(path, "teacher tokenizer")
+    return None
+
+
+def load_dataset(
+    cfg: GKDConfig,
+    records: list[dict] | None,
+    spec: str | None,
+    split: str,
+    what: str,
+    tokenizer: Any,
+    seq2seq: bool,
+    log: Callable[[str], None],
+) -> TokenizedDataset:
+    """Records (given, or read from ``spec``) tokenized, with what was skipped or truncated reported."""
+    skipped = 0
+    source = f"{what} data"
+    if records is None:
+        assert spec is not None
+        split_key = "dataset_split" if what == "train" else "eval_split"
+        records, skipped = load_records(
+            spec, split, cfg.dataset_config_name, cfg.skip_bad_lines, split_key=split_key
+        )
+        source = f"dataset '{spec}'"
+    data = tokenize_records(
+        records,
+        tokenizer,
+        max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.effective_max_completion_length,
+        source=source,
+        seq2seq=seq2seq,
+    )
+    data.skipped_lines = skipped
+    if skipped:
+        lines = "1 line that was" if skipped == 1 else f"{skipped} lines that were"
+        log(f"warning: {source}: skipped {lines} not valid JSON")
+    if data.truncated_prompts:
+        log(
+            f"warning: {source}: {data.truncated_prompts} of {len(data)} prompts were longer than "
+            f"max_prompt_length={cfg.max_prompt_length} and were truncated from the left"
+        )
+    if data.truncated_completions:
+        log(
+            f"warning: {source}: {data.truncated_completions} completions were longer than "
+            f"{cfg.effective_max_completion_length} tokens and were truncated"
+        )
+    return data
+
+
+def adamw(params: list[torch.nn.Parameter], cfg: GKDConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel when every parameter allows it (much faster for large vocabularies)."""
+    kwargs = {
+        "lr": cfg.learning_rate,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_epsilon,
+        "weight_decay": cfg.weight_decay,
+    }
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_lambda(cfg: GKDConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier of each step: warm-up, then constant, linear or cosine to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        floor = cfg.min_lr_ratio
+        if cfg.lr_scheduler_type == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

@@ -1,0 +1,848 @@
+"""Studies: many short distillation jobs (method × seed) from one shared start, evaluated and compared.
+
+A study is what ``gkd demo`` and every ``gkd experiment NAME`` run:
+
+1. a *workspace* (:func:`build_workspace`): generated train/test data, a teacher and the student's starting point,
+   each created once and reused from its folder afterwards;
+2. one *job* per (seed, method) (:func:`plan_jobs`): an ordinary ``GKDTrainer`` run from the shared start with the
+   method's :class:`Recipe` and the study's budget (:func:`job_config`), then an evaluation on the held-out prompts
+   with greedy decoding and with sampling (:func:`evaluate_model`, which is :func:`gkd.evaluation.evaluate`);
+3. :func:`run_study` runs the jobs in a pool of worker processes (:func:`run_jobs`; one torch thread each: tiny
+   models are bound by per-op overhead, so two single-thread processes do more work than one two-thread process)
+   and appends each result to ``results.jsonl`` at once, so a killed study resumes without re-running finished jobs;
+4. reports use means, standard errors and **paired** per-seed differences (:func:`mean_se`, :func:`paired`).
+
+A method is a :class:`Recipe`: a packaged preset (``configs/presets/NAME.yaml``, the same files ``gkd distill
+--config NAME`` reads), GKDConfig overrides on top of it, and study-only switches (:class:`StudyOptions`: a multiple
+of the step budget, training on the teacher's pre-generated targets, a fraction of the data, prompts without labels)
+that are not config keys. The named recipes shared by the demo and the families are in
+``configs/experiments/recipes.yaml``. In YAML a run is::
+
+    NAME: {preset: PRESET, config: {KEY: VALUE, ...}, study: {SWITCH: VALUE, ...}}
+    NAME: {recipe: RECIPE, config: {...}, study: {...}}      # a named recipe, with further overrides
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkd.errors import ConfigError
+from gkd.experiments.common import ASSET_TEACHER, read_jsonl, write_jsonl
+
+__all__ = [
+    "CONFIG_DIR",
+    "TINY_MODEL",
+    "Job",
+    "Recipe",
+    "StudyConsole",
+    "StudyOptions",
+    "StudySettings",
+    "Workspace",
+    "build_workspace",
+    "evaluate_model",
+    "job_config",
+    "job_cost",
+    "job_key",
+    "mean_se",
+    "named_recipes",
+    "paired",
+    "parse_runs",
+    "plan_jobs",
+    "run_jobs",
+    "run_study",
+    "seqkd_targets",
+    "sft_config",
+    "train_job",
+    "training_file",
+]
+
+# the experiment families' YAML files and the named recipes (packaged as gkd/configs/experiments)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+RECIPES_FILE = CONFIG_DIR / "recipes.yaml"
+
+# the model size of every ``--quick`` study (the teacher is twice as wide)
+TINY_MODEL: dict[str, Any] = {
+    "architecture": "llama",
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample SD / sqrt(n)); SE is 0 for a single value."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n == 1:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and SE of the per-seed differences a - b (lists ordered by seed)."""
+    return mean_se([x - y for x, y in zip(a, b)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings, console
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class StudySettings:
+    """Sizes and budgets of a study (the demo's defaults; experiment configs override them)."""
+
+    task: str = "summarization"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 5
+    n_train: int = 100_000
+    n_test: int = 1000
+    teacher_steps: int = 6000
+    teacher_lr: float = 2e-3
+    start_steps: int = 3000
+    start_lr: float = 3e-3
+    method_steps: int = 500
+    method_lr: float = 1e-3
+    batch_size: int = 64
+    max_new_tokens: int = 8
+    student: dict[str, Any] | None = None  # model spec; default: the task's student_model_config()
+    teacher: dict[str, Any] | None = None  # model spec; default: the task's teacher_model_config()
+    shipped_teacher: str | None = None  # a folder with a teacher trained by these settings, used when present
+
+    @classmethod
+    def from_mapping(cls, values: Any, where: str, base: StudySettings | None = None) -> StudySettings:
+        """``base`` (default: the demo's settings) with a YAML ``settings:`` block; an unknown key is a one-line error."""
+        keys = [f.name for f in dataclasses.fields(cls)]
+        return replace(base or cls(), **_known_keys(values, keys, f"{where} settings"))
+
+
+class StudyConsole:
+    """Where a study prints: ``say`` for one-line messages; ``console`` (rich) for the progress bar."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(highlight=False)
+
+    def say(self, msg: str) -> None:
+        self.console.print(msg, markup=False)
+
+
+def _known_keys(values: Any, valid: list[str], where: str) -> dict[str, Any]:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of key: value, got {type(values).__name__}")
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown key '{key}'; {hint}")
+    return dict(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# methods: a packaged preset + config overrides + study-only switches
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyOptions:
+    """The ``study:`` block of a run: what a study does around the trainer. None of these is a GKDConfig key."""
+
+    steps: int = 1
+    """The job trains ``steps`` × the study's ``method_steps`` (``sft_2x``: 2, SFT at the wall time of KD)."""
+    teacher_targets: bool = False
+    """Train on the teacher's samples (temperature 1) for the first ``method_steps × batch_size`` training prompts,
+    generated once per workspace and shared by every seed (SeqKD as the study runs it; :func:`seqkd_targets`)."""
+    data_fraction: float | None = None
+    """Train on the first ``data_fraction`` of the training records (a file written once per workspace)."""
+    labels: bool = True
+    """With ``data_fraction``: keep the completions (``False``: prompts only, for on-policy runs)."""
+
+    @classmethod
+    def parse(cls, spec: Any, where: str, base: StudyOptions | None = None) -> StudyOptions:
+        """``base`` (default: no switches) with the switches of a YAML ``study:`` block."""
+        values = {
+            **asdict(base or cls()),
+            **_known_keys(spec or {}, [f.name for f in dataclasses.fields(cls)], where),
+        }
+        steps, fraction = values["steps"], values["data_fraction"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(
+                f"{where}: steps must be a positive whole multiple of the step budget, got {steps!r}"
+            )
+        for flag in ("teacher_targets", "labels"):
+            if not isinstance(values[flag], bool):
+                raise ConfigError(f"{where}: {flag} must be true or false, got {values[flag]!r}")
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ConfigError(f"{where}: data_fraction must be in (0, 1], got {fraction!r}")
+            values["data_fraction"] = float(fraction)
+        if not values["labels"] and fraction is None:
+            raise ConfigError(f"{where}: labels: false needs data_fraction (1.0 for every training prompt)")
+        if values["teacher_targets"] and fraction is not None:
+            raise ConfigError(f"{where}: teacher_targets and data_fraction exclude each other")
+        return cls(**values)
+
+
+# keys every job gets from the study itself (job_config); a recipe cannot override them
+_STUDY_OWNED = ("max_steps", "output_dir", "seed")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One method of a study: a packaged preset, GKDConfig overrides on top of it, and study-only switches."""
+
+    preset: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    study: StudyOptions = field(default_factory=StudyOptions)
+
+    def preset_config(self) -> dict[str, Any]:
+        """The preset's keys, read from ``gkd/configs/presets/PRESET.yaml`` (a fresh dict)."""
+        from gkd.config import PRESETS_DIR, read_yaml
+
+        return read_yaml(PRESETS_DIR / f"{self.preset}.yaml")
+
+    @classmethod
+    def parse(cls, spec: Any, where: str, recipes: Mapping[str, Recipe] | None = None) -> Recipe:
+        """A run of a YAML file: ``{preset: NAME | recipe: NAME, config: {...}, study: {...}}``."""
+        from gkd.config import GKDConfig, presets
+
+        shape = "{preset: NAME or recipe: NAME, config: {GKDConfig overrides}, study: {study switches}}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a mapping {shape}, got {spec!r}")
+        unknown = [k for k in spec if k not in ("preset", "recipe", "config", "study")]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; a run is {shape}")
+        if ("preset" in spec) == ("recipe" in spec):
+            raise ConfigError(f"{where}: give exactly one of preset: or recipe:")
+        if "recipe" in spec:
+            known = recipes or {}
+            if spec["recipe"] not in known:
+                raise ConfigError(
+                    f"{where}: unknown recipe {spec['recipe']!r}; named recipes ({RECIPES_FILE.name}): "
+                    f"{', '.join(known) or 'none here'}"
+                )
+            base = known[spec["recipe"]]
+        else:
+            if spec["preset"] not in presets():
+                raise ConfigError(
+                    f"{where}: unknown preset {spec['preset']!r}; presets: {', '.join(presets())}"
+                )
+            base = cls(spec["preset"])
+        fields = [f.name for f in dataclasses.fields(GKDConfig)]
+        config = _known_keys(spec.get("config") or {}, fields, f"{where} config")
+        for key in _STUDY_OWNED:
+            if key in config:
+                raise ConfigError(
+                    f"{where} config: the study sets {key} for every job (steps: see study.steps)"
+                )
+        return cls(
+            base.preset, {**base.config, **config}, StudyOptions.parse(spec.get("study"), where, base.study)
+        )
+
+
+def named_recipes() -> dict[str, Recipe]:
+    """The named recipes of ``configs/experiments/recipes.yaml`` (shared by the demo and the families)."""
+    from gkd.config import read_yaml
+
+    return {
+        name: Recipe.parse(spec, f"{RECIPES_FILE.name}: recipe '{name}'")
+        for name, spec in read_yaml(RECIPES_FILE).items()
+    }
+
+
+def parse_runs(spec: Any, where: str, recipes: Mapping[str, Recipe]) -> dict[str, Recipe]:
+    """The ``runs:`` block of an experiment file: name -> :class:`Recipe`, in file order."""
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(f"{where}: runs must be a non-empty mapping of name: run")
+    return {str(name): Recipe.parse(run, f"{where}: run '{name}'", recipes) for name, run in spec.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one job: its config, its training data, train from the start, evaluate
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One training run of a study."""
+
+    name: str  # method name
+    seed: int
+    config: dict[str, Any]  # GKDConfig fields
+    start: str  # folder of the starting student
+    teacher: str | None  # folder of the teacher
+    train: str  # JSONL of training records
+    test: str  # JSONL of evaluation records
+    task: str = "summarization"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    eval_temperatures: tuple[float, ...] = (1.0,)
+    eval_samples: int = 1  # samples per prompt at each temperature (>1 adds Self-BLEU)
+    cost: float = 1.0  # relative run time, for scheduling
+
+
+def job_config(recipe: Recipe, seed: int, out: Path, s: StudySettings) -> dict[str, Any]:
+    """The GKDConfig of one job: the recipe's preset, then the study's budget (the same for every method: constant
+    learning rate after a short warmup, ``temperature`` 1), then the recipe's own config overrides."""
+    study = {
+        "learning_rate": s.method_lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 20 if s.method_steps > 40 else 0,
+        "max_steps": s.method_steps * recipe.study.steps,
+        "per_device_train_batch_size": s.batch_size,
+        "max_new_tokens": s.max_new_tokens,
+        "temperature": 1.0,
+        "adam_beta2": 0.98,
+        "weight_decay": 0.01,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,  # a study re-runs an unfinished job from its start
+        "logging_steps": max(1, s.method_steps // 5),
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "seed": seed,
+        "progress": False,
+    }
+    return {**recipe.preset_config(), **study, **recipe.config}
+
+
+# relative cost of a step, for scheduling the longest jobs first
+_COST = {"nll": 1.0, "forward_kl": 1.6, "reverse_kl": 1.6, "jsd": 1.6, "tvd": 1.6}
+
+
+def job_cost(cfg: dict[str, Any]) -> float:
+    on = 1.0 + 0.6 * float(cfg.get("lmbda", 0.0))
+    return cfg["max_steps"] * _COST.get(cfg.get("divergence", "nll"), 1.6) * on
+
+
+def job_key(job: Job) -> str:
+    """Fingerprint of a job: its settings and the checkpoints it starts from (a finished job with the same key is
+    not run again when a killed study is restarted)."""
+    d = asdict(job)
+    d.pop("cost")
+    for who in ("start", "teacher"):
+        if d[who] is not None:
+            w = Path(d[who]) / "model.safetensors"
+            st = w.stat() if w.exists() else None
+            d[who + "_weights"] = [st.st_size, st.st_mtime_ns] if st else None
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def seqkd_targets(ws: Workspace, s: StudySettings, n: int, say: Callable[[str], None]) -> Path:
+    """SeqKD data: the teacher samples targets (T=1) once for the first ``n`` training prompts, shared by all seeds."""
+    from gkd.data import tokenize_records
+    from gkd.models import load_model
+    from gkd.teacher import seqkd_dataset
+
+    path = ws.root / "data" / f"seqkd-{n}.jsonl"
+    if path.exists():
+        return path
+    say(f"seqkd: the teacher writes targets for {n} training prompts (temperature 1, once) ...")
+    tok = ws.tokenizer
+    records = read_jsonl(ws.train_path)[:n]
+    prompts = tokenize_records(records, tok, max_prompt_length=512, max_completion_length=s.max_new_tokens)
+    teacher = load_model(str(ws.teacher_dir), what="teacher")
+    ds = seqkd_dataset(
+        teacher,
+        tok,
+        prompts,
+        cache_dir=ws.root / "runs",
+        teacher_name=str(ws.teacher_dir),
+        max_new_tokens=s.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        batch_size=512,
+        log=lambda m: None,
+    )
+    rows = []
+    for e in ds.examples:
+        ids = [t for t in (e.completion or []) if t != tok.eos_token_id]
+        rows.append({"prompt": e.record["prompt"], "completion": tok.decode(ids)})
+    write_jsonl(path, rows)
+    return path
+
+
+def training_file(ws: Workspace, s: StudySettings, opts: StudyOptions, say: Callable[[str], None]) -> Path:
+    """The JSONL a job trains on: the workspace's training data, the teacher's targets, or a subset of the data."""
+    if opts.teacher_targets:
+        return seqkd_targets(ws, s, min(s.n_train, s.method_steps * s.batch_size), say)
+    if opts.data_fraction is None:
+        return ws.train_path
+    records = read_jsonl(ws.train_path)
+    n = max(1, int(len(records) * opts.data_fraction))
+    path = ws.root / "data" / f"train-{opts.data_fraction}-{'labelled' if opts.labels else 'prompts'}.jsonl"
+    if not path.exists():
+        write_jsonl(path, (r if opts.labels else {"prompt": r["prompt"]} for r in records[:n]))
+    return path
+
+
+# Tasks, tokenizers, tokenized datasets and teachers are reused across the jobs of a worker process. Everything
+# read from disk is keyed by its files' sizes and modification times too, so a file rewritten in place (new data,
+# a retrained teacher) is read again.
+_CACHE: dict[Any, Any] = {}
+
+
+def _stamp(path: str | Path) -> tuple[Any, ...]:
+    """(name, size, mtime) of a file, or of each file directly inside a folder."""
+    p = Path(path)
+    if not p.exists():
+        return (str(p), None)
+    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    return (str(p), *((q.name, st.st_size, st.st_mtime_ns) for q in files for st in [q.stat()]))
+
+
+def _cached(key: Any, make: Callable[[], Any]) -> Any:
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _dataset(path: str, tokenizer: Any, max_completion: int) -> Any:
+    from gkd.data import tokenize_records
+
+    def make() -> Any:
+        return tokenize_records(
+            read_jsonl(Path(path)),
+            tokenizer,
+            max_prompt_length=512,
+            max_completion_length=max_completion,
+            source=path,
+        )
+
+    return _cached(("data", _stamp(path), max_completion), make)
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    dataset: Any,
+    *,
+    max_new_tokens: int,
+    seed: int,
+    temperatures: tuple[float, ...] = (1.0,),
+    samples: int = 1,
+) -> dict[str, dict[str, float]]:
+    """A study's evaluation, :func:`gkd.evaluation.evaluate` with the task's metrics: greedy decoding, and at each
+    temperature ``samples`` samples per prompt (seeds ``seed * 1000 + k``), 500 prompts per batch.
+
+    Returns ``{"greedy": {...}, "sample": {...}}`` (``sample`` = temperature 1) plus ``"sample_T"`` entries for other
+    temperatures; with ``samples`` > 1 each sampled entry also holds ``self_bleu`` over the samples of each prompt.
+    """
+    from gkd.evaluation import evaluate
+
+    return evaluate(
+        model,
+        tokenizer,
+        dataset,
+        task.score,
+        max_new_tokens=max_new_tokens,
+        sampled={"sample" if t == 1.0 else f"sample_{t:g}": t for t in temperatures},
+        seeds=[seed * 1000 + k for k in range(samples)],
+        batch_size=500,
+    )
+
+
+def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one job in this process: train from ``job.start`` and evaluate. Returns scores and timings."""
+    from gkd.config import GKDConfig
+    from gkd.models import load_model, load_tokenizer
+    from gkd.tasks import get_task
+    from gkd.trainer import GKDTrainer
+
+    t0 = time.perf_counter()
+    task = _cached(
+        ("task", job.task, json.dumps(job.task_params, sort_keys=True)),
+        lambda: get_task(job.task, **job.task_params),
+    )
+    tok = _cached(("tok", _stamp(job.start)), lambda: load_tokenizer(job.start))
+    cfg = GKDConfig(**job.config)
+    train = _dataset(job.train, tok, cfg.effective_max_completion_length)
+    test = _dataset(job.test, tok, cfg.effective_max_completion_length)
+    student = load_model(job.start, what="student")
+    teacher = None
+    if cfg.needs_teacher and job.teacher is not None:
+        teacher = _cached(("teacher", _stamp(job.teacher)), lambda: load_model(job.teacher, what="teacher"))
+    trainer = GKDTrainer(
+        cfg, student=student, teacher=teacher, tokenizer=tok, train_dataset=train, log=log or (lambda m: None)
+    )
+    result = trainer.train()
+    t_train = time.perf_counter() - t0
+    scores = evaluate_model(
+        trainer.student,
+        tok,
+        task,
+        test,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=job.seed,
+        temperatures=job.eval_temperatures,
+        samples=job.eval_samples,
+    )
+    return {
+        "name": job.name,
+        "seed": job.seed,
+        "scores": scores,
+        "steps": result.step,
+        "train_s": t_train,
+        "wall_s": time.perf_counter() - t0,
+        "final_loss": result.final_loss,
+    }
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # workers print nothing but their results: no per-load progress bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_jobs(
+    jobs: list[Job],
+    *,
+    workers: int,
+    threads: int = 1,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` (longest first) in ``workers`` processes; results come back in job order."""
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    if workers <= 1:
+        _worker_init(threads)
+        for i in order:
+            results[i] = train_job(jobs[i])
+            if on_result:
+                on_result(results[i])  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
+    # Workers' libraries register semaphores that the resource tracker reports as "leaked" at exit; it is noise.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,), maxtasksperchild=None) as pool:
+        pending = {i: pool.apply_async(train_job, (jobs[i],)) for i in order}
+        remaining = set(pending)
+        while remaining:
+            for i in list(remaining):
+                res = pending[i]
+                if res.ready():
+                    results[i] = res.get()
+                    remaining.discard(i)
+                    if on_result:
+                        on_result(results[i])  # type: ignore[arg-type]
+            time.sleep(0.05)
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a study's workspace: data, teacher, and the student's starting point
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Workspace:
+    root: Path
+    task: Any
+    tokenizer: Any
+    train_path: Path
+    test_path: Path
+    teacher_dir: Path
+    start_dir: Path
+    teacher_scores: dict[str, dict[str, float]]
+    start_scores: dict[str, dict[str, float]]
+
+
+def sft_config(out: Path, steps: int, lr: float, s: StudySettings, seed: int) -> dict[str, Any]:
+    """The SFT recipe for teachers and starting students: AdamW, warmup, cosine to 0.1 x lr."""
+    return {
+        "divergence": "nll",
+        "lmbda": 0.0,
+        "learning_rate": lr,
+        "lr_scheduler_type": "cosine",
+        "min_lr_ratio": 0.1,
+        "warmup_steps": min(100, max(1, steps // 20)),
+        "max_steps": steps,
+        "per_device_train_batch_size": s.batch_size,
+        "max_new_tokens": s.max_new_tokens,
+        "weight_decay": 0.01,
+        "adam_beta2": 0.98,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,  # a study re-runs an unfinished job from its start
+        "logging_steps": max(1, steps // 10),
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "seed": seed,
+        "progress": False,
+    }
+
+
+def _sft_in_process(cfg: dict[str, Any], model: Any, tok: Any, dataset: Any) -> Any:
+    from gkd.config import GKDConfig
+    from gkd.trainer import GKDTrainer
+
+    trainer = GKDTrainer(
+        GKDConfig(**cfg), student=model, tokenizer=tok, train_dataset=dataset, log=lambda m: None
+    )
+    trainer.train()
+    return trainer.student
+
+
+def _spec_equal(model: Any, spec: dict[str, Any], vocab: int) -> bool:
+    cfg = model.config
+    keys = [k for k in spec if k not in ("architecture", "vocab_size")]
+    return cfg.vocab_size == vocab and all(getattr(cfg, k, None) == spec[k] for k in keys)
+
+
+def _drop_derived(data: Path, patterns: tuple[str, ...]) -> None:
+    """Remove training files derived from the data or the teacher (SeqKD targets, subsets) once those change."""
+    for pattern in patterns:
+        for p in data.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def build_workspace(
+    root: Path, s: StudySettings, say: Callable[[str], None], retrain_teacher: bool = False
+) -> Workspace:
+    """Data, teacher and starting student of a study, each created once and reused from ``root`` afterwards."""
+    from gkd.models import build_model, load_model
+    from gkd.tasks import get_task
+
+    task = get_task(s.task, **s.task_params)
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    tok = task.build_tokenizer(str(data / "tokenizer"))
+    train_path, test_path = data / "train.jsonl", data / "test.jsonl"
+    stamp = data / "settings.json"
+    want = {"task": s.task, "params": s.task_params, "n_train": s.n_train, "n_test": s.n_test}
+    if not stamp.exists() or json.loads(stamp.read_text()) != want:
+        say(f"data: generating {s.n_train} training and {s.n_test} test prompts ({s.task}) ...")
+        write_jsonl(
+            train_path,
+            (
+                {"prompt": r["prompt"], "completion": r["completion"]}
+                for r in task.generate("train", s.n_train, 0)
+            ),
+        )
+        write_jsonl(test_path, task.generate("test", s.n_test, 0))
+        stamp.write_text(json.dumps(want))
+        for stale in ("teacher", "start"):
+            shutil.rmtree(root / stale, ignore_errors=True)
+        (root / "reference_scores.json").unlink(missing_ok=True)
+        _drop_derived(data, ("seqkd-*.jsonl", "train-*-labelled.jsonl", "train-*-prompts.jsonl"))
+    train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
+    test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
+
+    teacher_spec = s.teacher or task.teacher_model_config()
+    teacher_dir = root / "teacher"
+    shipped = Path(s.shipped_teacher) if s.shipped_teacher else None
+    if retrain_teacher:
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+    if not (teacher_dir / "config.json").exists():
+        model = None
+        if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
+            model = load_model(str(shipped), what="teacher")
+            if _spec_equal(model, teacher_spec, len(tok)):
+                say(
+                    f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
+                    if shipped.resolve() == ASSET_TEACHER
+                    else f"teacher: reusing the trained teacher at {shipped}"
+                )
+            else:
+                model = None
+        if model is None:
+            say(
+                f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ..."
+            )
+            t0 = time.perf_counter()
+            model = build_model(teacher_spec, tok, seed=1234)
+            cfg = sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, seed=1234)
+            model = _sft_in_process(cfg, model, tok, train_ds)
+            say(f"teacher: trained in {time.perf_counter() - t0:.0f}s")
+        model.save_pretrained(teacher_dir)
+        tok.save_pretrained(teacher_dir)
+        (root / "reference_scores.json").unlink(missing_ok=True)
+        _drop_derived(data, ("seqkd-*.jsonl",))  # the teacher's targets are another teacher's now
+    teacher = load_model(str(teacher_dir), what="teacher")
+
+    start_dir = root / "start"
+    spec = s.student or task.student_model_config()
+    recipe = json.loads(
+        json.dumps({"spec": spec, "steps": s.start_steps, "lr": s.start_lr, "batch_size": s.batch_size})
+    )
+    recipe_path = start_dir / "gkd_start_recipe.json"
+    if (start_dir / "config.json").exists() and (
+        not recipe_path.exists() or json.loads(recipe_path.read_text()) != recipe
+    ):
+        say("start: the starting student's recipe changed; training it again")
+        shutil.rmtree(start_dir)
+    if not (start_dir / "config.json").exists():
+        say(
+            f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ..."
+        )
+        t0 = time.perf_counter()
+        model = build_model(spec, tok, seed=4321)
+        cfg = sft_config(root / "runs" / "start", s.start_steps, s.start_lr, s, seed=4321)
+        model = _sft_in_process(cfg, model, tok, train_ds)
+        model.save_pretrained(start_dir)
+        tok.save_pretrained(start_dir)
+        recipe_path.write_text(json.dumps(recipe))
+        (root / "reference_scores.json").unlink(missing_ok=True)
+        say(f"start: trained in {time.perf_counter() - t0:.0f}s")
+    start = load_model(str(start_dir), what="student")
+
+    scores_path = root / "reference_scores.json"
+    if scores_path.exists():
+        ref = json.loads(scores_path.read_text())
+    else:
+        ref = {
+            name: evaluate_model(m, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
+            for name, m in (("teacher", teacher), ("start", start))
+        }
+        scores_path.write_text(json.dumps(ref, indent=2))
+    return Workspace(
+        root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a study: every method for every seed, resumable
+# ---------------------------------------------------------------------------------------------------------------
+def plan_jobs(
+    ws: Workspace,
+    s: StudySettings,
+    recipes: Mapping[str, Recipe],
+    *,
+    label: str,
+    say: Callable[[str], None],
+    eval_temperatures: tuple[float, ...] = (1.0,),
+    eval_samples: int = 1,
+) -> list[Job]:
+    """The jobs of a study, seed-major (every method for seed 0, then seed 1, ...). Writes the training files the
+    recipes need (teacher targets, data subsets) and checks every job's config before anything trains."""
+    from gkd.config import config_from_dict
+
+    train = {name: str(training_file(ws, s, r.study, say)) for name, r in recipes.items()}
+    jobs = []
+    for seed in range(s.seeds):
+        for name, recipe in recipes.items():
+            cfg = job_config(recipe, seed, ws.root / "runs" / label / f"seed{seed}" / name, s)
+            try:
+                config_from_dict(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{label}: run '{name}': {e}") from e
+            jobs.append(
+                Job(
+                    name=name,
+                    seed=seed,
+                    config=cfg,
+                    start=str(ws.start_dir),
+                    teacher=str(ws.teacher_dir),
+                    train=train[name],
+                    test=str(ws.test_path),
+                    task=s.task,
+                    task_params=s.task_params,
+                    eval_temperatures=eval_temperatures,
+                    eval_samples=eval_samples,
+                    cost=job_cost(cfg),
+                )
+            )
+    return jobs
+
+
+def run_study(
+    ws: Workspace,
+    s: StudySettings,
+    recipes: Mapping[str, Recipe],
+    *,
+    workers: int,
+    say: Callable[[str], None],
+    console: Any,
+    label: str,
+    eval_temperatures: tuple[float, ...] = (1.0,),
+    eval_samples: int = 1,
+) -> list[dict[str, Any]]:
+    """Run every recipe for each seed from the workspace's start; results in job order (:func:`plan_jobs`).
+
+    Finished results are appended to ``ROOT/runs/LABEL/results.jsonl`` with their :func:`job_key`; a restarted
+    study keeps those whose key (job settings and starting checkpoints) is unchanged and runs only the others.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    jobs = plan_jobs(
+        ws,
+        s,
+        recipes,
+        label=label,
+        say=say,
+        eval_temperatures=eval_temperatures,
+        eval_samples=eval_samples,
+    )
+    metric = ws.task.metric
+    # A restarted study keeps the runs a killed one finished: same job settings and checkpoints -> same key.
+    keys = [job_key(j) for j in jobs]
+    log_path = ws.root / "runs" / label / "results.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r.get("job_key") in keys:
+                done[r["job_key"]] = r
+    log_path.write_text("".join(json.dumps(done[k]) + "\n" for k in keys if k in done))
+    if done:
+        say(f"resuming: {len(done)} of {len(jobs)} runs already finished ({log_path})")
+    todo = [j for j, k in zip(jobs, keys) if k not in done]
+    key_of = {(j.name, j.seed): k for j, k in zip(jobs, keys)}
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
+
+        def on_result(r: dict[str, Any]) -> None:
+            r["job_key"] = key_of[(r["name"], r["seed"])]
+            with log_path.open("a") as fh:  # every finished run is on disk at once
+                fh.write(json.dumps(r) + "\n")
+            g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
+            line = f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
+            progress.update(bar, advance=1, last=line)
+            if not progress.console.is_terminal:  # a log file gets one line per finished run
+                n = int(progress.tasks[0].completed)
+                say(f"{label} {n}/{len(jobs)}: {line} [{progress.tasks[0].elapsed or 0:.0f}s]")
+
+        fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result))
+    return [done[k] if k in done else next(fresh) for k in keys]

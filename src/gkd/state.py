@@ -1,0 +1,103 @@
+"""The training state beyond the weights, and checkpoints of a whole run.
+
+A resumed run must continue exactly as if it had never stopped (tested by killing a run with ``kill -9``): besides
+model, optimizer and scheduler, a checkpoint holds the step, the data stream's position, every random generator
+(the λ coin, the rollout sampler, torch / Python / NumPy) and the skip counters. Checkpoint files are written
+atomically by :mod:`gkd.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gkd import checkpoint as ckpt
+from gkd.config import RESUME_KEYS, GKDConfig
+from gkd.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from gkd.build import Run
+
+__all__ = ["TrainState", "check_resume_compat", "restore", "save"]
+
+
+@dataclass
+class TrainState:
+    """Counters of the loop that a checkpoint carries."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    last_loss: float = float("nan")
+
+
+def save(run: Run, state: TrainState) -> Path | None:
+    """Write ``checkpoint-STEP`` atomically (main process only); returns its path there, None elsewhere."""
+    run.accelerator.wait_for_everyone()
+    path = None
+    if run.dist.is_main:
+        training_state = {
+            **dataclasses.asdict(state),
+            "stream": run.stream.state_dict(),
+            "coin_rng": run.coin.rng.getstate(),
+            "rollout_gen": run.rollout_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+        }
+        path = ckpt.save_checkpoint(
+            run.output_dir,
+            state.step,
+            model=run.student,
+            tokenizer=run.tokenizer,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            training_state=training_state,
+            info={"config": run.cfg.to_dict()},
+            keep=run.cfg.save_total_limit,
+        )
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def restore(run: Run, path: Path) -> TrainState:
+    """Load the optimizer, scheduler, stream and RNG states of checkpoint ``path`` into ``run``."""
+    _, optim, saved = ckpt.load_training_state(path)
+    run.optimizer.load_state_dict(optim["optimizer"])
+    run.scheduler.load_state_dict(optim["scheduler"])
+    run.stream.load_state_dict(saved["stream"])
+    run.coin.rng.setstate(saved["coin_rng"])
+    run.rollout_gen.set_state(saved["rollout_gen"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    return TrainState(
+        step=int(saved["step"]),
+        skipped_steps=int(saved.get("skipped_steps", 0)),
+        nonfinite_in_a_row=int(saved.get("nonfinite_in_a_row", 0)),
+        last_loss=float(saved.get("last_loss", float("nan"))),
+    )
+
+
+def check_resume_compat(cfg: GKDConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint written with different models, LoRA, batch geometry, divergence or dtype."""
+    info, _, _ = ckpt.load_training_state(path)
+    saved = info.get("config", {})
+    for key in RESUME_KEYS:
+        ours: Any = getattr(cfg, key)
+        theirs = saved.get(key)
+        if dataclasses.is_dataclass(ours) and isinstance(theirs, dict):  # LoRA: the adapter's shape only
+            shape = ("r", "alpha", "dropout", "target_modules")
+            ours = {k: v for k, v in dataclasses.asdict(ours).items() if k in shape}
+            theirs = {k: v for k, v in theirs.items() if k in shape}
+        if key in saved and theirs != ours:
+            raise CheckpointError(
+                f"checkpoint '{path}' was written with {key}={theirs!r} but this config has {key}={ours!r}; "
+                "resume with the same config or start a fresh output_dir"
+            )

@@ -1,0 +1,173 @@
+"""One step of Algorithm 1 of the GKD paper (Agarwal et al., ICLR 2024), on one screen.
+
+    for each step:
+        u ~ U(0, 1)                                          seeded; rank 0 decides for every rank
+        if u < λ:  batch = (x, y ~ p_S(· | x))               the student's own samples, no gradient through them
+        else:      batch = (x, y) from the dataset           ground truth, or the teacher's samples (SeqKD)
+        θ ← θ − η ∇θ D(p_T ‖ p_S^θ)(y | x)                   every completion position, exact over the vocabulary
+
+:func:`gkd_step` is that loop body, with RL + GKD's reward term and gradient accumulation. Everything it calls is a
+component built once from the config by :func:`gkd.build.build_run` (sampler, teacher, objective, optimizer) and is
+public, so tests and benchmarks call the same pieces: :func:`student_samples` (the rollout),
+:meth:`gkd.objective.Objective.loss` (the micro-batch loss), :func:`optimizer_step`.
+
+The loss of a step is normalised by the valid completion tokens (or sequences) actually in it, counted over all
+micro-batches and all processes *after* the rollout, so on-policy steps are never normalised by the dataset's
+completion lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import warnings
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gkd.data import Batch
+from gkd.objective import Timer
+from gkd.rl import score_samples
+from gkd.sampling import sample_batch
+
+if TYPE_CHECKING:
+    from gkd.build import Run
+
+__all__ = ["Coin", "gkd_step", "lmbda_at", "micro_batch_loss", "optimizer_step", "student_samples"]
+
+
+def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
+    """One optimizer step (all gradient-accumulation micro-batches) of Algorithm 1; returns its log record."""
+    cfg, timer = run.cfg, Timer()
+    stats: dict[str, list] | None = defaultdict(list) if log_stats else None
+    lmbda = lmbda_at(cfg, step)
+    on_policy = run.coin.flip(lmbda)  # u < λ: this step trains on the student's own samples
+    batches = [run.stream.next().to(run.device) for _ in range(cfg.gradient_accumulation_steps)]
+    with timer("rollout"):
+        if on_policy:
+            batches = [student_samples(run, b) for b in batches]
+    advantages: list[torch.Tensor | None] = [None] * len(batches)
+    rl: dict[str, list] = defaultdict(list)
+    if run.reward_fn is not None and on_policy:  # RL + GKD: (1 − α) E[r] as a policy gradient
+        for i, b in enumerate(batches):
+            rewards, advantages[i] = score_samples(
+                b, run.reward_fn, str(cfg.reward), run.tokenizer, run.eos, cfg.num_generations, cfg.advantage
+            )
+            rl["reward"].append(rewards)
+            rl["advantage"].append(advantages[i])
+    # after the rollout: the tokens this step really trains on, over every micro-batch and rank
+    denominator = run.dist.sum(sum(run.objective.count(b) for b in batches))
+
+    total = 0.0
+    finite_loss = True
+    for i, (batch, adv) in enumerate(zip(batches, advantages)):
+        last = i == len(batches) - 1  # DDP all-reduces gradients once, after the last micro-batch
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.scorer):
+            loss = micro_batch_loss(run, batch, denominator, advantages=adv, stats=stats, timer=timer)
+            finite_loss &= bool(torch.isfinite(loss))
+            with timer("backward"):
+                if denominator > 0 and loss.requires_grad:
+                    # DDP averages gradients over ranks, but the loss is already a sum over all ranks' tokens
+                    run.accelerator.backward(loss * run.dist.world)
+        total += float(loss.detach())
+    step_loss = run.dist.sum(total) / run.dist.world
+
+    with timer("optimizer"):
+        grad_norm, nonfinite = optimizer_step(run, finite_loss and math.isfinite(step_loss))
+    return {
+        "step": step + 1,
+        "loss": step_loss,
+        "on_policy": on_policy,
+        "lmbda": lmbda,
+        "completion_tokens": run.dist.sum(sum(b.num_tokens() for b in batches)),
+        "sequences": run.dist.sum(sum(b.size for b in batches)),
+        "grad_norm": grad_norm,
+        "nonfinite": nonfinite,  # None, or what was not finite (the step was skipped)
+        "empty_batch": sum(b.num_tokens() for b in batches) == 0,
+        "stats": stats,
+        "rl": rl,
+        "times": dict(timer.seconds),
+    }
+
+
+def micro_batch_loss(
+    run: Run,
+    batch: Batch,
+    denominator: float,
+    *,
+    advantages: torch.Tensor | None = None,
+    stats: dict[str, list] | None = None,
+    timer: Timer | None = None,
+) -> torch.Tensor:
+    """The loss of one micro-batch (divided by the step-wide ``denominator``) with the run's models."""
+    return run.objective.loss(
+        batch,
+        denominator,
+        scorer=run.scorer,
+        teacher=run.teacher,
+        reference=run.reference,
+        topk_cache=run.topk_cache,
+        advantages=advantages,
+        stats=stats,
+        timer=timer,
+    )
+
+
+def lmbda_at(cfg: Any, step: int) -> float:
+    """λ of step ``step`` (0-based): constant, or ramped linearly from ``lmbda_start`` over the warm-up."""
+    if cfg.lmbda_schedule == "linear" and cfg.lmbda_warmup_steps > 0:
+        frac = min(1.0, step / cfg.lmbda_warmup_steps)
+        return cfg.lmbda_start + frac * (cfg.lmbda - cfg.lmbda_start)
+    return cfg.lmbda
+
+
+class Coin:
+    """The λ coin: seeded, and drawn by every rank from the same state; rank 0's outcome is broadcast so all ranks
+    are on- or off-policy together."""
+
+    def __init__(self, seed: int, dist: Any) -> None:
+        self.rng = random.Random(seed)
+        self.dist = dist
+
+    def flip(self, lmbda: float) -> bool:
+        u = self.rng.random()
+        return self.dist.broadcast_flag(u < lmbda if lmbda < 1.0 else True)
+
+
+def student_samples(run: Run, batch: Batch) -> Batch:
+    """The batch's prompts with the student's own completions (``num_generations`` per prompt), no gradient."""
+    return sample_batch(
+        run.sampler,
+        run.sampling_model,
+        batch,
+        run.sampling,
+        run.rollout_gen,
+        num_generations=run.cfg.num_generations,
+    )
+
+
+def optimizer_step(run: Run, loss_finite: bool) -> tuple[float, str | None]:
+    """Clip, then step the optimizer unless the loss or a gradient is non-finite on any rank: the step is then
+    skipped and what was not finite is returned (the loss, or the first parameter with a non-finite gradient).
+    The schedule advances either way, so a resumed run stays step-aligned."""
+    named = [(n, p) for n, p in run.student.named_parameters() if p.requires_grad]
+    grad_norm = 0.0
+    if any(p.grad is not None for _, p in named):
+        max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm))
+    finite = run.dist.sum(0.0 if loss_finite and math.isfinite(grad_norm) else 1.0) == 0.0
+    culprit = None
+    if finite:
+        run.optimizer.step()
+    elif not loss_finite:
+        culprit = "loss"
+    else:
+        bad = (n for n, p in named if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        culprit = next((f"gradient of {n}" for n in bad), "gradient norm (on another rank)")
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" after a skipped step
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, culprit
