@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,8 +26,8 @@ from transformers import (
 
 from gkd.rollout import (
     Rollout,
+    SamplingParams,
     _next_tokens,
-    _SamplingParams,
     fast_path_unsupported_reason,
     sample_completions,
 )
@@ -240,11 +241,11 @@ def test_one_step_frequencies_match_the_tempered_distribution(top_k, top_p):
 
 def test_top_p_excludes_low_probability_tokens():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(4000, 1)
-    params = _SamplingParams(1, 1.0, 0, 0.7, False, [], PAD)
+    params = SamplingParams(max_new_tokens=1, eos_token_ids=(), pad_token_id=PAD, top_p=0.7)
     drawn = _next_tokens(probs.log(), params, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are cut
     assert abs((drawn == 0).double().mean().item() - 0.5 / 0.8) < 0.03
-    params.top_p = 0.95
+    params = dataclasses.replace(params, top_p=0.95)
     assert set(_next_tokens(probs.log(), params, torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2}
 
 

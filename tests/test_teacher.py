@@ -159,14 +159,17 @@ def test_seqkd_cuts_targets_at_max_new_tokens(tokenizer, records, llama_pair, tm
     assert [e.completion for e in out.examples] == [[7, 8, 9], [7, 8, 9]]  # no room left for the EOS
 
 
-def test_seqkd_cache_key_is_the_same_as_before_samplers(tokenizer, records, tmp_path, monkeypatch):
-    """Caches written by earlier versions stay valid: the key of a local backend did not change (pinned)."""
+def test_seqkd_cache_key_is_pinned_and_the_same_for_every_local_backend(
+    tokenizer, records, tmp_path, monkeypatch
+):
+    """The key is pinned: changing it invalidates every user's SeqKD cache, so it must be a deliberate change (it
+    was, once: to gkd.io.fingerprint, the one fingerprint helper)."""
     monkeypatch.setattr(teacher_mod, "generate_ids", lambda m, t, d, **kw: [[7]] * len(d))
     data = _dataset(tokenizer, records, 4)
     for backend in ("auto", "fast", "generate", "vllm"):
         folder = tmp_path / backend
         seqkd_dataset(None, tokenizer, data, cache_dir=folder, backend=backend, log=lambda _: None, **SEQKD)
-        assert [p.name for p in folder.iterdir()] == ["seqkd-0083c46eb1e613a6.jsonl"], backend
+        assert [p.name for p in folder.iterdir()] == ["seqkd-507f5b122a33b653.jsonl"], backend
 
 
 def test_seqkd_with_rollout_backend_vllm_samples_the_teacher_in_process(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gkd.errors import CheckpointError
+from gkd.io import quiet_progress_bars
 
 __all__ = ["find_latest", "is_complete", "load_training_state", "resolve_resume", "save_checkpoint"]
 
@@ -111,7 +112,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    with quiet_progress_bars():
+        model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     torch.save(

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from gkd.errors import GKDError
+from gkd.io import quiet_libraries
 
 __all__ = ["main"]
 
@@ -112,11 +112,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tok, model, data = _load_for_inference(
         args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
     )
+    from gkd.io import atomic_open
+
     sampler = local_sampler("auto")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w") as fh:
+    with atomic_open(out) as fh:
         for k in range(args.num_samples):
             texts = generate_texts(
                 model,
@@ -133,7 +133,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             )
             for ex, text in zip(data.examples, texts):
                 fh.write(json.dumps({**generated_record(ex.record, text), "sample": k}) + "\n")
-    os.replace(tmp, out)
     print(f"wrote {len(data) * args.num_samples} completions to {out}")
     return 0
 
@@ -292,22 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """gkd prints its own progress; silence transformers' per-load progress bars and advisory warnings."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     handlers = {
         "distill": _cmd_distill,
         "sft": lambda a: _cmd_distill(a, sft=True),

@@ -630,7 +630,8 @@ def _check_rl(cfg: GKDConfig) -> None:
 
 
 def _check_names(cfg: GKDConfig) -> None:
-    """Names from gkd's vocabularies: trackers, metrics, rewards."""
+    """Tracker names. (Metric and reward names belong to gkd.scoring's vocabulary, one layer up: they are checked
+    by gkd.preflight, still before any model loads.)"""
     for name in cfg.report_to:
         _check(
             name in (*REPORT_TO, "all"),
@@ -638,13 +639,6 @@ def _check_names(cfg: GKDConfig) -> None:
             f"a name or list of {', '.join(REPORT_TO)}, all or none",
             name,
         )
-    if cfg.eval_metric is not None or cfg.reward is not None:
-        from gkd.scoring import check_metric_name, check_reward_name
-
-        if cfg.eval_metric is not None:
-            check_metric_name(cfg.eval_metric, "eval_metric")
-        if cfg.reward is not None:
-            check_reward_name(cfg.reward, "reward")
 
 
 def _config_terms(cfg: GKDConfig, message: str) -> str:

@@ -98,3 +98,31 @@ def missing_local_path(path: str) -> bool:
         return False
     first = path.split("/", 1)[0]
     return cannot_be_hub_id(path) or ("/" in path and bool(first) and os.path.isdir(first))
+
+
+def quiet_libraries() -> None:
+    """For a process that prints only gkd's own lines (the CLI, study workers): no per-load progress bars or
+    advisory warnings from transformers, no tokenizers fork warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' "Loading weights" / "Writing model shards" bars off for the duration (restored after), so a
+    Python-API user sees gkd's lines only."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gkd.errors import ModelError
-from gkd.io import cannot_be_hub_id, missing_local_path
+from gkd.io import cannot_be_hub_id, missing_local_path, quiet_progress_bars
 from gkd.losses import Head
 
 __all__ = [
@@ -263,7 +263,8 @@ def _load_plain(path: str, what: str, dtype: str) -> nn.Module:
         raise _not_found(what, path, e) from e
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(local, dtype=_DTYPES[dtype])
+        with quiet_progress_bars():
+            model = cls.from_pretrained(local, dtype=_DTYPES[dtype])
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(
             f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}"
@@ -359,7 +360,8 @@ def save_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> Pa
     out = Path(path)
     if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
         model = _merged_copy(model)
-    model.save_pretrained(str(out), safe_serialization=True)
+    with quiet_progress_bars():
+        model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -14,7 +14,7 @@ from gkd.config import GKDConfig
 from gkd.data import TokenizedDataset
 from gkd.errors import ConfigError, DataError
 
-__all__ = ["check_backend", "check_context", "check_data", "check_paths"]
+__all__ = ["check_backend", "check_context", "check_data", "check_names", "check_paths"]
 
 
 def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_data: bool) -> None:
@@ -28,6 +28,17 @@ def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_
         )
     if not have_data and cfg.dataset is None:
         raise ConfigError("config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)")
+    check_names(cfg)
+
+
+def check_names(cfg: GKDConfig) -> None:
+    """``eval_metric`` and ``reward`` are names of gkd's one vocabulary (:mod:`gkd.scoring`) or ``module:function``."""
+    from gkd.scoring import check_metric_name, check_reward_name
+
+    if cfg.eval_metric is not None:
+        check_metric_name(cfg.eval_metric, "eval_metric")
+    if cfg.reward is not None:
+        check_reward_name(cfg.reward, "reward")
 
 
 def check_data(cfg: GKDConfig, train: TokenizedDataset, evaluation: TokenizedDataset | None) -> None:

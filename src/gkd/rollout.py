@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,14 @@ from torch import nn
 
 from gkd.errors import ConfigError
 
-__all__ = ["Rollout", "fast_backend_config_reason", "fast_path_unsupported_reason", "sample_completions"]
+__all__ = [
+    "Rollout",
+    "SamplingParams",
+    "fast_backend_config_reason",
+    "fast_path_unsupported_reason",
+    "sample_completions",
+    "sample_with",
+]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_FAMILY = ("gpt2",)
@@ -80,16 +87,39 @@ class Rollout:
     completion_mask: torch.BoolTensor  # [B, T_new]
 
 
-@dataclass
-class _SamplingParams:
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode: the same request for every backend.
+
+    Tokens are drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+    (0 = no limit), then to the smallest set whose probability reaches ``top_p`` (1.0 = no limit); ``greedy``
+    (or ``temperature == 0``) takes the argmax. A row stops at its first id in ``eos_token_ids`` (kept, and
+    counted in the completion mask) or after ``max_new_tokens``; later positions hold ``pad_token_id``.
+    ``vocab_size`` (the tokenizer's length) excludes ids ``>= vocab_size`` (padding rows of a larger output
+    layer); ``None`` allows every row of the head.
+    """
+
     max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    greedy: bool
-    eos_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
     pad_token_id: int
-    vocab_size: int | None = None  # sample only ids < vocab_size (None: every row of the head)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 (the tokenizer's length), got {self.vocab_size}")
 
 
 def sample_completions(
@@ -122,6 +152,28 @@ def sample_completions(
     ``"fast"`` raises :class:`~gkd.errors.ConfigError` (a ``ValueError``) if the model is not supported (see
     :func:`fast_path_unsupported_reason`).
     """
+    params = SamplingParams(
+        max_new_tokens=int(max_new_tokens),
+        eos_token_ids=tuple(eos_token_ids),
+        pad_token_id=int(pad_token_id),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        greedy=bool(greedy),
+        vocab_size=None if vocab_size is None else int(vocab_size),
+    )
+    return sample_with(model, input_ids, attention_mask, params, generator, backend)
+
+
+def sample_with(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> Rollout:
+    """:func:`sample_completions` with the decoding options as one :class:`SamplingParams`."""
     if backend not in ("auto", "fast", "generate"):
         raise ConfigError(
             f"sample_completions backend must be 'auto', 'fast' or 'generate', got {backend!r} "
@@ -129,28 +181,12 @@ def sample_completions(
         )
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError("input_ids and attention_mask must both be [batch, prompt_len]")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if vocab_size is not None and vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1 (the tokenizer's length), got {vocab_size}")
     if input_ids.shape[1] == 0:
         raise ValueError("prompts must contain at least one token")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be LEFT-padded: attention_mask[:, -1] must be 1 for every row")
-    params = _SamplingParams(
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        greedy=bool(greedy) or temperature == 0,
-        eos_token_ids=[int(e) for e in eos_token_ids],
-        pad_token_id=int(pad_token_id),
-        vocab_size=None if vocab_size is None else int(vocab_size),
-    )
+    if params.temperature == 0 and not params.greedy:  # temperature 0 is greedy decoding
+        params = replace(params, greedy=True)
     batch = input_ids.shape[0]
     if params.max_new_tokens <= 0 or batch == 0:
         empty = torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
@@ -173,7 +209,7 @@ def sample_completions(
 # Choosing the next token (shared by the fast path; mirrors what generate's logits processors do)
 
 
-def _next_tokens(logits: torch.Tensor, p: _SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row from ``logits`` [B, V] (float32). Returns [B] long.
 
     Same semantics as generate's temperature -> top-k -> top-p chain: top-k keeps exactly ``k`` tokens (via
@@ -637,7 +673,7 @@ def _sample_fast(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    p: _SamplingParams,
+    p: SamplingParams,
     generator: torch.Generator | None,
 ) -> Rollout:
     """Prefill the prompts, then decode one token per row per step until every row has emitted an EOS."""
@@ -692,7 +728,7 @@ def _sample_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    p: _SamplingParams,
+    p: SamplingParams,
     generator: torch.Generator | None,
 ) -> Rollout:
     """``model.generate`` with exactly the requested decoding options, seeded from ``generator``.
@@ -713,7 +749,7 @@ def _sample_generate(
         max_new_tokens=p.max_new_tokens,
         do_sample=not p.greedy,
         num_beams=1,
-        eos_token_id=p.eos_token_ids or None,
+        eos_token_id=list(p.eos_token_ids) or None,
         pad_token_id=p.pad_token_id,
         use_cache=True,
         **sampling,

@@ -33,7 +33,7 @@ What is not supported: sampling with gradients, beam search, per-row sampling pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from gkd.data import Batch
 from gkd.errors import ConfigError
-from gkd.rollout import Rollout, sample_completions
+from gkd.rollout import Rollout, SamplingParams, sample_with
 
 __all__ = [
     "BACKENDS",
@@ -57,41 +57,6 @@ __all__ = [
 
 LOCAL_BACKENDS = ("auto", "fast", "generate")
 BACKENDS = (*LOCAL_BACKENDS, "vllm")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to decode: the same request for every backend.
-
-    Tokens are drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
-    (0 = no limit), then to the smallest set whose probability reaches ``top_p`` (1.0 = no limit); ``greedy``
-    (or ``temperature == 0``) takes the argmax. A row stops at its first id in ``eos_token_ids`` (kept, and
-    counted in the completion mask) or after ``max_new_tokens``; later positions hold ``pad_token_id``.
-    ``vocab_size`` (the tokenizer's length) excludes ids ``>= vocab_size`` (padding rows of a larger output
-    layer); ``None`` allows every row of the head.
-    """
-
-    max_new_tokens: int
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
-    vocab_size: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1 (the tokenizer's length), got {self.vocab_size}")
 
 
 @runtime_checkable
@@ -139,21 +104,7 @@ class LocalSampler:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Rollout:
-        return sample_completions(
-            model,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            greedy=params.greedy,
-            eos_token_ids=list(params.eos_token_ids),
-            pad_token_id=params.pad_token_id,
-            generator=generator,
-            backend=self.backend,
-            vocab_size=params.vocab_size,
-        )
+        return sample_with(model, prompt_ids, prompt_mask, params, generator, self.backend)
 
     def sync(self, model: nn.Module) -> None:
         return None

@@ -7,9 +7,7 @@ the cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from torch import nn
 
 from gkd.data import Batch, Example, TokenizedDataset
 from gkd.evaluation import generate_ids
+from gkd.io import atomic_write, fingerprint, write_jsonl
 from gkd.losses import TeacherTopK
 from gkd.models import ScoringOutput, score_positions
 from gkd.sampling import LocalSampler, Sampler, local_sampler
@@ -47,14 +46,6 @@ class Teacher:
             vocab=self.vocab,
             fused=self.fused,
         )
-
-
-def _fingerprint(dataset: TokenizedDataset, extra: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    for e in dataset.examples:
-        h.update(json.dumps(e.prompt).encode())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def seqkd_dataset(
@@ -98,7 +89,7 @@ def seqkd_dataset(
     }
     if not isinstance(sampler, LocalSampler):
         settings["sampler"] = type(sampler).__qualname__
-    key = _fingerprint(dataset, settings)
+    key = fingerprint([e.prompt for e in dataset.examples], settings)
     path = cache_dir / f"seqkd-{key}.jsonl"
     eos = tokenizer.eos_token_id
     completions: list[list[int]] | None = None
@@ -125,12 +116,7 @@ def seqkd_dataset(
             sampler=sampler,
         )
         completions = [[*t, eos][:max_new_tokens] for t in ids]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with tmp.open("w") as fh:
-            for c in completions:
-                fh.write(json.dumps(c) + "\n")
-        os.replace(tmp, path)
+        write_jsonl(path, completions)
     examples = [Example(e.prompt, c, e.record) for e, c in zip(dataset.examples, completions)]
     return replace(dataset, examples=examples)
 
@@ -161,11 +147,9 @@ class TopKCache:
         return TeacherTopK(self.ids[sel].long(), self.logprobs[sel].float())
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, save({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}))
 
     @classmethod
     def load(cls, path: Path) -> TopKCache:
@@ -192,11 +176,11 @@ def build_topk_cache(
     from gkd.data import collate
     from gkd.divergences import log_probs
 
-    h = hashlib.sha256()
-    for e in dataset.examples:
-        h.update(json.dumps([e.prompt, e.completion]).encode())
-    h.update(json.dumps({"teacher": teacher_name, "k": k, "T": temperature}).encode())
-    path = cache_dir / f"teacher-top{k}-{h.hexdigest()[:16]}.safetensors"
+    key = fingerprint(
+        [[e.prompt, e.completion] for e in dataset.examples],
+        {"teacher": teacher_name, "k": k, "T": temperature},
+    )
+    path = cache_dir / f"teacher-top{k}-{key}.safetensors"
     if path.exists():
         return TopKCache.load(path)
     log(f"teacher cache: top-{k} log-probs for {len(dataset)} examples (once; cached at {path})")

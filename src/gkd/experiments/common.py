@@ -7,10 +7,10 @@ The study machinery that the demo and the experiment families share is in :mod:`
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from gkd.io import write_jsonl
 
 __all__ = ["ASSET_TEACHER", "prepare_task", "read_jsonl", "write_jsonl"]
 
@@ -21,15 +21,6 @@ ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "demo_teache
 # ---------------------------------------------------------------------------------------------------------------
 # data on disk
 # ---------------------------------------------------------------------------------------------------------------
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     with path.open() as fh:
         return [json.loads(line) for line in fh if line.strip()]

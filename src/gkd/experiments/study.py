@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -42,6 +41,7 @@ import torch
 
 from gkd.errors import ConfigError
 from gkd.experiments.common import ASSET_TEACHER, read_jsonl, write_jsonl
+from gkd.io import fingerprint, quiet_libraries
 
 __all__ = [
     "CONFIG_DIR",
@@ -341,7 +341,7 @@ def job_key(job: Job) -> str:
             w = Path(d[who]) / "model.safetensors"
             st = w.stat() if w.exists() else None
             d[who + "_weights"] = [st.st_size, st.st_mtime_ns] if st else None
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(d)
 
 
 def seqkd_targets(ws: Workspace, s: StudySettings, n: int, say: Callable[[str], None]) -> Path:
@@ -508,15 +508,9 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
 
 
 def _worker_init(threads: int) -> None:
+    """Workers print nothing but their results."""
     torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:  # workers print nothing but their results: no per-load progress bars from transformers
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    quiet_libraries()
 
 
 def run_jobs(
