@@ -616,13 +616,38 @@ def build_workspace(
     root: Path, s: StudySettings, say: Callable[[str], None], retrain_teacher: bool = False
 ) -> Workspace:
     """Data, teacher and starting student of a study, each created once and reused from ``root`` afterwards."""
-    from gkd.models import build_model, load_model
+    from gkd.models import load_model
     from gkd.tasks import get_task
 
     task = get_task(s.task, **s.task_params)
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data"
     tok = task.build_tokenizer(str(data / "tokenizer"))
+    train_path, test_path = _workspace_data(root, task, s, say)
+    train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
+    test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
+    teacher_dir = _workspace_teacher(root, task, tok, train_ds, s, say, retrain_teacher)
+    teacher = load_model(str(teacher_dir), what="teacher")
+    start_dir = _workspace_start(root, task, tok, train_ds, s, say)
+    start = load_model(str(start_dir), what="student")
+
+    scores_path = root / "reference_scores.json"
+    if scores_path.exists():
+        ref = json.loads(scores_path.read_text())
+    else:
+        ref = {
+            name: evaluate_model(m, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
+            for name, m in (("teacher", teacher), ("start", start))
+        }
+        scores_path.write_text(json.dumps(ref, indent=2))
+    return Workspace(
+        root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"]
+    )
+
+
+def _workspace_data(root: Path, task: Any, s: StudySettings, say: Callable[[str], None]) -> tuple[Path, Path]:
+    """The study's train and test JSONL, regenerated (with everything derived from them) when the settings change."""
+    data = root / "data"
     train_path, test_path = data / "train.jsonl", data / "test.jsonl"
     stamp = data / "settings.json"
     want = {"task": s.task, "params": s.task_params, "n_train": s.n_train, "n_test": s.n_test}
@@ -641,40 +666,60 @@ def build_workspace(
             shutil.rmtree(root / stale, ignore_errors=True)
         (root / "reference_scores.json").unlink(missing_ok=True)
         _drop_derived(data, ("seqkd-*.jsonl", "train-*-labelled.jsonl", "train-*-prompts.jsonl"))
-    train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
-    test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
+    return train_path, test_path
+
+
+def _workspace_teacher(
+    root: Path,
+    task: Any,
+    tok: Any,
+    train_ds: Any,
+    s: StudySettings,
+    say: Callable[[str], None],
+    retrain: bool,
+) -> Path:
+    """The teacher's folder: the shipped (or a given) trained teacher when it fits, else trained now with SFT."""
+    from gkd.models import build_model, load_model
 
     teacher_spec = s.teacher or task.teacher_model_config()
     teacher_dir = root / "teacher"
     shipped = Path(s.shipped_teacher) if s.shipped_teacher else None
-    if retrain_teacher:
+    if retrain:
         shutil.rmtree(teacher_dir, ignore_errors=True)
-    if not (teacher_dir / "config.json").exists():
-        model = None
-        if shipped is not None and (shipped / "config.json").exists() and not retrain_teacher:
-            model = load_model(str(shipped), what="teacher")
-            if _spec_equal(model, teacher_spec, len(tok)):
-                say(
-                    f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
-                    if shipped.resolve() == ASSET_TEACHER
-                    else f"teacher: reusing the trained teacher at {shipped}"
-                )
-            else:
-                model = None
-        if model is None:
+    if (teacher_dir / "config.json").exists():
+        return teacher_dir
+    model = None
+    if shipped is not None and (shipped / "config.json").exists() and not retrain:
+        model = load_model(str(shipped), what="teacher")
+        if _spec_equal(model, teacher_spec, len(tok)):
             say(
-                f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ..."
+                f"teacher: using the checkpoint gkd ships ({shipped}; trained with `gkd demo --train-teacher`)"
+                if shipped.resolve() == ASSET_TEACHER
+                else f"teacher: reusing the trained teacher at {shipped}"
             )
-            t0 = time.perf_counter()
-            model = build_model(teacher_spec, tok, seed=1234)
-            cfg = sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, seed=1234)
-            model = _sft_in_process(cfg, model, tok, train_ds)
-            say(f"teacher: trained in {time.perf_counter() - t0:.0f}s")
-        model.save_pretrained(teacher_dir)
-        tok.save_pretrained(teacher_dir)
-        (root / "reference_scores.json").unlink(missing_ok=True)
-        _drop_derived(data, ("seqkd-*.jsonl",))  # the teacher's targets are another teacher's now
-    teacher = load_model(str(teacher_dir), what="teacher")
+        else:
+            model = None
+    if model is None:
+        say(
+            f"teacher: SFT of a {teacher_spec.get('num_hidden_layers')}-layer d{teacher_spec.get('hidden_size')} model for {s.teacher_steps} steps ..."
+        )
+        t0 = time.perf_counter()
+        model = build_model(teacher_spec, tok, seed=1234)
+        cfg = sft_config(root / "runs" / "teacher", s.teacher_steps, s.teacher_lr, s, seed=1234)
+        model = _sft_in_process(cfg, model, tok, train_ds)
+        say(f"teacher: trained in {time.perf_counter() - t0:.0f}s")
+    model.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    (root / "reference_scores.json").unlink(missing_ok=True)
+    _drop_derived(root / "data", ("seqkd-*.jsonl",))  # the teacher's targets are another teacher's now
+    return teacher_dir
+
+
+def _workspace_start(
+    root: Path, task: Any, tok: Any, train_ds: Any, s: StudySettings, say: Callable[[str], None]
+) -> Path:
+    """The starting student shared by every run: SFT once, again only when its recipe changes."""
+    from gkd.models import build_model
 
     start_dir = root / "start"
     spec = s.student or task.student_model_config()
@@ -700,20 +745,7 @@ def build_workspace(
         recipe_path.write_text(json.dumps(recipe))
         (root / "reference_scores.json").unlink(missing_ok=True)
         say(f"start: trained in {time.perf_counter() - t0:.0f}s")
-    start = load_model(str(start_dir), what="student")
-
-    scores_path = root / "reference_scores.json"
-    if scores_path.exists():
-        ref = json.loads(scores_path.read_text())
-    else:
-        ref = {
-            name: evaluate_model(m, tok, task, test_ds, max_new_tokens=s.max_new_tokens, seed=0)
-            for name, m in (("teacher", teacher), ("start", start))
-        }
-        scores_path.write_text(json.dumps(ref, indent=2))
-    return Workspace(
-        root, task, tok, train_path, test_path, teacher_dir, start_dir, ref["teacher"], ref["start"]
-    )
+    return start_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
