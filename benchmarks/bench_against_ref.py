@@ -63,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gkd-ref-") as tmp:
         ref = Path(tmp)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.ref], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.ref], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(ref)], input=archive.stdout, check=True)
         times: dict[str, list[float]] = {"this": [], "ref": []}
         for r in range(args.rounds):
