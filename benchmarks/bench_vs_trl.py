@@ -136,15 +136,26 @@ def build_records(n: int = N_RECORDS, seed: int = 0) -> list[dict]:
     return records
 
 
-def build_model(spec: dict[str, int], vocab: int, tok: Any, seed: int) -> Any:
+def build_model(
+    spec: dict[str, int],
+    vocab: int,
+    tok: Any,
+    seed: int,
+    *,
+    max_positions: int = 512,
+    tied: bool = False,
+    kv_heads: int | None = None,
+) -> Any:
+    """A Llama-style model from ``spec``; the keyword options (used by ``bench_memory.py``) default to this
+    benchmark's setup: 512 positions, untied embeddings, as many key/value heads as attention heads."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=vocab,
-        num_key_value_heads=spec["num_attention_heads"],
-        tie_word_embeddings=False,
-        max_position_embeddings=512,
+        num_key_value_heads=kv_heads or spec["num_attention_heads"],
+        tie_word_embeddings=tied,
+        max_position_embeddings=max_positions,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

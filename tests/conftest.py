@@ -11,36 +11,7 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("GKD_TEST_THREADS", "2")))
 
-TINY = {
-    "llama_teacher": {
-        "architecture": "llama",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "llama_student": {
-        "architecture": "llama",
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "t5": {
-        "architecture": "t5",
-        "d_model": 16,
-        "d_kv": 8,
-        "d_ff": 32,
-        "num_layers": 1,
-        "num_decoder_layers": 1,
-        "num_heads": 2,
-        "dropout_rate": 0.0,
-    },
-}
+from tiny import TINY, base_config, make_model  # noqa: E402,F401  (plain module: usable without pytest)
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +36,6 @@ def eval_records(task):
     return task.generate("test", 32, seed=0)
 
 
-def make_model(kind: str, tokenizer, seed: int = 0):
-    from gkd.models import build_model
-
-    return build_model(TINY[kind], tokenizer, seed=seed)
-
-
 @pytest.fixture
 def llama_pair(tokenizer):
     """(student, teacher) tiny Llama models, freshly initialised."""
@@ -90,23 +55,6 @@ def model_dir(tmp_path_factory, tokenizer, records, eval_records) -> Path:
             for r in recs:
                 fh.write(json.dumps(r) + "\n")
     return root
-
-
-def base_config(**overrides):
-    from gkd.config import GKDConfig
-
-    cfg = {
-        "learning_rate": 3e-3,
-        "per_device_train_batch_size": 8,
-        "max_steps": 4,
-        "max_new_tokens": 8,
-        "logging_steps": 1,
-        "save_steps": 0,
-        "progress": False,
-        "seed": 0,
-    }
-    cfg.update(overrides)
-    return GKDConfig(**cfg)
 
 
 @pytest.fixture(scope="session")

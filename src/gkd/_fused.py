@@ -163,6 +163,8 @@ class LossSpec:
         without closed form, a top-k teacher, or student and teacher computing in different dtypes)."""
         if self.teacher_topk is not None or (self.terms.divergence is not None and self.closed_form is None):
             return None
+        if self.student_head.transformed or (self.teacher_head is not None and self.teacher_head.transformed):
+            return None  # no closed form through a logit transform: autograd inside each chunk
         dtype = compute_dtype(self.student_head.weight)
         teacher = self.teacher_logits if self.teacher_logits is not None else None
         if teacher is None and self.teacher_head is not None:
@@ -284,10 +286,12 @@ def _autograd_chunk(spec: LossSpec, head: Head, sl: slice, h: torch.Tensor, need
         )
     g = None
     with torch.enable_grad():
-        zs = head.logits(h).detach().requires_grad_(need_grad)
+        # the gradient is taken w.r.t. the head's raw logits, through its transform (softcapping, scaling)
+        raw = head.raw_logits(h).detach().requires_grad_(need_grad)
+        zs = head.transform(raw)
         loss = chunk_terms(zs, zt, topk, targets, spec.terms, sl, spec.divergence, spec.temperature)
-        if zs.requires_grad and loss.requires_grad:
-            (g,) = torch.autograd.grad(loss, zs)
+        if raw.requires_grad and loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, raw)
     stats = None
     if spec.stats is not None:
         if topk is not None:
@@ -457,7 +461,7 @@ class FusedChunkedLoss(torch.autograd.Function):
         plan = BufferPlan.for_terms(spec.terms, spec.closed_form_scratch, spec.stats is not None)
         rows, cols = min(n, spec.chunk_size), head.size
         flat = None if dtype is None else workspace.take(plan.n_buffers * rows * cols, dtype, hidden.device)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)  # the loss stays on the device
         stats_parts: list[dict[str, torch.Tensor]] = []
         try:
             for start in range(0, n, spec.chunk_size):
@@ -478,7 +482,7 @@ class FusedChunkedLoss(torch.autograd.Function):
                 workspace.give_back(flat)
         _store_stats(spec.stats, stats_parts)
         saved = grads.as_tuple()
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in saved))
+        ctx.save_for_backward(*(t if t is not None else hidden.new_empty(0) for t in saved))
         ctx.has = tuple(t is not None for t in saved)
         return total.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 

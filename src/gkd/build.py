@@ -129,7 +129,6 @@ def build_run(
 
     (Its length is the :class:`Run`'s fields, one per line; the work is in the functions it calls, in order.)
     """
-    from accelerate import Accelerator
 
     preflight.check_paths(
         cfg,
@@ -140,7 +139,7 @@ def build_run(
     output_dir = Path(os.path.expanduser(cfg.output_dir))
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     dist = Dist(accelerator)
     prepare_output_dir(cfg, output_dir, dist.is_main)
     accelerator.wait_for_everyone()
@@ -174,6 +173,9 @@ def build_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
     tok = inputs.tokenizer
+    sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path)
+    for note in path_notes(cfg, models.student, sampler, train_data):
+        log(note)
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -191,18 +193,47 @@ def build_run(
         stream=BatchStream(
             train_data, cfg.per_device_train_batch_size, cfg.seed, tok.pad_token_id, dist.rank, dist.world
         ),
-        sampler=sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path),
+        sampler=sampler,
         sampling=rollout_params(cfg, models.eos, tok.pad_token_id, models.vocab),
         objective=Objective.from_config(cfg),
         optimizer=optimizer,
         scheduler=scheduler,
         coin=Coin(cfg.seed, dist),
-        rollout_gen=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank),
+        rollout_gen=torch.Generator(device=dist.device).manual_seed(cfg.seed * 7919 + dist.rank),
         reward_fn=reward_fn,
         eos=models.eos,
         vocab=models.vocab,
         resume_dir=inputs.resume_dir,
     )
+
+
+def path_notes(cfg: GKDConfig, student: nn.Module, sampler: Sampler, data: TokenizedDataset) -> list[str]:
+    """Lines saying which sampler and which loss path this student takes, and why when it is the slower one."""
+    from gkd.models import fused_head_unsupported_reason
+    from gkd.rollout import auto_fast_reason
+    from gkd.sampling import LocalSampler
+
+    notes = []
+    if (
+        isinstance(sampler, LocalSampler)
+        and sampler.backend == "auto"
+        and (cfg.lmbda > 0 or cfg.eval_dataset)
+    ):
+        model = unwrap(student) if cfg.lora is None else student
+        longest = max((len(e.prompt) for e in data.examples), default=0)
+        reason = auto_fast_reason(model, longest + cfg.max_new_tokens)
+        notes.append(
+            "rollouts: gkd's fast KV-cache loop"
+            if reason is None
+            else f"rollouts: model.generate, slower than gkd's fast loop ({reason})"
+        )
+    reason = fused_head_unsupported_reason(student)
+    notes.append(
+        "loss: chunked from hidden states (no [positions, vocab] logits)"
+        if reason is None
+        else f"loss: from full logits at the completion positions, more memory ({reason})"
+    )
+    return notes
 
 
 def rollout_params(cfg: GKDConfig, eos: list[int], pad_id: int, vocab: int) -> SamplingParams:
@@ -287,7 +318,12 @@ def load_models(
     if cfg.needs_teacher:
         teacher_tokenizer = None
         if teacher is None:
-            teacher = load_model(cfg.teacher_model_name_or_path, what="teacher", dtype=cfg.teacher_dtype)  # type: ignore[arg-type]
+            teacher = load_model(
+                cfg.teacher_model_name_or_path,  # type: ignore[arg-type]
+                what="teacher",
+                dtype=resolve_dtype(cfg.teacher_dtype, device),
+                attn_implementation=cfg.attn_implementation,
+            )
             teacher_tokenizer = _teacher_tokenizer(cfg)
         vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
         teacher.to(device)
@@ -341,6 +377,48 @@ def teacher_data(
 # ---------------------------------------------------------------------------------------------------------------
 # the pieces
 # ---------------------------------------------------------------------------------------------------------------
+def make_accelerator(cfg: GKDConfig) -> Any:
+    """accelerate's ``Accelerator``: CPU without a GPU; mixed precision from ``bf16`` / ``fp16`` (otherwise whatever
+    ``accelerate config`` / ``accelerate launch`` set)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    if cfg.fp16 and cpu:
+        raise ConfigError(
+            "config key 'fp16: true' needs a CUDA GPU (float16 autocast with loss scaling); on the CPU use bf16: true"
+        )
+    # without bf16/fp16: what `accelerate launch` / `accelerate config` asked for, else none
+    precision = (
+        "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    )
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=precision)
+    except ValueError as e:
+        if "already been initialized" not in str(e) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        # accelerate keeps one state per process: a second run in the same process (Python API, tests) with another
+        # precision starts a fresh one. (Under a distributed launch the precision is fixed for every rank.)
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def student_load_dtype(cfg: GKDConfig) -> str:
+    """The student's load dtype: ``student_dtype``, except that mixed precision keeps float32 master weights."""
+    if (cfg.bf16 or cfg.fp16) and cfg.student_dtype == "auto":
+        return "float32"
+    return cfg.student_dtype
+
+
+def resolve_dtype(name: str, device: Any) -> str:
+    """A dtype name; ``auto`` (``teacher_dtype``, ``--dtype``): bfloat16 on a CUDA GPU that supports it, else float32."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def prepare_output_dir(cfg: GKDConfig, out: Path, is_main: bool) -> None:
     """A writable ``output_dir`` that holds no other run (unless resuming, or ``overwrite_output_dir``)."""
     try:
@@ -392,7 +470,11 @@ def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | Non
             student.load_state_dict(cls.from_pretrained(str(resume_dir)).state_dict())
     else:
         path = str(resume_dir) if resume_dir is not None and cfg.lora is None else cfg.model_name_or_path
-        student = load_model(path, what="student", dtype=cfg.student_dtype)  # type: ignore[arg-type]
+        student = load_model(
+            path, what="student", dtype=student_load_dtype(cfg), attn_implementation=cfg.attn_implementation
+        )  # type: ignore[arg-type]
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(student)
     if cfg.lora is not None:
         if resume_dir is not None:
             from peft import PeftModel
@@ -407,11 +489,26 @@ def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | Non
     return student.to(device)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing of the student's layers, non-reentrant: it works with frozen inputs (LoRA)
+    and needs no ``enable_input_require_grads``. (transformers >= 5.20 renamed the method.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_reference(cfg: GKDConfig, given: nn.Module | None) -> nn.Module:
     """The initial student (RL runs: KL to it is logged, or is the RLEF* regulariser)."""
     if given is not None:
         return copy.deepcopy(unwrap(given))
-    return load_model(cfg.model_name_or_path, what="student", dtype=cfg.student_dtype)  # type: ignore[arg-type]
+    return load_model(
+        cfg.model_name_or_path,  # type: ignore[arg-type]
+        what="student",
+        dtype=student_load_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+    )
 
 
 def _teacher_tokenizer(cfg: GKDConfig) -> Any:

@@ -84,23 +84,35 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
             raise GKDError(f"{flag} must be {allowed}, got {value}")
 
 
-def _load_for_inference(model_path: str, dataset: str, split: str, max_samples: int | None, max_prompt: int):
-    from gkd.data import load_records, tokenize_records
-    from gkd.models import is_seq2seq, load_model, load_tokenizer
+def _load_for_inference(args: argparse.Namespace):
+    """Tokenizer, model (on ``--device`` in ``--dtype``) and tokenized records of ``gkd generate`` / ``gkd eval``.
+    The records are read and checked before the model loads."""
+    import torch
 
-    tok = load_tokenizer(model_path)
-    model = load_model(model_path, what="model")
-    records, _ = load_records(dataset, split)
-    if max_samples:
-        records = records[:max_samples]
+    from gkd.build import resolve_dtype
+    from gkd.data import load_records, tokenize_records
+    from gkd.models import load_config, load_model, load_tokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise GKDError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+    tok = load_tokenizer(args.model)
+    seq2seq = bool(getattr(load_config(args.model), "is_encoder_decoder", False))
+    records, _ = load_records(args.dataset, args.split, split_key="--split")
+    if args.max_samples:
+        records = records[: args.max_samples]
     data = tokenize_records(
         records,
         tok,
-        max_prompt_length=max_prompt,
+        max_prompt_length=args.max_prompt_length,
         max_completion_length=1 << 20,
-        source=f"dataset '{dataset}'",
-        seq2seq=is_seq2seq(model),
+        source=f"dataset '{args.dataset}'",
+        seq2seq=seq2seq,
     )
+    dtype = resolve_dtype(args.dtype, device)  # auto: bfloat16 on a GPU that has it, else float32
+    model = load_model(args.model, what="model", dtype=dtype).to(device)
     return tok, model, data
 
 
@@ -109,9 +121,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.sampling import local_sampler
 
     _check_sampling_args(args)
-    tok, model, data = _load_for_inference(
-        args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
-    )
+    tok, model, data = _load_for_inference(args)
     from gkd.io import atomic_open
 
     sampler = local_sampler("auto")
@@ -163,9 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_sampling_args(args)
     check_metric_name(args.metric, key="--metric")
-    tok, model, data = _load_for_inference(
-        args.model, args.dataset, args.split, args.max_samples, args.max_prompt_length
-    )
+    tok, model, data = _load_for_inference(args)
     check_records(args.metric, [e.record for e in data.examples], key="--metric")
     results = evaluate(
         model,
@@ -250,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="auto: bfloat16 on a CUDA GPU that supports it, float32 on the CPU",
+        )
         if name == "generate":
             p.add_argument("--out", required=True)
             p.add_argument("--greedy", action="store_true")

@@ -94,9 +94,22 @@ class GKDConfig:
     """The teacher (same tokenizer as the student). Not needed for ``divergence: nll`` (SFT)."""
     tokenizer_name_or_path: str | None = None
     """Defaults to the student's folder."""
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """The teacher only runs forward passes, so a lower precision is usually fine."""
-    student_dtype: Literal["float32", "bfloat16"] = "float32"
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The teacher only runs forward passes, so a lower precision is usually fine. ``auto``: bfloat16 on a CUDA GPU
+    that supports it, float32 elsewhere (the CPU)."""
+    student_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """The dtype the student's weights are loaded and trained in (``dtype`` / ``torch_dtype``, TRL's names, set it
+    too). ``auto``: the checkpoint's stored dtype. For mixed precision keep float32 and set ``bf16``/``fp16``."""
+    bf16: bool = False
+    """Mixed precision (TRL's key): forward passes under bfloat16 autocast, float32 master weights and optimizer
+    (through accelerate). Works on CPU too."""
+    fp16: bool = False
+    """Mixed precision with float16 autocast and dynamic loss scaling (CUDA only)."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's activations in backward instead of storing them (less memory, ~30% more compute).
+    Rollouts still decode with a KV cache (they sample in eval mode)."""
+    attn_implementation: str | None = None
+    """Passed to ``from_pretrained`` for student and teacher: ``eager``, ``sdpa``, ``flash_attention_2``, ..."""
     lora: LoraConfig | None = None
     """Train a LoRA adapter on the student instead of all its weights, e.g. ``lora: {r: 16}``."""
     disable_dropout: bool = True
@@ -401,10 +414,6 @@ _ALIASES = {
 # ("deepspeed" -> "seed"), so say what to do instead.
 _FOREIGN = {
     "max_length": "gkd limits prompts and completions separately: set max_prompt_length and max_new_tokens",
-    "bf16": "use student_dtype: bfloat16 / teacher_dtype: bfloat16",
-    "fp16": "use teacher_dtype: float16 (students train in float32 or bfloat16)",
-    "torch_dtype": "use student_dtype / teacher_dtype",
-    "dtype": "use student_dtype / teacher_dtype",
     "deepspeed": "configure DeepSpeed with `accelerate config` and launch with `accelerate launch`",
     "fsdp": "configure FSDP with `accelerate config` and launch with `accelerate launch`",
     "use_peft": "set lora: {r: 16} (or any lora.* key) to train a LoRA adapter",
@@ -415,6 +424,21 @@ _FOREIGN = {
     "save_strategy": "set save_steps (0: save only at the end)",
     "logging_dir": "metrics go to output_dir/metrics.jsonl (and report_to backends)",
 }
+
+
+# Other trainers' names for a gkd key, accepted as that key (TRL's ModelConfig ``dtype`` / ``torch_dtype`` is the dtype
+# the trained model is loaded in: gkd's ``student_dtype``).
+_SYNONYMS = {"dtype": "student_dtype", "torch_dtype": "student_dtype"}
+
+
+def _apply_synonyms(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for alias, key in _SYNONYMS.items():
+        if alias in out:
+            if key in out:
+                raise ConfigError(f"config keys '{alias}' and '{key}' set the same thing; give only '{key}'")
+            out[key] = out.pop(alias)
+    return out
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str = "") -> ConfigError:
@@ -560,6 +584,7 @@ def validate(cfg: GKDConfig) -> None:
         if value is not None:
             _check(ok(value), key, allowed, value)
     _check_objective(cfg)
+    _check_precision(cfg)
     _check_rl(cfg)
     _check_names(cfg)
     if cfg.lora is not None:
@@ -614,6 +639,26 @@ def _check_objective(cfg: GKDConfig) -> None:
             validate_divergence_params(cfg.divergence, cfg.divergence_params())
         except ValueError as e:
             raise ConfigError(_config_terms(cfg, str(e))) from e
+
+
+_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _check_precision(cfg: GKDConfig) -> None:
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one mixed precision")
+    if (cfg.bf16 or cfg.fp16) and cfg.student_dtype == "bfloat16":
+        raise ConfigError(
+            f"config key '{'bf16' if cfg.bf16 else 'fp16'}: true' keeps float32 master weights; leave student_dtype: "
+            "float32 (student_dtype: bfloat16 trains bf16 weights directly, without mixed precision)"
+        )
+    if cfg.attn_implementation is not None and cfg.attn_implementation not in _ATTN:
+        close = difflib.get_close_matches(cfg.attn_implementation, _ATTN, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key 'attn_implementation' must be one of {', '.join(_ATTN)} or null, got "
+            f"{cfg.attn_implementation!r}{hint}"
+        )
 
 
 def _check_rl(cfg: GKDConfig) -> None:
@@ -686,7 +731,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> GKDConfig:
     """Build and validate a GKDConfig from a plain dict (unknown keys get a suggestion)."""
-    data = dict(data)
+    data = _apply_synonyms(data)
     if "lora" in data and data["lora"] is not None and not isinstance(data["lora"], str):
         data["lora"] = _build(LoraConfig, data["lora"], prefix="lora.")
     return _build(GKDConfig, data)

@@ -35,6 +35,12 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def _device_of(model: Any) -> torch.device:
+    """Where ``model`` computes (its first parameter's device; the CPU for a model without parameters)."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _sampler(sampler: Sampler | None, backend: str | None) -> Sampler:
     """The sampler to use: ``sampler``, else the legacy ``backend`` name, else the local ``auto`` sampler.
 
@@ -70,17 +76,18 @@ def generate_ids(
     """Completion token ids (without the EOS) for every example, in order, in eval mode.
 
     Examples are decoded ``batch_size`` at a time by ``sampler`` (default: the local ``auto`` sampler), all drawing
-    from one ``torch.Generator`` seeded with ``seed``: the completions depend only on the sampler, the seed and the
-    batch size. ``sync`` first calls ``sampler.sync(model)`` (set it to False when the caller just did).
-    ``backend`` is the older way to choose a local sampler by name (``"vllm"`` samples in-process with ``auto``).
+    from one ``torch.Generator`` seeded with ``seed`` on the model's device: the completions depend only on the
+    sampler, the seed, the batch size and the device (on the CPU, the seed's sequence is the one it always was).
+    ``sync`` first calls ``sampler.sync(model)`` (set it to False when the caller just did). ``backend`` is the
+    older way to choose a local sampler by name (``"vllm"`` samples in-process with ``auto``).
 
     Only ids the tokenizer knows are generated (``vocab_size=len(tokenizer)``): an output layer padded beyond the
     tokenizer never yields an id that cannot be decoded.
     """
     sampler = _sampler(sampler, backend)
-    gen = torch.Generator().manual_seed(seed)
-    out: list[list[int]] = []
     m = unwrap(model)
+    gen = torch.Generator(device=_device_of(m)).manual_seed(seed)  # draws on the model's device
+    out: list[list[int]] = []
     eos = eos_ids(m, tokenizer)
     params = SamplingParams(
         max_new_tokens=max_new_tokens,

@@ -77,21 +77,30 @@ _topk_tail = topk_tail  # the old private name, still imported by tests/test_tea
 
 @dataclass
 class Head:
-    """An output head: logits = hidden @ weight[:vocab].T + bias[:vocab].
+    """An output head: logits = transform(hidden @ weight[:vocab].T + bias[:vocab]).
 
     ``vocab`` limits the comparison to the tokenizer's real length when the matrices carry padding rows
     (e.g. 151,936 vs 152,064 rows for one tokenizer). ``scale`` multiplies the hidden states first (T5 with tied
-    embeddings uses d_model ** -0.5).
+    embeddings uses d_model ** -0.5). The transform applied to the logits, as the model's own forward does:
+    ``logit_scale`` multiplies them (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), then ``softcap``
+    squashes them to ``softcap * tanh(z / softcap)`` (Gemma 2's ``final_logit_softcapping``). A transformed head
+    still runs chunked, through autograd inside each chunk (no closed-form gradient for it).
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     vocab: int | None = None
     scale: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
     @property
     def size(self) -> int:
         return self.vocab if self.vocab is not None else self.weight.shape[0]
+
+    @property
+    def transformed(self) -> bool:
+        return self.logit_scale != 1.0 or self.softcap is not None
 
     def w(self) -> torch.Tensor:
         return self.weight if self.vocab is None else self.weight[: self.vocab]
@@ -101,13 +110,25 @@ class Head:
             return None
         return self.bias if self.vocab is None else self.bias[: self.vocab]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W.T + b`` before the transform."""
         h = hidden * self.scale if self.scale != 1.0 else hidden
         z = h.to(self.weight.dtype) @ self.w().t()
         b = self.b()
         if b is not None:
             z = z + b
         return z
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's logit transform (identity for a plain head)."""
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.raw_logits(hidden))
 
 
 @dataclass

@@ -45,7 +45,12 @@ __all__ = [
     "unwrap",
 ]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: dict[str, Any] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 
 # Config attributes that change logits after the head; models carrying them use the plain-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -203,8 +208,18 @@ def context_length(config: Any) -> int | None:
     return None
 
 
-def load_model(path: str, *, what: str, dtype: str = "float32", merge: bool = True) -> nn.Module:
+def load_model(
+    path: str,
+    *,
+    what: str,
+    dtype: str = "float32",
+    merge: bool = True,
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """``from_pretrained`` of a causal or seq2seq LM from a local folder or hub id, with a one-line error.
+
+    ``dtype`` is ``float32`` / ``bfloat16`` / ``float16`` or ``auto`` (the checkpoint's stored dtype);
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``, ...) goes to ``from_pretrained``.
 
     A LoRA adapter folder (``adapter_config.json``, no ``config.json``) loads its base model (itself possibly an
     adapter folder) and applies the adapter with peft. ``merge=True`` folds it into the weights and returns a plain
@@ -212,13 +227,16 @@ def load_model(path: str, *, what: str, dtype: str = "float32", merge: bool = Tr
     folder as its base). ``merge=False`` returns the ``PeftModel`` with the adapter weights trainable, to train it
     further.
     """
-    return _load_model(path, what, dtype, merge, frozenset())
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return _load_model(path, what, dtype, merge, frozenset(), extra)
 
 
-def _load_model(path: str, what: str, dtype: str, merge: bool, seen: frozenset[str]) -> nn.Module:
+def _load_model(
+    path: str, what: str, dtype: str, merge: bool, seen: frozenset[str], extra: dict[str, Any]
+) -> nn.Module:
     _check_exists(path, what)
     if not _is_adapter_folder(path):
-        return _load_plain(path, what, dtype)
+        return _load_plain(path, what, dtype, extra)
     base = _adapter_base(path, what)
     _check_no_cycle(path, base, what, seen)
     try:
@@ -227,7 +245,9 @@ def _load_model(path: str, what: str, dtype: str, merge: bool, seen: frozenset[s
         raise ModelError(
             f"{what} '{path}' is a LoRA adapter; loading it needs peft (pip install peft)"
         ) from e
-    model = _load_model(base, f"{what} (base of the adapter '{path}')", dtype, True, seen | {_key(path)})
+    model = _load_model(
+        base, f"{what} (base of the adapter '{path}')", dtype, True, seen | {_key(path)}, extra
+    )
     local = os.path.expanduser(path)
     try:
         with _quiet_peft():
@@ -253,7 +273,7 @@ def _quiet_peft():
         yield
 
 
-def _load_plain(path: str, what: str, dtype: str) -> nn.Module:
+def _load_plain(path: str, what: str, dtype: str, extra: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     local = os.path.expanduser(path)
@@ -264,8 +284,8 @@ def _load_plain(path: str, what: str, dtype: str) -> nn.Module:
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with quiet_progress_bars():
-            model = cls.from_pretrained(local, dtype=_DTYPES[dtype])
-    except (OSError, ValueError, KeyError) as e:
+            model = cls.from_pretrained(local, dtype=_DTYPES.get(dtype, dtype), **extra)
+    except (OSError, ValueError, KeyError, ImportError) as e:
         raise ModelError(
             f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}"
         ) from e
@@ -440,16 +460,56 @@ class ScoringOutput:
     logits: torch.Tensor | None  # [N, V] (plain path)
 
 
-def fused_head_supported(model: nn.Module) -> bool:
+def fused_head_unsupported_reason(model: nn.Module) -> str | None:
+    """Why the loss cannot run chunked from this model's hidden states and head (``None`` if it can); it then
+    scores from full logits at the completion positions, which costs ``[positions, vocab]`` memory."""
     m = unwrap(model)
     if is_seq2seq(m):
-        return False
+        return "encoder-decoder model"
     cfg = m.config
-    if any(getattr(cfg, a, None) not in (None, 1.0, 0.0) for a in _LOGIT_TRANSFORMS):
-        return False
+    kind = getattr(cfg, "model_type", None)
+    for attr in _LOGIT_TRANSFORMS:
+        if kind not in _FUSED_TRANSFORMS.get(attr, ()) and getattr(cfg, attr, None) not in (None, 1.0, 0.0):
+            return (
+                f"config.{attr} may transform the logits after the head ({kind} is not known to gkd's loss)"
+            )
     head = m.get_output_embeddings()
     base = getattr(m, m.base_model_prefix, None)
-    return isinstance(head, nn.Linear) and isinstance(base, nn.Module)
+    if not isinstance(head, nn.Linear) or not isinstance(base, nn.Module):
+        return f"the output head is a {type(head).__name__}, not a plain linear layer"
+    return None
+
+
+# Logit transforms the fused loss applies itself (see Head), by model type: applied only for the families whose
+# forward is known to apply them (another model may carry the attribute and ignore it).
+_FUSED_TRANSFORMS = {
+    "final_logit_softcapping": ("gemma2", "gemma3", "gemma3_text"),  # cap * tanh(logits / cap)
+    "logit_scale": ("cohere", "cohere2"),  # logits * logit_scale
+    "logits_scaling": (
+        "granite",
+        "granitemoe",
+        "granitemoeshared",
+        "granitemoehybrid",
+    ),  # logits / logits_scaling
+}
+
+
+def head_of(model: nn.Module, linear: nn.Linear, vocab: int | None) -> Head:
+    """The :class:`Head` of ``model``: its output layer plus the logit transform its forward applies."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    applies = {attr for attr, kinds in _FUSED_TRANSFORMS.items() if kind in kinds}
+    scale = 1.0
+    if "logit_scale" in applies and getattr(cfg, "logit_scale", None):
+        scale *= float(cfg.logit_scale)
+    if "logits_scaling" in applies and getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None) if "final_logit_softcapping" in applies else None
+    return Head(linear.weight, linear.bias, vocab, logit_scale=scale, softcap=softcap or None)
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    return fused_head_unsupported_reason(model) is None
 
 
 def causal_inputs(
@@ -509,7 +569,7 @@ def score_positions(
         out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state[:, p - 1 :][valid]
         lin = m.get_output_embeddings()
-        return ScoringOutput(hidden, Head(lin.weight, lin.bias, vocab), None)
+        return ScoringOutput(hidden, head_of(m, lin, vocab), None)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     logits = out.logits[:, p - 1 :][valid]
     return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)

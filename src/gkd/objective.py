@@ -20,6 +20,7 @@ forward pass to form its returns.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
 from gkd.losses import Head, LossTerms, Workspace, chunked_loss, logits_loss
-from gkd.models import ScoringOutput, score_positions, unwrap
+from gkd.models import Scorer, ScoringOutput, score_positions, unwrap
 from gkd.rl import discounted_returns
 from gkd.teacher import Teacher, TopKCache
 
@@ -258,7 +259,7 @@ class Objective:
         assert teacher is not None
         valid = batch.completion_mask
         s = score_positions(
-            unwrap(scorer),
+            _scored_model(scorer),
             batch.prompt_ids,
             batch.prompt_mask,
             batch.completion_ids,
@@ -276,6 +277,12 @@ class Objective:
         return discounted_returns(per_token, valid, self.rkl_discount)[valid]
 
 
+def _scored_model(scorer: nn.Module) -> nn.Module:
+    """The model a (possibly data-parallel wrapped) :class:`gkd.models.Scorer` runs, or ``scorer`` itself."""
+    inner = unwrap(scorer)
+    return inner.model if isinstance(inner, Scorer) else inner
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else a + b
 
@@ -285,7 +292,7 @@ def _detached(out: ScoringOutput) -> ScoringOutput:
     head = out.head
     if head is not None:
         bias = None if head.bias is None else head.bias.detach()
-        head = Head(head.weight.detach(), bias, head.vocab, head.scale)
+        head = dataclasses.replace(head, weight=head.weight.detach(), bias=bias)
     return ScoringOutput(
         None if out.hidden is None else out.hidden.detach(),
         head,

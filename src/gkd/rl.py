@@ -54,7 +54,9 @@ def score_samples(
 
     ids, mask = batch.completion_ids, batch.completion_mask
     keep = mask & ~torch.isin(ids, torch.tensor(list(eos_ids), device=ids.device))
-    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, keep)], skip_special_tokens=True)
+    # decoded on the host: one copy of the ids and of the mask, not one per row
+    rows = [[t for t, k in zip(r, m) if k] for r, m in zip(ids.tolist(), keep.tolist())]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     prompts = []
     for record in batch.records:
         try:

@@ -59,6 +59,7 @@ from gkd.errors import ConfigError
 __all__ = [
     "Rollout",
     "SamplingParams",
+    "auto_fast_reason",
     "fast_backend_config_reason",
     "fast_path_unsupported_reason",
     "sample_completions",
@@ -195,7 +196,12 @@ def sample_with(
     device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if backend != "generate":
-        reason = fast_path_unsupported_reason(model, input_ids.shape[1] + params.max_new_tokens)
+        length = input_ids.shape[1] + params.max_new_tokens
+        reason = (
+            fast_path_unsupported_reason(model, length)
+            if backend == "fast"
+            else auto_fast_reason(model, length)
+        )
         if reason is None:
             return _sample_fast(model, input_ids, attention_mask, params, generator)
         if backend == "fast":
@@ -267,6 +273,24 @@ def _to_rollout(tokens: torch.Tensor, eos_token_ids: list[int], pad_token_id: in
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+# Devices where the fast loop's output has been checked against model.generate (CPU: tests/test_rollout.py; others:
+# benchmarks/gpu_check.py). ``rollout_backend: auto`` takes the fast loop only there; ``fast`` takes it anywhere.
+FAST_VALIDATED_DEVICES = ("cpu",)
+
+
+def auto_fast_reason(model: nn.Module, total_length: int = 0) -> str | None:
+    """Why ``rollout_backend: auto`` samples ``model`` with ``model.generate`` instead of the fast loop (``None``:
+    it takes the fast loop): the model is not supported, or its device is one the fast loop is not validated on."""
+    reason = fast_path_unsupported_reason(model, total_length)
+    device = _model_device(model).type
+    if reason is None and device not in FAST_VALIDATED_DEVICES:
+        reason = (
+            f"the fast loop is validated on {', '.join(FAST_VALIDATED_DEVICES)} only, not on {device} yet "
+            "(benchmarks/gpu_check.py checks it; rollout_backend: fast uses it anyway)"
+        )
+    return reason
 
 
 def fast_path_unsupported_reason(model: nn.Module, total_length: int = 0) -> str | None:

@@ -151,15 +151,21 @@ def student_samples(run: Run, batch: Batch) -> Batch:
 def optimizer_step(run: Run, loss_finite: bool) -> tuple[float, str | None]:
     """Clip, then step the optimizer unless the loss or a gradient is non-finite on any rank: the step is then
     skipped and what was not finite is returned (the loss, or the first parameter with a non-finite gradient).
-    The schedule advances either way, so a resumed run stays step-aligned."""
+    With fp16 the loss scaler decides instead: it skips a step whose scaled gradients overflowed and lowers the scale
+    (normal while the scale calibrates, not counted as non-finite); a non-finite loss is still reported. The
+    schedule advances either way, so a resumed run stays step-aligned."""
     named = [(n, p) for n, p in run.student.named_parameters() if p.requires_grad]
     grad_norm = 0.0
     if any(p.grad is not None for _, p in named):
         max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm))
-    finite = run.dist.sum(0.0 if loss_finite and math.isfinite(grad_norm) else 1.0) == 0.0
+        # through accelerate: unscales fp16 gradients first, and clips sharded (FSDP) parameters correctly
+        norm = run.accelerator.clip_grad_norm_([p for _, p in named], max_norm)
+        grad_norm = float(norm) if norm is not None else 0.0
     culprit = None
-    if finite:
+    if getattr(run.accelerator, "scaler", None) is not None:
+        run.optimizer.step()
+        culprit = None if run.dist.sum(0.0 if loss_finite else 1.0) == 0.0 else "loss"
+    elif run.dist.sum(0.0 if loss_finite and math.isfinite(grad_norm) else 1.0) == 0.0:
         run.optimizer.step()
     elif not loss_finite:
         culprit = "loss"

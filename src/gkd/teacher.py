@@ -18,7 +18,7 @@ from torch import nn
 from gkd.data import Batch, Example, TokenizedDataset
 from gkd.evaluation import generate_ids
 from gkd.io import atomic_write, fingerprint, write_jsonl
-from gkd.losses import TeacherTopK
+from gkd.losses import DEFAULT_CHUNK_ELEMENTS, TeacherTopK
 from gkd.models import ScoringOutput, score_positions
 from gkd.sampling import LocalSampler, Sampler, local_sampler
 
@@ -34,6 +34,12 @@ class Teacher:
             p.requires_grad_(False)
         self.vocab = vocab
         self.fused = fused
+
+    @property
+    def device(self) -> torch.device:
+        """Where the teacher computes (its batches must be there)."""
+        param = next(iter(self.model.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
 
     @torch.no_grad()
     def score(self, batch: Batch) -> ScoringOutput:
@@ -130,33 +136,47 @@ class TopKCache:
     Off-policy batches (λ < 1, SeqKD) then need no teacher forward pass: the divergence is computed on the
     (k + 1)-category distribution of the teacher's top-k tokens plus one bucket for the remaining mass, which every
     divergence supports. Stored with safetensors as ``ids`` / ``logprobs`` ``[positions, k]`` and per-example
-    ``offsets``.
+    ``offsets``. In memory the tensors live where the loss runs (``device``), so a lookup is a gather there and
+    nothing crosses devices per step; on disk they are CPU tensors.
     """
 
     def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, offsets: torch.Tensor) -> None:
         self.ids, self.logprobs, self.offsets = ids, logprobs, offsets
 
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    def to(self, device: torch.device | str) -> TopKCache:
+        """The cache on ``device``."""
+        return TopKCache(self.ids.to(device), self.logprobs.to(device), self.offsets.to(device))
+
     def lookup(self, indices: list[int], completion_mask: torch.Tensor) -> TeacherTopK:
-        """The cached rows for the valid positions of a batch, in the loss's (row-major) order."""
-        lengths = completion_mask.sum(-1).tolist()
-        rows = []
-        for i, n in zip(indices, lengths):
-            start = int(self.offsets[i])
-            rows.append(torch.arange(start, start + int(n)))
-        sel = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        """The cached rows for the valid positions of a batch, in the loss's (row-major) order, on the cache's device.
+
+        Example ``i``'s rows are ``offsets[i]`` onwards, one per valid completion position in order, so the row of a
+        valid position is its example's offset plus its rank among the row's valid positions.
+        """
+        device = self.ids.device
+        mask = completion_mask.to(device=device, dtype=torch.bool)
+        starts = self.offsets[torch.tensor(indices, dtype=torch.long, device=device)]
+        rank = mask.long().cumsum(-1) - 1
+        sel = (starts[:, None] + rank)[mask]
         return TeacherTopK(self.ids[sel].long(), self.logprobs[sel].float())
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save
 
-        atomic_write(path, save({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}))
+        tensors = {"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}
+        atomic_write(path, save({k: v.cpu().contiguous() for k, v in tensors.items()}))
 
     @classmethod
-    def load(cls, path: Path) -> TopKCache:
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> TopKCache:
+        """The cache saved at ``path``, on ``device``."""
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return cls(t["ids"], t["logprobs"], t["offsets"])
+        return cls(t["ids"], t["logprobs"], t["offsets"]).to(device)
 
 
 @torch.no_grad()
@@ -172,7 +192,10 @@ def build_topk_cache(
     batch_size: int = 64,
     log: Any = print,
 ) -> TopKCache:
-    """Run the teacher once over the dataset's completions and keep its top-k log-probs (cached on disk)."""
+    """Run the teacher once over the dataset's completions and keep its top-k log-probs (cached on disk).
+
+    The cache is returned on the teacher's device (where the loss runs), whether it was built or read from disk.
+    """
     from gkd.data import collate
     from gkd.divergences import log_probs
 
@@ -181,22 +204,29 @@ def build_topk_cache(
         {"teacher": teacher_name, "k": k, "T": temperature},
     )
     path = cache_dir / f"teacher-top{k}-{key}.safetensors"
+    device = teacher.device
     if path.exists():
-        return TopKCache.load(path)
+        return TopKCache.load(path, device)
     log(f"teacher cache: top-{k} log-probs for {len(dataset)} examples (once; cached at {path})")
     k = min(k, teacher.vocab)
     ids_parts, lp_parts, lengths = [], [], []
+    chunk = max(16, DEFAULT_CHUNK_ELEMENTS // max(teacher.vocab, 1))  # positions per [chunk, vocab] block
     for start in range(0, len(dataset), batch_size):
-        batch = collate(dataset.examples[start : start + batch_size], pad_id)
+        batch = collate(dataset.examples[start : start + batch_size], pad_id).to(device)
         out = teacher.score(batch)
-        logits = out.logits if out.logits is not None else out.head.logits(out.hidden)  # type: ignore[union-attr]
-        lp = log_probs(logits, temperature)
-        top = lp.topk(k, dim=-1)
-        ids_parts.append(top.indices.to(torch.int32))
-        lp_parts.append(top.values.to(torch.float32))
-        lengths += batch.completion_mask.sum(-1).tolist()
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+        n = (out.hidden if out.hidden is not None else out.logits).shape[0]  # type: ignore[union-attr]
+        for rows in range(0, n, chunk):  # never the [positions, vocab] log-probs of a whole batch
+            if out.hidden is not None:
+                logits = out.head.logits(out.hidden[rows : rows + chunk])  # type: ignore[union-attr]
+            else:
+                logits = out.logits[rows : rows + chunk]  # type: ignore[index]
+            top = log_probs(logits, temperature).topk(k, dim=-1)
+            ids_parts.append(top.indices.to(torch.int32))
+            lp_parts.append(top.values.to(torch.float32))
+        lengths.append(batch.completion_mask.sum(-1))
+    counts = torch.cat(lengths)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=device)
+    offsets[1:] = counts.cumsum(0)
     cache = TopKCache(torch.cat(ids_parts), torch.cat(lp_parts), offsets)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache.save(path)
