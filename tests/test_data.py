@@ -131,6 +131,44 @@ def test_a_missing_split_in_a_folder_does_not_return_other_splits(tmp_path):
     assert load_records(str(folder), "test")[0] == [RECS[1]]
 
 
+def test_folder_files_are_split_by_the_names_datasets_understands(tmp_path):
+    """``dev``/``val``/``valid`` files are the validation split and ``eval``/``testing`` the test split, as
+    ``datasets.load_dataset(folder)`` reads them; the hub layout's ``data/`` subfolder is read too."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "my_train.jsonl", [RECS[0]])
+    write_jsonl(folder / "dev.jsonl", [RECS[1]])
+    write_jsonl(folder / "eval-00.jsonl", [RECS[2]])
+    assert load_records(str(folder), "train")[0] == [RECS[0]]
+    assert load_records(str(folder), "validation")[0] == [RECS[1]]
+    assert load_records(str(folder), "dev")[0] == [RECS[1]]
+    assert load_records(str(folder), "test")[0] == [RECS[2]]
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    write_jsonl(hub / "data" / "train-00000-of-00001.jsonl", [RECS[0], "{bad"])
+    write_jsonl(hub / "data" / "test-00000-of-00001.jsonl", [RECS[1]])
+    assert load_records(str(hub), "train", skip_bad_lines=True) == ([RECS[0]], 1)
+    with pytest.raises(
+        DataError, match=r"has no 'validation\*\.jsonl' file .* set eval_split to one of test, train"
+    ):
+        load_records(str(hub), "validation", split_key="eval_split")
+
+
+def test_a_missing_split_of_a_data_file_folder_names_the_setting(tmp_path, hf_cache):
+    import datasets
+
+    folder = tmp_path / "pq"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(RECS[:2]).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(RECS[2:]).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    assert [r["prompt"] for r in load_records(str(folder), "test")[0]] == ["j k"]
+    with pytest.raises(DataError) as e:
+        load_records(str(folder), "validation", split_key="dataset_test_split")
+    assert str(e.value) == (
+        f"dataset '{folder}' has no split 'validation' (it has train, test); set dataset_test_split to one of them"
+    )
+
+
 def test_load_records_of_a_missing_path_is_a_data_error(tmp_path):
     for spec in (str(tmp_path / "nope.jsonl"), "./nope", "nope.parquet"):
         with pytest.raises(DataError, match="does not exist; check the path"):
@@ -168,7 +206,10 @@ def test_split_record_messages_use_the_chat_template(tokenizer):
         ({}, "(keys: none)"),
         ({"prompt": ["a"]}, "'prompt' must be a non-empty list of {role, content} messages"),
         ({"prompt": 5}, "'prompt' must be a string or a list of {role, content} messages, got int"),
-        ({"prompt": "a", "completion": 5}, "'completion' must be a string, got int"),
+        (
+            {"prompt": "a", "completion": 5},
+            "'completion' must be a string or a list of assistant messages, got int",
+        ),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": ["a"]}, "'messages' must be a non-empty list"),
     ],
@@ -183,6 +224,37 @@ def test_messages_need_a_chat_template():
     no_template = SimpleNamespace(chat_template=None)
     with pytest.raises(DataError, match="the tokenizer has no chat template"):
         split_record({"messages": [{"role": "user", "content": "a"}]}, no_template, 0, "d")
+
+
+def test_read_chat_template_from_files_and_tokenizer_folders(tmp_path, tokenizer):
+    from gkd.data import read_chat_template, with_chat_template
+    from gkd.errors import ConfigError
+
+    (tmp_path / "t.j2").write_text("{{ messages[0]['content'] }}")
+    assert read_chat_template(str(tmp_path / "t.j2")) == "{{ messages[0]['content'] }}"
+    saved = tmp_path / "saved"
+    tokenizer.save_pretrained(saved)  # chat_template.jinja
+    assert read_chat_template(str(saved)) == tokenizer.chat_template
+    legacy = tmp_path / "legacy"  # older tokenizers: the template(s) in tokenizer_config.json
+    legacy.mkdir()
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (legacy / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert read_chat_template(str(legacy)) == "D"
+    assert read_chat_template(str(legacy / "tokenizer_config.json")) == "D"
+    for bad, fragment in (
+        (tmp_path / "missing.jinja", "does not exist"),
+        (tmp_path, "has no chat template"),
+        (tmp_path / "empty.jinja", "is empty"),
+    ):
+        if bad.name == "empty.jinja":
+            bad.write_text("  ")
+        with pytest.raises(ConfigError, match=fragment):
+            read_chat_template(str(bad))
+    copy = with_chat_template(tokenizer, str(tmp_path / "t.j2"))
+    assert (
+        copy.chat_template == "{{ messages[0]['content'] }}" and tokenizer.chat_template != copy.chat_template
+    )
+    assert copy("a b")["input_ids"] == tokenizer("a b")["input_ids"]
 
 
 def test_tokenize_records_appends_eos_once_and_keeps_records(tokenizer):

@@ -79,6 +79,7 @@ def documented() -> list[tuple[str, str, list[str]]]:
 
 def _cap(cmd: str) -> str:
     cmd = re.sub(r"\bmax_steps=\d+", f"max_steps={STEP_CAP}", cmd)
+    cmd = re.sub(r"--max_steps[ =]\d+", f"--max_steps {STEP_CAP}", cmd)  # TRL's flag form
     cmd = re.sub(r"\bcheckpoint-\d+", f"checkpoint-{STEP_CAP}", cmd)
     if re.match(r"gkd (demo|experiment)\b", cmd) and "--quick" not in cmd:
         cmd += " --quick"
@@ -108,13 +109,21 @@ ROLES = {
     "model_name_or_path": "student",
     "teacher_model_name_or_path": "teacher",
     "dataset": "dataset",
+    "dataset_name": "dataset",
     "eval_dataset": "dataset",
+    "model": "student",  # the TRL-shaped Python call
+    "teacher_model": "teacher",
 }
 
 
 def _provide_for_command(cmd: str, cwd: Path, world) -> None:
-    for word in shlex.split(cmd):
+    words = shlex.split(cmd)
+    for i, word in enumerate(words):
         key, _, value = word.partition("=")
+        if key.startswith("--"):  # TRL's --key value / --key=value
+            key = key[2:]
+            if not value and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                value = words[i + 1]
         if key in ROLES and value and (_hub_like(value) or not value.startswith("runs/")):
             _provide(value, ROLES[key], cwd, world)
 
@@ -188,7 +197,9 @@ def test_config_md_lists_every_key_with_its_default():
     for key, value in data.items():
         if key in marked:
             continue
-        ours = getattr(defaults, key)
+        field = fields[key]
+        # the declared default (max_steps: null is resolved when the config is built, and documented as such)
+        ours = field.default if field.default is not dataclasses.MISSING else getattr(defaults, key)
         if dataclasses.is_dataclass(ours):
             ours = dataclasses.asdict(ours)
         assert value == ours, f"docs/config.md says {key}: {value!r}, the default is {ours!r}"

@@ -122,7 +122,7 @@ def test_the_published_job_configs_are_unchanged():
     s = demo_settings()
     common = {
         "learning_rate": 1e-3,
-        "lr_scheduler_type": "constant",
+        "lr_scheduler_type": "constant_with_warmup",  # transformers' schedule (constant ignores warm-up)
         "warmup_steps": 20,
         "max_steps": 500,
         "per_device_train_batch_size": 64,

@@ -367,10 +367,11 @@ def test_C1_nan_learning_rate_is_one_line(world, tmp_path, no_model_loads):
     ("key", "hint"),
     [
         ("lr", "learning_rate"),
-        ("lora_alpha", "lora.alpha"),
-        ("dataset_name", "dataset"),
-        ("per_device_eval_batch_size", "eval_batch_size"),
-        ("lora_dropout", "lora.dropout"),
+        ("lora_alfa", "lora_alpha"),  # TRL's key (accepted), not gkd's RL weight 'alpha'
+        ("dataset_nme", "dataset_name"),
+        ("per_device_eval_batchsize", "per_device_eval_batch_size"),
+        ("lora_dropuot", "lora_dropout"),
+        ("deepspeed_config", "deepspeed"),
     ],
 )
 def test_C2_did_you_mean_points_to_the_right_key(key, hint, world, tmp_path, no_model_loads):

@@ -17,10 +17,14 @@ from gkd.metrics import (
     get_metric,
     prompt_text_of,
     references_of,
+    rouge1,
+    rouge1_score,
     rouge2,
     rouge2_score,
     rougeL,
     rougeL_score,
+    rougeLsum,
+    rougeLsum_score,
     self_bleu,
 )
 
@@ -30,7 +34,7 @@ def rec(completion: str, *references: str) -> dict:
 
 
 def test_registry():
-    assert set(METRICS) == {"exact_match", "final_answer", "bleu", "rouge2", "rougeL"}
+    assert set(METRICS) == {"exact_match", "final_answer", "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"}
     assert get_metric("bleu") is bleu
     with pytest.raises(ValueError, match="valid metrics: bleu, exact_match"):
         get_metric("nope")
@@ -119,8 +123,10 @@ def test_per_example_scores_equal_the_metric_of_one_record():
         for corpus, example in [
             (exact_match, exact_match_score),
             (final_answer, final_answer_score),
+            (rouge1, rouge1_score),
             (rouge2, rouge2_score),
             (rougeL, rougeL_score),
+            (rougeLsum, rougeLsum_score),
         ]:
             assert example(record, pred) == pytest.approx(corpus([pred], [record]) / 100), corpus.__name__
     for example in (exact_match_score, final_answer_score, rouge2_score, rougeL_score, bleu_score):
@@ -206,3 +212,86 @@ def test_self_bleu():
     assert self_bleu([["only one"], ["a b", "a b"]]) == pytest.approx(100.0)  # singletons skipped
     with pytest.raises(ValueError):
         self_bleu([["one"]])
+
+
+# real text: punctuation glued to words, capitals, a contraction
+REAL = [
+    ("The cat sat on the mat, didn't it?", "the cat sat on the mat didn't it"),
+    ("Paris is the capital of France.", "Paris is France's capital."),
+    ("Well... I think so!\nYes, I do.", "Well, I think so.\nYes I do!"),
+]
+
+
+class _Split:
+    """rouge-score tokenizer splitting on whitespace only (what gkd's whitespace mode means)."""
+
+    def tokenize(self, text):
+        return text.split()
+
+
+def _expected_bleu(tokenize, preds, refs):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=tokenize).corpus_score(preds, [refs]).score
+
+
+def _expected_rouge(rouge_type, tokenizer, preds, refs):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer([rouge_type], tokenizer=tokenizer)
+    return 100 * sum(scorer.score(r, p)[rouge_type].fmeasure for r, p in zip(refs, preds)) / len(preds)
+
+
+def test_standard_and_whitespace_tokenisation_on_real_text():
+    refs, preds = [r for r, _ in REAL], [p for _, p in REAL]
+    records = [rec(r) for r in refs]
+    standard, whitespace = _expected_bleu("13a", preds, refs), _expected_bleu("none", preds, refs)
+    assert standard != pytest.approx(whitespace)  # the two modes really differ here
+    assert bleu(preds, records, tokenize="standard") == pytest.approx(standard)
+    assert bleu(preds, records, tokenize="13a") == pytest.approx(standard)  # sacrebleu's own name
+    assert bleu(preds, records, tokenize="whitespace") == pytest.approx(whitespace)
+    assert bleu(preds, records) == pytest.approx(whitespace)  # the functions' default: the tasks' mode
+    for fn, rouge_type in (
+        (rouge1, "rouge1"),
+        (rouge2, "rouge2"),
+        (rougeL, "rougeL"),
+        (rougeLsum, "rougeLsum"),
+    ):
+        std = _expected_rouge(rouge_type, None, preds, refs)  # rouge-score's default tokenizer
+        ws = _expected_rouge(rouge_type, _Split(), preds, refs)
+        assert std != pytest.approx(ws), rouge_type
+        assert fn(preds, records, tokenize="standard") == pytest.approx(std), rouge_type
+        assert fn(preds, records, tokenizer="default") == pytest.approx(std), rouge_type  # the older keyword
+        assert fn(preds, records, tokenize="whitespace") == pytest.approx(ws), rouge_type
+        assert fn(preds, records) == pytest.approx(ws), rouge_type
+
+
+def test_sentence_forms_follow_the_tokenisation():
+    from sacrebleu.metrics import BLEU
+
+    ref, pred = REAL[0]
+    for mode, name in (("standard", "13a"), ("whitespace", "none")):
+        expected = BLEU(tokenize=name, effective_order=True).sentence_score(pred, [ref]).score / 100
+        assert bleu_score(rec(ref), pred, tokenize=mode) == pytest.approx(expected)
+        assert rouge1_score(rec(ref), pred, tokenize=mode) == pytest.approx(
+            rouge1([pred], [rec(ref)], tokenize=mode) / 100
+        )
+    assert bleu_score(rec(ref), pred, tokenize="standard") != pytest.approx(bleu_score(rec(ref), pred))
+    samples = [["Yes, I do.", "Yes I do!", "yes, i do"]]
+    assert self_bleu(samples, tokenize="standard") != pytest.approx(self_bleu(samples, tokenize="whitespace"))
+
+
+def test_rougeLsum_splits_sentences_on_newlines():
+    assert rougeLsum(["a b c d"], [rec("a b c d")]) == pytest.approx(rougeL(["a b c d"], [rec("a b c d")]))
+    # rougeL: LCS over the whole text ("a b" then "c d" in the other order: 2 of 4); rougeLsum: per sentence
+    assert rougeL(["c d\na b"], [rec("a b\nc d")]) == pytest.approx(50.0)
+    assert rougeLsum(["c d\na b"], [rec("a b\nc d")]) == pytest.approx(100.0)
+
+
+def test_unknown_tokenisation_is_an_error():
+    with pytest.raises(ValueError, match="use 'standard' or 'whitespace'"):
+        rouge1(["a"], [rec("a")], tokenize="13a")
+    with pytest.raises(ValueError, match="not both"):
+        rouge1(["a"], [rec("a")], tokenize="standard", tokenizer="whitespace")
+    with pytest.raises(Exception, match="bad"):
+        bleu(["a"], [rec("a")], tokenize="bad")

@@ -82,11 +82,11 @@ CASES = [
     ("unknown key", lambda d, t, b: {**_base(d, t), "lmbd": 0.5}, "did you mean 'lmbda'"),
     ("wrong type", lambda d, t, b: _base(d, t, learning_rate="fast"), "'learning_rate' must be float"),
     ("lambda out of range", lambda d, t, b: _base(d, t, lmbda=2.0), "'lmbda' must be in [0, 1]"),
-    ("beta out of range", lambda d, t, b: _base(d, t, beta=1.0), "Use divergence 'forward_kl'"),
+    ("beta out of range", lambda d, t, b: _base(d, t, beta=1.5), "'beta' must be in [0, 1]"),
     (
         "beta out of range normalized",
         lambda d, t, b: _base(d, t, beta=-0.5, jsd_normalize=True),
-        "beta must be in [0, 1] with jsd_normalize",
+        "'beta' must be in [0, 1]",
     ),
     (
         "unknown divergence",

@@ -116,7 +116,7 @@ def test_rewards_reach_metrics_and_group_samples(tokenizer, records, tmp_path):
         beta=0.9,
     )
     rec = t.train_step()
-    assert seen["n"] == 8 * 4
+    assert seen["n"] == 8  # per_device_train_batch_size counts completions (TRL): 2 prompts x 4 samples
     for key in ("reward_mean", "reward_std", "advantage_mean", "advantage_std"):
         assert key in rec
     assert rec["advantage_mean"] == pytest.approx(0.0, abs=1e-5)
@@ -140,8 +140,18 @@ def test_builtin_rewards_are_the_metrics_per_example():
 
     rec = {"prompt": "p", "completion": "The cat sat on the mat"}
     pred = "the cat sat on a mat"
-    got = compute_rewards(load_reward("rouge2"), "rouge2", ["p"], [pred], [rec])
-    assert float(got[0]) == pytest.approx(rouge2([pred], [rec]) / 100) == pytest.approx(0.4)
+    got = compute_rewards(
+        load_reward("rouge2"), "rouge2", ["p"], [pred], [rec]
+    )  # real text: rouge-score's tokenizer
+    assert (
+        float(got[0]) == pytest.approx(rouge2([pred], [rec], tokenize="standard") / 100) == pytest.approx(0.6)
+    )
+    spaces = compute_rewards(load_reward("rouge2", tokenize="whitespace"), "rouge2", ["p"], [pred], [rec])
+    assert (
+        float(spaces[0])
+        == pytest.approx(rouge2([pred], [rec], tokenize="whitespace") / 100)
+        == pytest.approx(0.4)
+    )
     chain = "4 7 + 1 8 = 6 5 ; 6 5 + 2 5 = 9 0 ; #### 9 0"
     msgs = {
         "messages": [

@@ -20,7 +20,7 @@ from gkd.scoring import (
 )
 from gkd.tasks import TASKS, get_task
 
-GENERIC = ["exact_match", "final_answer", "bleu", "rouge2", "rougeL"]
+GENERIC = ["exact_match", "final_answer", "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"]
 TASK_METRICS = ["set_match", "item_f1", "faithfulness", "dup_rate", "chain_valid", "agreement"]
 FORMATS = ["prompt_completion", "messages", "conversational", "prompt_only_with_references"]
 SYSTEM = {"role": "system", "content": "answer briefly"}
@@ -162,7 +162,7 @@ def test_every_name_is_a_reward_on_every_format(name, fmt):
     if name == "bleu":
         from sacrebleu.metrics import BLEU
 
-        sentence = BLEU(tokenize="none", effective_order=True)
+        sentence = BLEU(tokenize="13a", effective_order=True)  # the standard tokenisation by default
         for value, rec, pred in zip(values, recs, preds):
             assert value == pytest.approx(sentence.sentence_score(pred, M.references_of(rec)).score / 100)
         return
@@ -178,21 +178,143 @@ def test_gold_targets_get_the_top_reward(name):
     assert values == pytest.approx([0.0 if headline(name) == "dup_rate" else 1.0] * len(recs))
 
 
-def test_rouge2_reward_equals_the_rouge2_metric():
-    """The reward used to build a lower-casing scorer; now it is the metric's own (case-sensitive) ROUGE-2."""
+@pytest.mark.parametrize(("tokenize", "expected"), [("standard", 60.0), ("whitespace", 40.0)])
+def test_rouge2_reward_equals_the_rouge2_metric(tokenize, expected):
+    """The reward is the metric's own ROUGE-2, with the same tokenisation (standard: rouge-score lower-cases)."""
     rec = {"prompt": "p", "completion": "The cat sat on the mat"}
     pred = "the cat sat on a mat"  # bigrams: cat sat, sat on shared of 5 each -> F1 0.4 (0.6 if lower-cased)
-    metric = resolve_scorer("rouge2")([rec], [pred])["rouge2"]
-    assert metric == pytest.approx(40.0)
-    assert load_reward("rouge2")(["p"], [pred], [rec]) == [pytest.approx(metric / 100)]
+    metric = resolve_scorer("rouge2", tokenize=tokenize)([rec], [pred])["rouge2"]
+    assert metric == pytest.approx(expected)
+    assert load_reward("rouge2", tokenize=tokenize)(["p"], [pred], [rec]) == [pytest.approx(metric / 100)]
+    if tokenize == "standard":
+        assert resolve_scorer("rouge2")([rec], [pred])["rouge2"] == metric  # the default
+        assert load_reward("rouge2")(["p"], [pred], [rec]) == [pytest.approx(metric / 100)]
 
 
 def test_bleu_reward_is_sentence_bleu_with_the_metric_tokenisation():
     rec = {"prompt": "p", "completion": "#### 9 0"}
-    assert resolve_scorer("bleu")([rec], ["#### 9 0"])["bleu"] == 0.0  # corpus BLEU-4 needs a 4-gram
-    assert load_reward("bleu")(["p"], ["#### 9 0"], [rec]) == [pytest.approx(1.0)]  # effective order
-    # tokenize="none": "x~" and "x" are different tokens, as in the corpus metric
-    assert load_reward("bleu")(["p"], ["x~ b"], [{"prompt": "p", "completion": "x b"}])[0] < 0.9
+    # whitespace: three tokens, corpus BLEU-4 needs a 4-gram; standard (13a) splits "####" into four "#"
+    assert resolve_scorer("bleu", tokenize="whitespace")([rec], ["#### 9 0"])["bleu"] == 0.0
+    assert resolve_scorer("bleu")([rec], ["#### 9 0"])["bleu"] == pytest.approx(100.0)
+    for tokenize in ("standard", "whitespace"):
+        reward = load_reward("bleu", tokenize=tokenize)
+        assert reward(["p"], ["#### 9 0"], [rec]) == [pytest.approx(1.0)]  # effective order
+    # whitespace: "x~" and "x" are different tokens, as in the corpus metric; 13a splits "~" off
+    x = [{"prompt": "p", "completion": "x b"}]
+    assert load_reward("bleu", tokenize="whitespace")(["p"], ["x~ b"], x)[0] < 0.9
+    standard, whitespace = load_reward("bleu"), load_reward("bleu", tokenize="whitespace")
+    assert standard(["p"], ["x b."], x) == whitespace(["p"], ["x b ."], x)  # 13a splits the period off
+    assert whitespace(["p"], ["x b."], x)[0] < standard(["p"], ["x b."], x)[0]  # "b." is not "b"
+
+
+# real text: punctuation glued to words, capitals
+REAL_TEXT = [
+    (
+        {"prompt": "Q1", "completion": "The cat sat on the mat, didn't it?"},
+        "the cat sat on the mat didn't it",
+    ),
+    ({"prompt": "Q2", "completion": "Paris is the capital of France."}, "Paris is France's capital."),
+    ({"prompt": "Q3", "completion": "Well... I think so! Yes, I do."}, "Well, I think so. Yes I do!"),
+]
+
+
+class _Split:
+    def tokenize(self, text):
+        return text.split()
+
+
+def _direct(name: str, tokenize: str, records: list[dict], preds: list[str]) -> tuple[float, list[float]]:
+    """The corpus value and per-example rewards of a text metric, computed with sacrebleu / rouge-score directly."""
+    refs = [r["completion"] for r in records]
+    if name == "bleu":
+        from sacrebleu.metrics import BLEU
+
+        sacre = {"standard": "13a", "whitespace": "none"}[tokenize]
+        corpus = BLEU(tokenize=sacre).corpus_score(preds, [refs]).score
+        sentence = BLEU(tokenize=sacre, effective_order=True)
+        return corpus, [sentence.sentence_score(p, [r]).score / 100 for p, r in zip(preds, refs)]
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer([name], tokenizer=None if tokenize == "standard" else _Split())
+    each = [scorer.score(r, p)[name].fmeasure for r, p in zip(refs, preds)]
+    return 100 * sum(each) / len(each), each
+
+
+@pytest.mark.parametrize("name", ["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"])
+def test_text_metrics_score_real_text_with_the_standard_tokenisation_by_default(name):
+    records, preds = [r for r, _ in REAL_TEXT], [p for _, p in REAL_TEXT]
+    std, std_rewards = _direct(name, "standard", records, preds)
+    ws, ws_rewards = _direct(name, "whitespace", records, preds)
+    assert std != pytest.approx(ws)
+    assert resolve_scorer(name)(records, preds) == {
+        name: pytest.approx(std)
+    }  # eval_tokenize: standard (default)
+    assert resolve_scorer(name, tokenize="standard")(records, preds) == {name: pytest.approx(std)}
+    assert resolve_scorer(name, tokenize="whitespace")(records, preds) == {name: pytest.approx(ws)}
+    # a reward of the same name follows the same rule
+    prompts = [r["prompt"] for r in records]
+    assert load_reward(name)(prompts, preds, records) == pytest.approx(std_rewards)
+    assert load_reward(name, tokenize="whitespace")(prompts, preds, records) == pytest.approx(ws_rewards)
+    assert get_scorer(name, tokenize="whitespace").example(records[0], preds[0]) == pytest.approx(
+        ws_rewards[0]
+    )
+    assert repr(load_reward(name, tokenize="whitespace")) == f"BuiltinReward({name!r}, tokenize='whitespace')"
+
+
+def _punctuated_translation() -> tuple[list[dict], list[str]]:
+    """Translation records and predictions with a full stop glued to the last word: 13a splits it off, whitespace
+    mode does not, so the two tokenisations give different BLEU."""
+    recs = get_task("translation").generate("test", 6, seed=0)
+    return recs, [r["completion"] + "." for r in recs]
+
+
+@pytest.mark.parametrize("tokenize", ["standard", "whitespace"])
+def test_task_names_always_score_in_whitespace_mode(tokenize):
+    recs, preds = _punctuated_translation()
+    assert M.bleu(preds, recs, tokenize="standard") != pytest.approx(
+        M.bleu(preds, recs, tokenize="whitespace")
+    )
+    scores = resolve_scorer("translation", tokenize=tokenize)(recs, preds)
+    assert scores == get_task("translation").score(recs, preds)
+    assert scores["bleu"] == pytest.approx(M.bleu(preds, recs, tokenize="whitespace"))
+    rewards = load_reward("translation", tokenize=tokenize)([r["prompt"] for r in recs], preds, recs)
+    assert rewards == pytest.approx([M.bleu_score(r, p, tokenize="whitespace") for r, p in zip(recs, preds)])
+    summ, _ = records_and_predictions("summarization")
+    cut = [r["completion"] + "." for r in summ]  # summarization's own (canonical, whitespace) rouge2
+    assert resolve_scorer("summarization", tokenize=tokenize)(summ, cut) == get_task("summarization").score(
+        summ, cut
+    )
+
+
+def test_tokenize_must_be_standard_or_whitespace():
+    for call in (
+        lambda: resolve_scorer("bleu", tokenize="13a"),
+        lambda: load_reward("rouge2", tokenize="default"),
+        lambda: get_scorer("rougeL", tokenize=None),
+    ):
+        with pytest.raises(
+            ConfigError, match=r"^config key 'eval_tokenize' must be one of standard, whitespace"
+        ):
+            call()
+
+
+def test_evaluate_passes_the_tokenisation_on(tokenizer, eval_records):
+    from conftest import make_model
+
+    from gkd.data import tokenize_records
+    from gkd.evaluation import evaluate, generate_texts
+
+    model = make_model("llama_student", tokenizer, seed=1)
+    data = tokenize_records(eval_records[:6], tokenizer, max_prompt_length=64, max_completion_length=16)
+    records = [e.record for e in data.examples]
+    greedy = generate_texts(model, tokenizer, data, greedy=True, max_new_tokens=8, batch_size=6)
+    kw = {"max_new_tokens": 8, "sampled": {}, "batch_size": 6}
+    for tokenize in ("standard", "whitespace"):
+        got = evaluate(model, tokenizer, data, "rouge1", tokenize=tokenize, **kw)["greedy"]
+        assert got == resolve_scorer("rouge1", tokenize=tokenize)(records, greedy)
+    assert evaluate(model, tokenizer, data, "rouge1", **kw)["greedy"] == resolve_scorer("rouge1")(
+        records, greedy
+    )
 
 
 def test_final_answer_reward_works():

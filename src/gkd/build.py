@@ -12,7 +12,6 @@ the corresponding paths of the config.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from torch import nn
 
 from gkd import checkpoint as ckpt
 from gkd import preflight
-from gkd.config import GKDConfig
+from gkd.config import GKDConfig, Plan, training_plan
 from gkd.data import BatchStream, TokenizedDataset, load_records, tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import eos_ids
@@ -105,6 +104,8 @@ class Run:
     eos: list[int]
     vocab: int
     resume_dir: Path | None
+    plan: Plan
+    """Step counts of the run (max_steps from epochs, warm-up, logging/save/eval cadence), see training_plan."""
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +161,9 @@ def build_run(
         eval_dataset,
         log,
     )
-    reward_fn = reward_fn or (load_reward(cfg.reward) if cfg.reward is not None else None)
+    reward_fn = reward_fn or (
+        load_reward(cfg.reward, tokenize=cfg.eval_tokenize) if cfg.reward is not None else None
+    )
     # 2. the models
     models = load_models(cfg, inputs, student, teacher, dist.device)
     # 3. what the teacher writes: SeqKD targets, the top-k cache
@@ -169,8 +172,9 @@ def build_run(
     params = [p for p in models.student.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the student has no trainable parameters; check lora.target_modules")
+    plan = training_plan(cfg, len(train_data), dist.world, has_eval_data=inputs.eval_data is not None)
     optimizer = adamw(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = lr_scheduler(optimizer, cfg, plan)
     scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
     tok = inputs.tokenizer
     sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path)
@@ -191,7 +195,7 @@ def build_run(
         train_data=train_data,
         eval_data=inputs.eval_data,
         stream=BatchStream(
-            train_data, cfg.per_device_train_batch_size, cfg.seed, tok.pad_token_id, dist.rank, dist.world
+            train_data, cfg.prompts_per_batch, cfg.seed, tok.pad_token_id, dist.rank, dist.world
         ),
         sampler=sampler,
         sampling=rollout_params(cfg, models.eos, tok.pad_token_id, models.vocab),
@@ -204,6 +208,7 @@ def build_run(
         eos=models.eos,
         vocab=models.vocab,
         resume_dir=inputs.resume_dir,
+        plan=plan,
     )
 
 
@@ -271,8 +276,23 @@ def check_inputs(
     eval_dataset: TokenizedDataset | None,
     log: Callable[[str], None],
 ) -> Inputs:
-    """Tokenizer, resume checkpoint, model ``config.json`` files and data: read and checked (:mod:`gkd.preflight`)."""
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, "tokenizer")
+    """Tokenizer, resume checkpoint, model ``config.json`` files and data: read and checked (:mod:`gkd.preflight`).
+
+    ``chat_template_path`` replaces the tokenizer's chat template (a given tokenizer is copied, not changed); the
+    run's tokenizer (saved with the model) is that one.
+    """
+    from gkd.data import check_apply_chat_template, with_chat_template
+    from gkd.tasks.adapters import check_adapter
+
+    if cfg.dataset_adapter is not None:
+        check_adapter(cfg.dataset_adapter)
+    if tokenizer is None:
+        path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+        tokenizer = load_tokenizer(path, "tokenizer", chat_template_path=cfg.chat_template_path)  # type: ignore[arg-type]
+    elif cfg.chat_template_path is not None:
+        tokenizer = with_chat_template(tokenizer, cfg.chat_template_path)
+    if cfg.apply_chat_template:
+        check_apply_chat_template(tokenizer)
     resume_dir = None
     if cfg.resume_from_checkpoint:
         from gkd.state import check_resume_compat
@@ -323,6 +343,7 @@ def load_models(
                 what="teacher",
                 dtype=resolve_dtype(cfg.teacher_dtype, device),
                 attn_implementation=cfg.attn_implementation,
+                init_kwargs=init_kwargs(cfg, teacher=True),
             )
             teacher_tokenizer = _teacher_tokenizer(cfg)
         vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
@@ -379,9 +400,23 @@ def teacher_data(
 # ---------------------------------------------------------------------------------------------------------------
 def make_accelerator(cfg: GKDConfig) -> Any:
     """accelerate's ``Accelerator``: CPU without a GPU; mixed precision from ``bf16`` / ``fp16`` (otherwise whatever
-    ``accelerate config`` / ``accelerate launch`` set)."""
+    ``accelerate config`` / ``accelerate launch`` set); the installed trackers of ``report_to`` (``all``: every
+    installed one) as ``log_with``, local logs under ``output_dir/tensorboard`` (:class:`gkd.reporting.Tracker`
+    starts them and warns about the ones that are not installed)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import ProjectConfiguration
+
+    from gkd.config import REPORT_TO
+
+    installed = {getattr(t, "value", str(t)) for t in get_available_trackers()}
+    wanted = REPORT_TO if "all" in cfg.report_to else cfg.report_to
+    out = Path(os.path.expanduser(cfg.output_dir))
+    trackers: dict[str, Any] = {
+        "log_with": [name for name in wanted if name in installed and name in REPORT_TO] or None,
+        "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    }
 
     cpu = not torch.cuda.is_available()
     if cfg.fp16 and cpu:
@@ -393,14 +428,15 @@ def make_accelerator(cfg: GKDConfig) -> Any:
         "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     )
     try:
-        return Accelerator(cpu=cpu, mixed_precision=precision)
+        return Accelerator(cpu=cpu, mixed_precision=precision, **trackers)
     except ValueError as e:
         if "already been initialized" not in str(e) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise
         # accelerate keeps one state per process: a second run in the same process (Python API, tests) with another
-        # precision starts a fresh one. (Under a distributed launch the precision is fixed for every rank.)
+        # precision starts a fresh one. (Under a distributed launch the precision is fixed for every rank.) Trackers
+        # belong to the Accelerator object, not to that state.
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(cpu=cpu, mixed_precision=precision)
+        return Accelerator(cpu=cpu, mixed_precision=precision, **trackers)
 
 
 def student_load_dtype(cfg: GKDConfig) -> str:
@@ -471,8 +507,14 @@ def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | Non
     else:
         path = str(resume_dir) if resume_dir is not None and cfg.lora is None else cfg.model_name_or_path
         student = load_model(
-            path, what="student", dtype=student_load_dtype(cfg), attn_implementation=cfg.attn_implementation
-        )  # type: ignore[arg-type]
+            path,  # type: ignore[arg-type]
+            what="student",
+            dtype=student_load_dtype(cfg),
+            attn_implementation=cfg.attn_implementation,
+            init_kwargs=init_kwargs(cfg, teacher=False)
+            if resume_dir is None or cfg.lora is not None
+            else None,
+        )
     if cfg.gradient_checkpointing:
         enable_checkpointing(student)
     if cfg.lora is not None:
@@ -508,7 +550,20 @@ def load_reference(cfg: GKDConfig, given: nn.Module | None) -> nn.Module:
         what="student",
         dtype=student_load_dtype(cfg),
         attn_implementation=cfg.attn_implementation,
+        init_kwargs=init_kwargs(cfg, teacher=False),
     )
+
+
+def init_kwargs(cfg: GKDConfig, *, teacher: bool) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments of the student or the teacher: ``trust_remote_code``, the revision, and
+    ``model_init_kwargs`` / ``teacher_model_init_kwargs`` (TRL's keys)."""
+    out: dict[str, Any] = dict((cfg.teacher_model_init_kwargs if teacher else cfg.model_init_kwargs) or {})
+    if cfg.trust_remote_code:
+        out["trust_remote_code"] = True
+    revision = cfg.teacher_model_revision if teacher else cfg.model_revision
+    if revision is not None:
+        out["revision"] = revision
+    return out
 
 
 def _teacher_tokenizer(cfg: GKDConfig) -> Any:
@@ -533,16 +588,27 @@ def load_dataset(
     seq2seq: bool,
     log: Callable[[str], None],
 ) -> TokenizedDataset:
-    """Records (given, or read from ``spec``) tokenized, with what was skipped or truncated reported."""
+    """Records (given, or read from ``spec``) tokenized, with what was skipped or truncated reported.
+
+    With ``dataset_adapter`` the records (read or given) are in a benchmark's own layout and are mapped to
+    prompt/completion/references first (:mod:`gkd.tasks.adapters`); a hub name gets the benchmark's config
+    (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set.
+    """
+    from gkd.tasks.adapters import HUB_CONFIGS, adapt_records
+
     skipped = 0
     source = f"{what} data"
+    adapter = cfg.dataset_adapter
     if records is None:
         assert spec is not None
         split_key = "dataset_split" if what == "train" else "eval_split"
-        records, skipped = load_records(
-            spec, split, cfg.dataset_config_name, cfg.skip_bad_lines, split_key=split_key
-        )
+        config_name = cfg.dataset_config_name
+        if adapter is not None and config_name is None and not os.path.exists(os.path.expanduser(spec)):
+            config_name = HUB_CONFIGS.get(adapter)
+        records, skipped = load_records(spec, split, config_name, cfg.skip_bad_lines, split_key=split_key)
         source = f"dataset '{spec}'"
+    if adapter is not None:
+        records = adapt_records(adapter, records, source)
     data = tokenize_records(
         records,
         tokenizer,
@@ -550,6 +616,7 @@ def load_dataset(
         max_completion_length=cfg.effective_max_completion_length,
         source=source,
         seq2seq=seq2seq,
+        apply_chat_template=cfg.apply_chat_template,
     )
     data.skipped_lines = skipped
     if skipped:
@@ -584,22 +651,28 @@ def adamw(params: list[torch.nn.Parameter], cfg: GKDConfig) -> torch.optim.Optim
     return torch.optim.AdamW(params, **kwargs)
 
 
-def lr_lambda(cfg: GKDConfig) -> Callable[[int], float]:
-    """The learning-rate multiplier of each step: warm-up, then constant, linear or cosine to ``min_lr_ratio``."""
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: GKDConfig, plan: Plan) -> Any:
+    """``transformers.get_scheduler`` with the run's warm-up and length (transformers' semantics: the multiplier of
+    optimizer step ``s`` is ``s / warmup`` during warm-up, so the first step's learning rate is 0; ``constant``
+    ignores warm-up). ``min_lr_ratio`` with cosine is transformers' ``cosine_with_min_lr``."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_scheduler_type == "constant":
-            return 1.0
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        floor = cfg.min_lr_ratio
-        if cfg.lr_scheduler_type == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    name, kwargs = cfg.lr_scheduler_type, dict(cfg.lr_scheduler_kwargs)
+    if name == "cosine" and cfg.min_lr_ratio > 0:
+        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio, **kwargs}
+    try:
+        return get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=plan.warmup_steps,
+            num_training_steps=plan.max_steps,
+            scheduler_specific_kwargs=kwargs or None,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"config keys 'lr_scheduler_type: {name}' / 'lr_scheduler_kwargs: {cfg.lr_scheduler_kwargs}': "
+            f"transformers.get_scheduler refused them ({str(e).splitlines()[0]}); check the schedule's arguments"
+        ) from e
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,11 @@ scheduler), ``trainer_state.pt`` (step, data position, every RNG state) and ``tr
 Writes are atomic: everything goes to a hidden temporary folder that is renamed into place only when complete, and
 ``trainer_state.json`` is written last. A folder without it is incomplete and ignored; a kill during a write leaves
 the previous checkpoint untouched.
+
+The final model (:func:`save_final_model`, what TRL's ``trainer.save_model(output_dir)`` writes) lives in
+``output_dir`` itself, beside the checkpoints: ``from_pretrained(output_dir)`` loads it. Its files are listed in
+``final_model.json``, so a later run knows exactly which top-level files are a model gkd wrote (``overwrite_output_dir``
+removes those and nothing else) and an interrupted write is never mistaken for a complete one (``complete: false``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,22 @@ import torch
 from gkd.errors import CheckpointError
 from gkd.io import quiet_progress_bars
 
-__all__ = ["find_latest", "is_complete", "load_training_state", "resolve_resume", "save_checkpoint"]
+__all__ = [
+    "final_model_files",
+    "find_latest",
+    "is_complete",
+    "load_model_weights",
+    "load_training_state",
+    "resolve_resume",
+    "save_checkpoint",
+    "save_final_model",
+]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_JSON = "trainer_state.json"
+FINAL_JSON = "final_model.json"
+"""Lists the files of the final model in ``output_dir`` (written last; ``complete: false`` while they are replaced)."""
+_FINAL_TMP = ".final-model.tmp-"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -74,23 +91,29 @@ def run_files(output_dir: Path) -> list[Path]:
     for name in ("metrics.jsonl", "merged", "tensorboard"):
         if (output_dir / name).exists():
             found.append(output_dir / name)
+    found.extend(output_dir / name for name in final_model_files(output_dir) if (output_dir / name).exists())
+    if (output_dir / FINAL_JSON).exists():
+        found.append(output_dir / FINAL_JSON)
     return found
 
 
 def remove_run(output_dir: Path) -> None:
-    """Delete what :func:`run_files` lists (``overwrite_output_dir``)."""
+    """Delete what :func:`run_files` lists (``overwrite_output_dir``): checkpoints, logs, the final model."""
+    final = final_model_files(output_dir)
     for p in run_files(output_dir):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+    _remove_empty_parents(output_dir, final)
 
 
 def clean_partial(output_dir: Path) -> None:
     """Remove temporary folders left by a write that was killed."""
     if output_dir.is_dir():
-        for p in output_dir.glob(".checkpoint-*.tmp*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (".checkpoint-*.tmp*", f"{_FINAL_TMP}*"):
+            for p in output_dir.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -104,8 +127,10 @@ def save_checkpoint(
     training_state: dict[str, Any],
     info: dict[str, Any],
     keep: int | None = None,
+    best: Path | None = None,
 ) -> Path:
-    """Write ``checkpoint-STEP`` atomically; keep only the newest ``keep`` checkpoints."""
+    """Write ``checkpoint-STEP`` atomically; keep only the newest ``keep`` checkpoints, never deleting ``best``
+    (:func:`rotate`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
@@ -130,9 +155,19 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     if keep is not None:
-        for _, p in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+        rotate(output_dir, keep, best)
     return final
+
+
+def rotate(output_dir: Path, keep: int, best: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond ``keep``. The ``best`` one is never deleted: it is kept with the newest
+    ``keep - 1`` others (at least the newest one, so the run can still resume: transformers' rule)."""
+    ckpts = [p for _, p in list_checkpoints(output_dir)]
+    protected = best is not None and any(p.name == best.name for p in ckpts)
+    others = [p for p in ckpts if not (protected and p.name == best.name)]  # type: ignore[union-attr]
+    n_others = max(1, keep - 1) if protected else keep
+    for p in others[: max(0, len(others) - n_others)]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_resume(spec: str, output_dir: Path) -> Path:
@@ -149,6 +184,11 @@ def resolve_resume(spec: str, output_dir: Path) -> Path:
     if not path.exists():
         raise CheckpointError(
             f"resume_from_checkpoint '{spec}' does not exist; pass a checkpoint-STEP folder"
+        )
+    if not is_complete(path) and (path / FINAL_JSON).exists():
+        raise CheckpointError(
+            f"resume_from_checkpoint '{spec}' is a run's output_dir (its final model), not a checkpoint; use "
+            "resume_from_checkpoint=latest with that output_dir, or one of its checkpoint-STEP folders"
         )
     if not is_complete(path):
         raise CheckpointError(
@@ -167,3 +207,131 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], dic
     except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({e}); resume from an earlier one") from e
     return info, optim, state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the final model in output_dir
+# ---------------------------------------------------------------------------------------------------------------
+def _final_manifest(output_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((output_dir / FINAL_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _safe_name(name: Any) -> bool:
+    """A relative path inside the folder (a manifest never makes gkd touch anything outside it, or a checkpoint)."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")):
+        return False
+    parts = Path(name).parts
+    return ".." not in parts and not _CKPT.match(parts[0]) and parts[0] != FINAL_JSON
+
+
+def final_model_files(output_dir: Path) -> list[str]:
+    """The files of the final model in ``output_dir`` (relative names, from ``final_model.json``; [] without one)."""
+    return [n for n in _final_manifest(output_dir).get("files", []) if _safe_name(n)]
+
+
+def final_model_complete(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a completely written final model."""
+    return bool(_final_manifest(output_dir).get("complete"))
+
+
+def _write_manifest(output_dir: Path, data: dict[str, Any]) -> None:
+    from gkd.io import atomic_write
+
+    atomic_write(output_dir / FINAL_JSON, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _remove_empty_parents(output_dir: Path, names: list[str]) -> None:
+    """The sub-folders of the final model's files ``names`` that are now empty (deepest first; never output_dir)."""
+    parents = {parent for n in names for parent in (output_dir / n).parents if output_dir in parent.parents}
+    for path in sorted(parents, key=lambda p: -len(p.parts)):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def save_final_model(
+    output_dir: Path, *, model: Any, tokenizer: Any, merged: bool = False, info: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (``save_pretrained``: full weights, or a LoRA adapter; ``merged``: the adapter merged into
+    plain weights) and ``tokenizer`` into ``output_dir`` itself, beside the checkpoints: what TRL's
+    ``trainer.save_model(output_dir)`` writes, loadable with ``from_pretrained(output_dir)``.
+
+    Safe against a kill: everything is written to a hidden temporary folder first; then ``final_model.json`` lists
+    the old and new files with ``complete: false``, the previous final model's files that the new one does not have
+    are removed, each new file is renamed into place (``os.replace``, atomic per file) and ``final_model.json`` is
+    rewritten with ``complete: true`` last. Files a run did not list there are never removed.
+    """
+    from gkd.models import save_merged
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f"{_FINAL_TMP}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if merged:
+            save_merged(model, tokenizer, tmp)
+        else:
+            with quiet_progress_bars():
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        new = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        old = final_model_files(output_dir)
+        _write_manifest(output_dir, {"complete": False, "files": sorted(set(old) | set(new))})
+        gone = sorted(set(old) - set(new))
+        for name in gone:
+            (output_dir / name).unlink(missing_ok=True)
+        _remove_empty_parents(output_dir, gone)
+        for name in new:
+            dest = output_dir / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_dir():  # a folder where a file goes (never one of ours): leave it, fail loudly
+                raise CheckpointError(f"cannot write the final model: '{dest}' is a folder; remove it")
+            os.replace(tmp / name, dest)
+        _write_manifest(output_dir, {"complete": True, "files": new, **(info or {})})
+        _fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_model_weights(model: Any, folder: Path) -> None:
+    """Load the weights a checkpoint folder holds into ``model`` in place (``load_best_model_at_end``): the LoRA
+    adapter of a peft model, else every weight (read with ``from_pretrained``, so any layout transformers writes
+    loads); dtypes and devices stay the model's."""
+    from gkd.models import load_model, unwrap
+
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / accelerate wrappers
+        model = model.module
+    try:
+        if hasattr(model, "peft_config"):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = load_file(str(folder / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(model, state)
+            unexpected = list(getattr(result, "unexpected_keys", None) or [])
+            if unexpected:
+                raise RuntimeError(f"unexpected adapter weights {unexpected[:3]}")
+        else:
+            loaded = load_model(str(folder), what="checkpoint", dtype="auto")
+            with torch.no_grad():
+                unwrap(model).load_state_dict(loaded.state_dict())
+            del loaded
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint '{folder}' cannot be loaded into the model ({str(e).splitlines()[0]})"
+        ) from e

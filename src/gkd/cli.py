@@ -1,12 +1,18 @@
 """The ``gkd`` command line.
 
-    gkd distill --config run.yaml [key=value ...]   distil a teacher into a student (any GKD configuration)
-    gkd sft --config run.yaml [key=value ...]       supervised fine-tuning (a teacher, or the student's start)
+    gkd distill --config run.yaml [--key value ...] [key=value ...]   distil a teacher into a student
+    gkd sft --config run.yaml [--key value ...] [key=value ...]       supervised fine-tuning (a teacher, or a start)
     gkd generate --model M --dataset D --out F      sample completions to JSONL
     gkd eval --model M --dataset D --metric NAME    score a model (greedy and/or sampled)
     gkd prepare TASK --out DIR                      write a built-in task's data, tokenizer and tiny models
     gkd demo                                        the built-in end-to-end comparison of distillation methods
     gkd experiment NAME                             the paper's experiment families at toy scale
+
+``gkd distill`` and ``gkd sft`` take config keys the way TRL's scripts do (TrlParser / HfArgumentParser): ``--key
+value``, ``--key=value``, a bare ``--flag`` (true), ``--key v1 v2`` (a list), dotted keys (``--lora.r 8``), mixed
+freely with gkd's ``key=value`` overrides and ``--config FILE`` (repeatable); TRL's key names are accepted with TRL's
+meaning (``gkd.config.trl_keys``). Later keys win, the command line wins over the config files. ``--help`` lists every
+key, generated from ``gkd.config``.
 
 Errors the user can fix are printed as one line (exit code 2); ``--debug`` shows the traceback.
 """
@@ -14,35 +20,300 @@ Errors the user can fix are printed as one line (exit code 2); ``--debug`` shows
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import math
+import re
+import shutil
 import sys
+import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
-from gkd.errors import GKDError
+from gkd.errors import ConfigError, GKDError
 from gkd.io import quiet_libraries
 
 __all__ = ["main"]
 
 
+CONFIG_COMMANDS = ("distill", "sft")
+SFT_DEFAULTS = {"divergence": "nll", "lmbda": 0.0}  # gkd sft = gkd distill on ground truth
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser. Those of ``gkd distill`` / ``gkd sft`` end their ``--help`` with every config key, built
+    from ``gkd.config`` only when help is asked for (building the parser must not import the config's dependencies)."""
+
+    lists_config_keys = False
+    config_defaults: dict[str, Any] | None = None
+
+    def format_help(self) -> str:
+        if self.lists_config_keys:
+            self.epilog = config_keys_help(_help_width(), self.config_defaults)
+        return super().format_help()
+
+
+_CONFIG_USAGE = "gkd {name} [-h] [--config FILE] [--KEY VALUE ...] [--FLAG] [--KEY V1 V2 ...] [KEY=VALUE ...]"
+_CONFIG_DESCRIPTION = """\
+{what}
+
+Config keys come from YAML files (--config, repeatable: later files win) and from the
+command line, in TRL's forms (TrlParser / HfArgumentParser) and gkd's, mixed freely:
+  --learning_rate 2e-5    --learning_rate=2e-5    --push_to_hub (a bare flag: true)
+  --report_to wandb tensorboard (several values: a list)    --lora.r 8 (a nested key)
+  lmbda=0.5 (gkd's key=value)
+Values are read as YAML scalars (1e-5, true, null, [a, b]). Later keys win; the command line
+wins over the config files. TRL's key names are accepted with TRL's meaning (listed below).
+Unknown keys stop the run with one line naming them all."""
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c", action="append", help="YAML config file; repeat to layer files (later ones win)"
+        "--config",
+        "-c",
+        action="append",
+        metavar="FILE",
+        help="YAML config file or preset name; repeat to layer files (later ones win)",
     )
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lmbda=0.5 beta=0.9 lora.r=8")
+
+
+def _help_width() -> int:
+    return max(60, min(100, shutil.get_terminal_size((100, 24)).columns))
+
+
+def _field_docs(cls_name: str) -> list[tuple[str, str, str]]:
+    """(section, field, attribute docstring) of each field of a dataclass in ``gkd.config``, read from its source:
+    the docstring is the string literal right after the field, the section the last ``# --- name ---`` comment."""
+    import gkd.config
+
+    source = inspect.getsource(gkd.config)
+    lines = source.splitlines()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls_name)
+    out: list[tuple[str, str, str]] = []
+    section, prev_end = "", cls.lineno
+    for i, node in enumerate(cls.body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            for line in lines[prev_end : node.lineno - 1]:
+                m = re.match(r"\s*#\s*-{3,}\s*([^-\s].*?)\s*-{3,}\s*$", line)
+                if m:
+                    section = m.group(1)
+            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
+            doc = ""
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                doc = nxt.value.value
+            out.append((section, node.target.id, doc))
+        prev_end = node.end_lineno or node.lineno
+    return out
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.replace("``", "").split())
+    m = re.search(r"(?<=[.!?])\s+(?=[A-Z])", text)
+    return text[: m.start()] if m else text
+
+
+def _show(value: Any) -> str:
+    """A default as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)) and not value:
+        return "[]" if isinstance(value, list) else "{}"
+    return str(value)
+
+
+def _choices(annotation: Any) -> str:
+    for opt in typing.get_args(annotation) or (annotation,):
+        if typing.get_origin(opt) is typing.Literal:
+            return "one of " + ", ".join(str(a) for a in typing.get_args(opt))
+    return ""
+
+
+def _key_rows(
+    cls: type, prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[tuple[str, str, str]]:
+    """(section, "key = default", help) of every field of ``cls`` (a gkd.config dataclass); ``defaults`` replace the
+    dataclass's (gkd sft's)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    rows = []
+    for section, name, doc in _field_docs(cls.__name__):
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (defaults or {}).get(name, default)
+        rows.append(
+            (section, f"{prefix}{name} = {_show(default)}", _first_sentence(doc) or _choices(hints[name]))
+        )
+    return rows
+
+
+def config_keys_help(width: int = 100, defaults: dict[str, Any] | None = None) -> str:
+    """The key listing of ``gkd distill --help``: every GKDConfig key (LoraConfig's as ``lora.KEY``) with its default
+    and the first sentence of its attribute docstring, then every TRL / transformers key gkd accepts
+    (``gkd.config.trl_keys``). Generated from ``gkd.config``, so it cannot drift from the code."""
+    from gkd.config import GKDConfig, LoraConfig, trl_keys
+
+    col = 34
+    rows: list[tuple[str, str, str]] = []
+    for row in _key_rows(GKDConfig, defaults=defaults):
+        rows.append(row)
+        if row[1].startswith("lora ="):
+            rows += [(row[0], key, help_) for _, key, help_ in _key_rows(LoraConfig, prefix="lora.")]
+
+    def entry(key: str, help_: str) -> list[str]:
+        head = f"  {key}"
+        if not help_:
+            return [head]
+        wrapped = textwrap.wrap(help_, width - col) or [""]
+        if len(head) + 2 > col:
+            return [head, *(" " * col + w for w in wrapped)]
+        return [head.ljust(col) + wrapped[0], *(" " * col + w for w in wrapped[1:])]
+
+    out = ["config keys, with their defaults (explained in full: docs/config.md):"]
+    section = None
+    for sec, key, help_ in rows:
+        if sec != section:
+            out += ["", f"{sec}:"]
+            section = sec
+        out += entry(key, help_)
+    out += ["", "TRL / transformers keys (TRL's meaning; docs/from-trl.md):", ""]
+    for key, help_ in trl_keys().items():
+        out += entry(key, help_)
+    return "\n".join(out)
+
+
+# A token that starts a new key: ``--key``, or a ``key=value`` override (a value that contains "=" is written
+# ``--key=a=b``).
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _starts_key(token: str) -> bool:
+    return (token.startswith("--") and len(token) > 2) or _OVERRIDE.match(token) is not None
+
+
+def _scalar(raw: str) -> Any:
+    """A command-line value as ``parse_overrides`` reads it: YAML (``1e-5``, ``true``, ``null``, ``[a, b]``), an
+    empty value is null, text that is not valid YAML stays text."""
+    import yaml
+
+    from gkd.config import parse_value
+
+    if raw.strip() == "":
+        return None
+    try:
+        return parse_value(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _same_key(a: str, b: str) -> bool:
+    """Do two top-level keys name the same setting (a TRL synonym and gkd's key)? Then a later one replaces an
+    earlier one instead of both reaching config_from_dict (which refuses both in one layer)."""
+    from gkd.config import _SYNONYMS
+
+    # max_completion_length is TRL's name for max_new_tokens (gkd.config: "give one, or both equal")
+    canon = {**_SYNONYMS, "max_completion_length": "max_new_tokens"}
+    return a != b and canon.get(a, a) == canon.get(b, b)
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` merged over ``base`` (nested mappings merged), a key of ``top`` also replacing its synonyms in base."""
+    from gkd.config import merge
+
+    base = {k: v for k, v in base.items() if not any(_same_key(k, t) for t in top)}
+    return merge(base, top)
+
+
+def cli_overrides(tokens: list[str]) -> dict[str, Any]:
+    """The config keys of a ``gkd distill`` / ``gkd sft`` command line (everything but ``--config``) as the nested
+    dict :func:`gkd.config.parse_overrides` makes, in TRL's forms and gkd's, later ones winning:
+
+    ``--key value`` / ``--key=value`` -> value; a bare ``--key`` (followed by another ``--key``, a ``key=value``
+    override or nothing) -> true; ``--key v1 v2`` -> [v1, v2]; ``--lora.r 8`` -> {"lora": {"r": 8}}; ``key=value`` as
+    ``parse_overrides`` reads it. Dashes in ``--key`` names are underscores (``--per-device-train-batch-size``), as
+    HfArgumentParser accepts. Keys are not checked here: config_from_dict reports every unknown key in one line.
+    """
+    from gkd.config import parse_overrides
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.startswith("--") and len(token) > 2:
+            key, eq, raw = token[2:].partition("=")
+            key = key.replace("-", "_")
+            if not _KEY.fullmatch(key):
+                raise ConfigError(
+                    f"'{token}' is not a config key; write --key value (e.g. --learning_rate 2e-5)"
+                )
+            if eq:
+                value = _scalar(raw)
+            else:
+                values = []
+                while i < len(tokens) and not _starts_key(tokens[i]):
+                    values.append(_scalar(tokens[i]))
+                    i += 1
+                value = True if not values else values[0] if len(values) == 1 else values
+            layer: dict[str, Any] = {}
+            node = layer
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        elif "=" in token:
+            layer = parse_overrides([token])
+        else:
+            raise ConfigError(
+                f"'{token}' is not a config key: write --key value or key=value (e.g. --lmbda 0.5 or lmbda=0.5)"
+            )
+        out = _overlay(out, layer)
+    return out
+
+
+def run_config(config_files: list[str] | None, tokens: list[str], sft: bool = False):
+    """The validated GKDConfig of ``gkd distill`` / ``gkd sft``: gkd sft's defaults (divergence nll, lmbda 0), then
+    the YAML files in order, then the command line's keys (:func:`cli_overrides`); config_from_dict translates TRL's
+    keys and reports unknown ones."""
+    from gkd.config import config_from_dict, read_yaml
+
+    name = "sft" if sft else "distill"
+    if not config_files and not tokens:
+        raise ConfigError(
+            f"gkd {name} needs --config FILE and/or config keys (--key value or key=value); see gkd {name} -h"
+        )
+    data: dict[str, Any] = dict(SFT_DEFAULTS) if sft else {}
+    for path in config_files or []:
+        data = _overlay(data, read_yaml(path))
+    data = _overlay(data, cli_overrides(tokens))
+    cfg = config_from_dict(data)
+    if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
+        raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
+    return cfg
+
+
+def config_from_argv(argv: list[str]):
+    """The GKDConfig that ``gkd ARGV`` (a distill or sft command line) would train with; nothing is loaded."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command not in CONFIG_COMMANDS:
+        raise GKDError(f"not a gkd distill / gkd sft command line: {' '.join(argv)}")
+    return run_config(args.config, extra, sft=args.command == "sft")
 
 
 def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
-    from gkd.config import load_config
     from gkd.trainer import GKDTrainer
 
-    defaults: dict[str, Any] = {"divergence": "nll", "lmbda": 0.0} if sft else {}
-    if args.config is None and not args.overrides:
-        raise GKDError(f"gkd {'sft' if sft else 'distill'} needs --config FILE (and/or key=value overrides)")
-    cfg = load_config(args.config or [], args.overrides, **defaults)
-    if sft and (cfg.divergence != "nll" or cfg.lmbda != 0.0):
-        raise GKDError("gkd sft trains on ground truth: leave divergence and lmbda unset (use gkd distill)")
+    cfg = run_config(args.config, args.overrides, sft=sft)
     result = GKDTrainer(cfg).train()
     loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
     status = "already_finished" if result.finished else "finished"
@@ -98,7 +369,7 @@ def _load_for_inference(args: argparse.Namespace):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise GKDError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, chat_template_path=args.chat_template_path)
     seq2seq = bool(getattr(load_config(args.model), "is_encoder_decoder", False))
     records, _ = load_records(args.dataset, args.split, split_key="--split")
     if args.max_samples:
@@ -110,6 +381,7 @@ def _load_for_inference(args: argparse.Namespace):
         max_completion_length=1 << 20,
         source=f"dataset '{args.dataset}'",
         seq2seq=seq2seq,
+        apply_chat_template=args.apply_chat_template,
     )
     dtype = resolve_dtype(args.dtype, device)  # auto: bfloat16 on a GPU that has it, else float32
     model = load_model(args.model, what="model", dtype=dtype).to(device)
@@ -185,6 +457,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seeds=(args.seed,),
         batch_size=args.batch_size,
         sampler=local_sampler("auto"),
+        tokenize=args.tokenize,
     )
     print(json.dumps(flatten(results), indent=2))
     return 0
@@ -238,12 +511,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--version", action="version", version=f"gkd {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
-    p = sub.add_parser("distill", help="distil a teacher into a student")
-    _add_config_args(p)
-    p = sub.add_parser("sft", help="supervised fine-tuning on ground truth (divergence: nll, lmbda: 0)")
-    _add_config_args(p)
+    for name, short, what in (
+        (
+            "distill",
+            "distil a teacher into a student",
+            "Distil a teacher into a student (any GKD configuration).",
+        ),
+        (
+            "sft",
+            "supervised fine-tuning on ground truth (divergence: nll, lmbda: 0)",
+            "Supervised fine-tuning on ground truth (gkd distill with divergence: nll, lmbda: 0).",
+        ),
+    ):
+        p = sub.add_parser(
+            name,
+            help=short,
+            usage=_CONFIG_USAGE.format(name=name),
+            description=_CONFIG_DESCRIPTION.format(what=what),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,  # --conf is a config key, not --config
+        )
+        p.lists_config_keys = True
+        p.config_defaults = SFT_DEFAULTS if name == "sft" else None
+        _add_config_args(p)
 
     for name in ("generate", "eval"):
         p = sub.add_parser(
@@ -265,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["auto", "float32", "bfloat16", "float16"],
             help="auto: bfloat16 on a CUDA GPU that supports it, float32 on the CPU",
         )
+        p.add_argument(
+            "--apply-chat-template",
+            action="store_true",
+            help="wrap plain-string prompts in the tokenizer's chat template (chat records always use it)",
+        )
+        p.add_argument(
+            "--chat-template-path", default=None, help="a Jinja chat template file or tokenizer folder"
+        )
         if name == "generate":
             p.add_argument("--out", required=True)
             p.add_argument("--greedy", action="store_true")
@@ -274,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--metric", required=True, help="a metric name or a built-in task name")
             p.add_argument("--greedy-only", action="store_true")
+            p.add_argument(
+                "--tokenize",
+                default="standard",
+                choices=["standard", "whitespace"],
+                help="bleu/rouge tokenisation: standard (sacrebleu 13a, rouge-score) or whitespace (task names: always)",
+            )
 
     p = sub.add_parser("prepare", help="write a built-in task's data, tokenizer and tiny models")
     p.add_argument("task")
@@ -308,7 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in CONFIG_COMMANDS:
+        args.overrides = extra  # config keys, TRL's --key value forms and key=value (see cli_overrides)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_libraries()
     handlers = {
         "distill": _cmd_distill,

@@ -27,7 +27,17 @@ import yaml
 from gkd.divergences import DIVERGENCES, validate_divergence_params
 from gkd.errors import ConfigError
 
-__all__ = ["GKDConfig", "LoraConfig", "load_config", "parse_overrides", "parse_value", "resolve_config_path"]
+__all__ = [
+    "GKDConfig",
+    "LoraConfig",
+    "Plan",
+    "load_config",
+    "parse_overrides",
+    "parse_value",
+    "resolve_config_path",
+    "training_plan",
+    "trl_keys",
+]
 
 
 class _Loader(yaml.SafeLoader):
@@ -77,7 +87,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str | None = "all-linear"
+    """Module names (or ``all-linear``) that get adapters; null: peft's default for the architecture (TRL's
+    ``lora_target_modules`` default)."""
     save_merged: bool = False
     """At the end of the run also write ``output_dir/merged``: the adapter merged into the base model, a plain
     model folder that any tool loads (gkd's own eval/generate/teacher loading also reads adapter checkpoints)."""
@@ -114,6 +126,19 @@ class GKDConfig:
     """Train a LoRA adapter on the student instead of all its weights, e.g. ``lora: {r: 16}``."""
     disable_dropout: bool = True
     """Turn student dropout off (the teacher always runs in eval mode)."""
+    merge_lora: bool = False
+    """With LoRA: the final model saved in ``output_dir`` is the adapter merged into the base model (plain weights
+    any tool loads) instead of the adapter alone."""
+    trust_remote_code: bool = False
+    """Passed to ``from_pretrained`` (models and tokenizer): run model code shipped with a checkpoint."""
+    model_revision: str | None = None
+    """Branch, tag or commit of the student on the hub (``from_pretrained(revision=...)``)."""
+    teacher_model_revision: str | None = None
+    """Branch, tag or commit of the teacher on the hub."""
+    model_init_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the student's ``from_pretrained`` (TRL's key)."""
+    teacher_model_init_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the teacher's ``from_pretrained`` (TRL's key)."""
 
     # --- data -------------------------------------------------------------------------------------------------
     dataset: str | None = None
@@ -127,7 +152,16 @@ class GKDConfig:
     max_prompt_length: int = 512
     """Longer prompts are truncated from the left (counted and reported)."""
     max_completion_length: int | None = None
-    """Longer dataset completions are truncated from the right. Defaults to ``max_new_tokens``."""
+    """TRL's DistillationConfig name for the completion length: the student generates at most this many tokens and
+    longer dataset completions are truncated to it. Same as ``max_new_tokens`` (give one, or both equal)."""
+    apply_chat_template: bool = False
+    """Also wrap plain-string prompts in the tokenizer's chat template (as one user turn, with the generation
+    prompt). Conversational records (``messages``, or ``prompt`` as a list of messages) always use it."""
+    chat_template_path: str | None = None
+    """A Jinja chat template file (or a tokenizer folder whose template to use) for the student's tokenizer."""
+    dataset_adapter: str | None = None
+    """Read ``dataset`` through a built-in adapter of a public benchmark's field layout: gsm8k, xsum or wmt14
+    (``gkd.tasks.adapters``); the records get prompt, completion and references."""
 
     # --- the GKD objective ------------------------------------------------------------------------------------
     lmbda: float = 0.5
@@ -165,7 +199,9 @@ class GKDConfig:
     reward: str | None = None
     """A built-in reward name or ``module:function`` (prompts, completions, records) -> list of floats."""
     num_generations: int = 1
-    """Samples per prompt in RL mode (advantages are computed within each prompt's group)."""
+    """Completions per prompt (TRL's meaning): each per-device batch of ``per_device_train_batch_size`` sequences
+    holds ``per_device_train_batch_size / num_generations`` prompts, each sampled this many times (RL advantages are
+    computed within each prompt's group)."""
     advantage: Literal["group", "rloo"] = "group"
     kl_to_initial: float = 0.0
     """Weight of a reverse KL to the initial student (the RLEF* baseline regulariser). Needs no teacher."""
@@ -182,11 +218,26 @@ class GKDConfig:
     adam_epsilon: float = 1e-8
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    warmup_steps: int = 0
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
+    max_steps: int | None = None
+    """Optimizer steps of the run. -1: ``num_train_epochs`` passes over the training data (as in transformers).
+    Unset: ``num_train_epochs`` when that is set, else 1000 steps."""
+    num_train_epochs: float | None = None
+    """Passes over the training data (fractions allowed), used unless ``max_steps`` > 0; 3 when ``max_steps: -1``
+    and unset (transformers' default)."""
+    warmup_steps: int | float = 0
+    """Warm-up steps of the learning-rate schedule (a value below 1 is a fraction of the run, as in transformers)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of the run (used when ``warmup_steps`` is 0)."""
+    lr_scheduler_type: str = "linear"
+    """Any schedule of ``transformers.get_scheduler``: linear, cosine, cosine_with_restarts, polynomial, constant,
+    constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, cosine_warmup_with_min_lr,
+    warmup_stable_decay, greedy (``constant`` ignores warm-up, as in transformers)."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the schedule, e.g. ``{num_cycles: 2}`` or ``{min_lr_rate: 0.1}``."""
     min_lr_ratio: float = 0.0
-    """Linear/cosine schedules decay to ``learning_rate * min_lr_ratio``."""
+    """Cosine decays to ``learning_rate * min_lr_ratio`` (transformers' ``cosine_with_min_lr``)."""
+    optim: str = "adamw_torch"
+    """The optimizer: AdamW (``adamw_torch`` / ``adamw_torch_fused``, the same fused kernel where possible)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     seed: int = 42
@@ -207,21 +258,52 @@ class GKDConfig:
     overwrite_output_dir: bool = False
     """Start a fresh run in an ``output_dir`` that already holds one (its checkpoints and metrics.jsonl are removed).
     Without it such a run is refused unless ``resume_from_checkpoint`` is set."""
-    logging_steps: int = 10
-    save_steps: int = 500
-    """Checkpoint every this many steps (0: only at the end)."""
+    logging_steps: int | float = 10
+    """Log every this many steps (a value below 1 is a fraction of the run, as in transformers)."""
+    logging_strategy: Literal["steps", "epoch", "no"] = "steps"
+    save_steps: int | float = 500
+    """Checkpoint every this many steps (0: only at the end; below 1: a fraction of the run)."""
+    save_strategy: Literal["steps", "epoch", "best", "no"] | None = None
+    """``steps``: every ``save_steps``; ``epoch``: after every epoch; ``best``: when ``metric_for_best_model``
+    improves; ``no``: no intermediate checkpoints. Unset: ``steps``. The final model is saved either way."""
     save_total_limit: int | None = 2
-    eval_steps: int = 0
-    """Evaluate every this many steps (0: only at the end, if an eval dataset is set)."""
+    """Checkpoints kept (oldest removed first; the best one is never removed with ``load_best_model_at_end``)."""
+    eval_steps: int | float = 0
+    """Evaluate every this many steps (0: only at the end, if an eval dataset is set; below 1: a fraction)."""
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    """``steps``: every ``eval_steps`` (default: ``logging_steps``, as in transformers); ``epoch``: after every
+    epoch; ``no``: never. Unset: every ``eval_steps`` if set, and at the end when there is eval data."""
+    load_best_model_at_end: bool = False
+    """Checkpoint at every evaluation, keep the best by ``metric_for_best_model``, and save that model as the final
+    one."""
+    metric_for_best_model: str | None = None
+    """The evaluation value that picks the best checkpoint (default: the eval metric's greedy score; gkd's
+    evaluation generates, so there is no eval loss)."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better (default: false for names containing ``loss``)."""
     eval_metric: str | None = None
     """A metric name from ``gkd.metrics`` or a built-in task name (its headline metric)."""
     eval_max_samples: int = 256
     eval_batch_size: int = 64
+    eval_tokenize: Literal["standard", "whitespace"] = "standard"
+    """How ``eval_metric: bleu`` / ``rouge*`` tokenise text: ``standard`` = sacrebleu's 13a and rouge-score's
+    default tokenizer (real text); ``whitespace`` = split on spaces (the built-in tasks' token text, which their
+    task metrics use regardless)."""
     report_to: list[str] = field(default_factory=list)
-    """Extra loggers when installed: tensorboard, wandb, trackio (a name or a list; ``all``: every installed one;
-    ``none``: none)."""
-    resume_from_checkpoint: str | None = None
-    """A ``checkpoint-STEP`` folder, or ``latest`` for the newest complete one in ``output_dir``."""
+    """Trackers, through accelerate: tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab
+    (a name or a list; ``all``: every installed one; ``none``: none). Local tracker files go to
+    ``output_dir/tensorboard/<run_name>``; metrics.jsonl is always written."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the output folder's name)."""
+    resume_from_checkpoint: str | bool | None = None
+    """A ``checkpoint-STEP`` folder, or ``latest`` (or ``true``) for the newest complete one in ``output_dir``."""
+    push_to_hub: bool = False
+    """At the end, upload the final model and tokenizer to the hub repo ``hub_model_id`` (huggingface_hub)."""
+    hub_model_id: str | None = None
+    """``user/name`` of the hub repo (default: the output folder's name under your account)."""
+    hub_private_repo: bool | None = None
+    hub_token: str | None = None
+    """Token for the upload (default: the one ``huggingface-cli login`` stored, or ``HF_TOKEN``)."""
     progress: bool = True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -231,11 +313,34 @@ class GKDConfig:
         hints = _hints(GKDConfig)
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name]))
+        if self.max_steps is None:  # TRL's command lines give num_train_epochs alone
+            self.max_steps = -1 if self.num_train_epochs is not None else _DEFAULT_MAX_STEPS
+        if self.num_train_epochs is None:
+            self.num_train_epochs = 3.0
+        if self.resume_from_checkpoint is True:  # TRL: true = the newest checkpoint in output_dir
+            self.resume_from_checkpoint = "latest"
+        elif self.resume_from_checkpoint is False:
+            self.resume_from_checkpoint = None
+        if self.max_completion_length is not None and self.max_new_tokens != self.max_completion_length:
+            if self.max_new_tokens != _DEFAULT_MAX_NEW_TOKENS:
+                raise ConfigError(
+                    f"config keys 'max_new_tokens' ({self.max_new_tokens}) and 'max_completion_length' "
+                    f"({self.max_completion_length}) both set the completion length; give one of them"
+                )
+            self.max_new_tokens = self.max_completion_length  # TRL's DistillationConfig name
+        if self.divergence == "jsd" and self.beta in (0, 1) and not self.jsd_normalize:
+            # TRL's generalized JSD at the ends of [0, 1]: exactly forward KL (β = 0) or reverse KL (β = 1)
+            self.divergence = "forward_kl" if self.beta == 0 else "reverse_kl"
         validate(self)
 
     @property
     def effective_max_completion_length(self) -> int:
         return self.max_completion_length or self.max_new_tokens
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts in a per-device micro-batch: ``per_device_train_batch_size`` counts sequences (TRL's meaning)."""
+        return self.per_device_train_batch_size // self.num_generations
 
     @property
     def off_policy_possible(self) -> bool:
@@ -256,7 +361,7 @@ class GKDConfig:
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not what the user meant (printed when a run starts)."""
-        out = []
+        out = list(getattr(self, "notes", []))
         if self.top_k > 0 or self.top_p < 1.0:
             out.append(
                 "top_k/top_p truncate the student's sampling distribution, so rollouts are no longer exactly "
@@ -310,6 +415,71 @@ class GKDConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's step counts, resolved from the config and the size of the training data (TRL's epoch and ratio
+    semantics): every cadence is a whole number of optimizer steps, 0 meaning "never" (save/eval: only at the end)."""
+
+    max_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    logging_steps: int
+    save_steps: int
+    eval_steps: int
+    evaluate: bool
+    """Evaluate at all (on the cadence and at the end)? False with ``eval_strategy: no`` or without eval data."""
+    save_best: bool
+    """Checkpoint when ``metric_for_best_model`` improves (``save_strategy: best``)."""
+
+    @property
+    def epochs(self) -> float:
+        return self.max_steps / self.steps_per_epoch
+
+
+def training_plan(
+    cfg: GKDConfig, train_examples: int, world_size: int = 1, has_eval_data: bool = False
+) -> Plan:
+    """Resolve ``max_steps: -1`` + ``num_train_epochs``, fractional ``*_steps`` / ``warmup_ratio`` and the
+    ``*_strategy`` keys into step counts, as transformers' Trainer does. An epoch is one pass over the training
+    prompts: ``per_device_train_batch_size / num_generations`` prompts x ``gradient_accumulation_steps`` x processes
+    per optimizer step."""
+    per_step = cfg.prompts_per_batch * cfg.gradient_accumulation_steps * world_size
+    steps_per_epoch = max(1, math.ceil(train_examples / per_step))
+    if cfg.max_steps > 0:
+        max_steps = cfg.max_steps
+    else:
+        max_steps = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+    def steps(value: float) -> int:
+        return math.ceil(value * max_steps) if 0 < value < 1 else int(value)
+
+    warmup = steps(cfg.warmup_steps) if cfg.warmup_steps else math.ceil(cfg.warmup_ratio * max_steps)
+    logging = {"steps": steps(cfg.logging_steps), "epoch": steps_per_epoch, "no": 0}[cfg.logging_strategy]
+    save = {"steps": steps(cfg.save_steps), "epoch": steps_per_epoch, "no": 0, "best": 0}[
+        cfg.save_strategy or "steps"
+    ]
+    evaluate = has_eval_data and cfg.eval_strategy != "no"
+    eval_every = steps(cfg.eval_steps)
+    if cfg.eval_strategy == "steps" and not eval_every:
+        eval_every = steps(cfg.logging_steps)  # transformers: eval_steps defaults to logging_steps
+    elif cfg.eval_strategy == "epoch":
+        eval_every = steps_per_epoch
+    return Plan(
+        max_steps=max_steps,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup,
+        logging_steps=logging,
+        save_steps=save,
+        eval_steps=eval_every if evaluate else 0,
+        evaluate=evaluate,
+        save_best=cfg.save_strategy == "best",
+    )
+
+
+_DEFAULT_MAX_NEW_TOKENS = 128
+_DEFAULT_MAX_STEPS = 1000
+assert GKDConfig.max_new_tokens == _DEFAULT_MAX_NEW_TOKENS
 
 # Keys that must match for a checkpoint to be resumed.
 RESUME_KEYS = (
@@ -370,18 +540,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-# Names users often type for a key (from TRL, transformers' TrainingArguments, peft, other trainers), tried before
-# any spelling match: "lr" is learning_rate, not the closest spelling "lora". Keys inside ``lora`` are looked up with
-# their ``lora.`` prefix.
+# Names users often type for a key (from transformers' TrainingArguments, peft, other trainers), tried before any
+# spelling match: "lr" is learning_rate, not the closest spelling "lora". Keys inside ``lora`` are looked up with their
+# ``lora.`` prefix. (TRL's own names are not here: they are accepted, see TRL_KEYS.)
 _ALIASES = {
     "lr": "learning_rate",
     "lambda": "lmbda",
     "lam": "lmbda",
     "batch_size": "per_device_train_batch_size",
     "train_batch_size": "per_device_train_batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
     "steps": "max_steps",
     "num_steps": "max_steps",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
     "model": "model_name_or_path",
     "student": "model_name_or_path",
     "student_model_name_or_path": "model_name_or_path",
@@ -390,19 +561,11 @@ _ALIASES = {
     "loss": "divergence",
     "max_completion_tokens": "max_completion_length",
     "gradient_clip": "max_grad_norm",
-    "dataset_name": "dataset",
     "dataset_path": "dataset",
     "train_dataset": "dataset",
-    "dataset_config": "dataset_config_name",
-    "dataset_train_split": "dataset_split",
-    "dataset_test_split": "eval_split",
     "test_dataset": "eval_dataset",
     "validation_dataset": "eval_dataset",
-    "lora_r": "lora.r",
-    "lora_rank": "lora.r",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "lora_target_modules": "lora.target_modules",
+    "lora_rank": "lora_r",
     "lora.rank": "lora.r",
     "lora.lora_r": "lora.r",
     "lora.lora_alpha": "lora.alpha",
@@ -410,34 +573,160 @@ _ALIASES = {
     "lora.modules": "lora.target_modules",
 }
 
-# Keys of other trainers that have no gkd equivalent yet: a spelling match would point somewhere wrong
-# ("deepspeed" -> "seed"), so say what to do instead.
+# Keys of other trainers that gkd cannot honour: one line that says so and what to do instead.
 _FOREIGN = {
     "max_length": "gkd limits prompts and completions separately: set max_prompt_length and max_new_tokens",
-    "deepspeed": "configure DeepSpeed with `accelerate config` and launch with `accelerate launch`",
-    "fsdp": "configure FSDP with `accelerate config` and launch with `accelerate launch`",
-    "use_peft": "set lora: {r: 16} (or any lora.* key) to train a LoRA adapter",
-    "num_train_epochs": "gkd counts optimizer steps: set max_steps",
-    "warmup_ratio": "set warmup_steps",
-    "eval_strategy": "set eval_steps (0: evaluate only at the end)",
-    "evaluation_strategy": "set eval_steps (0: evaluate only at the end)",
-    "save_strategy": "set save_steps (0: save only at the end)",
-    "logging_dir": "metrics go to output_dir/metrics.jsonl (and report_to backends)",
+    "logging_dir": "metrics go to output_dir/metrics.jsonl (and the report_to trackers)",
+    "load_in_4bit": "quantized (bitsandbytes) students are not supported yet; load in bf16 (dtype: bfloat16)",
+    "load_in_8bit": "quantized (bitsandbytes) students are not supported yet; load in bf16 (dtype: bfloat16)",
+    "use_dora": "DoRA adapters are not supported yet; use plain LoRA (use_peft: true)",
+    "lora_modules_to_save": "not supported yet; LoRA trains the adapters only",
 }
 
+# Other trainers' names for a gkd key, accepted as that key with the same meaning.
+_SYNONYMS = {
+    "dtype": "student_dtype",  # TRL's ModelConfig: the dtype the trained model is loaded in
+    "torch_dtype": "student_dtype",
+    "dataset_name": "dataset",  # TRL's ScriptArguments
+    "dataset_config": "dataset_config_name",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "evaluation_strategy": "eval_strategy",  # transformers' old name
+    "disable_tqdm": "progress",  # negated below
+}
 
-# Other trainers' names for a gkd key, accepted as that key (TRL's ModelConfig ``dtype`` / ``torch_dtype`` is the dtype
-# the trained model is loaded in: gkd's ``student_dtype``).
-_SYNONYMS = {"dtype": "student_dtype", "torch_dtype": "student_dtype"}
+# TRL / TrainingArguments keys gkd accepts and ignores (named in a warning when they ask for something gkd does not
+# do), with the value that needs no warning (gkd already behaves that way) and why.
+_IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logging_first_step": ((False,), "gkd logs step 1 anyway"),
+    "logging_nan_inf_filter": ((True, False), "non-finite steps are skipped and reported"),
+    "save_safetensors": ((True,), "checkpoints are always safetensors"),
+    "save_only_model": ((False, True), "checkpoints always hold what an exact resume needs"),
+    "remove_unused_columns": ((True, False), "records keep every field (rewards and metrics may read them)"),
+    "dataset_num_proc": ((None,), "tokenisation runs in the main process"),
+    "dataloader_num_workers": ((0,), "batches are built in the main process"),
+    "dataloader_pin_memory": ((True, False), "batches are small index tensors"),
+    "dataset_text_field": (("text",), "gkd trains on prompt/completion or messages records"),
+    "dataset_kwargs": ((None,), "not used"),
+    "packing": ((False,), "gkd does not pack sequences"),
+    "completion_only_loss": ((None, True), "the loss is always over completion tokens only"),
+    "assistant_only_loss": ((False,), "the loss is over the completion (the last assistant turn)"),
+    "tf32": ((None,), "set torch.backends.cuda.matmul.allow_tf32 yourself"),
+    "use_liger_kernel": ((False,), "gkd's fused chunked loss already avoids [positions, vocab] logits"),
+    "torch_compile": ((False,), "not used"),
+    "gradient_checkpointing_kwargs": ((None,), "gkd checkpoints with the model's defaults"),
+    "eval_on_start": ((False,), "evaluation runs on the eval_strategy cadence and at the end"),
+    "eval_accumulation_steps": ((None,), "evaluation is generation-based"),
+    "ddp_find_unused_parameters": ((None, False), "every trained parameter is used"),
+    "ddp_timeout": ((1800,), "accelerate's default is used"),
+    "hub_strategy": (("every_save", "end"), "the final model is pushed at the end"),
+    "log_level": (("passive", "info", "warning"), "console lines are gkd's own"),
+    "log_completions": ((False,), "evaluations write their generations to output_dir"),
+    "do_train": ((True, False), "gkd distill always trains"),
+    "do_eval": ((True, False), "evaluation follows eval_strategy / eval_dataset"),
+    "use_vllm": ((False,), "set rollout_backend: vllm for vLLM rollouts"),
+    "vllm_mode": (("server", "colocate"), "only used with rollout_backend: vllm"),
+    "vllm_gpu_memory_utilization": ((0.3, 0.9), "only used with rollout_backend: vllm"),
+    "lora_task_type": (("CAUSAL_LM", "SEQ_2_SEQ_LM"), "the task type follows the student's architecture"),
+    "use_rslora": ((False,), "not used"),
+}
+
+# TRL's ModelConfig LoRA keys -> gkd's ``lora`` mapping (used when ``use_peft: true``, ignored otherwise, as in TRL)
+_PEFT_KEYS = {
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+}
+# TRL ModelConfig's defaults for them (peft picks the target modules of the architecture when None)
+_PEFT_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
 
 
-def _apply_synonyms(data: dict[str, Any]) -> dict[str, Any]:
+def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """TRL / transformers keys in ``data`` turned into gkd keys with the same meaning; returns the new dict and the
+    warnings to print (keys accepted but ignored)."""
     out = dict(data)
+    notes: list[str] = []
     for alias, key in _SYNONYMS.items():
         if alias in out:
             if key in out:
                 raise ConfigError(f"config keys '{alias}' and '{key}' set the same thing; give only '{key}'")
-            out[key] = out.pop(alias)
+            value = out.pop(alias)
+            out[key] = (not value) if alias == "disable_tqdm" and isinstance(value, bool) else value
+    # the dtype inside TRL's model_init_kwargs / teacher_model_init_kwargs is gkd's student_dtype / teacher_dtype
+    for kwargs_key, dtype_key in (
+        ("model_init_kwargs", "student_dtype"),
+        ("teacher_model_init_kwargs", "teacher_dtype"),
+    ):
+        kwargs = out.get(kwargs_key)
+        if isinstance(kwargs, dict) and ({"dtype", "torch_dtype"} & set(kwargs)):
+            kwargs = dict(kwargs)
+            value = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+            kwargs.pop("torch_dtype", None)
+            if dtype_key in out and out[dtype_key] != value:
+                raise ConfigError(
+                    f"config keys '{kwargs_key}.dtype' ({value}) and '{dtype_key}' ({out[dtype_key]}) disagree; give one"
+                )
+            out[dtype_key], out[kwargs_key] = value, kwargs
+    # deepspeed / fsdp: never a silent single-process run
+    if out.get("deepspeed"):
+        import importlib.util
+
+        have = importlib.util.find_spec("deepspeed") is not None
+        why = (
+            "it is not supported yet"
+            if have
+            else "DeepSpeed is not installed here, and gkd does not support it yet"
+        )
+        raise ConfigError(
+            f"config key 'deepspeed': {why}; train with accelerate's DDP (accelerate launch) or drop the key"
+        )
+    out.pop("deepspeed", None)
+    if out.get("fsdp"):
+        raise ConfigError(
+            "config key 'fsdp': sharded training is not supported yet; use accelerate launch (DDP) or drop the key"
+        )
+    out.pop("fsdp", None)
+    out.pop("fsdp_config", None)
+    # LoRA the TRL way: use_peft switches it on, lora_* set it
+    use_peft = out.pop("use_peft", False)
+    given = [k for k in out if k in _PEFT_KEYS]
+    peft = {_PEFT_KEYS[k]: out.pop(k) for k in given}
+    if use_peft:
+        lora = out.get("lora") if isinstance(out.get("lora"), dict) else {}
+        out["lora"] = {**_PEFT_DEFAULTS, **lora, **peft}
+    elif peft:
+        notes.append(
+            f"config keys {', '.join(given)} are ignored: LoRA is off (as in TRL, set use_peft: true to train a "
+            "LoRA adapter)"
+        )
+    # TRL's example script evaluates on the dataset's test split whenever eval_strategy is not "no"
+    if out.get("eval_strategy") in ("steps", "epoch") and not out.get("eval_dataset") and out.get("dataset"):
+        out["eval_dataset"] = out["dataset"]
+        out.setdefault("eval_split", "test")
+    for key in [k for k in out if k in _IGNORED]:
+        value = out.pop(key)
+        quiet, why = _IGNORED[key]
+        if value not in quiet:
+            notes.append(f"config key '{key}: {value}' is ignored: {why}")
+    return out, notes
+
+
+def trl_keys() -> dict[str, str]:
+    """TRL / transformers key -> what gkd does with it (one line; ``gkd distill --help`` lists them)."""
+    out = {alias: f"same as {key}" for alias, key in _SYNONYMS.items()}
+    out["disable_tqdm"] = "the opposite of progress"
+    out["use_peft"] = "train a LoRA adapter (with lora_r, lora_alpha, lora_dropout, lora_target_modules)"
+    for key, name in _PEFT_KEYS.items():
+        out[key] = f"lora.{name} when use_peft is true (TRL default {_PEFT_DEFAULTS[name]!r})"
+    out["deepspeed"] = "not supported yet (an error)"
+    out["fsdp"] = "not supported yet (an error)"
+    out["fsdp_config"] = "not supported yet"
+    for key, (_quiet, why) in _IGNORED.items():
+        out[key] = f"accepted and ignored: {why}"
+    for key, why in _FOREIGN.items():
+        out[key] = f"refused: {why}"
     return out
 
 
@@ -448,6 +737,8 @@ def _unknown_key(key: str, valid: list[str], prefix: str = "") -> ConfigError:
     alias = _ALIASES.get(full)
     if alias is not None:
         return ConfigError(f"unknown config key '{full}'; did you mean '{alias}'?")
+    if not prefix:
+        valid = [*valid, *(k for k in trl_keys() if k not in _FOREIGN)]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; valid keys are listed in docs/config.md"
     return ConfigError(f"unknown config key '{full}'{hint}")
@@ -527,7 +818,23 @@ def _dataclass_of(annotation: Any) -> Any:
 
 # Float keys where infinity means something (no clipping).
 _INF_OK = ("max_grad_norm",)
-REPORT_TO = ("tensorboard", "wandb", "trackio")
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+# transformers.SchedulerType's values (tests/test_config.py checks the list against transformers)
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 
 
 def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
@@ -555,14 +862,28 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adam_epsilon": (lambda v: v > 0, "> 0"),
     "per_device_train_batch_size": (lambda v: v > 0, _POSITIVE),
     "gradient_accumulation_steps": (lambda v: v > 0, _POSITIVE),
-    "max_steps": (lambda v: v > 0, _POSITIVE),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "max_steps": (lambda v: v > 0 or v == -1, "a positive integer, or -1 (train for num_train_epochs)"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "warmup_steps": (
+        lambda v: v >= 0 and (v < 1 or float(v).is_integer()),
+        ">= 0 (an integer, or a fraction < 1)",
+    ),
+    "warmup_ratio": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     "max_consecutive_nonfinite": (lambda v: v > 0, _POSITIVE),
-    "logging_steps": (lambda v: v > 0, _POSITIVE),
-    "save_steps": (lambda v: v >= 0, ">= 0 (0: save only at the end)"),
-    "eval_steps": (lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
+    "logging_steps": (
+        lambda v: v > 0 and (v < 1 or float(v).is_integer()),
+        "a positive integer or a fraction < 1",
+    ),
+    "save_steps": (
+        lambda v: v >= 0 and (v < 1 or float(v).is_integer()),
+        ">= 0 (0: save only at the end; an integer, or a fraction < 1 of the run)",
+    ),
+    "eval_steps": (
+        lambda v: v >= 0 and (v < 1 or float(v).is_integer()),
+        ">= 0 (0: evaluate only at the end; an integer, or a fraction < 1 of the run)",
+    ),
     "eval_max_samples": (lambda v: v > 0, _POSITIVE),
     "eval_batch_size": (lambda v: v > 0, _POSITIVE),
     "save_total_limit": (lambda v: v > 0, "a positive integer or null"),
@@ -587,6 +908,7 @@ def validate(cfg: GKDConfig) -> None:
     _check_precision(cfg)
     _check_rl(cfg)
     _check_names(cfg)
+    _check_schedule(cfg)
     if cfg.lora is not None:
         _check(cfg.lora.r > 0, "lora.r", _POSITIVE, cfg.lora.r)
         _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
@@ -626,6 +948,10 @@ def _check_objective(cfg: GKDConfig) -> None:
         raise ConfigError(
             "config key 'teacher_cache: topk' caches the teacher on the fixed dataset, but with lmbda: 1 every "
             "batch is the student's own samples; set teacher_cache: none"
+        )
+    if cfg.divergence == "jsd" and not 0.0 <= cfg.beta <= 1.0:
+        raise ConfigError(
+            f"config key 'beta' must be in [0, 1] (0: forward KL, 1: reverse KL, as in TRL), got {cfg.beta}"
         )
     valid_div = [*DIVERGENCES, "nll"]
     if cfg.divergence not in valid_div:
@@ -668,6 +994,11 @@ def _check_rl(cfg: GKDConfig) -> None:
         raise ConfigError("RL + GKD trains on the student's own samples: set lmbda: 1 when 'reward' is given")
     if cfg.num_generations > 1 and cfg.lmbda != 1.0:
         raise ConfigError("config key 'num_generations' > 1 needs lmbda: 1 (samples are drawn per prompt)")
+    if cfg.per_device_train_batch_size % cfg.num_generations:
+        raise ConfigError(
+            f"config key 'per_device_train_batch_size' ({cfg.per_device_train_batch_size}) counts completions and "
+            f"must be a multiple of num_generations ({cfg.num_generations}), as in TRL"
+        )
     if cfg.teacher_kl_estimator == "sampled" and cfg.divergence not in ("reverse_kl",):
         raise ConfigError(
             "config key 'teacher_kl_estimator: sampled' estimates the reverse KL; set divergence: reverse_kl"
@@ -684,6 +1015,29 @@ def _check_names(cfg: GKDConfig) -> None:
             f"a name or list of {', '.join(REPORT_TO)}, all or none",
             name,
         )
+
+
+def _check_schedule(cfg: GKDConfig) -> None:
+    if cfg.lr_scheduler_type not in LR_SCHEDULERS:
+        close = difflib.get_close_matches(cfg.lr_scheduler_type, LR_SCHEDULERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key 'lr_scheduler_type' must be one of {', '.join(LR_SCHEDULERS)}, got "
+            f"{cfg.lr_scheduler_type!r}{hint}"
+        )
+    if cfg.min_lr_ratio > 0 and cfg.lr_scheduler_type != "cosine":
+        raise ConfigError(
+            f"config key 'min_lr_ratio' applies to lr_scheduler_type: cosine, not {cfg.lr_scheduler_type}; use "
+            "lr_scheduler_kwargs (e.g. {min_lr_rate: 0.1} with cosine_with_min_lr)"
+        )
+    if cfg.optim not in OPTIMIZERS:
+        raise ConfigError(
+            f"config key 'optim: {cfg.optim}' is not available in gkd: it trains with AdamW ({', '.join(OPTIMIZERS)})"
+        )
+    if cfg.save_strategy == "best" and cfg.eval_strategy == "no":
+        raise ConfigError("config key 'save_strategy: best' needs evaluations; eval_strategy is 'no'")
+    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
+        raise ConfigError("config key 'load_best_model_at_end' needs evaluations; eval_strategy is 'no'")
 
 
 def _config_terms(cfg: GKDConfig, message: str) -> str:
@@ -730,11 +1084,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> GKDConfig:
-    """Build and validate a GKDConfig from a plain dict (unknown keys get a suggestion)."""
-    data = _apply_synonyms(data)
+    """Build and validate a GKDConfig from a plain dict: gkd's keys, and TRL's (``TRL_KEYS``) with TRL's meaning.
+    Unknown keys are all reported in one error, each with a suggestion."""
+    data, notes = _from_trl(data)
     if "lora" in data and data["lora"] is not None and not isinstance(data["lora"], str):
         data["lora"] = _build(LoraConfig, data["lora"], prefix="lora.")
-    return _build(GKDConfig, data)
+    cfg = _build(GKDConfig, data)
+    cfg.notes = notes
+    return cfg
 
 
 PRESETS_DIR = Path(__file__).parent / "configs" / "presets"

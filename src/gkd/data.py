@@ -4,9 +4,13 @@ Records use TRL's formats:
 - ``{"prompt": str, "completion": str}`` (the completion is the target);
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: the chat template renders everything before the last
   assistant turn as the prompt, and that last turn is the target;
-- ``{"prompt": str}`` alone (or ``messages`` ending with a user turn) is a prompt-only record, usable when every
-  batch is the student's own samples (λ = 1) or the teacher writes the targets (SeqKD).
-Extra fields (e.g. ``references``) are kept for metrics and rewards.
+- ``{"prompt": [messages], "completion": [assistant messages]}`` (TRL's conversational prompt-completion, the
+  DistillationTrainer's format): the prompt messages through the chat template, the assistant content the target,
+  the same ids as the equivalent ``messages`` record;
+- ``{"prompt": str}`` or ``{"prompt": [messages]}`` alone (or ``messages`` ending with a user turn) is a prompt-only
+  record, usable when every batch is the student's own samples (λ = 1) or the teacher writes the targets (SeqKD).
+Chat prompts always get the chat template with the generation prompt; plain-string prompts only with
+``apply_chat_template`` (as one user turn). Extra fields (e.g. ``references``) are kept for metrics and rewards.
 
 Loss and metrics only ever see completion tokens. Prompts longer than ``max_prompt_length`` are truncated from the
 left and counted, never silently dropped.
@@ -18,15 +22,25 @@ import contextlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gkd.errors import DataError
+from gkd.errors import ConfigError, DataError
 
-__all__ = ["Batch", "Example", "TokenizedDataset", "collate", "load_records", "tokenize_records"]
+__all__ = [
+    "Batch",
+    "Example",
+    "TokenizedDataset",
+    "collate",
+    "load_records",
+    "read_chat_template",
+    "tokenize_records",
+    "with_chat_template",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +76,43 @@ def read_jsonl(path: Path, skip_bad_lines: bool = False) -> tuple[list[dict], in
     return records, skipped
 
 
-_SPLIT_NAMES = {"train", "training", "validation", "valid", "val", "dev", "test", "eval", "evaluation"}
+# The file-name keywords of each split, as ``datasets`` reads a folder of data files (``dev.jsonl`` is the validation
+# split, ``eval-00.jsonl`` the test split).
+_SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SPLIT_OF_KEYWORD = {kw: name for name, kws in _SPLIT_KEYWORDS.items() for kw in kws}
+
+
+def _file_split(f: Path) -> str | None:
+    """The split a data file's name says it holds (``train-00.jsonl``, ``my_dev.jsonl``), or None (``data.jsonl``)."""
+    for word in re.split(r"[-._ 0-9]+", f.stem.lower()):
+        if word in _SPLIT_OF_KEYWORD:
+            return _SPLIT_OF_KEYWORD[word]
+    return None
+
+
+def _split_files(folder: Path, split: str, split_key: str) -> list[Path]:
+    """The JSONL files of ``split`` in ``folder`` (or its ``data/`` subfolder, the hub's layout): those whose name
+    starts with the split's name or says it is that split (``dev.jsonl`` for ``validation``, as ``datasets`` reads
+    folders). Files that name no split serve every split, but a folder never gives another split's file."""
+    files = sorted(folder.glob("*.jsonl")) or sorted(folder.glob("data/*.jsonl"))
+    if not files:
+        return []
+    wanted = _SPLIT_OF_KEYWORD.get(split.lower(), split.lower())
+    mine = [f for f in files if f.name.startswith(split) or _file_split(f) == wanted]
+    if mine:
+        return mine
+    named = {f: _file_split(f) for f in files if _file_split(f) is not None}
+    if named:
+        raise DataError(
+            f"dataset folder '{folder}' has no '{split}*.jsonl' file (it has "
+            f"{', '.join(sorted(f.name for f in named))}); add one or set {split_key} to one of "
+            f"{', '.join(sorted(set(named.values())))}"
+        )
+    return files
 
 
 def load_records(
@@ -88,18 +138,9 @@ def load_records(
             "json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split
         ), 0
     if path.is_dir():
-        jsonl = sorted(path.glob(f"{split}*.jsonl"))
-        if not jsonl:  # unnamed files serve every split, but never another split's file
-            named = [f for f in path.glob("*.jsonl") if f.stem.split("-")[0].split(".")[0] in _SPLIT_NAMES]
-            if named:
-                raise DataError(
-                    f"dataset folder '{path}' has no '{split}*.jsonl' file (it has "
-                    f"{', '.join(sorted(f.name for f in named))}); add one or set {split_key} to one of "
-                    f"{', '.join(sorted({f.stem.split('-')[0].split('.')[0] for f in named}))}"
-                )
-            jsonl = sorted(path.glob("*.jsonl"))
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _load_from_disk(path, split), 0
+        jsonl = _split_files(path, split, split_key)
         if jsonl:
             records: list[dict] = []
             skipped = 0
@@ -108,10 +149,10 @@ def load_records(
                 records += r
                 skipped += s
             return records, skipped
-        return _load_with_datasets(None, path, split, config_name), 0
+        return _load_with_datasets(None, path, split, config_name, split_key), 0
     if _missing_local(spec):
         raise DataError(f"dataset '{spec}' does not exist; check the path (looked for {path.absolute()})")
-    return _load_with_datasets(spec, None, split, config_name), 0
+    return _load_with_datasets(spec, None, split, config_name, split_key), 0
 
 
 def _missing_local(spec: str) -> bool:
@@ -153,13 +194,24 @@ def _load_from_disk(path: Path, split: str) -> list[dict]:
 
 
 def _load_with_datasets(
-    builder: str | None, path: Path | None, split: str, config_name: str | None = None
+    builder: str | None,
+    path: Path | None,
+    split: str,
+    config_name: str | None = None,
+    split_key: str = "split",
 ) -> list[dict]:
     try:
         with _quiet_datasets() as datasets:
             ds = _load_dataset(datasets, builder, path, split, config_name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
-        raise DataError(f"dataset '{builder or path}' could not be loaded: {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        found = re.match(r"Unknown split \"(.*)\"\. Should be one of \[(.*)\]", first)
+        if found:  # name the setting that chose the split, and the splits there are
+            have = ", ".join(x.strip().strip("'\"") for x in found.group(2).split(","))
+            raise DataError(
+                f"dataset '{builder or path}' has no split '{split}' (it has {have}); set {split_key} to one of them"
+            ) from e
+        raise DataError(f"dataset '{builder or path}' could not be loaded: {first}") from e
     return list(ds)
 
 
@@ -201,19 +253,26 @@ class TokenizedDataset:
         return all(e.completion is not None for e in self.examples)
 
 
-def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple[str, str | None, bool]:
-    """(prompt text, completion text or None, prompt already holds special tokens?) of one record."""
-    if "messages" in record:
+def split_record(
+    record: dict, tokenizer: Any, index: int, source: str, apply_chat_template: bool = False
+) -> tuple[str, str | None, bool]:
+    """(prompt text, completion text or None, prompt already holds special tokens?) of one record.
+
+    Conversational prompts (``messages``, or ``prompt`` as a list of messages) are rendered with the tokenizer's chat
+    template and the generation prompt; a plain-string prompt is too (as one user turn) when ``apply_chat_template``.
+    The target is the final assistant turn's text (``messages``) or the completion's (a string, or assistant
+    messages), so every format of the same example gives the same ids.
+    """
+    if record.get("messages") is not None:  # (Arrow files give every record every column, None where absent)
         msgs = record["messages"]
         _check_messages(msgs, "messages", index, source)
         _check_chat_template(tokenizer, source)
         if msgs[-1].get("role") == "assistant":
-            prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-            return prompt, str(msgs[-1].get("content", "")), True
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return prompt, None, True
-    if "prompt" not in record:
-        keys = ", ".join(sorted(record)) or "none"
+            prompt = _render(tokenizer, msgs[:-1], "messages", index, source)
+            return prompt, _content(msgs[-1].get("content")), True
+        return _render(tokenizer, msgs, "messages", index, source), None, True
+    if record.get("prompt") is None:
+        keys = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
         raise DataError(
             f"{source} record {index} has no 'prompt' field (keys: {keys}); records need prompt[/completion] "
             "or messages"
@@ -229,7 +288,19 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
         )
     if completion is not None and not isinstance(completion, str):
         raise DataError(
-            f"{source} record {index}: 'completion' must be a string, got {type(completion).__name__}"
+            f"{source} record {index}: 'completion' must be a string or a list of assistant messages, got "
+            f"{type(completion).__name__}"
+            + (
+                " (a conversational completion needs a conversational prompt)"
+                if isinstance(completion, list)
+                else ""
+            )
+        )
+    if apply_chat_template:
+        return (
+            _render(tokenizer, [{"role": "user", "content": prompt}], "prompt", index, source),
+            completion,
+            True,
         )
     return prompt, completion, False
 
@@ -237,17 +308,51 @@ def split_record(record: dict, tokenizer: Any, index: int, source: str) -> tuple
 def _conversational(
     prompt: list, completion: Any, tokenizer: Any, index: int, source: str
 ) -> tuple[str, str | None, bool]:
-    """TRL's conversational format: the prompt messages go through the chat template (with the generation prompt),
-    the completion messages' contents are the target."""
+    """TRL's conversational format: the prompt messages go through the chat template (with the generation prompt,
+    or continuing a final assistant turn), the completion's assistant contents are the target."""
     _check_messages(prompt, "prompt", index, source)
     _check_chat_template(tokenizer, source)
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if completion is None:
-        return text, None, True
-    if isinstance(completion, str):
+    text = _render(tokenizer, prompt, "prompt", index, source)
+    if completion is None or isinstance(completion, str):
         return text, completion, True
     _check_messages(completion, "completion", index, source)
-    return text, "".join(str(m.get("content", "")) for m in completion), True
+    other = [m["role"] for m in completion if m["role"] != "assistant"]
+    if other:
+        raise DataError(
+            f"{source} record {index}: 'completion' messages must be assistant turns (got role '{other[0]}'); "
+            "the target is the assistant's text, so put earlier turns in 'prompt'"
+        )
+    return text, "\n".join(_content(m.get("content")) for m in completion), True
+
+
+def _render(tokenizer: Any, msgs: list[dict], key: str, index: int, source: str) -> str:
+    """The chat template over ``msgs`` with the generation prompt (a final assistant turn is continued instead, as
+    TRL does for a prefilled answer); a template that fails names the record."""
+    prefill = msgs[-1].get("role") == "assistant"
+    try:
+        return tokenizer.apply_chat_template(
+            msgs,
+            tokenize=False,
+            add_generation_prompt=not prefill,
+            **({"continue_final_message": True} if prefill else {}),
+        )
+    except Exception as e:  # jinja2 errors, raise_exception() in templates, bad content types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source} record {index}: the chat template failed on its '{key}': {first}") from e
+
+
+def _content(content: Any) -> str:
+    """The text of a message's ``content``: a string, or the ``text`` parts of a list of content parts (the same
+    rule as :func:`gkd.metrics.target_of`, so the trained target is the metrics' reference)."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", "")) if isinstance(part, dict) else str(part)
+            for part in content
+            if not isinstance(part, dict) or part.get("type", "text") == "text"
+        )
+    return str(content)
 
 
 def _check_messages(msgs: Any, key: str, index: int, source: str) -> None:
@@ -261,8 +366,113 @@ def _check_chat_template(tokenizer: Any, source: str) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             f"{source} has chat messages but the tokenizer has no chat template; use prompt/completion text "
-            "records or a tokenizer with a chat_template"
+            "records, a tokenizer with a chat_template, or set chat_template_path"
         )
+
+
+def check_apply_chat_template(tokenizer: Any) -> None:
+    """``apply_chat_template: true`` needs a tokenizer with a chat template (one-line ``ConfigError``)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            "config key 'apply_chat_template: true' wraps prompts in the tokenizer's chat template, but the "
+            "tokenizer has none; set chat_template_path (a Jinja file or a tokenizer folder) or "
+            "apply_chat_template: false"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat templates from a file or another tokenizer's folder
+# ---------------------------------------------------------------------------------------------------------------
+_TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
+
+
+def read_chat_template(spec: str) -> str:
+    """The Jinja chat template of ``spec``: a template file (``.jinja``, ``.j2``, ``.txt``, ...), or a tokenizer
+    folder (its ``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json`` / ``chat_template.json``),
+    or a hub tokenizer id (TRL's ``chat_template_path``). A bad path is a one-line ``ConfigError``."""
+    key = "config key 'chat_template_path'"
+    path = Path(os.path.expanduser(spec))
+    if path.is_file() and path.name in ("tokenizer_config.json", "chat_template.json"):
+        return _template_of_folder(path.parent, spec)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}: cannot read '{spec}' ({e}); give a Jinja template file") from e
+        if not text.strip():
+            raise ConfigError(f"{key}: '{spec}' is empty; give a Jinja chat template file")
+        return text
+    if path.is_dir():
+        return _template_of_folder(path, spec)
+    from gkd.io import missing_local_path
+
+    if spec.endswith((*_TEMPLATE_SUFFIXES, ".json")) or missing_local_path(spec):
+        raise ConfigError(
+            f"{key}: '{spec}' does not exist (looked for {path.absolute()}); give a Jinja template file or a "
+            "tokenizer folder"
+        )
+    try:  # a hub tokenizer id, as TRL allows
+        from transformers import AutoTokenizer
+
+        template = AutoTokenizer.from_pretrained(spec).chat_template
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{key}: '{spec}' is not a local file or folder and could not be loaded from the hub ({first})"
+        ) from e
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigError(f"{key}: the tokenizer '{spec}' has no chat template; give one that has")
+    return template
+
+
+def _template_of_folder(folder: Path, spec: str) -> str:
+    key = "config key 'chat_template_path'"
+    for name in ("chat_template.jinja", "chat_template.j2"):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            template = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{key}: cannot read '{f}' ({e})") from e
+        if isinstance(template, list):  # several named templates: the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template.strip():
+            return template
+    raise ConfigError(
+        f"{key}: the folder '{spec}' has no chat template (no chat_template.jinja, and no chat_template in "
+        "tokenizer_config.json); give a Jinja template file or a tokenizer folder that has one"
+    )
+
+
+def with_chat_template(tokenizer: Any, spec: str, copy: bool = True) -> Any:
+    """``tokenizer`` with the chat template of ``spec`` (see :func:`read_chat_template`), checked to render a one-turn
+    conversation. A copy unless ``copy=False``: the given tokenizer is left as it was."""
+    import copy as _copy
+
+    template = read_chat_template(spec)
+    tok = tokenizer
+    # shallow: the template is the tokenizer's own attribute (deepcopy fails on some fast tokenizers)
+    if copy:
+        tok = _copy.copy(tokenizer)
+        if isinstance(getattr(tok, "init_kwargs", None), dict):
+            tok.init_kwargs = dict(tok.init_kwargs)
+    tok.chat_template = template
+    try:
+        tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja2 syntax errors and the like
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"config key 'chat_template_path': '{spec}' is not a usable Jinja chat template ({type(e).__name__}: "
+            f"{first}); fix the template"
+        ) from e
+    return tok
 
 
 def _batch_tokenize(tokenizer: Any, texts: list[str], special: list[bool]) -> list[list[int]]:
@@ -285,12 +495,19 @@ def tokenize_records(
     max_completion_length: int,
     source: str = "dataset",
     seq2seq: bool = False,
+    apply_chat_template: bool = False,
 ) -> TokenizedDataset:
-    """Tokenize prompt and completion separately; completions end with EOS (appended if missing)."""
+    """Tokenize prompt and completion separately; completions end with EOS (appended if missing).
+
+    ``apply_chat_template`` also renders plain-string prompts with the chat template, as one user turn (chat records
+    always use it). Rendered prompts are tokenized without adding special tokens (the template writes them).
+    """
     if not records:
         raise DataError(f"{source} is empty; it needs at least one record")
+    if apply_chat_template:
+        check_apply_chat_template(tokenizer)
     eos = tokenizer.eos_token_id
-    parts = [split_record(rec, tokenizer, i, source) for i, rec in enumerate(records)]
+    parts = [split_record(rec, tokenizer, i, source, apply_chat_template) for i, rec in enumerate(records)]
     prompt_ids = _batch_tokenize(tokenizer, [p for p, _, _ in parts], [not t for _, _, t in parts])
     completions = [c for _, c, _ in parts if c is not None]
     completion_ids = iter(_batch_tokenize(tokenizer, completions, [False] * len(completions)))

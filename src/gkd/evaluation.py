@@ -135,6 +135,7 @@ def evaluate(
     top_p: float = 1.0,
     batch_size: int = 64,
     sampler: Sampler | None = None,
+    tokenize: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model``'s completions of ``dataset``: greedy decoding and sampling, ``{mode: {metric: value}}``.
 
@@ -150,22 +151,31 @@ def evaluate(
       part of what fixes the samples of a seed.
     * ``sampler``: the backend (default: the local ``auto`` sampler). ``sampler.sync(model)`` is called once,
       before the first completion.
+    * ``tokenize``: ``standard`` or ``whitespace`` (the config's ``eval_tokenize``), how a ``scorer`` name
+      ``bleu`` / ``rouge*`` and self-BLEU tokenise text (:mod:`gkd.scoring`); default ``standard``. Task names
+      and task metrics always score (and self-BLEU) in the tasks' ``whitespace`` mode; with a callable ``scorer``
+      (e.g. ``Task.score``) self-BLEU uses ``tokenize`` if given, else ``whitespace``.
 
     :func:`flatten` turns the result into ``{"greedy/<metric>": value, ...}`` keys. The callers map onto it as::
 
         gkd eval:      evaluate(m, tok, data, name, sampled={} if greedy_only else {"sample": T}, seeds=(seed,), ...)
         trainer:       flatten(evaluate(m, tok, data, cfg.eval_metric, sampled={"sample": cfg.temperature},
-                               seeds=(cfg.seed,), batch_size=cfg.eval_batch_size, sampler=...), prefix="eval/")
+                               seeds=(cfg.seed,), batch_size=cfg.eval_batch_size, sampler=...,
+                               tokenize=cfg.eval_tokenize), prefix="eval/")
         experiments:   evaluate(m, tok, data, task.score, sampled={"sample" if t == 1 else f"sample_{t:g}": t
                                for t in temperatures}, seeds=[seed * 1000 + k for k in range(samples)],
                                batch_size=500)
     """
     if isinstance(scorer, str):
-        from gkd.scoring import resolve_scorer
+        from gkd.scoring import DEFAULT_TOKENIZE, TASK_TOKENIZE, get_scorer, resolve_scorer
 
-        score: ScoreFn = resolve_scorer(scorer)
+        text_tokenize = tokenize or DEFAULT_TOKENIZE
+        score: ScoreFn = resolve_scorer(scorer, tokenize=text_tokenize)
+        # self-BLEU of a task name's (or task metric's) samples: the tasks' token text, as the experiments score it
+        diversity_tokenize = TASK_TOKENIZE if get_scorer(scorer).task is not None else text_tokenize
     else:
         score = scorer
+        diversity_tokenize = tokenize or "whitespace"
     if sampled is None:
         sampled = {"sample": 1.0}
     seeds = list(seeds)
@@ -200,7 +210,7 @@ def evaluate(
         if len(seeds) > 1:
             from gkd.metrics import self_bleu
 
-            scores["self_bleu"] = self_bleu([list(s) for s in zip(*runs)])
+            scores["self_bleu"] = self_bleu([list(s) for s in zip(*runs)], tokenize=diversity_tokenize)
         out[mode] = scores
     return out
 

@@ -13,19 +13,26 @@ reference, followed by ``references``. A metric that compares against references
 (a ``ValueError``) on a record that has none.
 
 Each reference-based metric also has a per-example form ``NAME_score(record, prediction) -> float in [0, 1]``
-(:func:`exact_match_score`, :func:`final_answer_score`, :func:`bleu_score`, :func:`rouge2_score`,
-:func:`rougeL_score`), meant as RL rewards. For exact match, final answer and ROUGE it equals the corpus metric on a
-one-record corpus divided by 100; :func:`bleu_score` is sentence BLEU (effective order), since corpus BLEU-4 of one
-short sentence is often 0.
+(:func:`exact_match_score`, :func:`final_answer_score`, :func:`bleu_score`, :func:`rouge1_score`,
+:func:`rouge2_score`, :func:`rougeL_score`, :func:`rougeLsum_score`), meant as RL rewards. For exact match, final
+answer and ROUGE it equals the corpus metric on a one-record corpus divided by 100; :func:`bleu_score` is sentence
+BLEU (effective order), since corpus BLEU-4 of one short sentence is often 0.
 
 **All metrics return a percentage: a float in [0, 100]** (100 = perfect). This matches how the GKD paper reports
 accuracy, BLEU and ROUGE, and lets tables mix metrics without rescaling.
 
-Tokenisation. The built-in tasks write text as space-separated tokens, one word per token, so BLEU uses
-sacrebleu's ``tokenize="none"`` (split on whitespace only) and ROUGE uses a whitespace tokenizer that keeps tokens
-exactly as written (case, ``~``, ``####`` and ``+`` all survive). For real English text pass
-``tokenize="13a"`` to :func:`bleu` and ``tokenizer="default"`` to :func:`rouge2` / :func:`rougeL` (rouge-score's
-own lower-casing, punctuation-stripping tokenizer), e.g. with ``functools.partial``.
+Tokenisation. BLEU and ROUGE take ``tokenize`` (:data:`TOKENIZE_MODES`):
+
+* ``"standard"``: the standard tokenisations for real text, sacrebleu's ``13a`` (the WMT default: punctuation split
+  off, case kept) and rouge-score's default tokenizer (lower-cased, everything but ``[a-z0-9]`` is a separator, no
+  stemming). This is what ``eval_metric: bleu`` / ``rouge*`` and the rewards of those names use by default
+  (``eval_tokenize``, through :mod:`gkd.scoring`).
+* ``"whitespace"``: split on whitespace only and keep every token exactly as written (case, ``~``, ``####`` and
+  ``+`` all survive), for the built-in tasks' space-separated token text (one word per token). It is the default of
+  the functions here, because the tasks' metrics call them, and it is what the task names always use.
+
+:func:`bleu` also takes any sacrebleu tokenizer name (``"13a"``, ``"none"``, ``"intl"``, ``"zh"``, ...) and the ROUGE
+functions ``"default"`` (= standard); ``tokenizer=`` is the ROUGE functions' older name for ``tokenize``.
 
 Diversity is not a per-record metric, so it lives outside the registry: :func:`self_bleu` takes several samples per
 input and returns 100 when the samples of each input are identical, lower when they differ.
@@ -45,6 +52,7 @@ Metric = Callable[[list[str], list[dict]], float]
 
 __all__ = [
     "METRICS",
+    "TOKENIZE_MODES",
     "Metric",
     "NoReferenceError",
     "bleu",
@@ -60,10 +68,15 @@ __all__ = [
     "prompt_text_of",
     "references_of",
     "require_references",
+    "rouge1",
+    "rouge1_score",
     "rouge2",
     "rouge2_score",
     "rougeL",
     "rougeL_score",
+    "rougeLsum",
+    "rougeLsum_score",
+    "sacrebleu_tokenize",
     "self_bleu",
     "target_of",
 ]
@@ -123,7 +136,12 @@ def target_of(record: dict) -> str | None:
 
 def references_of(record: dict) -> list[str]:
     """All valid targets of a record: its target (see :func:`target_of`) first, then its ``references``, without
-    duplicates, order kept. A prompt-only record without ``references`` has none: ``[]``."""
+    duplicates, order kept. A prompt-only record without ``references`` has none: ``[]``.
+
+    Every TRL format: ``completion`` (a string, or assistant messages), ``messages`` ending with an assistant turn,
+    ``references``. Fields that are None count as absent (Arrow datasets give every record every column).
+    """
+    record = _present(record)
     target = target_of(record)
     extra = record.get("references") or []
     if isinstance(extra, str):
@@ -150,12 +168,23 @@ def require_references(record: dict, index: int | None = None) -> list[str]:
     return refs
 
 
+def _present(record: dict) -> dict:
+    """``record`` without its None-valued fields (a parquet file of mixed formats has ``messages: None`` rows)."""
+    if all(v is not None for v in record.values()):
+        return record
+    return {k: v for k, v in record.items() if v is not None}
+
+
 def prompt_text_of(record: dict) -> str:
     """The raw prompt text a task parses: the ``prompt`` string, or, for ``messages`` and a conversational
     ``prompt`` (a list of messages), the content of the last ``user`` turn before the target.
 
+    That is the text a user posed, what tasks parse and rewards read, without the chat template's markup (the
+    prompt-only forms too: ``{"prompt": str}``, ``{"prompt": [messages]}``). Fields that are None count as absent.
+
     Raises ``ValueError`` when the record has no prompt text (no ``prompt`` / ``messages``, or no user turn).
     """
+    record = _present(record)
     if "messages" in record:
         msgs = _messages(record["messages"])
         if msgs and msgs[-1].get("role") == "assistant":
@@ -268,51 +297,81 @@ def final_answer(predictions: list[str], records: list[dict], marker: str = "###
     return 100.0 * hits / len(predictions)
 
 
+# --------------------------------------------------------------------------------------------------- tokenisation
+
+TOKENIZE_MODES = ("standard", "whitespace")
+"""The two tokenisations of BLEU and ROUGE: ``standard`` (real text) and ``whitespace`` (the tasks' token text)."""
+
+
+def sacrebleu_tokenize(tokenize: str) -> str:
+    """sacrebleu's tokenizer name for ``tokenize``: ``standard`` -> ``13a``, ``whitespace`` -> ``none``; any other
+    name is passed through (sacrebleu checks it)."""
+    return {"standard": "13a", "whitespace": "none"}.get(tokenize, tokenize)
+
+
+def _rouge_tokenize(tokenize: str | None, tokenizer: str | None) -> str:
+    """The ROUGE tokenisation from ``tokenize`` or its older name ``tokenizer`` (default ``whitespace``):
+    ``standard`` (also ``default``, rouge-score's name) or ``whitespace`` (also ``none``, sacrebleu's name)."""
+    if tokenizer is not None:
+        if tokenize is not None and tokenize != tokenizer:
+            raise ValueError(f"give tokenize={tokenize!r} or tokenizer={tokenizer!r}, not both")
+        tokenize = tokenizer
+    name = tokenize or "whitespace"
+    mode = {"default": "standard", "none": "whitespace"}.get(name, name)
+    if mode not in TOKENIZE_MODES:
+        raise ValueError(f"unknown rouge tokenize {tokenize!r}; use 'standard' or 'whitespace'")
+    return mode
+
+
 # --------------------------------------------------------------------------------------------------- BLEU
 
 
-def bleu(predictions: list[str], records: list[dict], tokenize: str = "none") -> float:
+_BLEU: dict[tuple[str, bool], Any] = {}
+
+
+def _bleu_metric(tokenize: str, sentence: bool) -> Any:
+    """A cached sacrebleu ``BLEU`` (corpus, or sentence-level with effective order) for one tokenisation."""
+    key = (sacrebleu_tokenize(tokenize), sentence)
+    if key not in _BLEU:
+        from sacrebleu.metrics import BLEU
+
+        _BLEU[key] = BLEU(tokenize=key[0], effective_order=sentence)
+    return _BLEU[key]
+
+
+def bleu(predictions: list[str], records: list[dict], tokenize: str = "whitespace") -> float:
     """Corpus BLEU-4 (sacrebleu) of the predictions against all references of each record.
 
     Records may have different numbers of references: sacrebleu's reference streams are padded with ``None``.
-    ``tokenize="none"`` splits on whitespace only, which is right for the space-separated token text of the
-    built-in tasks; use ``"13a"`` (sacrebleu's default, WMT standard) for real detokenised text.
+    ``tokenize``: ``"whitespace"`` (sacrebleu's ``none``) splits on whitespace only, which is right for the
+    space-separated token text of the built-in tasks; ``"standard"`` (``13a``, sacrebleu's default, WMT standard) is
+    for real detokenised text; any other sacrebleu tokenizer name is used as is.
     """
     check_inputs(predictions, records)
-    from sacrebleu.metrics import BLEU
-
     refs = [require_references(rec, i) for i, rec in enumerate(records)]
     n_streams = max(len(r) for r in refs)
     streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n_streams)]
-    return _clamp(BLEU(tokenize=tokenize).corpus_score(list(predictions), streams).score)
+    return _clamp(_bleu_metric(tokenize, False).corpus_score(list(predictions), streams).score)
 
 
-_SENTENCE_BLEU: dict[str, Any] = {}
-
-
-def bleu_score(record: dict, prediction: str, tokenize: str = "none") -> float:
+def bleu_score(record: dict, prediction: str, tokenize: str = "whitespace") -> float:
     """Sentence BLEU-4 in [0, 1] against all references of the record, with sacrebleu's effective order (n-gram
     orders longer than the prediction are ignored), so short outputs are not all 0. ``tokenize`` as in :func:`bleu`.
     """
     refs = require_references(record)
-    if tokenize not in _SENTENCE_BLEU:
-        from sacrebleu.metrics import BLEU
-
-        _SENTENCE_BLEU[tokenize] = BLEU(tokenize=tokenize, effective_order=True)
-    return _clamp(_SENTENCE_BLEU[tokenize].sentence_score(prediction, refs).score) / 100.0
+    return _clamp(_bleu_metric(tokenize, True).sentence_score(prediction, refs).score) / 100.0
 
 
-def self_bleu(samples_per_input: list[list[str]], tokenize: str = "none") -> float:
+def self_bleu(samples_per_input: list[list[str]], tokenize: str = "whitespace") -> float:
     """Self-BLEU diversity: sentence BLEU of each sample against the *other* samples of the same input, averaged.
 
     100 means every input's samples are identical (no diversity); lower is more diverse. Sentence BLEU uses
     sacrebleu's effective order (n-gram orders longer than the sample are ignored), so short identical samples still
     score 100. Inputs with fewer than two samples are skipped. This is the diversity measure the GKD paper plots
     against ROUGE-2 when varying the sampling temperature (e.g. ``samples_per_input`` = 5 T=1 samples per prompt).
+    ``tokenize`` as in :func:`bleu`.
     """
-    from sacrebleu.metrics import BLEU
-
-    metric = BLEU(tokenize=tokenize, effective_order=True)
+    metric = _bleu_metric(tokenize, True)
     scores = []
     for samples in samples_per_input:
         if len(samples) < 2:
@@ -338,18 +397,18 @@ class _WhitespaceTokenizer:
 _SCORERS: dict[tuple[str, str], Any] = {}
 
 
-def _scorer(rouge_type: str, tokenizer: str) -> Any:
-    """A cached ``rouge_score.rouge_scorer.RougeScorer`` for one ROUGE type and tokenizer."""
+def _scorer(rouge_type: str, tokenize: str) -> Any:
+    """A cached ``rouge_score.rouge_scorer.RougeScorer`` for one ROUGE type and tokenisation (``standard``: the
+    package's default tokenizer without stemming; ``whitespace``: tokens as written)."""
     from rouge_score import rouge_scorer
 
-    key = (rouge_type, tokenizer)
+    mode = _rouge_tokenize(tokenize, None)
+    key = (rouge_type, mode)
     if key not in _SCORERS:
-        if tokenizer == "whitespace":
+        if mode == "whitespace":
             _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type], tokenizer=_WhitespaceTokenizer())
-        elif tokenizer == "default":
-            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type])
         else:
-            raise ValueError(f"unknown rouge tokenizer {tokenizer!r}; use 'whitespace' or 'default'")
+            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type])
     return _SCORERS[key]
 
 
@@ -357,36 +416,83 @@ def _best_rouge(scorer: Any, rouge_type: str, prediction: str, refs: list[str]) 
     return max(scorer.score(ref, prediction)[rouge_type].fmeasure for ref in refs)
 
 
-def _rouge(rouge_type: str, predictions: list[str], records: list[dict], tokenizer: str) -> float:
+def _rouge(rouge_type: str, predictions: list[str], records: list[dict], tokenize: str) -> float:
     check_inputs(predictions, records)
-    scorer = _scorer(rouge_type, tokenizer)
+    scorer = _scorer(rouge_type, tokenize)
     total = 0.0
     for i, (pred, rec) in enumerate(zip(predictions, records)):
         total += _best_rouge(scorer, rouge_type, pred, require_references(rec, i))
     return 100.0 * total / len(predictions)
 
 
-def rouge2_score(record: dict, prediction: str, tokenizer: str = "whitespace") -> float:
-    """ROUGE-2 F1 in [0, 1], best over the record's references (same tokenizer and cached scorer as :func:`rouge2`)."""
-    return _best_rouge(_scorer("rouge2", tokenizer), "rouge2", prediction, require_references(record))
+def _rouge_example(rouge_type: str, record: dict, prediction: str, tokenize: str) -> float:
+    return _best_rouge(_scorer(rouge_type, tokenize), rouge_type, prediction, require_references(record))
 
 
-def rougeL_score(record: dict, prediction: str, tokenizer: str = "whitespace") -> float:
-    """ROUGE-L F1 in [0, 1], best over the record's references (same tokenizer and cached scorer as :func:`rougeL`)."""
-    return _best_rouge(_scorer("rougeL", tokenizer), "rougeL", prediction, require_references(record))
+def rouge1_score(
+    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-1 F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rouge1`)."""
+    return _rouge_example("rouge1", record, prediction, _rouge_tokenize(tokenize, tokenizer))
 
 
-def rouge2(predictions: list[str], records: list[dict], tokenizer: str = "whitespace") -> float:
+def rouge2_score(
+    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-2 F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rouge2`)."""
+    return _rouge_example("rouge2", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+
+
+def rougeL_score(
+    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-L F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rougeL`)."""
+    return _rouge_example("rougeL", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+
+
+def rougeLsum_score(
+    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-Lsum F1 in [0, 1], best over the record's references (as :func:`rougeLsum`)."""
+    return _rouge_example("rougeLsum", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+
+
+def rouge1(
+    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-1 F1 (unigram overlap, rouge-score), best over each record's references, averaged over records.
+
+    ``tokenize``: ``"whitespace"`` (default: tokens as written) or ``"standard"`` (rouge-score's default tokenizer:
+    lower-cased, punctuation dropped, no stemming); ``tokenizer=`` is the older name (``"default"`` = standard).
+    """
+    return _rouge("rouge1", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+
+
+def rouge2(
+    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
     """ROUGE-2 F1 (rouge-score), best over each record's references, averaged over records.
 
-    Texts with fewer than two tokens have no bigrams and score 0.
+    Texts with fewer than two tokens have no bigrams and score 0. ``tokenize`` as in :func:`rouge1`.
     """
-    return _rouge("rouge2", predictions, records, tokenizer)
+    return _rouge("rouge2", predictions, records, _rouge_tokenize(tokenize, tokenizer))
 
 
-def rougeL(predictions: list[str], records: list[dict], tokenizer: str = "whitespace") -> float:
-    """ROUGE-L F1 (longest common subsequence), best over each record's references, averaged over records."""
-    return _rouge("rougeL", predictions, records, tokenizer)
+def rougeL(
+    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-L F1 (longest common subsequence), best over each record's references, averaged over records.
+    ``tokenize`` as in :func:`rouge1`."""
+    return _rouge("rougeL", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+
+
+def rougeLsum(
+    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+) -> float:
+    """ROUGE-Lsum F1 (summary-level LCS: texts are split into sentences on newlines, the union LCS of each reference
+    sentence is counted), best over each record's references, averaged over records. ``tokenize`` as in
+    :func:`rouge1`. Without newlines it equals :func:`rougeL`."""
+    return _rouge("rougeLsum", predictions, records, _rouge_tokenize(tokenize, tokenizer))
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -395,8 +501,10 @@ METRICS: dict[str, Metric] = {
     "exact_match": exact_match,
     "final_answer": final_answer,
     "bleu": bleu,
+    "rouge1": rouge1,
     "rouge2": rouge2,
     "rougeL": rougeL,
+    "rougeLsum": rougeLsum,
 }
 
 

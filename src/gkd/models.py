@@ -125,12 +125,15 @@ def _adapter_base(path: str, what: str) -> str:
     )
 
 
-def load_tokenizer(path: str, what: str = "tokenizer") -> Any:
+def load_tokenizer(path: str, what: str = "tokenizer", chat_template_path: str | None = None) -> Any:
     """Load a tokenizer; give it a pad token (the EOS) if it has none. Masks never rely on pad ids.
 
-    A LoRA adapter folder without tokenizer files gives its base model's tokenizer.
+    A LoRA adapter folder without tokenizer files gives its base model's tokenizer. ``chat_template_path`` (a Jinja
+    file or a tokenizer folder, see :func:`gkd.data.read_chat_template`) replaces its chat template.
     """
     from transformers import AutoTokenizer
+
+    from gkd.data import with_chat_template
 
     _check_exists(path, what)
     try:
@@ -138,13 +141,16 @@ def load_tokenizer(path: str, what: str = "tokenizer") -> Any:
     except (OSError, ValueError, TypeError) as e:
         if not _is_adapter_folder(path):
             raise _not_found(what, path, e) from e
-        return load_tokenizer(_adapter_base(path, what), f"{what} (base of the adapter '{path}')")
+        base = _adapter_base(path, what)
+        return load_tokenizer(base, f"{what} (base of the adapter '{path}')", chat_template_path)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"{what} '{path}' has neither a pad nor an EOS token; add an eos_token to it")
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise ModelError(f"{what} '{path}' has no EOS token; completions could never end. Add an eos_token")
+    if chat_template_path is not None:
+        tok = with_chat_template(tok, chat_template_path, copy=False)
     return tok
 
 
@@ -215,11 +221,13 @@ def load_model(
     dtype: str = "float32",
     merge: bool = True,
     attn_implementation: str | None = None,
+    init_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """``from_pretrained`` of a causal or seq2seq LM from a local folder or hub id, with a one-line error.
 
     ``dtype`` is ``float32`` / ``bfloat16`` / ``float16`` or ``auto`` (the checkpoint's stored dtype);
-    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``, ...) goes to ``from_pretrained``.
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``, ...) and ``init_kwargs`` (``revision``,
+    ``trust_remote_code``, ...) go to ``from_pretrained``.
 
     A LoRA adapter folder (``adapter_config.json``, no ``config.json``) loads its base model (itself possibly an
     adapter folder) and applies the adapter with peft. ``merge=True`` folds it into the weights and returns a plain
@@ -228,6 +236,7 @@ def load_model(
     further.
     """
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    extra.update(init_kwargs or {})  # trust_remote_code, revision, model_init_kwargs
     return _load_model(path, what, dtype, merge, frozenset(), extra)
 
 

@@ -1,14 +1,15 @@
 """What a run reports, and where: the step's log record, the console lines, the progress bar, the trackers.
 
 * ``output_dir/metrics.jsonl`` always holds one JSON object per logging step (at least ``step`` and ``loss``) and one
-  per evaluation; TensorBoard / wandb / trackio get the same numbers when asked (``report_to``) and installed.
+  per evaluation; the ``report_to`` trackers (TensorBoard, wandb, trackio, MLflow, ... through accelerate) get the
+  same numbers when installed (TensorBoard writes under ``output_dir/tensorboard/<run_name>``).
 * The console (stderr) gets the banner, one unwrapped line per logged step, warnings and evaluation lines; on an
   interactive terminal a progress bar with ETA sits below them. stdout is left to the caller.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import math
 import sys
@@ -30,79 +31,105 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name if name != "tensorboard" else "tensorboard") is not None
-    except (ImportError, ValueError):
-        return False
+# pip package of each report_to name (for the "not installed" warning)
+_PIP = {"comet_ml": "comet-ml"}
 
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+def _tracker_name(tracker: Any) -> str:
+    """``report_to`` name of an entry of ``Accelerator.log_with`` (a LoggerType, or a GeneralTracker object)."""
+    value = getattr(tracker, "value", None)  # LoggerType (an Enum): its value is the name
+    if isinstance(value, str):
+        return value
+    if isinstance(tracker, str):
+        return tracker
+    return str(getattr(tracker, "name", tracker))
+
+
+def _sanitized(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The config as trackers accept it (transformers' ``to_sanitized_dict``): bool/int/float/str values, the rest
+    (None, lists, the lora mapping) as their string."""
+    if config is None:
+        return None
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+
+
 class Tracker:
+    """Where a run's numbers go: ``output_dir/metrics.jsonl`` (always, one JSON object per record) and the trackers
+    of ``report_to``, through accelerate (``Accelerator(log_with=...)``, built by :func:`gkd.build.make_accelerator`
+    with the installed ones: ``init_trackers``, ``log``, and at :meth:`close` every tracker's ``finish``).
+
+    A ``report_to`` name that is not installed gets one warning line naming the package to install, and the run goes
+    on; so does a tracker that fails to start or to log (a logger must never stop training). ``all``: every installed
+    tracker. Only the main process writes (``enabled``)."""
+
     def __init__(
-        self, output_dir: Path, report_to: list[str], enabled: bool = True, config: dict | None = None
+        self,
+        output_dir: Path,
+        report_to: list[str],
+        enabled: bool = True,
+        config: dict | None = None,
+        *,
+        accelerator: Any = None,
+        project_name: str | None = None,
+        log: Callable[[str], None] | None = None,
     ):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
-        self._backends: list[Any] = []
+        self._accelerator = None
+        self.trackers: list[str] = []
+        """The report_to trackers that started."""
         if not enabled:
             return
+        warn = (lambda m: log(f"warning: {m}")) if log is not None else _warn
         output_dir.mkdir(parents=True, exist_ok=True)
-        if (
-            "all" in report_to
-        ):  # transformers' meaning: every installed integration, silently skipping the rest
-            report_to = [n for n in ("tensorboard", "wandb", "trackio") if _installed(n)]
+        available = [_tracker_name(t) for t in (getattr(accelerator, "log_with", None) or [])]
         for name in report_to:
-            if not _installed(name):
-                _warn(f"report_to '{name}' is not installed; logging to metrics.jsonl only")
-                continue
-            try:
-                if name == "tensorboard":
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._backends.append(("tensorboard", SummaryWriter(str(output_dir / "tensorboard"))))
-                elif name == "wandb":
-                    import wandb
-
-                    self._backends.append(("wandb", wandb.init(config=config, dir=str(output_dir))))
-                elif name == "trackio":
-                    import trackio
-
-                    trackio.init(project="gkd", config=config)
-                    self._backends.append(("trackio", trackio))
-            except Exception as e:  # a logger failing must never stop training
-                _warn(f"report_to '{name}' could not start ({e}); logging to metrics.jsonl only")
+            if name != "all" and name not in available:
+                warn(
+                    f"report_to '{name}' is not installed (pip install {_PIP.get(name, name)}); logging to "
+                    "metrics.jsonl only"
+                )
+        if not available:
+            return
+        try:
+            accelerator.init_trackers(project_name or output_dir.resolve().name, config=_sanitized(config))
+        except Exception as e:  # a logger failing must never stop training
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warn(f"report_to {', '.join(available)} could not start ({first}); logging to metrics.jsonl only")
+            for tracker in list(getattr(accelerator, "trackers", [])):
+                with contextlib.suppress(Exception):
+                    tracker.finish()
+            accelerator.trackers = []
+            return
+        self._accelerator = accelerator
+        self.trackers = available
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        if self._accelerator is None:
+            return
         step = int(record.get("step", 0))
         numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        for name, backend in self._backends:
-            try:
-                if name == "tensorboard":
-                    for k, v in numeric.items():
-                        backend.add_scalar(k, v, step)
-                else:
-                    backend.log(numeric, step=step)
-            except Exception:  # pragma: no cover - external loggers
-                pass
+        with contextlib.suppress(Exception):  # a tracker failing to log must never stop training
+            self._accelerator.log(numeric, step=step)
 
     def close(self) -> None:
-        for name, backend in self._backends:
-            try:
-                if name == "tensorboard":
-                    backend.close()
-                elif name == "wandb":
-                    backend.finish()
-            except Exception:  # pragma: no cover
-                pass
-        self._backends = []
+        """Finish every tracker (``Accelerator.end_training`` without its destroying the process group, which the
+        caller may still use after ``train()``)."""
+        if self._accelerator is None:
+            return
+        for tracker in list(self._accelerator.trackers):
+            with contextlib.suppress(Exception):  # pragma: no cover - external loggers
+                tracker.finish()
+        self._accelerator.trackers = []
+        self._accelerator = None
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -191,10 +218,18 @@ def banner(run: Run) -> str:
     extra = f", RL α={cfg.alpha} reward={cfg.reward}" if run.reward_fn is not None else ""
     return (
         f"gkd: {mode}, λ={cfg.lmbda}{' (SeqKD targets)' if cfg.seq_kd else ''}{extra}; "
-        f"{len(run.train_data)} examples, {cfg.max_steps} steps × {cfg.per_device_train_batch_size}"
+        f"{len(run.train_data)} examples, {_steps(run)} × {cfg.per_device_train_batch_size}"
         f"×{cfg.gradient_accumulation_steps}×{run.dist.world}; {n_train:,} trainable parameters; "
         f"output {run.output_dir}"
     )
+
+
+def _steps(run: Run) -> str:
+    """``N steps``, with the epochs they make when ``max_steps`` came from ``num_train_epochs``."""
+    plan = run.plan
+    if run.cfg.max_steps > 0:
+        return f"{plan.max_steps} steps"
+    return f"{plan.max_steps} steps ({run.cfg.num_train_epochs:g} epochs of {plan.steps_per_epoch})"
 
 
 class Progress:

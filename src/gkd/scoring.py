@@ -2,7 +2,8 @@
 
 Every name below can be used as ``eval_metric`` (``gkd eval --metric``) and as ``reward``:
 
-* **metrics** (:mod:`gkd.metrics`): ``exact_match``, ``final_answer``, ``bleu``, ``rouge2``, ``rougeL``;
+* **metrics** (:mod:`gkd.metrics`): ``exact_match``, ``final_answer``, ``bleu``, ``rouge1``, ``rouge2``, ``rougeL``,
+  ``rougeLsum``;
 * **task metrics**, every metric a built-in task exposes through ``Task.metric_fns`` (``set_match``, ``item_f1``,
   ``faithfulness``, ``dup_rate``, ``chain_valid``, ``agreement``); a task metric that has the name of a generic
   metric (summarization's paraphrase-aware ``rouge2``) is reached through its task name only;
@@ -14,6 +15,14 @@ per-example function ``(record, prediction) -> [0, 1]`` (what a reward computes)
 which task it belongs to. The per-example function equals the corpus function on a one-record corpus divided by 100,
 except for ``bleu``, whose per-example form is sentence BLEU (sacrebleu's effective order, same tokenisation): corpus
 BLEU-4 of one short sentence is mostly 0. Rewards reuse the metric code, never a copy of it.
+
+Tokenisation (``tokenize``, the config's ``eval_tokenize``). The text metrics ``bleu`` and ``rouge*`` score real text
+by default: ``"standard"`` is sacrebleu's ``13a`` and rouge-score's default tokenizer; ``"whitespace"`` splits on
+spaces and keeps tokens as written (see :mod:`gkd.metrics`). The same rule holds for the metric as an eval metric and
+as a reward (:func:`resolve_scorer`, :func:`load_reward` and :func:`get_scorer` all take ``tokenize``). Task names
+and task metrics ignore it: the built-in tasks' text is space-separated tokens, so they always score in whitespace
+mode (``translation`` as an eval metric or a reward is whitespace BLEU whatever ``tokenize`` says), and their numbers
+never change with the setting.
 
 A reward may also be ``package.module:function`` taking ``(prompts, completions, records)`` and returning one float
 per completion.
@@ -33,12 +42,14 @@ from gkd.errors import ConfigError, DataError
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "TOKENIZE_MODES",
     "BuiltinReward",
     "RewardFn",
     "Scorer",
     "check_metric_name",
     "check_records",
     "check_reward_name",
+    "check_tokenize",
     "get_scorer",
     "load_reward",
     "names",
@@ -78,9 +89,35 @@ _GENERIC: dict[str, tuple[CorpusFn, ExampleFn]] = {
     "exact_match": (M.exact_match, M.exact_match_score),
     "final_answer": (M.final_answer, M.final_answer_score),
     "bleu": (M.bleu, M.bleu_score),
+    "rouge1": (M.rouge1, M.rouge1_score),
     "rouge2": (M.rouge2, M.rouge2_score),
     "rougeL": (M.rougeL, M.rougeL_score),
+    "rougeLsum": (M.rougeLsum, M.rougeLsum_score),
 }
+
+# the generic metrics that tokenise text, and so take ``tokenize``
+_TEXT_METRICS = frozenset({"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"})
+
+TOKENIZE_MODES = M.TOKENIZE_MODES
+DEFAULT_TOKENIZE = "standard"
+TASK_TOKENIZE = "whitespace"  # the built-in tasks' space-separated token text
+
+
+def check_tokenize(tokenize: object, key: str = "eval_tokenize") -> str:
+    """``tokenize`` if it is ``standard`` or ``whitespace``; else a one-line :class:`ConfigError` naming ``key``."""
+    if tokenize not in TOKENIZE_MODES:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(TOKENIZE_MODES)}, got {tokenize!r}")
+    return tokenize  # type: ignore[return-value]
+
+
+@functools.cache
+def _generic(name: str, tokenize: str) -> Scorer:
+    """The :class:`Scorer` of a generic metric; the text metrics with ``tokenize`` bound."""
+    corpus, example = _GENERIC[name]
+    if name in _TEXT_METRICS:
+        corpus = functools.partial(corpus, tokenize=tokenize)
+        example = functools.partial(example, tokenize=tokenize)
+    return Scorer(name, "metric", corpus, example, True, True)
 
 
 def _one_record(corpus: CorpusFn) -> ExampleFn:
@@ -106,10 +143,7 @@ def _stripped(example: ExampleFn) -> ExampleFn:
 def _registry() -> dict[str, Scorer]:
     from gkd.tasks import TASKS, get_task
 
-    reg: dict[str, Scorer] = {
-        name: Scorer(name, "metric", corpus, example, True, True)
-        for name, (corpus, example) in _GENERIC.items()
-    }
+    reg: dict[str, Scorer] = {name: _generic(name, DEFAULT_TOKENIZE) for name in _GENERIC}
     task_entries: dict[str, Scorer] = {}
     for task_name in TASKS:
         task = get_task(task_name)
@@ -130,8 +164,9 @@ def _registry() -> dict[str, Scorer]:
         head = task.metric
         if head in own:
             head_corpus, head_example = own[head], own_examples.get(head) or _one_record(own[head])
-        else:
-            head_corpus, head_example = reg[head].corpus, reg[head].example
+        else:  # a generic headline (translation's bleu): in the tasks' whitespace mode, as Task.score computes it
+            generic = _generic(head, TASK_TOKENIZE)
+            head_corpus, head_example = generic.corpus, generic.example
         task_entries[task_name] = Scorer(
             task_name,
             "task",
@@ -195,23 +230,28 @@ def check_reward_name(spec: object, key: str = "reward") -> str:
     )
 
 
-def get_scorer(name: str, key: str = "eval_metric") -> Scorer:
-    """The :class:`Scorer` entry of a name (a one-line :class:`ConfigError` naming ``key`` if unknown)."""
-    return _registry()[check_metric_name(name, key)]
+def get_scorer(name: str, key: str = "eval_metric", *, tokenize: str = DEFAULT_TOKENIZE) -> Scorer:
+    """The :class:`Scorer` entry of a name (a one-line :class:`ConfigError` naming ``key`` if unknown); a text
+    metric (``bleu``, ``rouge*``) scores with ``tokenize``, task names and task metrics ignore it."""
+    entry = _registry()[check_metric_name(name, key)]
+    if entry.kind == "metric" and name in _TEXT_METRICS:
+        return _generic(name, check_tokenize(tokenize))
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------- metrics
 
 
 def resolve_scorer(
-    name: str, key: str = "eval_metric"
+    name: str, key: str = "eval_metric", *, tokenize: str = DEFAULT_TOKENIZE
 ) -> Callable[[list[dict], list[str]], dict[str, float]]:
     """A scoring function ``(records, predictions) -> {metric: percent}`` for any name of the vocabulary.
 
-    A task name gives all the task's metrics, headline first (:meth:`Task.score`); any other name gives
-    ``{name: value}``.
+    A task name gives all the task's metrics, headline first (:meth:`Task.score`, in the tasks' whitespace mode);
+    any other name gives ``{name: value}``. ``tokenize`` (``standard`` or ``whitespace``, the config's
+    ``eval_tokenize``) is how ``bleu`` / ``rouge*`` tokenise text.
     """
-    entry = get_scorer(name, key)
+    entry = get_scorer(name, key, tokenize=tokenize)
     if entry.kind == "task":
         from gkd.tasks import get_task
 
@@ -309,11 +349,13 @@ def _not_task_data(key: str, name: str, task: str, index: int, error: BaseExcept
 
 
 class BuiltinReward:
-    """A reward from the vocabulary: the name's per-example function on each (record, completion) pair."""
+    """A reward from the vocabulary: the name's per-example function on each (record, completion) pair
+    (``tokenize``: how ``bleu`` / ``rouge*`` tokenise, as for the eval metric of that name)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, tokenize: str = DEFAULT_TOKENIZE):
         self.name = name
-        self.example = _registry()[name].example
+        self.tokenize = check_tokenize(tokenize)
+        self.example = get_scorer(name, "reward", tokenize=tokenize).example
 
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict]
@@ -321,6 +363,8 @@ class BuiltinReward:
         return [float(self.example(rec, c)) for rec, c in zip(records, completions)]
 
     def __repr__(self) -> str:
+        if self.tokenize != DEFAULT_TOKENIZE and self.name in _TEXT_METRICS:
+            return f"BuiltinReward({self.name!r}, tokenize={self.tokenize!r})"
         return f"BuiltinReward({self.name!r})"
 
 
@@ -342,11 +386,13 @@ class _BuiltinRewards(Mapping[str, Callable[[], RewardFn]]):
 BUILTIN_REWARDS: Mapping[str, Callable[[], RewardFn]] = _BuiltinRewards()
 
 
-def load_reward(spec: str, key: str = "reward") -> RewardFn:
-    """A built-in reward by name (any name of the vocabulary), or ``package.module:function``."""
+def load_reward(spec: str, key: str = "reward", *, tokenize: str = DEFAULT_TOKENIZE) -> RewardFn:
+    """A built-in reward by name (any name of the vocabulary), or ``package.module:function``. ``tokenize`` is how
+    the rewards ``bleu`` / ``rouge*`` tokenise (the same rule as the eval metrics: pass the config's
+    ``eval_tokenize``); task names always score in whitespace mode."""
     check_reward_name(spec, key)
     if spec in _registry():
-        return BuiltinReward(spec)
+        return BuiltinReward(spec, tokenize)
     module_name, fn_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)

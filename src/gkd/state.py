@@ -24,7 +24,7 @@ from gkd.errors import CheckpointError
 if TYPE_CHECKING:
     from gkd.build import Run
 
-__all__ = ["TrainState", "check_resume_compat", "restore", "save"]
+__all__ = ["TrainState", "check_resume_compat", "public_config", "restore", "save"]
 
 
 @dataclass
@@ -35,11 +35,23 @@ class TrainState:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     last_loss: float = float("nan")
+    best_metric: float | None = None
+    """The best value of ``metric_for_best_model`` so far (None: no evaluation tracked yet)."""
+    best_step: int | None = None
+    """The step of that evaluation."""
+    best_checkpoint: str | None = None
+    """The name of the checkpoint folder holding the best evaluated model (``checkpoint-STEP``), once one was saved
+    at a best evaluation's step: never removed by ``save_total_limit``; ``load_best_model_at_end`` loads it."""
 
 
 def save(run: Run, state: TrainState) -> Path | None:
-    """Write ``checkpoint-STEP`` atomically (main process only); returns its path there, None elsewhere."""
+    """Write ``checkpoint-STEP`` atomically (main process only); returns its path there, None elsewhere.
+
+    At the step of the best evaluation so far the checkpoint becomes ``state.best_checkpoint`` (recorded in it, and
+    kept by ``save_total_limit``)."""
     run.accelerator.wait_for_everyone()
+    if state.best_step is not None and state.best_step == state.step:
+        state.best_checkpoint = f"checkpoint-{state.step}"
     path = None
     if run.dist.is_main:
         training_state = {
@@ -59,11 +71,33 @@ def save(run: Run, state: TrainState) -> Path | None:
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             training_state=training_state,
-            info={"config": run.cfg.to_dict()},
+            info={**best_info(run, state), "config": public_config(run.cfg)},
             keep=run.cfg.save_total_limit,
+            best=run.output_dir / state.best_checkpoint if state.best_checkpoint else None,
         )
     run.accelerator.wait_for_everyone()
     return path
+
+
+def public_config(cfg: GKDConfig) -> dict[str, Any]:
+    """The config as written to checkpoints and sent to trackers: secrets (``hub_token``) redacted, as transformers'
+    ``TrainingArguments.to_dict`` does."""
+    return {
+        k: f"<{k.upper()}>" if k.endswith("_token") and v is not None else v for k, v in cfg.to_dict().items()
+    }
+
+
+def best_info(run: Run, state: TrainState) -> dict[str, Any]:
+    """transformers' ``trainer_state.json`` fields for the best evaluation (empty before one was tracked)."""
+    if state.best_step is None:
+        return {}
+    return {
+        "best_metric": state.best_metric,
+        "best_global_step": state.best_step,
+        "best_model_checkpoint": str(run.output_dir / state.best_checkpoint)
+        if state.best_checkpoint
+        else None,
+    }
 
 
 def restore(run: Run, path: Path) -> TrainState:
@@ -82,6 +116,9 @@ def restore(run: Run, path: Path) -> TrainState:
         skipped_steps=int(saved.get("skipped_steps", 0)),
         nonfinite_in_a_row=int(saved.get("nonfinite_in_a_row", 0)),
         last_loss=float(saved.get("last_loss", float("nan"))),
+        best_metric=saved.get("best_metric"),
+        best_step=saved.get("best_step"),
+        best_checkpoint=saved.get("best_checkpoint"),
     )
 
 

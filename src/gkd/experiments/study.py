@@ -303,7 +303,7 @@ def job_config(recipe: Recipe, seed: int, out: Path, s: StudySettings) -> dict[s
     learning rate after a short warmup, ``temperature`` 1), then the recipe's own config overrides."""
     study = {
         "learning_rate": s.method_lr,
-        "lr_scheduler_type": "constant",
+        "lr_scheduler_type": "constant_with_warmup" if s.method_steps > 40 else "constant",
         "warmup_steps": 20 if s.method_steps > 40 else 0,
         "max_steps": s.method_steps * recipe.study.steps,
         "per_device_train_batch_size": s.batch_size,

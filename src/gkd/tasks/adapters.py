@@ -15,7 +15,8 @@ the standard tokenisations: ``functools.partial(gkd.metrics.bleu, tokenize="13a"
 
 :func:`load_adapted` reads a local ``.jsonl`` / ``.json`` file (as in the tests) or a local dataset directory with
 ``datasets.load_dataset`` and maps every example. Given a hub id it would download the dataset; nothing in gkd's
-tests or demo does that.
+tests or demo does that. A training config reads its data through an adapter with ``dataset_adapter: gsm8k`` (the
+trainer reads ``dataset`` as usual, any file, folder or hub name, then maps the records with :func:`adapt_records`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ import os
 import re
 from collections.abc import Callable
 
-__all__ = ["ADAPTERS", "HUB_CONFIGS", "gsm8k_record", "load_adapted", "wmt14_record", "xsum_record"]
+from gkd.errors import ConfigError, DataError
+
+__all__ = [
+    "ADAPTERS",
+    "FIELDS",
+    "HUB_CONFIGS",
+    "adapt_records",
+    "check_adapter",
+    "gsm8k_record",
+    "load_adapted",
+    "wmt14_record",
+    "xsum_record",
+]
 
 GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
 XSUM_TEMPLATE = "Document: {document}\nSummary:"
@@ -88,6 +101,45 @@ def wmt14_record(
 
 ADAPTERS: dict[str, Callable[..., dict]] = {"gsm8k": gsm8k_record, "xsum": xsum_record, "wmt14": wmt14_record}
 HUB_CONFIGS: dict[str, str | None] = {"gsm8k": "main", "xsum": None, "wmt14": "de-en"}
+FIELDS: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("question", "answer"),
+    "xsum": ("document", "summary"),
+    "wmt14": ("translation",),
+}
+"""The fields of the dataset's own layout each adapter reads."""
+
+
+def check_adapter(name: str, key: str = "dataset_adapter") -> None:
+    """A ``ConfigError`` (one line, listing the adapters) unless ``name`` is a built-in adapter."""
+    if name not in ADAPTERS:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(sorted(ADAPTERS))}, got {name!r}")
+
+
+def adapt_records(name: str, records: list[dict], source: str = "dataset", **kw) -> list[dict]:
+    """``records`` in the layout of benchmark ``name`` mapped to ``{"prompt", "completion", "references"}``.
+
+    A record that lacks a field the adapter reads (or holds an unusable value) is a one-line ``DataError`` naming
+    the record and the fields. ``kw`` goes to the adapter (``template``, ``source_lang`` / ``target_lang``, ...).
+    """
+    check_adapter(name)
+    adapter = ADAPTERS[name]
+    out = []
+    for i, record in enumerate(records):
+        try:
+            missing = [f for f in FIELDS[name] if f not in record]
+            if missing:
+                raise KeyError(missing[0])
+            out.append(adapter(record, **kw))
+        except KeyError as e:
+            keys = ", ".join(sorted(record)) or "none"
+            already = " (it looks adapted already: drop dataset_adapter)" if "prompt" in record else ""
+            raise DataError(
+                f"{source} record {i} has no '{e.args[0]}' field (keys: {keys}); dataset_adapter {name} reads "
+                f"{', '.join(FIELDS[name])}{already}"
+            ) from e
+        except (AttributeError, TypeError, ValueError) as e:
+            raise DataError(f"{source} record {i}: dataset_adapter {name} cannot read it ({e})") from e
+    return out
 
 
 def load_adapted(
@@ -124,5 +176,4 @@ def load_adapted(
         data = load_dataset(path_or_hub_id, config or HUB_CONFIGS[name], split=split, cache_dir=cache_dir)
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    adapter = ADAPTERS[name]
-    return [adapter(example, **kw) for example in data]
+    return adapt_records(name, list(data), str(path_or_hub_id), **kw)
