@@ -431,4 +431,4 @@ def test_epochs_fractional_logging_and_eval_each_epoch(tokenizer, records, eval_
     again = _trainer(
         out, tokenizer, records[:12], max_steps=-1, num_train_epochs=2, resume_from_checkpoint="latest"
     )
-    assert again.train().finished
+    assert again.train().already_finished

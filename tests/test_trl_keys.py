@@ -40,6 +40,16 @@ def test_eval_strategy_evaluates_on_the_datasets_test_split_as_trls_script():
     assert (cfg.eval_dataset, cfg.eval_split) == ("d", "validation")
 
 
+def test_eval_strategy_on_a_single_file_dataset_is_refused_not_evaluated_on_the_training_data(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(ConfigError, match="single file with one split; set eval_dataset"):
+        cfg_of(dataset_name=str(data), eval_strategy="steps")
+    assert cfg_of(dataset_name=str(data), eval_strategy="steps", eval_dataset=str(data)).eval_dataset == str(
+        data
+    )
+
+
 def test_per_device_eval_batch_size_is_the_eval_batch_size():
     assert cfg_of(per_device_eval_batch_size=3).eval_batch_size == 3
 
@@ -312,6 +322,15 @@ def test_deepspeed_and_fsdp_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"fsdp.*not supported yet"):
         cfg_of(fsdp="full_shard auto_wrap")
     assert cfg_of(fsdp="", deepspeed=None).lora is None  # TRL's empty defaults are fine
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_an_accelerate_launch_for_fsdp_or_deepspeed_is_refused(env, monkeypatch):
+    from gkd.build import make_accelerator
+
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(ConfigError, match="does not support yet"):
+        make_accelerator(cfg_of())
 
 
 def test_ignored_keys_are_named_in_a_warning_unless_gkd_already_does_that():

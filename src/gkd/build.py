@@ -410,6 +410,12 @@ def make_accelerator(cfg: GKDConfig) -> Any:
 
     from gkd.config import REPORT_TO
 
+    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"accelerate launch asked for {name} ({env}), which gkd does not support yet: the run would not be "
+                "sharded correctly; launch with a DDP accelerate config (or torchrun)"
+            )
     installed = {getattr(t, "value", str(t)) for t in get_available_trackers()}
     wanted = REPORT_TO if "all" in cfg.report_to else cfg.report_to
     out = Path(os.path.expanduser(cfg.output_dir))

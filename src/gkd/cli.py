@@ -316,7 +316,7 @@ def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     cfg = run_config(args.config, args.overrides, sft=sft)
     result = GKDTrainer(cfg).train()
     loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
-    status = "already_finished" if result.finished else "finished"
+    status = "already_finished" if result.already_finished else "finished"
     print(
         json.dumps(
             {"step": result.step, "final_loss": loss, "output_dir": str(result.output_dir), "status": status}

@@ -697,12 +697,19 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         lora = out.get("lora") if isinstance(out.get("lora"), dict) else {}
         out["lora"] = {**_PEFT_DEFAULTS, **lora, **peft}
     elif peft:
+        names = ", ".join(f"'{k}'" for k in given)
         notes.append(
-            f"config keys {', '.join(given)} are ignored: LoRA is off (as in TRL, set use_peft: true to train a "
-            "LoRA adapter)"
+            f"config key{'s' if len(given) > 1 else ''} {names} {'are' if len(given) > 1 else 'is'} ignored: LoRA is "
+            "off (as in TRL, set use_peft: true to train a LoRA adapter)"
         )
     # TRL's example script evaluates on the dataset's test split whenever eval_strategy is not "no"
     if out.get("eval_strategy") in ("steps", "epoch") and not out.get("eval_dataset") and out.get("dataset"):
+        if os.path.isfile(os.path.expanduser(str(out["dataset"]))):
+            raise ConfigError(
+                f"config key 'eval_strategy: {out['eval_strategy']}' evaluates on the dataset's test split (as TRL's "
+                f"script), but dataset '{out['dataset']}' is a single file with one split; set eval_dataset (e.g. a "
+                "test.jsonl file) or eval_strategy: no"
+            )
         out["eval_dataset"] = out["dataset"]
         out.setdefault("eval_split", "test")
     for key in [k for k in out if k in _IGNORED]:

@@ -37,6 +37,7 @@ __all__ = [
     "TokenizedDataset",
     "collate",
     "load_records",
+    "message_text",
     "read_chat_template",
     "tokenize_records",
     "with_chat_template",
@@ -269,7 +270,7 @@ def split_record(
         _check_chat_template(tokenizer, source)
         if msgs[-1].get("role") == "assistant":
             prompt = _render(tokenizer, msgs[:-1], "messages", index, source)
-            return prompt, _content(msgs[-1].get("content")), True
+            return prompt, message_text(msgs[-1].get("content")), True
         return _render(tokenizer, msgs, "messages", index, source), None, True
     if record.get("prompt") is None:
         keys = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
@@ -322,7 +323,7 @@ def _conversational(
             f"{source} record {index}: 'completion' messages must be assistant turns (got role '{other[0]}'); "
             "the target is the assistant's text, so put earlier turns in 'prompt'"
         )
-    return text, "\n".join(_content(m.get("content")) for m in completion), True
+    return text, "\n".join(message_text(m.get("content")) for m in completion), True
 
 
 def _render(tokenizer: Any, msgs: list[dict], key: str, index: int, source: str) -> str:
@@ -341,9 +342,9 @@ def _render(tokenizer: Any, msgs: list[dict], key: str, index: int, source: str)
         raise DataError(f"{source} record {index}: the chat template failed on its '{key}': {first}") from e
 
 
-def _content(content: Any) -> str:
-    """The text of a message's ``content``: a string, or the ``text`` parts of a list of content parts (the same
-    rule as :func:`gkd.metrics.target_of`, so the trained target is the metrics' reference)."""
+def message_text(content: Any) -> str:
+    """The text of a message's ``content``: a string, or the ``text`` parts of a list of content parts (metrics read
+    references with it too, so the trained target is the metrics' reference)."""
     if content is None:
         return ""
     if isinstance(content, list):

@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from gkd.data import message_text
+
 # sacrebleu and rouge-score (which pulls in nltk, ~1 s) are imported inside the functions that use them, so that
 # importing gkd.metrics / gkd.tasks stays cheap.
 
@@ -94,21 +96,6 @@ class NoReferenceError(ValueError):
     """A metric that compares against references got a record that has none (e.g. a prompt-only record)."""
 
 
-def _text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or the ``text`` parts of a list of content parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) if isinstance(part, dict) else str(part)
-            for part in content
-            if not isinstance(part, dict) or part.get("type", "text") == "text"
-        )
-    return str(content)
-
-
 def _messages(value: Any) -> list[dict]:
     """``value`` as a list of message dicts (anything that is not a dict is ignored)."""
     return [m for m in value if isinstance(m, dict)] if isinstance(value, list) else []
@@ -123,14 +110,14 @@ def target_of(record: dict) -> str | None:
     if "messages" in record:
         msgs = _messages(record["messages"])
         if msgs and msgs[-1].get("role") == "assistant":
-            return _text(msgs[-1].get("content"))
+            return message_text(msgs[-1].get("content"))
         return None
     completion = record.get("completion")
     if completion is None or isinstance(completion, str):
         return completion
     if isinstance(completion, list):
         turns = [m for m in _messages(completion) if m.get("role", "assistant") == "assistant"]
-        return "\n".join(_text(m.get("content")) for m in turns) if turns else None
+        return "\n".join(message_text(m.get("content")) for m in turns) if turns else None
     return str(completion)
 
 
@@ -200,7 +187,7 @@ def prompt_text_of(record: dict) -> str:
         )
     for msg in reversed(msgs):
         if msg.get("role") == "user":
-            return _text(msg.get("content"))
+            return message_text(msg.get("content"))
     raise ValueError("record has no user turn to take the prompt from")
 
 

@@ -229,7 +229,8 @@ def _steps(run: Run) -> str:
     plan = run.plan
     if run.cfg.max_steps > 0:
         return f"{plan.max_steps} steps"
-    return f"{plan.max_steps} steps ({run.cfg.num_train_epochs:g} epochs of {plan.steps_per_epoch})"
+    epochs = run.cfg.num_train_epochs
+    return f"{plan.max_steps} steps ({epochs:g} epoch{'' if epochs == 1 else 's'} of {plan.steps_per_epoch})"
 
 
 class Progress:

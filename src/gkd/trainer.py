@@ -65,7 +65,7 @@ class TrainResult:
     skipped_steps: int
     output_dir: Path
     wall_s: float
-    finished: bool = False
+    already_finished: bool = False
     """True when the run was already complete (resumed at ``max_steps``): nothing was trained or saved."""
 
 
@@ -495,7 +495,9 @@ class GKDTrainer:
             self.log(
                 f"nothing to do: the run is already at step {st.step} ({length}); raise {knob} to train further"
             )
-            return TrainResult(st.step, st.last_loss, st.skipped_steps, run.output_dir, 0.0, finished=True)
+            return TrainResult(
+                st.step, st.last_loss, st.skipped_steps, run.output_dir, 0.0, already_finished=True
+            )
         self.log(banner(run))
         progress = Progress(plan.max_steps, st.step, show_bar=cfg.progress and run.dist.is_main, log=self.log)
         interrupted = _catch_signals(run.dist.is_main)
