@@ -106,6 +106,21 @@ class GKDConfig:
     """The teacher (same tokenizer as the student). Not needed for ``divergence: nll`` (SFT)."""
     tokenizer_name_or_path: str | None = None
     """Defaults to the student's folder."""
+    teacher_url: str | None = None
+    """A served teacher instead of ``teacher_model_name_or_path``: the base URL of a vLLM OpenAI-compatible server
+    (``vllm serve TEACHER``) or of ``gkd serve-teacher``, e.g. ``http://127.0.0.1:8000``. The loss then runs on the
+    served support: the actual token, the teacher's top ``teacher_topk`` and a tail bucket."""
+    teacher_topk: int = 20
+    """Teacher log-probs per position fetched from ``teacher_url`` (vLLM's ``prompt_logprobs``)."""
+    teacher_student_topk: int = 0
+    """With ``gkd serve-teacher`` only: also fetch the teacher's log-probs at the student's top-k tokens of each
+    position (much more accurate reverse KL / JSD on the served support)."""
+    teacher_api_key: str | None = None
+    """API key sent to ``teacher_url`` (default: the ``GKD_TEACHER_API_KEY`` or ``OPENAI_API_KEY`` variable)."""
+    teacher_timeout: float = 120.0
+    """Seconds to wait for one teacher request before retrying."""
+    teacher_max_retries: int = 3
+    """Retries (with back-off) of a failed teacher request before the run saves a checkpoint and stops."""
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The teacher only runs forward passes, so a lower precision is usually fine. ``auto``: bfloat16 on a CUDA GPU
     that supports it, float32 elsewhere (the CPU)."""
@@ -147,6 +162,10 @@ class GKDConfig:
     dataset_config_name: str | None = None
     eval_dataset: str | None = None
     eval_split: str = "validation"
+    dataset_num_proc: int | None = None
+    """Processes that tokenise the dataset (``datasets.map(num_proc=...)``, cached); default: one."""
+    dataset_streaming: bool = False
+    """Read a hub or local dataset as a stream (``datasets`` streaming; on-policy runs with prompt-only data)."""
     skip_bad_lines: bool = False
     """Skip JSONL lines that are not valid JSON (counted and reported) instead of stopping."""
     max_prompt_length: int = 512
@@ -604,7 +623,6 @@ _IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
     "save_safetensors": ((True,), "checkpoints are always safetensors"),
     "save_only_model": ((False, True), "checkpoints always hold what an exact resume needs"),
     "remove_unused_columns": ((True, False), "records keep every field (rewards and metrics may read them)"),
-    "dataset_num_proc": ((None,), "tokenisation runs in the main process"),
     "dataloader_num_workers": ((0,), "batches are built in the main process"),
     "dataloader_pin_memory": ((True, False), "batches are small index tensors"),
     "dataset_text_field": (("text",), "gkd trains on prompt/completion or messages records"),
@@ -897,6 +915,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_threads": (lambda v: v > 0, _POSITIVE),
     "loss_chunk_size": (lambda v: v > 0, _POSITIVE),
     "teacher_cache_topk": (lambda v: v > 0, _POSITIVE),
+    "teacher_topk": (lambda v: v > 0, _POSITIVE),
+    "teacher_student_topk": (lambda v: v >= 0, ">= 0"),
+    "teacher_timeout": (lambda v: v > 0, "> 0 (seconds)"),
+    "teacher_max_retries": (lambda v: v >= 0, ">= 0"),
+    "dataset_num_proc": (lambda v: v > 0, _POSITIVE),
     "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (weight of the distillation term)"),
     "num_generations": (lambda v: v > 0, _POSITIVE),
     "kl_to_initial": (lambda v: v >= 0, ">= 0"),
