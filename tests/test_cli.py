@@ -138,7 +138,7 @@ def test_main_runs_the_trl_command_line_with_the_parsed_config(monkeypatch, caps
 
         def train(self):
             class Result:
-                step, final_loss, output_dir, finished = 3, 0.5, "gkd-model", False
+                step, final_loss, output_dir, already_finished = 3, 0.5, "gkd-model", False
 
             return Result()
 
