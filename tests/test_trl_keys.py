@@ -225,6 +225,25 @@ def test_revision_trust_remote_code_and_init_kwargs_reach_from_pretrained(model_
     assert seen["attn_implementation"] == "eager" and seen["low_cpu_mem_usage"] is True
 
 
+def test_revision_and_trust_remote_code_reach_the_tokenizer(model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from gkd.build import tokenizer_kwargs
+    from gkd.models import load_tokenizer
+
+    cfg = cfg_of(trust_remote_code=True, model_revision="main")
+    seen = {}
+    original = AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    load_tokenizer(str(model_dir / "student"), init_kwargs=tokenizer_kwargs(cfg))
+    assert seen == {"trust_remote_code": True, "revision": "main"}
+
+
 def test_use_peft_and_lora_keys_are_trls_model_config():
     cfg = cfg_of(use_peft=True, lora_r=64, lora_alpha=16)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (64, 16, 0.05, None)
@@ -316,12 +335,14 @@ def test_disable_tqdm_turns_the_progress_bar_off():
 
 
 # --- keys gkd cannot honour, and keys it ignores ------------------------------------------------------------------
-def test_deepspeed_and_fsdp_are_one_line_errors():
+def test_deepspeed_is_a_one_line_error_and_fsdp_full_shard_turns_fsdp2_on():
     with pytest.raises(ConfigError, match=r"deepspeed.*does not support it yet"):
         cfg_of(deepspeed="ds_config.json")
-    with pytest.raises(ConfigError, match=r"fsdp.*not supported yet"):
-        cfg_of(fsdp="full_shard auto_wrap")
-    assert cfg_of(fsdp="", deepspeed=None).lora is None  # TRL's empty defaults are fine
+    assert cfg_of(fsdp="full_shard auto_wrap").fsdp is True
+    assert cfg_of(fsdp=["full_shard"], fsdp_config={"fsdp_version": 2}).fsdp is True
+    with pytest.raises(ConfigError, match=r"fsdp: shard_grad_op.*not supported"):
+        cfg_of(fsdp="shard_grad_op")
+    assert cfg_of(fsdp="", deepspeed=None).fsdp is False  # TRL's empty defaults are fine
 
 
 @pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
@@ -353,3 +374,8 @@ def test_every_unknown_key_is_reported_at_once_with_a_right_suggestion():
     assert msg.startswith("3 unknown config keys")
     for hint in ("'lora_alpha'", "'num_train_epochs'", "'dataset_name'"):
         assert hint in msg
+
+
+def test_a_served_and_a_local_teacher_together_are_refused():
+    with pytest.raises(ConfigError, match="give one"):
+        cfg_of(teacher_url="http://127.0.0.1:8000", teacher_model_name_or_path="teacher/")

@@ -12,6 +12,7 @@ the corresponding paths of the config.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch import nn
 from gkd import checkpoint as ckpt
 from gkd import preflight
 from gkd.config import GKDConfig, Plan, training_plan
-from gkd.data import BatchStream, TokenizedDataset, load_records, tokenize_records
+from gkd.data import BatchStream, TokenizedDataset, load_records, make_stream, tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import eos_ids
 from gkd.models import (
@@ -71,6 +72,10 @@ class Dist:
         t = torch.tensor([1 if flag else 0], device=self.device)
         torch.distributed.broadcast(t, src=0)
         return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
 
 @dataclass
@@ -194,7 +199,7 @@ def build_run(
         topk_cache=topk_cache,
         train_data=train_data,
         eval_data=inputs.eval_data,
-        stream=BatchStream(
+        stream=make_stream(
             train_data, cfg.prompts_per_batch, cfg.seed, tok.pad_token_id, dist.rank, dist.world
         ),
         sampler=sampler,
@@ -288,7 +293,12 @@ def check_inputs(
         check_adapter(cfg.dataset_adapter)
     if tokenizer is None:
         path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-        tokenizer = load_tokenizer(path, "tokenizer", chat_template_path=cfg.chat_template_path)  # type: ignore[arg-type]
+        tokenizer = load_tokenizer(
+            path,  # type: ignore[arg-type]
+            "tokenizer",
+            chat_template_path=cfg.chat_template_path,
+            init_kwargs=tokenizer_kwargs(cfg),
+        )
     elif cfg.chat_template_path is not None:
         tokenizer = with_chat_template(tokenizer, cfg.chat_template_path)
     if cfg.apply_chat_template:
@@ -335,7 +345,18 @@ def load_models(
     student = load_student(cfg, given_student, inputs.resume_dir, device)
     teacher_view = None
     vocab = len(tokenizer)
-    if cfg.needs_teacher:
+    if cfg.needs_teacher and teacher is None and cfg.teacher_url and cfg.teacher_model_name_or_path is None:
+        from gkd.teacher_client import ServedTeacher  # a served teacher: top-k log-probs over HTTP
+
+        if is_seq2seq(student):
+            raise ConfigError("teacher_url serves decoder-only teachers; use a local teacher for seq2seq")
+        teacher_view = ServedTeacher(
+            cfg.teacher_url, vocab=vocab, topk=cfg.teacher_topk, student_topk=cfg.teacher_student_topk,
+            api_key=cfg.teacher_api_key or os.environ.get("GKD_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+            timeout=cfg.teacher_timeout, max_retries=cfg.teacher_max_retries, temperature=cfg.loss_temperature,
+            student=student,
+        ).connect(tokenizer)  # fmt: skip
+    elif cfg.needs_teacher:
         teacher_tokenizer = None
         if teacher is None:
             teacher = load_model(
@@ -415,6 +436,11 @@ def make_accelerator(cfg: GKDConfig) -> Any:
             raise ConfigError(
                 f"accelerate launch asked for {name} ({env}), which gkd does not support yet: the run would not be "
                 "sharded correctly; launch with a DDP accelerate config (or torchrun)"
+                + (
+                    " and set config key 'fsdp: full_shard' (gkd shards with FSDP2 itself)"
+                    if name == "FSDP"
+                    else ""
+                )
             )
     installed = {getattr(t, "value", str(t)) for t in get_available_trackers()}
     wanted = REPORT_TO if "all" in cfg.report_to else cfg.report_to
@@ -433,6 +459,10 @@ def make_accelerator(cfg: GKDConfig) -> Any:
     precision = (
         "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     )
+    if cfg.fsdp:  # gkd shards the student itself (gkd.fsdp); accelerate only launches and prepares the rest
+        from gkd.fsdp import fsdp_accelerator
+
+        Accelerator = fsdp_accelerator(Accelerator)
     try:
         return Accelerator(cpu=cpu, mixed_precision=precision, **trackers)
     except ValueError as e:
@@ -495,14 +525,15 @@ def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module 
     if cfg.needs_teacher:
         if teacher is not None:
             out["teacher"] = unwrap(teacher).config
-        else:
+        elif cfg.teacher_model_name_or_path is not None or not cfg.teacher_url:  # not a served teacher
             out["teacher"] = load_config(cfg.teacher_model_name_or_path, "teacher")  # type: ignore[arg-type]
     return out
 
 
 def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | None, device: Any) -> nn.Module:
     """The student in train mode on ``device``: loaded (or the given object), from a checkpoint when resuming,
-    wrapped in a LoRA adapter when ``lora`` is set, dropout off when ``disable_dropout``."""
+    wrapped in a LoRA adapter when ``lora`` is set, dropout off when ``disable_dropout``; sharded with FSDP2 when
+    ``fsdp`` is set and the run has several processes (a :class:`gkd.fsdp.ShardedStudent`)."""
     if given is not None:
         student = given
         if resume_dir is not None and cfg.lora is None:
@@ -534,7 +565,12 @@ def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | Non
     if cfg.disable_dropout:
         disable_dropout(student)
     student.train()
-    return student.to(device)
+    student = student.to(device)
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from gkd.fsdp import shard_student
+
+        return shard_student(student, device)
+    return student
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -572,6 +608,15 @@ def init_kwargs(cfg: GKDConfig, *, teacher: bool) -> dict[str, Any]:
     return out
 
 
+def tokenizer_kwargs(cfg: GKDConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments of the student's tokenizer: ``trust_remote_code`` and the student's revision
+    (when the tokenizer is the student's folder)."""
+    out: dict[str, Any] = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    if cfg.model_revision is not None and cfg.tokenizer_name_or_path is None:
+        out["revision"] = cfg.model_revision
+    return out
+
+
 def _teacher_tokenizer(cfg: GKDConfig) -> Any:
     """The teacher folder's own tokenizer, when it has one (to check it is the student's)."""
     path = cfg.teacher_model_name_or_path
@@ -600,6 +645,7 @@ def load_dataset(
     prompt/completion/references first (:mod:`gkd.tasks.adapters`); a hub name gets the benchmark's config
     (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set.
     """
+    from gkd.data import load_with_datasets, process_position, read_with_datasets
     from gkd.tasks.adapters import HUB_CONFIGS, adapt_records
 
     skipped = 0
@@ -611,6 +657,11 @@ def load_dataset(
         config_name = cfg.dataset_config_name
         if adapter is not None and config_name is None and not os.path.exists(os.path.expanduser(spec)):
             config_name = HUB_CONFIGS.get(adapter)
+        if what == "train" and read_with_datasets(cfg, spec, process_position()[1]):
+            adapt = None if adapter is None else functools.partial(adapt_records, adapter)
+            return load_with_datasets(
+                cfg, spec, split, config_name, split_key, tokenizer, seq2seq, log, adapt
+            )
         records, skipped = load_records(spec, split, config_name, cfg.skip_bad_lines, split_key=split_key)
         source = f"dataset '{spec}'"
     if adapter is not None:

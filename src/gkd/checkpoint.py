@@ -6,7 +6,13 @@ scheduler), ``trainer_state.pt`` (step, data position, every RNG state) and ``tr
 
 Writes are atomic: everything goes to a hidden temporary folder that is renamed into place only when complete, and
 ``trainer_state.json`` is written last. A folder without it is incomplete and ignored; a kill during a write leaves
-the previous checkpoint untouched.
+the previous checkpoint untouched. With several processes every rank writes its own files into that folder
+(``rng_state-rank{R}.pt``: its random generators and data position; with FSDP ``shard-rank{R}.pt``: its shards of
+the model and optimizer), all ranks agree that they are written, then rank 0 writes ``trainer_state.json`` and
+renames the folder.
+
+Loading never runs code: every ``.pt`` file is read with ``torch.load(weights_only=True)`` (tensors and plain
+data only), so a checkpoint holding any other pickled object is refused with one line (:func:`load_pt`).
 
 The final model (:func:`save_final_model`, what TRL's ``trainer.save_model(output_dir)`` writes) lives in
 ``output_dir`` itself, beside the checkpoints: ``from_pretrained(output_dir)`` loads it. Its files are listed in
@@ -33,6 +39,7 @@ __all__ = [
     "find_latest",
     "is_complete",
     "load_model_weights",
+    "load_pt",
     "load_training_state",
     "resolve_resume",
     "save_checkpoint",
@@ -122,30 +129,62 @@ def save_checkpoint(
     *,
     model: Any,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     training_state: dict[str, Any],
     info: dict[str, Any],
     keep: int | None = None,
     best: Path | None = None,
+    dist: Any = None,
+    rank_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoint-STEP`` atomically; keep only the newest ``keep`` checkpoints, never deleting ``best``
-    (:func:`rotate`)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    (:func:`rotate`).
+
+    With several processes (``dist``: :class:`gkd.build.Dist`) every rank calls this: each writes its
+    ``rank_files`` (file name -> plain data) into the shared temporary folder, rank 0 the model (``model``:
+    ``save_pretrained``), tokenizer, ``optimizer.pt`` (``optimizer`` None: the scheduler only, the optimizer state
+    being in the ranks' files) and ``trainer_state.pt``; once every rank has written (a failure on any rank fails
+    all of them), rank 0 writes ``trainer_state.json`` and renames the folder into place."""
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    with quiet_progress_bars():
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+    tmp = output_dir / (
+        f".checkpoint-{step}.tmp-{os.getpid()}" if world == 1 else f".checkpoint-{step}.tmp-ranks"
     )
-    torch.save(training_state, tmp / "trainer_state.pt")
-    (tmp / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if world > 1:
+        dist.barrier()
+    error: BaseException | None = None
+    try:
+        for name, obj in (rank_files or {}).items():
+            torch.save(obj, tmp / name)
+            _fsync_file(tmp / name)
+        if rank == 0:
+            with quiet_progress_bars():
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            states = {"scheduler": scheduler.state_dict()}
+            if optimizer is not None:
+                states["optimizer"] = optimizer.state_dict()
+            torch.save(states, tmp / "optimizer.pt")
+            torch.save(training_state, tmp / "trainer_state.pt")
+    except BaseException as e:  # every rank must learn of it before raising: no rank may hang
+        error = e
+    if world > 1 and dist.sum(0.0 if error is None else 1.0) > 0 and error is None:
+        raise CheckpointError(
+            f"checkpoint-{step}: another process failed to write its part; nothing was saved"
+        )
+    if error is not None:
+        raise error
+    if rank != 0:
+        dist.barrier()  # rank 0 renames the folder into place
+        return final
+    (tmp / STATE_JSON).write_text(json.dumps({"step": step, "world": world, **info}, indent=2, default=str))
     _fsync_tree(tmp)
     if final.exists():
         old = output_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
@@ -156,7 +195,14 @@ def save_checkpoint(
         os.replace(tmp, final)
     if keep is not None:
         rotate(output_dir, keep, best)
+    if world > 1:
+        dist.barrier()
     return final
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def rotate(output_dir: Path, keep: int, best: Path | None = None) -> None:
@@ -202,11 +248,31 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], dic
     """(info from trainer_state.json, optimizer+scheduler states, training state) of a checkpoint."""
     try:
         info = json.loads((path / STATE_JSON).read_text())
-        optim = torch.load(path / "optimizer.pt", weights_only=False)
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
-    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({e}); resume from an earlier one") from e
-    return info, optim, state
+    return info, load_pt(path / "optimizer.pt"), load_pt(path / "trainer_state.pt")
+
+
+def load_pt(file: Path, *, missing_ok: bool = False) -> Any:
+    """A ``.pt`` file of a checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain data (dicts,
+    lists, tuples, numbers, strings) only. Anything else (a pickled object, which could run code while loading) is
+    refused with a one-line :class:`CheckpointError`; so is a missing or unreadable file (None if ``missing_ok``)."""
+    import pickle
+
+    if missing_ok and not file.exists():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint file '{file}' holds objects other than tensors and plain data; gkd refuses to load it "
+            "(unpickling it could run code): resume from a checkpoint gkd wrote"
+        ) from e
+    except (OSError, RuntimeError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint file '{file}' cannot be read ({why}); resume from an earlier one"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,9 +377,12 @@ def _fsync_dir(path: Path) -> None:
 def load_model_weights(model: Any, folder: Path) -> None:
     """Load the weights a checkpoint folder holds into ``model`` in place (``load_best_model_at_end``): the LoRA
     adapter of a peft model, else every weight (read with ``from_pretrained``, so any layout transformers writes
-    loads); dtypes and devices stay the model's."""
+    loads); dtypes and devices stay the model's. A sharded (FSDP) student: into its full copy, then into its shards
+    (every rank calls it)."""
+    from gkd.fsdp import is_sharded
     from gkd.models import load_model, unwrap
 
+    sharded = model if is_sharded(model) else None
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / accelerate wrappers
         model = model.module
     try:
@@ -335,3 +404,5 @@ def load_model_weights(model: Any, folder: Path) -> None:
         raise CheckpointError(
             f"checkpoint '{folder}' cannot be loaded into the model ({str(e).splitlines()[0]})"
         ) from e
+    if sharded is not None:
+        sharded.load_full()

@@ -492,6 +492,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from gkd.serve import serve_teacher
+
+    return serve_teacher(
+        args.model,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        api_key=args.api_key,
+        max_batch_tokens=args.max_batch_tokens,
+        served_model_name=args.served_model_name,
+    )
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from gkd.experiments import run_experiment
 
@@ -605,6 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="(maintainers) train the teacher and write it to gkd's assets",
     )
 
+    p = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher's log-probs over HTTP (vLLM-compatible /v1/completions; pip install 'gkd[serve]')",
+    )
+    p.add_argument("model", help="the teacher: a local folder or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="any address but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--api-key", default=None, help="required bearer token (Authorization: Bearer KEY)")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per forward and per request")
+    p.add_argument("--served-model-name", default=None, help="the model id in /v1/models (default: MODEL)")
+
     p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")
     p.add_argument("name", help="methods, divergences, temperature, data_efficiency or rl")
     p.add_argument("--output-dir", default=None)
@@ -628,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": _cmd_prepare,
         "demo": _cmd_demo,
         "experiment": _cmd_experiment,
+        "serve-teacher": _cmd_serve_teacher,
     }
     try:
         return handlers[args.command](args)

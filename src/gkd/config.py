@@ -266,6 +266,9 @@ class GKDConfig:
     # --- performance ------------------------------------------------------------------------------------------
     num_threads: int | None = None
     """torch intra-op threads (default: torch's choice)."""
+    fsdp: bool = False
+    """Shard the student with FSDP2 over the processes of a ``torchrun`` / ``accelerate launch`` run (TRL's
+    ``fsdp: full_shard``); see docs/config.md, Distributed training."""
     loss_chunk_size: int | None = None
     """Positions per chunk of the fused loss (default: about 8M logits per chunk)."""
     teacher_cache: Literal["none", "topk"] = "none"
@@ -701,12 +704,20 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             f"config key 'deepspeed': {why}; train with accelerate's DDP (accelerate launch) or drop the key"
         )
     out.pop("deepspeed", None)
-    if out.get("fsdp"):
-        raise ConfigError(
-            "config key 'fsdp': sharded training is not supported yet; use accelerate launch (DDP) or drop the key"
-        )
-    out.pop("fsdp", None)
-    out.pop("fsdp_config", None)
+    # fsdp: TRL's "full_shard [auto_wrap]" (or a list of them, or gkd's true/false) -> FSDP2 (gkd.fsdp)
+    fsdp = out.pop("fsdp", None)
+    out.pop("fsdp_config", None)  # gkd wraps every decoder layer and the root itself
+    if isinstance(fsdp, str | list | tuple):
+        options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in fsdp]
+        other = [o for o in options if o not in ("full_shard", "auto_wrap")]
+        if other:
+            raise ConfigError(
+                f"config key 'fsdp: {fsdp}': gkd shards fully with FSDP2 (full_shard, auto_wrap); "
+                f"{' '.join(other)} is not supported; use 'fsdp: full_shard' or drop the key"
+            )
+        fsdp = "full_shard" in options
+    if fsdp is not None:
+        out["fsdp"] = fsdp
     # LoRA the TRL way: use_peft switches it on, lora_* set it
     use_peft = out.pop("use_peft", False)
     given = [k for k in out if k in _PEFT_KEYS]
@@ -746,8 +757,8 @@ def trl_keys() -> dict[str, str]:
     for key, name in _PEFT_KEYS.items():
         out[key] = f"lora.{name} when use_peft is true (TRL default {_PEFT_DEFAULTS[name]!r})"
     out["deepspeed"] = "not supported yet (an error)"
-    out["fsdp"] = "not supported yet (an error)"
-    out["fsdp_config"] = "not supported yet"
+    out["fsdp"] = "full_shard [auto_wrap]: shard the student with FSDP2 (other options: an error)"
+    out["fsdp_config"] = "accepted and ignored: gkd shards every decoder layer and the model's root itself"
     for key, (_quiet, why) in _IGNORED.items():
         out[key] = f"accepted and ignored: {why}"
     for key, why in _FOREIGN.items():
@@ -935,6 +946,7 @@ def validate(cfg: GKDConfig) -> None:
         if value is not None:
             _check(ok(value), key, allowed, value)
     _check_objective(cfg)
+    _check_teacher_source(cfg)
     _check_precision(cfg)
     _check_rl(cfg)
     _check_names(cfg)
@@ -998,6 +1010,14 @@ def _check_objective(cfg: GKDConfig) -> None:
 
 
 _ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _check_teacher_source(cfg: GKDConfig) -> None:
+    if cfg.teacher_url is not None and cfg.teacher_model_name_or_path is not None:
+        raise ConfigError(
+            "config keys 'teacher_url' and 'teacher_model_name_or_path' both name the teacher; give one (the served "
+            "teacher, or the local one)"
+        )
 
 
 def _check_precision(cfg: GKDConfig) -> None:

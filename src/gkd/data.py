@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,18 @@ import torch
 from gkd.errors import ConfigError, DataError
 
 __all__ = [
+    "ArrowTokenizedDataset",
     "Batch",
+    "BatchStream",
     "Example",
     "TokenizedDataset",
     "collate",
     "load_records",
+    "make_stream",
     "message_text",
+    "open_dataset",
     "read_chat_template",
+    "tokenize_dataset",
     "tokenize_records",
     "with_chat_template",
 ]
@@ -205,15 +211,20 @@ def _load_with_datasets(
         with _quiet_datasets() as datasets:
             ds = _load_dataset(datasets, builder, path, split, config_name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        found = re.match(r"Unknown split \"(.*)\"\. Should be one of \[(.*)\]", first)
-        if found:  # name the setting that chose the split, and the splits there are
-            have = ", ".join(x.strip().strip("'\"") for x in found.group(2).split(","))
-            raise DataError(
-                f"dataset '{builder or path}' has no split '{split}' (it has {have}); set {split_key} to one of them"
-            ) from e
-        raise DataError(f"dataset '{builder or path}' could not be loaded: {first}") from e
+        raise _datasets_error(e, builder or path, split, split_key) from e
     return list(ds)
+
+
+def _datasets_error(e: Exception, name: Any, split: str, split_key: str) -> DataError:
+    """A one-line ``DataError`` for what ``datasets`` raised loading ``name`` (a missing split names the setting)."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    found = re.match(r"Unknown split \"(.*)\"\. Should be one of \[(.*)\]", first)
+    if found:  # name the setting that chose the split, and the splits there are
+        have = ", ".join(x.strip().strip("'\"") for x in found.group(2).split(","))
+        return DataError(
+            f"dataset '{name}' has no split '{split}' (it has {have}); set {split_key} to one of them"
+        )
+    return DataError(f"dataset '{name}' could not be loaded: {first}")
 
 
 def _load_dataset(
@@ -488,6 +499,56 @@ def _batch_tokenize(tokenizer: Any, texts: list[str], special: list[bool]) -> li
     return out
 
 
+def _tokenize_rows(
+    records: list[dict],
+    tokenizer: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    max_prompt_length: int,
+    max_completion_length: int,
+    source: str,
+    seq2seq: bool,
+    apply_chat_template: bool,
+) -> list[tuple[list[int], list[int] | None, bool, bool, int]]:
+    """(prompt ids, completion ids or None, prompt truncated?, completion truncated?, prompt tokens before
+    truncation) of each record; ``indices`` are the records' positions in their dataset (named in errors). The one
+    tokenisation of gkd: the list path and the ``datasets.map`` path both call it, so they give the same ids."""
+    eos = tokenizer.eos_token_id
+    where = range(len(records)) if indices is None else indices
+    parts = [split_record(rec, tokenizer, i, source, apply_chat_template) for i, rec in zip(where, records)]
+    prompt_ids = _batch_tokenize(tokenizer, [p for p, _, _ in parts], [not t for _, _, t in parts])
+    completions = [c for _, c, _ in parts if c is not None]
+    completion_ids = iter(_batch_tokenize(tokenizer, completions, [False] * len(completions)))
+    out = []
+    for (_, completion, _), p_ids in zip(parts, prompt_ids):
+        raw = len(p_ids)
+        trunc_p = trunc_c = False
+        if seq2seq and (not p_ids or p_ids[-1] != eos):
+            p_ids = [*p_ids, eos]  # T5-style encoders expect an EOS at the end of the input
+        if len(p_ids) > max_prompt_length:
+            p_ids = p_ids[-max_prompt_length:]
+            trunc_p = True
+        if not p_ids:
+            p_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
+        c_ids = None
+        if completion is not None:
+            c_ids = next(completion_ids)
+            if not c_ids or c_ids[-1] != eos:
+                c_ids = [*c_ids, eos]
+            if len(c_ids) > max_completion_length:
+                c_ids = c_ids[:max_completion_length]
+                trunc_c = True
+        out.append((p_ids, c_ids, trunc_p, trunc_c, raw))
+    return out
+
+
+def _all_truncated_error(source: str, max_prompt_length: int, longest: int) -> DataError:
+    return DataError(
+        f"every prompt of {source} is longer than max_prompt_length={max_prompt_length} (e.g. {longest} "
+        "tokens); raise max_prompt_length"
+    )
+
+
 def tokenize_records(
     records: list[dict],
     tokenizer: Any,
@@ -507,37 +568,455 @@ def tokenize_records(
         raise DataError(f"{source} is empty; it needs at least one record")
     if apply_chat_template:
         check_apply_chat_template(tokenizer)
-    eos = tokenizer.eos_token_id
-    parts = [split_record(rec, tokenizer, i, source, apply_chat_template) for i, rec in enumerate(records)]
-    prompt_ids = _batch_tokenize(tokenizer, [p for p, _, _ in parts], [not t for _, _, t in parts])
-    completions = [c for _, c, _ in parts if c is not None]
-    completion_ids = iter(_batch_tokenize(tokenizer, completions, [False] * len(completions)))
-    examples: list[Example] = []
-    trunc_p = trunc_c = 0
-    for rec, (_, completion, _), p_ids in zip(records, parts, prompt_ids):
-        if seq2seq and (not p_ids or p_ids[-1] != eos):
-            p_ids = [*p_ids, eos]  # T5-style encoders expect an EOS at the end of the input
-        if len(p_ids) > max_prompt_length:
-            p_ids = p_ids[-max_prompt_length:]
-            trunc_p += 1
-        if not p_ids:
-            p_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
-        c_ids = None
-        if completion is not None:
-            c_ids = next(completion_ids)
-            if not c_ids or c_ids[-1] != eos:
-                c_ids = [*c_ids, eos]
-            if len(c_ids) > max_completion_length:
-                c_ids = c_ids[:max_completion_length]
-                trunc_c += 1
-        examples.append(Example(p_ids, c_ids, rec))
+    rows = _tokenize_rows(
+        records,
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        source=source,
+        seq2seq=seq2seq,
+        apply_chat_template=apply_chat_template,
+    )
+    examples = [Example(p, c, rec) for rec, (p, c, _, _, _) in zip(records, rows)]
+    trunc_p = sum(r[2] for r in rows)
+    trunc_c = sum(r[3] for r in rows)
     if trunc_p == len(records):
-        longest = max(len(p) for p in prompt_ids)
-        raise DataError(
-            f"every prompt of {source} is longer than max_prompt_length={max_prompt_length} (e.g. {longest} "
-            "tokens); raise max_prompt_length"
-        )
+        raise _all_truncated_error(source, max_prompt_length, max(r[4] for r in rows))
     return TokenizedDataset(examples, trunc_p, trunc_c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data at scale: datasets.map (cached, num_proc), one shard per process, streams
+# ---------------------------------------------------------------------------------------------------------------
+PROMPT_IDS = "_gkd_prompt_ids"
+COMPLETION_IDS = "_gkd_completion_ids"
+_TRUNC_PROMPT = "_gkd_prompt_truncated"
+_TRUNC_COMPLETION = "_gkd_completion_truncated"
+_PROMPT_TOKENS = "_gkd_prompt_tokens"
+_GKD_COLUMNS = (PROMPT_IDS, COMPLETION_IDS, _TRUNC_PROMPT, _TRUNC_COMPLETION, _PROMPT_TOKENS)
+_MAP_VERSION = 1  # bump when _tokenize_rows changes what it writes: old datasets caches are then not read
+
+
+def process_position() -> tuple[int, int]:
+    """(rank, world) of this process in torch.distributed (accelerate initialises it), (0, 1) without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def main_process_first(rank: int, world: int):
+    """The main process runs the block first (it writes the ``datasets`` caches), the others after it (they read
+    them): ranks never race on a cache file."""
+    barrier = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if barrier and rank != 0:
+        torch.distributed.barrier()
+    yield
+    if barrier and rank == 0:
+        torch.distributed.barrier()
+
+
+def open_dataset(
+    spec: str,
+    split: str = "train",
+    config_name: str | None = None,
+    split_key: str = "split",
+    streaming: bool = False,
+) -> Any:
+    """``spec`` as a ``datasets.Dataset`` (Arrow, memory-mapped, converted once and cached by ``datasets``) or, with
+    ``streaming``, an ``IterableDataset``: the same sources as :func:`load_records` (a JSONL/JSON/parquet/CSV file,
+    a folder of data files with the same split rules, a saved dataset, a hub name), never a list of dicts."""
+    path = Path(os.path.expanduser(spec))
+    if not path.exists() and _missing_local(spec):
+        raise DataError(f"dataset '{spec}' does not exist; check the path (looked for {path.absolute()})")
+    try:
+        with _quiet_datasets() as datasets:
+            if path.is_file():
+                builder = "json" if path.suffix in (".jsonl", ".ndjson", ".json") else path.suffix.lstrip(".")
+                return datasets.load_dataset(
+                    builder, data_files=str(path), split="train", streaming=streaming
+                )
+            if path.is_dir():
+                if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+                    ds = datasets.load_from_disk(str(path))
+                    if isinstance(ds, datasets.DatasetDict):
+                        if split not in ds:
+                            raise DataError(
+                                f"dataset '{path}' has no split '{split}'; available: {', '.join(ds)}"
+                            )
+                        ds = ds[split]
+                    return ds.to_iterable_dataset() if streaming else ds
+                jsonl = _split_files(path, split, split_key)
+                if jsonl:
+                    files = [str(f) for f in jsonl]
+                    return datasets.load_dataset("json", data_files=files, split="train", streaming=streaming)
+                return datasets.load_dataset(str(path), config_name, split=split, streaming=streaming)
+            return datasets.load_dataset(spec, config_name, split=split, streaming=streaming)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean "cannot load this"
+        err = _datasets_error(e, spec, split, split_key)
+        if path.is_file() or path.is_dir():
+            err = DataError(
+                f"{err}; a JSONL file with bad lines reads line by line with skip_bad_lines: true"
+            )
+        raise err from e
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable key of what a tokenizer does to text (vocabulary, merges, normalisation, template, special ids)."""
+    from gkd.io import fingerprint
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return fingerprint(
+        type(tokenizer).__name__,
+        body,
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+        list(getattr(tokenizer, "all_special_tokens", [])),
+    )
+
+
+def _map_tokenize(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    adapter: str | None,
+    adapt: Callable[[list[dict], str], list[dict]] | None,
+    offset: int,
+    stride: int,
+    **settings: Any,
+) -> dict[str, list]:
+    """``datasets.map(batched=True)`` function: the gkd columns of a batch of rows (and, with an adapter, the
+    adapted record fields in place of the original ones). Record ``i`` of the shard is row ``offset + stride*i``
+    of the dataset, the index errors name."""
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else len(indices)
+    records = [{k: batch[k][i] for k in keys} for i in range(n)]
+    rows_index = [offset + stride * i for i in indices]
+    out: dict[str, list] = {}
+    if adapter is not None:
+        assert adapt is not None, (
+            "an adapter name comes with its function (gkd.tasks.adapters, given by gkd.build)"
+        )
+        records = adapt(records, settings["source"])
+        names = sorted({k for r in records for k in r})
+        out = {k: [r.get(k) for r in records] for k in names}
+    rows = _tokenize_rows(records, tokenizer, indices=rows_index, **settings)
+    for name, col in zip(_GKD_COLUMNS, zip(*rows) if rows else [()] * len(_GKD_COLUMNS)):
+        out[name] = list(col)
+    return out
+
+
+class ArrowExamples(Sequence):
+    """The :class:`Example` s of a tokenised ``datasets.Dataset``, read from Arrow when asked for: nothing is held
+    as Python objects (a row's ``record`` is its other columns, as ``list(dataset)`` gives them)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @staticmethod
+    def _example(row: dict) -> Example:
+        record = {k: v for k, v in row.items() if k not in _GKD_COLUMNS}
+        return Example(list(row[PROMPT_IDS]), _ids(row[COMPLETION_IDS]), record)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"example {i} of {n}")
+        return self._example(self.ds[int(i)])
+
+    def __iter__(self) -> Iterator[Example]:
+        for chunk in self.ds.iter(batch_size=1024):
+            keys = list(chunk)
+            for i in range(len(chunk[PROMPT_IDS])):
+                yield self._example({k: chunk[k][i] for k in keys})
+
+
+def _ids(value: Any) -> list[int] | None:
+    return None if value is None else list(value)
+
+
+class ArrowTokenizedDataset(TokenizedDataset):
+    """A :class:`TokenizedDataset` over a ``datasets.Dataset`` tokenised by ``map`` (cached, ``num_proc``).
+
+    ``shard`` is ``(rank, world)`` when this process holds only its shard (rows ``rank, rank + world, ...``): then
+    ``len()`` is the whole dataset's size (the run's plan counts every process's prompts) and ``examples`` are the
+    shard's; :class:`BatchStream` draws from the shard."""
+
+    def __init__(
+        self,
+        ds: Any,
+        *,
+        total: int,
+        shard: tuple[int, int] | None = None,
+        truncated_prompts: int = 0,
+        truncated_completions: int = 0,
+    ) -> None:
+        super().__init__(ArrowExamples(ds), truncated_prompts, truncated_completions)  # type: ignore[arg-type]
+        self.ds = ds
+        self.total = total
+        self.shard = shard
+
+    def __len__(self) -> int:
+        return self.total
+
+    @property
+    def has_targets(self) -> bool:
+        return self.ds.data.column(COMPLETION_IDS).null_count == 0
+
+
+def tokenize_dataset(
+    ds: Any,
+    tokenizer: Any,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    source: str = "dataset",
+    seq2seq: bool = False,
+    apply_chat_template: bool = False,
+    adapter: str | None = None,
+    adapt: Callable[[list[dict], str], list[dict]] | None = None,
+    num_proc: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    shard: bool = True,
+) -> ArrowTokenizedDataset:
+    """Tokenise a ``datasets.Dataset`` with ``map(batched=True, num_proc=...)``: the same ids as
+    :func:`tokenize_records` over ``list(ds)``, written next to the dataset's Arrow files and keyed by the dataset,
+    the tokenizer and the settings, so the next run reads them back instead of tokenising again.
+
+    With ``world > 1`` and ``shard``, this process tokenises and keeps only its shard (rows ``rank::world``); without
+    ``shard`` every process holds the whole dataset and the main process tokenises it first (the others read its
+    cache)."""
+    from gkd.io import fingerprint
+
+    if len(ds) == 0:
+        raise DataError(f"{source} is empty; it needs at least one record")
+    if apply_chat_template:
+        check_apply_chat_template(tokenizer)
+    total = len(ds)
+    sharded = shard and world > 1
+    if sharded:
+        if total < world:
+            raise DataError(f"{source} has {total} records, fewer than the {world} processes; add records")
+        ds = ds.shard(num_shards=world, index=rank, contiguous=False)
+    settings = {
+        "max_prompt_length": max_prompt_length,
+        "max_completion_length": max_completion_length,
+        "source": source,
+        "seq2seq": seq2seq,
+        "apply_chat_template": apply_chat_template,
+    }
+    offset, stride = (rank, world) if sharded else (0, 1)
+    key = fingerprint(
+        _MAP_VERSION, ds._fingerprint, tokenizer_fingerprint(tokenizer), settings, adapter, offset, stride
+    )
+    columns = [c for c in ds.column_names if c in _GKD_COLUMNS or adapter is not None]
+    with contextlib.nullcontext() if sharded else main_process_first(rank, world), _quiet_datasets():
+        out = ds.map(
+            _map_tokenize,
+            batched=True,
+            batch_size=1000,
+            with_indices=True,
+            num_proc=num_proc if num_proc and num_proc > 1 and len(ds) >= num_proc else None,
+            remove_columns=columns or None,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "adapter": adapter,
+                "adapt": adapt,
+                "offset": offset,
+                "stride": stride,
+                **settings,
+            },
+            new_fingerprint=key,
+            desc=None,
+        )
+    import pyarrow.compute as pc
+
+    table = out.data
+    trunc_p = int(pc.sum(table.column(_TRUNC_PROMPT)).as_py() or 0)
+    trunc_c = int(pc.sum(table.column(_TRUNC_COMPLETION)).as_py() or 0)
+    if trunc_p == len(out):
+        raise _all_truncated_error(
+            source, max_prompt_length, int(pc.max(table.column(_PROMPT_TOKENS)).as_py())
+        )
+    return ArrowTokenizedDataset(
+        out,
+        total=total,
+        shard=(rank, world) if sharded else None,
+        truncated_prompts=trunc_p,
+        truncated_completions=trunc_c,
+    )
+
+
+class StreamingDataset(TokenizedDataset):
+    """Prompts read as a ``datasets`` stream (``dataset_streaming: true``), tokenised as they are drawn: for
+    on-policy runs, which use only the prompts. Nothing is indexed: ``examples`` is empty and ``len()`` is 0 (the
+    run's length is ``max_steps``); :class:`PromptStream` draws the batches."""
+
+    def __init__(
+        self,
+        stream: Any,
+        tokenizer: Any,
+        *,
+        max_prompt_length: int,
+        max_completion_length: int,
+        source: str = "dataset",
+        seq2seq: bool = False,
+        apply_chat_template: bool = False,
+        adapter: str | None = None,
+        adapt: Callable[[list[dict], str], list[dict]] | None = None,
+    ) -> None:
+        super().__init__([])
+        self.stream = stream
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.adapt = adapt
+        self.settings = {
+            "max_prompt_length": max_prompt_length,
+            "max_completion_length": max_completion_length,
+            "source": source,
+            "seq2seq": seq2seq,
+            "apply_chat_template": apply_chat_template,
+        }
+
+    @property
+    def has_targets(self) -> bool:
+        return False
+
+
+def _stream_examples(data: StreamingDataset, seed: int, epoch: int, skip: int, rank: int, world: int):
+    """The examples of this process's part of the stream in epoch ``epoch`` (a seeded buffer shuffle), after the
+    first ``skip`` (skipped before they are tokenised)."""
+    from datasets.distributed import split_dataset_by_node
+
+    ds = data.stream
+    if world > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+    ds = ds.shuffle(seed=seed * 1_000_003 + epoch, buffer_size=1000)
+    if skip:
+        ds = ds.skip(skip)
+    offset, stride = (rank, world) if world > 1 else (0, 1)
+    ds = ds.map(
+        _map_tokenize,
+        batched=True,
+        batch_size=64,
+        with_indices=True,
+        remove_columns=list(ds.column_names or []) if data.adapter is not None and ds.column_names else None,
+        fn_kwargs={
+            "tokenizer": data.tokenizer,
+            "adapter": data.adapter,
+            "adapt": data.adapt,
+            "offset": offset,
+            "stride": stride,
+            **data.settings,
+        },
+    )
+    for row in ds:
+        yield ArrowExamples._example(row)
+
+
+def read_with_datasets(cfg: Any, spec: str, world: int) -> bool:
+    """Is the training data read and tokenised through ``datasets`` (Arrow, ``map``, one shard per process)?
+
+    With ``dataset_streaming``, ``dataset_num_proc`` or several processes, yes; else the records are read into
+    Python and tokenised in one call (as for records given from Python). A JSONL source with ``skip_bad_lines`` is
+    always read line by line (``datasets``' JSON reader stops at a bad line)."""
+    if not (cfg.dataset_streaming or cfg.dataset_num_proc is not None or world > 1):
+        return False
+    if cfg.skip_bad_lines and not cfg.dataset_streaming:
+        path = Path(os.path.expanduser(spec))
+        return not (path.suffix in (".jsonl", ".ndjson", ".json") or (path.is_dir() and not path.suffix))
+    return True
+
+
+def check_streaming(cfg: Any) -> None:
+    """``dataset_streaming`` serves on-policy runs: prompts drawn in order, nothing indexed (one-line errors)."""
+    if cfg.off_policy_possible:
+        raise ConfigError(
+            "config key 'dataset_streaming: true' streams prompts for on-policy steps, but lmbda < 1 (or a linear "
+            "lmbda schedule from below 1) draws off-policy batches from the indexed dataset; set lmbda: 1 or "
+            "dataset_streaming: false"
+        )
+    if cfg.seq_kd or cfg.teacher_cache == "topk":
+        key = "seq_kd: true" if cfg.seq_kd else "teacher_cache: topk"
+        raise ConfigError(
+            f"config key 'dataset_streaming: true' cannot be used with {key}, which needs every example up front; "
+            "set dataset_streaming: false"
+        )
+    if cfg.max_steps is None or cfg.max_steps <= 0:
+        raise ConfigError(
+            "config key 'dataset_streaming: true' needs max_steps > 0 (a stream has no length, so "
+            "num_train_epochs cannot set the run's length)"
+        )
+
+
+def load_with_datasets(
+    cfg: Any,
+    spec: str,
+    split: str,
+    config_name: str | None,
+    split_key: str,
+    tokenizer: Any,
+    seq2seq: bool,
+    log: Any = print,
+    adapt: Callable[[list[dict], str], list[dict]] | None = None,
+) -> TokenizedDataset:
+    """The training data (config key ``dataset``) through ``datasets``: streamed (:class:`gkd.data.StreamingDataset`), or tokenised with
+    ``map`` (cached, ``dataset_num_proc``), each process its own shard unless the teacher's SeqKD targets or
+    top-k cache need every example on every process."""
+    rank, world = process_position()
+    source = f"dataset '{spec}'"
+    settings = {
+        "max_prompt_length": cfg.max_prompt_length,
+        "max_completion_length": cfg.effective_max_completion_length,
+        "source": source,
+        "seq2seq": seq2seq,
+        "apply_chat_template": cfg.apply_chat_template,
+    }
+    if cfg.dataset_streaming:
+        check_streaming(cfg)
+        if cfg.apply_chat_template:
+            check_apply_chat_template(tokenizer)
+        stream = open_dataset(spec, split, config_name, split_key, streaming=True)
+        return StreamingDataset(stream, tokenizer, adapter=cfg.dataset_adapter, adapt=adapt, **settings)
+    with main_process_first(rank, world):  # datasets converts the files to Arrow once, on the main process
+        ds = open_dataset(spec, split, config_name, split_key)
+    shard = not (cfg.teacher_cache == "topk" or (cfg.seq_kd and cfg.off_policy_possible))
+    data = tokenize_dataset(
+        ds,
+        tokenizer,
+        adapter=cfg.dataset_adapter,
+        adapt=adapt,
+        num_proc=cfg.dataset_num_proc,
+        rank=rank,
+        world=world,
+        shard=shard,
+        **settings,
+    )
+    held = "this process's shard" if data.shard is not None else "the dataset"
+    if data.truncated_prompts:
+        log(
+            f"warning: {source}: {data.truncated_prompts} of {len(data.examples)} prompts of {held} were longer "
+            f"than max_prompt_length={cfg.max_prompt_length} and were truncated from the left"
+        )
+    if data.truncated_completions:
+        log(
+            f"warning: {source}: {data.truncated_completions} completions of {held} were longer than "
+            f"{cfg.effective_max_completion_length} tokens and were truncated"
+        )
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,7 +1098,10 @@ def collate(examples: list[Example], pad_id: int, indices: list[int] | None = No
 class BatchStream:
     """An endless, seeded, resumable stream of batches: a fresh permutation of the data every epoch.
 
-    With several processes each rank takes its own slice of every global batch, so ranks see different data.
+    With several processes each rank takes its own slice of every global batch, so ranks see different data. A
+    dataset that holds only this process's shard (:class:`ArrowTokenizedDataset` with ``shard``) is drawn on its
+    own instead: each epoch a permutation of the shard (seeded as the whole dataset's), ``batch_size`` rows a batch,
+    so rank ``r`` trains on rows ``r, r + world, ...`` only. With one process both are the same stream.
     """
 
     def __init__(
@@ -637,12 +1119,14 @@ class BatchStream:
         self.pad_id = pad_id
         self.rank = rank
         self.world = world
+        self.local = world > 1 and getattr(dataset, "shard", None) is not None
         self.epoch = 0
         self.position = 0
+        self.drawn = 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(len(self.dataset)))
+        order = list(range(len(self.dataset.examples)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
@@ -656,15 +1140,81 @@ class BatchStream:
             k = min(n - len(out), len(self._order) - self.position)
             out += self._order[self.position : self.position + k]
             self.position += k
+        self.drawn += n
         return out
 
     def next_indices(self) -> list[int]:
+        """The dataset positions of the next batch (for a shard, of the whole dataset: row ``rank + world * i``)."""
+        if self.local:
+            return [self.rank + self.world * i for i in self._take(self.batch_size)]
         global_idx = self._take(self.batch_size * self.world)
         return global_idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next(self) -> Batch:
         idx = self.next_indices()
-        return collate([self.dataset.examples[i] for i in idx], self.pad_id, idx)
+        held = [(i - self.rank) // self.world for i in idx] if self.local else idx
+        return collate([self.dataset.examples[i] for i in held], self.pad_id, idx)
+
+    def state_dict(self) -> dict[str, int]:
+        if self.local:  # shards can differ in length by one: each rank resumes from the count drawn
+            return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn}
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.local and "drawn" in state:
+            self.drawn = int(state["drawn"])
+            self.epoch, self.position = divmod(self.drawn, len(self.dataset.examples))
+        else:
+            self.epoch = int(state["epoch"])
+            self.position = int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+class PromptStream:
+    """Batches of prompts read in order from a :class:`StreamingDataset` (``dataset_streaming: true``): each epoch
+    the stream again, shuffled through a seeded buffer, this process's part of it (``split_dataset_by_node``).
+
+    Resuming is exact: the state is (epoch, prompts drawn in it), and a resumed stream skips the prompts already
+    drawn (read again, not tokenised) before it draws the next."""
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.position = 0
+        self._it: Iterator[Example] | None = None
+
+    def next(self) -> Batch:
+        examples: list[Example] = []
+        while len(examples) < self.batch_size:
+            if self._it is None:
+                self._it = _stream_examples(
+                    self.dataset, self.seed, self.epoch, self.position, self.rank, self.world
+                )
+            try:
+                example = next(self._it)
+            except StopIteration:
+                if self.position == 0:
+                    raise DataError("the streamed dataset is empty; it needs at least one record") from None
+                self.epoch += 1
+                self.position = 0
+                self._it = None
+                continue
+            examples.append(example)
+            self.position += 1
+        return collate(examples, self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -672,4 +1222,13 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-        self._order = self._permutation(self.epoch)
+        self._it = None
+
+
+def make_stream(
+    dataset: TokenizedDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0, world: int = 1
+) -> BatchStream | PromptStream:
+    """The run's batch stream: a :class:`PromptStream` over a streamed dataset, else a :class:`BatchStream`."""
+    if isinstance(dataset, StreamingDataset):
+        return PromptStream(dataset, batch_size, seed, pad_id, rank, world)
+    return BatchStream(dataset, batch_size, seed, pad_id, rank, world)

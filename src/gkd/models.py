@@ -125,11 +125,17 @@ def _adapter_base(path: str, what: str) -> str:
     )
 
 
-def load_tokenizer(path: str, what: str = "tokenizer", chat_template_path: str | None = None) -> Any:
+def load_tokenizer(
+    path: str,
+    what: str = "tokenizer",
+    chat_template_path: str | None = None,
+    init_kwargs: dict[str, Any] | None = None,
+) -> Any:
     """Load a tokenizer; give it a pad token (the EOS) if it has none. Masks never rely on pad ids.
 
     A LoRA adapter folder without tokenizer files gives its base model's tokenizer. ``chat_template_path`` (a Jinja
     file or a tokenizer folder, see :func:`gkd.data.read_chat_template`) replaces its chat template.
+    ``init_kwargs`` (``revision``, ``trust_remote_code``) go to ``from_pretrained``.
     """
     from transformers import AutoTokenizer
 
@@ -137,12 +143,12 @@ def load_tokenizer(path: str, what: str = "tokenizer", chat_template_path: str |
 
     _check_exists(path, what)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), **(init_kwargs or {}))
     except (OSError, ValueError, TypeError) as e:
         if not _is_adapter_folder(path):
             raise _not_found(what, path, e) from e
         base = _adapter_base(path, what)
-        return load_tokenizer(base, f"{what} (base of the adapter '{path}')", chat_template_path)
+        return load_tokenizer(base, f"{what} (base of the adapter '{path}')", chat_template_path, init_kwargs)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"{what} '{path}' has neither a pad nor an EOS token; add an eos_token to it")

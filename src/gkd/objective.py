@@ -179,6 +179,8 @@ class Objective:
         ):
             return None, topk_cache.lookup(batch.indices, batch.completion_mask)
         if teacher is not None and terms.needs_teacher():
+            if getattr(teacher, "served", False):  # gkd.teacher_client.ServedTeacher: top-k + tail over HTTP
+                return None, teacher.topk(batch)
             return teacher.score(batch), None
         return None, None
 

@@ -14,21 +14,54 @@ from gkd.config import GKDConfig
 from gkd.data import TokenizedDataset
 from gkd.errors import ConfigError, DataError
 
-__all__ = ["check_backend", "check_context", "check_data", "check_names", "check_paths"]
+__all__ = [
+    "check_backend",
+    "check_context",
+    "check_data",
+    "check_names",
+    "check_paths",
+    "check_served_teacher",
+]
 
 
 def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_data: bool) -> None:
     """The keys a run cannot start without (objects given from Python stand in for paths)."""
     if not have_student and cfg.model_name_or_path is None:
         raise ConfigError("config key 'model_name_or_path' (the student) is required")
-    if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None:
+    if (
+        cfg.needs_teacher
+        and not have_teacher
+        and cfg.teacher_model_name_or_path is None
+        and not cfg.teacher_url
+    ):
         raise ConfigError(
-            f"config key 'teacher_model_name_or_path' is required for divergence '{cfg.divergence}' "
-            "(use divergence: nll for plain SFT without a teacher)"
+            f"config key 'teacher_model_name_or_path' (or 'teacher_url', a served teacher) is required for "
+            f"divergence '{cfg.divergence}' (use divergence: nll for plain SFT without a teacher)"
         )
+    if cfg.needs_teacher and not have_teacher and cfg.teacher_model_name_or_path is None and cfg.teacher_url:
+        check_served_teacher(cfg)
     if not have_data and cfg.dataset is None:
         raise ConfigError("config key 'dataset' is required (a JSONL file, a folder or a datasets hub name)")
     check_names(cfg)
+
+
+def check_served_teacher(cfg: GKDConfig) -> None:
+    """What a served teacher (``teacher_url``: top-k log-probs over HTTP, no logits, no sampling) cannot do yet."""
+    url = str(cfg.teacher_url)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"config key 'teacher_url' must be an http:// or https:// URL, got '{url}'")
+    unsupported = []
+    if cfg.seq_kd and cfg.off_policy_possible:
+        unsupported.append("seq_kd (the teacher would have to sample)")
+    if cfg.teacher_cache == "topk":
+        unsupported.append("teacher_cache: topk")
+    if cfg.teacher_kl_estimator == "sampled":
+        unsupported.append("teacher_kl_estimator: sampled")
+    if unsupported:
+        raise ConfigError(
+            f"{', '.join(unsupported)} not supported with teacher_url yet; use teacher_model_name_or_path (a local "
+            "teacher) for it"
+        )
 
 
 def check_names(cfg: GKDConfig) -> None:

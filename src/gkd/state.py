@@ -4,6 +4,11 @@ A resumed run must continue exactly as if it had never stopped (tested by killin
 model, optimizer and scheduler, a checkpoint holds the step, the data stream's position, every random generator
 (the λ coin, the rollout sampler, torch / Python / NumPy) and the skip counters. Checkpoint files are written
 atomically by :mod:`gkd.checkpoint`.
+
+With several processes each rank saves and restores its own generators and data position
+(``rng_state-rank{R}.pt``; the rollout sampler and torch generators are seeded per rank), and with FSDP its own
+shards of the model and optimizer. Everything is saved as tensors and plain data (NumPy's state as a list), so
+that resuming reads it with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -45,38 +50,67 @@ class TrainState:
 
 
 def save(run: Run, state: TrainState) -> Path | None:
-    """Write ``checkpoint-STEP`` atomically (main process only); returns its path there, None elsewhere.
+    """Write ``checkpoint-STEP`` atomically (every process takes part, see :func:`gkd.checkpoint.save_checkpoint`);
+    returns its path on the main process, None elsewhere.
 
     At the step of the best evaluation so far the checkpoint becomes ``state.best_checkpoint`` (recorded in it, and
     kept by ``save_total_limit``)."""
+    from gkd import fsdp
+
     run.accelerator.wait_for_everyone()
     if state.best_step is not None and state.best_step == state.step:
         state.best_checkpoint = f"checkpoint-{state.step}"
-    path = None
-    if run.dist.is_main:
-        training_state = {
-            **dataclasses.asdict(state),
-            "stream": run.stream.state_dict(),
-            "coin_rng": run.coin.rng.getstate(),
-            "rollout_gen": run.rollout_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "numpy_rng": np.random.get_state(),
-        }
-        path = ckpt.save_checkpoint(
-            run.output_dir,
-            state.step,
-            model=run.student,
-            tokenizer=run.tokenizer,
-            optimizer=run.optimizer,
-            scheduler=run.scheduler,
-            training_state=training_state,
-            info={**best_info(run, state), "config": public_config(run.cfg)},
-            keep=run.cfg.save_total_limit,
-            best=run.output_dir / state.best_checkpoint if state.best_checkpoint else None,
-        )
+    own = rank_state(run)
+    training_state = {**dataclasses.asdict(state), "coin_rng": run.coin.rng.getstate(), **own}
+    sharded = fsdp.is_sharded(run.student)
+    rank_files: dict[str, Any] = {}
+    if run.dist.world > 1:
+        rank_files[f"rng_state-rank{run.dist.rank}.pt"] = own
+    if sharded:
+        rank_files[f"shard-rank{run.dist.rank}.pt"] = fsdp.local_shards(run.student, run.optimizer)  # type: ignore[arg-type]
+    path = ckpt.save_checkpoint(
+        run.output_dir,
+        state.step,
+        model=run.student,
+        tokenizer=run.tokenizer,
+        optimizer=None if sharded else run.optimizer,
+        scheduler=run.scheduler,
+        training_state=training_state,
+        info={**best_info(run, state), "config": public_config(run.cfg)},
+        keep=run.cfg.save_total_limit,
+        best=run.output_dir / state.best_checkpoint if state.best_checkpoint else None,
+        dist=run.dist,
+        rank_files=rank_files,
+    )
     run.accelerator.wait_for_everyone()
-    return path
+    return path if run.dist.is_main else None
+
+
+def rank_state(run: Run) -> dict[str, Any]:
+    """This process's data position and random generators, as tensors and plain data."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "stream": run.stream.state_dict(),
+        "rollout_gen": run.rollout_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def load_rank_state(run: Run, saved: dict[str, Any]) -> None:
+    """:func:`rank_state` back into this process."""
+    run.stream.load_state_dict(saved["stream"])
+    run.rollout_gen.set_state(saved["rollout_gen"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(_tuples(saved["python_rng"]))
+    name, keys, pos, has_gauss, cached = saved["numpy_rng"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+
+
+def _tuples(value: Any) -> Any:
+    """Python's random state with its tuples back (a list may come back from a serializer)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def public_config(cfg: GKDConfig) -> dict[str, Any]:
@@ -101,16 +135,36 @@ def best_info(run: Run, state: TrainState) -> dict[str, Any]:
 
 
 def restore(run: Run, path: Path) -> TrainState:
-    """Load the optimizer, scheduler, stream and RNG states of checkpoint ``path`` into ``run``."""
-    _, optim, saved = ckpt.load_training_state(path)
-    run.optimizer.load_state_dict(optim["optimizer"])
+    """Load the optimizer, scheduler, stream and RNG states of checkpoint ``path`` into ``run``: this rank's own
+    ones when the checkpoint has them (several processes), and with FSDP this rank's shards of model and optimizer.
+    """
+    from gkd import fsdp
+
+    info, optim, saved = ckpt.load_training_state(path)
+    rank, world = run.dist.rank, run.dist.world
+    if fsdp.is_sharded(run.student):
+        if int(info.get("world", 1)) != world:
+            raise CheckpointError(
+                f"checkpoint '{path}' was written by {info.get('world', 1)} processes; a sharded (fsdp) run "
+                f"resumes with the same number, not {world}"
+            )
+        shards = ckpt.load_pt(path / f"shard-rank{rank}.pt", missing_ok=True)
+        if shards is None:
+            raise CheckpointError(
+                f"checkpoint '{path}' holds no sharded state (it was written without fsdp); resume it without fsdp"
+            )
+        try:
+            fsdp.load_shards(run.student, run.optimizer, shards)  # type: ignore[arg-type]
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{path}': its shards do not fit this run ({e})") from e
+    elif "optimizer" in optim:
+        run.optimizer.load_state_dict(optim["optimizer"])
+    else:
+        raise CheckpointError(f"checkpoint '{path}' was written by a sharded (fsdp) run; resume it with fsdp")
     run.scheduler.load_state_dict(optim["scheduler"])
-    run.stream.load_state_dict(saved["stream"])
-    run.coin.rng.setstate(saved["coin_rng"])
-    run.rollout_gen.set_state(saved["rollout_gen"])
-    torch.set_rng_state(saved["torch_rng"])
-    random.setstate(saved["python_rng"])
-    np.random.set_state(saved["numpy_rng"])
+    run.coin.rng.setstate(_tuples(saved["coin_rng"]))
+    own = ckpt.load_pt(path / f"rng_state-rank{rank}.pt", missing_ok=True) if world > 1 else None
+    load_rank_state(run, own if own is not None else saved)
     return TrainState(
         step=int(saved["step"]),
         skipped_steps=int(saved.get("skipped_steps", 0)),

@@ -153,27 +153,42 @@ def optimizer_step(run: Run, loss_finite: bool) -> tuple[float, str | None]:
     skipped and what was not finite is returned (the loss, or the first parameter with a non-finite gradient).
     With fp16 the loss scaler decides instead: it skips a step whose scaled gradients overflowed and lowers the scale
     (normal while the scale calibrates, not counted as non-finite); a non-finite loss is still reported. The
-    schedule advances either way, so a resumed run stays step-aligned."""
+    schedule advances either way, so a resumed run stays step-aligned.
+
+    A sharded (FSDP2) student is clipped by the global norm over all shards, and after a step its full copy (what
+    rollouts sample from) is all-gathered again (:mod:`gkd.fsdp`)."""
+    from gkd import fsdp
+
+    sharded = fsdp.is_sharded(run.student)
     named = [(n, p) for n, p in run.student.named_parameters() if p.requires_grad]
     grad_norm = 0.0
+    stepped = False
     if any(p.grad is not None for _, p in named):
         max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-        # through accelerate: unscales fp16 gradients first, and clips sharded (FSDP) parameters correctly
-        norm = run.accelerator.clip_grad_norm_([p for _, p in named], max_norm)
-        grad_norm = float(norm) if norm is not None else 0.0
+        if sharded:  # the norm of every shard's gradients together (fp16 needs CUDA; its unscaling first)
+            if getattr(run.accelerator, "scaler", None) is not None:
+                run.accelerator.unscale_gradients()
+            grad_norm = fsdp.clip_grad_norm_([p for _, p in named], max_norm)
+        else:  # through accelerate: unscales fp16 gradients first
+            norm = run.accelerator.clip_grad_norm_([p for _, p in named], max_norm)
+            grad_norm = float(norm) if norm is not None else 0.0
     culprit = None
     if getattr(run.accelerator, "scaler", None) is not None:
         run.optimizer.step()
+        stepped = True
         culprit = None if run.dist.sum(0.0 if loss_finite else 1.0) == 0.0 else "loss"
     elif run.dist.sum(0.0 if loss_finite and math.isfinite(grad_norm) else 1.0) == 0.0:
         run.optimizer.step()
+        stepped = True
     elif not loss_finite:
         culprit = "loss"
     else:
-        bad = (n for n, p in named if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        bad = (n for n, p in named if fsdp.has_nonfinite_grad(p))
         culprit = next((f"gradient of {n}" for n in bad), "gradient norm (on another rank)")
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" after a skipped step
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if sharded and stepped:
+        run.student.refresh()
     return grad_norm, culprit

@@ -514,11 +514,13 @@ class GKDTrainer:
                     self._evaluate_and_save_on_cadence()
                 if interrupted.flag:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             progress.close()
             path = self.save()
+            cause = f"{e}; " if isinstance(e, GKDError) else ""  # e.g. the served teacher stopped answering
             raise TrainingInterrupted(
-                f"interrupted at step {st.step}; checkpoint saved to {path}. Resume with resume_from_checkpoint=latest"
+                f"{cause}interrupted at step {st.step}; checkpoint saved to {path}. Resume with "
+                "resume_from_checkpoint=latest"
             ) from None
         finally:
             progress.close()
