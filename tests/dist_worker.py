@@ -43,10 +43,15 @@ if mode == "lockstep":
     cfg = GKDConfig(**base)
     trainer = GKDTrainer(cfg)
     trainer.setup()
-    flags, indices = [], []
+    import copy
+
+    first = copy.deepcopy(trainer.stream).next_indices()  # dataset rows of this rank's first batch (a peek)
+    flags, indices, losses = [], [], []
     for _ in range(cfg.max_steps):
         indices.append(trainer.stream._order[trainer.stream.position : trainer.stream.position + 1])
-        flags.append(trainer.train_step()["on_policy"])
+        record = trainer.train_step()
+        flags.append(record["on_policy"])
+        losses.append(record["loss"])
     weights = {n: p.detach().double().sum().item() for n, p in trainer.student.named_parameters()}
     rank = trainer.run.dist.rank
     (out / f"rank{rank}.json").write_text(
@@ -55,6 +60,8 @@ if mode == "lockstep":
                 "rank": rank,
                 "world": trainer.run.dist.world,
                 "flags": flags,
+                "losses": losses,
+                "first": first,
                 "weights": weights,
                 "batch0": trainer.stream.next_indices(),
             }

@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -317,6 +318,8 @@ def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     result = GKDTrainer(cfg).train()
     loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
     status = "already_finished" if result.already_finished else "finished"
+    if int(os.environ.get("RANK", "0")) != 0:  # one result line for a multi-process run
+        return 0
     print(
         json.dumps(
             {"step": result.step, "final_loss": loss, "output_dir": str(result.output_dir), "status": status}

@@ -72,7 +72,7 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
                     # DDP averages gradients over ranks, but the loss is already a sum over all ranks' tokens
                     run.accelerator.backward(loss * run.dist.world)
         total += float(loss.detach())
-    step_loss = run.dist.sum(total) / run.dist.world
+    step_loss = run.dist.sum(total)  # each rank's part of the step's mean (one shared denominator): their sum
 
     with timer("optimizer"):
         grad_norm, nonfinite = optimizer_step(run, finite_loss and math.isfinite(step_loss))

@@ -403,7 +403,8 @@ class GKDTrainer:
 
     def log(self, msg: str) -> None:
         """A console line (banner, warnings, steps, evaluations): stderr, or the ``log`` callable given."""
-        if self.run is not None and not self.run.dist.is_main:
+        main = self.run.dist.is_main if self.run is not None else int(os.environ.get("RANK", "0")) == 0
+        if not main:  # one console for a multi-process run (before setup ends, the launcher's RANK says)
             return
         if self._log_fn is not None:
             self._log_fn(msg)
