@@ -47,6 +47,48 @@ def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
     assert (out / "results.png").exists()
 
 
+def test_arithmetic_family_quick_runs_the_gsm8k_comparison(tmp_path):
+    # the paper's GSM8K comparison on the `arithmetic` task, scored by the checked final answer (plus chain_valid)
+    from gkd.experiments import families
+
+    out = tmp_path / "arithmetic"
+    summary = families.run("arithmetic", output_dir=out, quick=True, workers=1)
+    assert summary["task"] == "arithmetic" and summary["metric"] == "final_answer"
+    assert list(summary["runs"]) == [
+        "sft",
+        "supervised_kd",
+        "seqkd",
+        "imitkd",
+        "gkd_forward_kl",
+        "gkd_reverse_kl",
+        "gkd_jsd_0.9",
+    ]
+    for r in summary["runs"].values():
+        assert (
+            set(r["greedy"]) >= {"final_answer", "chain_valid"}
+            and len(r["sample"]["final_answer"]["seeds"]) == 2
+        )
+    assert "Δ vs supervised_kd" in (out / "report.md").read_text()
+    assert (out / "results.png").exists()
+
+
+def test_scaling_quick_reports_the_paired_gain_per_student_size(tmp_path):
+    from gkd.experiments import families
+
+    summary = families.run("scaling", output_dir=tmp_path / "scaling", quick=True, workers=1)
+    sizes = [summary, *summary["variants"].values()]
+    assert len(sizes) == 3 and all(set(v["runs"]) == {"supervised_kd", "gkd_reverse_kl"} for v in sizes)
+    assert all(len(v["runs"]["gkd_reverse_kl"]["sample"]["set_match"]["seeds"]) == 2 for v in sizes)
+    report = (tmp_path / "scaling" / "report.md").read_text()
+    assert report.startswith("# scaling") and report.count("| gkd_reverse_kl |") == 3
+    assert (tmp_path / "scaling" / "results.png").stat().st_size > 1000
+    # the full config names three distinct student sizes and the teacher gkd ships
+    spec = load_family("scaling")
+    widths = [spec["settings"]["student"]["hidden_size"]]
+    widths += [v["settings"]["student"]["hidden_size"] for v in spec["variants"].values()]
+    assert sorted(widths) == [16, 24, 48] and spec["settings"]["shipped_teacher"] == "demo_teacher"
+
+
 def test_unknown_experiment_is_a_clear_error(capsys):
     assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err

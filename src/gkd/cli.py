@@ -513,7 +513,8 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from gkd.experiments import run_experiment
 
-    run_experiment(args.name, output_dir=Path(args.output_dir) if args.output_dir else None, quick=args.quick)
+    out = Path(args.output_dir) if args.output_dir else None
+    run_experiment(args.name, output_dir=out, quick=args.quick, workers=args.workers)
     return 0
 
 
@@ -637,9 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id in /v1/models (default: MODEL)")
 
     p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")
-    p.add_argument("name", help="methods, divergences, temperature, data_efficiency or rl")
+    p.add_argument(
+        "name", help="methods, divergences, temperature, data_efficiency, rl, scaling or arithmetic"
+    )
     p.add_argument("--output-dir", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
     return parser
 
 

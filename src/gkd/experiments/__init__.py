@@ -13,15 +13,18 @@ from typing import Any
 
 from gkd.errors import ConfigError
 
-EXPERIMENTS = ("methods", "divergences", "temperature", "data_efficiency", "rl")
+EXPERIMENTS = ("methods", "divergences", "temperature", "data_efficiency", "rl", "scaling", "arithmetic")
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
 
 
-def run_experiment(name: str, output_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_experiment(
+    name: str, output_dir: Path | None = None, quick: bool = False, workers: int | None = None
+) -> dict[str, Any]:
     """Run one experiment family; its settings live in ``configs/experiments/NAME.yaml``."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
     from gkd.experiments import families
 
-    return families.run(name, output_dir=output_dir or Path("runs") / f"experiment-{name}", quick=quick)
+    out = output_dir or Path("runs") / f"experiment-{name}"
+    return families.run(name, output_dir=out, quick=quick, workers=workers)

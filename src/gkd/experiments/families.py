@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import ConfigError
+from gkd.experiments.common import ASSET_TEACHER
 from gkd.experiments.study import (
     CONFIG_DIR,
     TINY_MODEL,
@@ -58,6 +59,8 @@ def load_family(name: str) -> dict[str, Any]:
 
 def _settings(base: dict[str, Any], quick: bool, where: str) -> StudySettings:
     s = StudySettings.from_mapping(base, where)
+    if s.shipped_teacher == "demo_teacher":  # the checkpoint gkd ships (variants inherit the resolved path)
+        s = replace(s, shipped_teacher=str(ASSET_TEACHER))
     if quick:
         s = replace(
             s,
@@ -165,6 +168,7 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
             eval_samples=samples,
         )
         summary["variants"][vname] = {
+            "settings": dict(vs.__dict__),
             "teacher": vws.teacher_scores,
             "start": vws.start_scores,
             "runs": _aggregate(vres, list(vruns)),
@@ -342,12 +346,39 @@ def _report_rl(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _report_arithmetic(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    runs = summary["runs"]
+    lines = [
+        f"# arithmetic (the paper's GSM8K comparison; {m} %, mean ± SE over {summary['settings']['seeds']} seeds, "
+        "Δ paired per seed)",
+        "",
+        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
+        "",
+        "| run | greedy | T=1 sample | Δ vs sft (greedy) | Δ vs sft (T=1) | Δ vs supervised_kd (greedy) "
+        "| Δ vs supervised_kd (T=1) | chain_valid (T=1) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        cells = [_fmt(r["greedy"][m]), _fmt(r["sample"][m])]
+        for base_name in ("sft", "supervised_kd"):
+            base = runs.get(base_name)
+            for mode in ("greedy", "sample"):
+                cells.append(_pfmt(r[mode][m]["seeds"], base[mode][m]["seeds"]) if base else "-")
+        cv = r["sample"].get("chain_valid")
+        cells.append(_fmt(cv) if cv else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
 REPORTS = {
     "methods": _report_methods,
     "divergences": _report_divergences,
     "temperature": _report_temperature,
     "data_efficiency": _report_data_efficiency,
     "rl": _report_rl,
+    "arithmetic": _report_arithmetic,
 }
 
 
@@ -437,4 +468,94 @@ PLOTS = {
     "temperature": _plot_temperature,
     "data_efficiency": lambda s, p: _bars(s, p, s["metric"]),
     "rl": _plot_rl,
+    "arithmetic": lambda s, p: _bars(s, p, s["metric"]),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scaling: on-policy GKD minus supervised KD per student size (the main workspace and each variant is one size)
+# ---------------------------------------------------------------------------------------------------------------
+def _scaling_sizes(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {settings, teacher, start, runs}) per student size, smallest first."""
+    sizes = [("main", summary), *summary["variants"].items()]
+    rows = []
+    for name, v in sizes:
+        spec = v.get("settings", {}).get("student") or {}
+        label = f"d{spec['hidden_size']}" if "hidden_size" in spec else name
+        rows.append((label, v, spec.get("hidden_size", 0)))
+    return [(label, v) for label, v, _ in sorted(rows, key=lambda r: r[2])]
+
+
+def _report_scaling(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    lines = [
+        f"# scaling ({summary['task']}, {m} %, mean ± SE over {summary['settings']['seeds']} seeds; Δ = on-policy − "
+        "supervised_kd, paired per seed)",
+        "",
+        f"teacher: greedy {summary['teacher']['greedy'][m]:.1f}, T=1 {summary['teacher']['sample'][m]:.1f}",
+        "",
+        "| student | run | start (greedy / T=1) | supervised_kd (greedy / T=1) | on-policy (greedy / T=1) "
+        "| Δ greedy | Δ T=1 | s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, v in _scaling_sizes(summary):
+        runs, st = v["runs"], v["start"]
+        base = runs["supervised_kd"]
+        for name, r in runs.items():
+            if name == "supervised_kd":
+                continue
+            lines.append(
+                f"| {label} | {name} | {st['greedy'][m]:.1f} / {st['sample'][m]:.1f} | "
+                f"{_fmt(base['greedy'][m])} / {_fmt(base['sample'][m])} | "
+                f"{_fmt(r['greedy'][m])} / {_fmt(r['sample'][m])} | "
+                f"{_pfmt(r['greedy'][m]['seeds'], base['greedy'][m]['seeds'])} | "
+                f"{_pfmt(r['sample'][m]['seeds'], base['sample'][m]['seeds'])} | {r['_wall_s']:.0f} |"
+            )
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _plot_scaling(summary: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    m = summary["metric"]
+    sizes = _scaling_sizes(summary)
+    labels = [label for label, _ in sizes]
+    xs = list(range(len(sizes)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in [n for n in sizes[0][1]["runs"] if n != "supervised_kd"]:
+        for mode, tag in (("greedy", "greedy"), ("sample", "T=1")):
+            d = [
+                paired(v["runs"][name][mode][m]["seeds"], v["runs"]["supervised_kd"][mode][m]["seeds"])
+                for _, v in sizes
+            ]
+            ax1.errorbar(
+                xs, [a for a, _ in d], yerr=[b for _, b in d], fmt="o-", capsize=3, label=f"{name}, {tag}"
+            )
+    ax1.axhline(0, color="k", lw=0.8)
+    ax1.set_ylabel(f"Δ {m} vs supervised_kd")
+    ax1.set_title("on-policy gain over supervised KD")
+    for name in sizes[0][1]["runs"]:
+        ax2.errorbar(
+            xs,
+            [v["runs"][name]["sample"][m]["mean"] for _, v in sizes],
+            yerr=[v["runs"][name]["sample"][m]["se"] for _, v in sizes],
+            fmt="o-",
+            capsize=3,
+            label=name,
+        )
+    ax2.plot(xs, [v["start"]["sample"][m] for _, v in sizes], "k:", marker="x", label="start")
+    ax2.axhline(summary["teacher"]["sample"][m], color="k", ls="--", lw=1, label="teacher")
+    ax2.set_ylabel(f"{m} (T=1 samples)")
+    ax2.set_title("scores by student size")
+    for ax in (ax1, ax2):
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels)
+        ax.set_xlabel("student (1-layer Llama, hidden size)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+REPORTS["scaling"] = _report_scaling
+PLOTS["scaling"] = _plot_scaling
