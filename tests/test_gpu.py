@@ -22,4 +22,6 @@ if torch.cuda.is_available():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", NAMES or ["no GPU"])
 def test_path_on_cuda(name):
-    CHECKS[name]()
+    torch.cuda.reset_peak_memory_stats()
+    CHECKS[name]()  # each check raises on a wrong value or a device mix
+    assert torch.cuda.max_memory_allocated() > 0, f"{name} ran without touching the GPU"

@@ -1095,7 +1095,21 @@ def collate(examples: list[Example], pad_id: int, indices: list[int] | None = No
     return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples], indices=indices)
 
 
-class BatchStream:
+class _StreamBase:
+    """What both batch streams hold: the data, the batch size, the seed, the pad id and this process's place."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, pad_id: int, rank: int, world: int) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.position = 0
+
+
+class BatchStream(_StreamBase):
     """An endless, seeded, resumable stream of batches: a fresh permutation of the data every epoch.
 
     With several processes each rank takes its own slice of every global batch, so ranks see different data. A
@@ -1113,15 +1127,8 @@ class BatchStream:
         rank: int = 0,
         world: int = 1,
     ):
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pad_id = pad_id
-        self.rank = rank
-        self.world = world
+        super().__init__(dataset, batch_size, seed, pad_id, rank, world)
         self.local = world > 1 and getattr(dataset, "shard", None) is not None
-        self.epoch = 0
-        self.position = 0
         self.drawn = 0
         self._order = self._permutation(0)
 
@@ -1170,7 +1177,7 @@ class BatchStream:
         self._order = self._permutation(self.epoch)
 
 
-class PromptStream:
+class PromptStream(_StreamBase):
     """Batches of prompts read in order from a :class:`StreamingDataset` (``dataset_streaming: true``): each epoch
     the stream again, shuffled through a seeded buffer, this process's part of it (``split_dataset_by_node``).
 
@@ -1186,14 +1193,7 @@ class PromptStream:
         rank: int = 0,
         world: int = 1,
     ):
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pad_id = pad_id
-        self.rank = rank
-        self.world = world
-        self.epoch = 0
-        self.position = 0
+        super().__init__(dataset, batch_size, seed, pad_id, rank, world)
         self._it: Iterator[Example] | None = None
 
     def next(self) -> Batch:
