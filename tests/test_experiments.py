@@ -89,6 +89,46 @@ def test_scaling_quick_reports_the_paired_gain_per_student_size(tmp_path):
     assert sorted(widths) == [16, 24, 48] and spec["settings"]["shipped_teacher"] == "demo_teacher"
 
 
+def test_instruction_quick_scores_held_in_and_held_out_instructions(tmp_path):
+    from gkd.experiments import families
+    from gkd.tasks.instructions import INSTRUCTIONS, instruction_of
+
+    out = tmp_path / "instruction"
+    summary = families.run("instruction", output_dir=out, quick=True, workers=1)
+    assert (
+        summary["task"] == "instructions" and "sft" in summary["runs"] and "gkd_reverse_kl" in summary["runs"]
+    )
+    for r in summary["runs"].values():
+        assert set(r["sample"]) >= {"held_in", "held_out", "held_out_f1"}
+    # the students train on the mixture, the teacher on every instruction, and the test set holds both
+    data = out / "workspace" / "data"
+    student = {instruction_of(r) for r in study.read_jsonl(data / "train.jsonl")}
+    teacher = {instruction_of(r) for r in study.read_jsonl(data / "teacher-train.jsonl")}
+    test = {instruction_of(r) for r in study.read_jsonl(data / "test.jsonl")}
+    assert not student & {"upper late", "lower early"} and teacher == test == set(INSTRUCTIONS)
+    report = (out / "report.md").read_text()
+    assert report.startswith("# instruction") and "Δ held out vs supervised_kd" in report
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_summarization_lambda_quick_splits_the_failures(tmp_path):
+    from gkd.experiments import families
+
+    out = tmp_path / "sl"
+    summary = families.run("summarization_lambda", output_dir=out, quick=True, workers=1)
+    assert [n for n in summary["runs"] if n.startswith("forward_kl")] == [
+        f"forward_kl_lambda_{x}" for x in ("0", "0.25", "0.5", "0.75", "1")
+    ]
+    report = (out / "report.md").read_text()
+    assert (
+        report.count("| forward_kl | ") == 5 + 2 and "Δ dup_rate" in report
+    )  # 5 λ rows, greedy + T=1 change
+    r = summary["runs"]["forward_kl_lambda_1"]["sample"]
+    other = 100 - r["set_match"]["mean"] - r["dup_rate"]["mean"]
+    assert f"{other:.1f} ±" in report.split("| forward_kl | 1 |")[1].split("\n")[0]
+    assert (out / "results.png").stat().st_size > 1000
+
+
 def test_unknown_experiment_is_a_clear_error(capsys):
     assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err

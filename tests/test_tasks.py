@@ -1,5 +1,6 @@
 """Built-in synthetic tasks: determinism, split hygiene, tokenizer, task-specific metrics."""
 
+import math
 import random
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from gkd.tasks import TASKS, get_task
 from gkd.tasks.arithmetic import all_chains, chain_valid_score, parse_prompt, step_accuracy
 from gkd.tasks.base import split_of, strip_special
+from gkd.tasks.instructions import INSTRUCTIONS, instruction_of, selected_items
 from gkd.tasks.summarization import (
     duplicate_score,
     faithfulness_score,
@@ -36,9 +38,9 @@ def tokenizers():
 
 
 def test_registry():
-    assert set(TASKS) == {"summarization", "arithmetic", "translation"}
+    assert set(TASKS) == {"summarization", "arithmetic", "translation", "instructions"}
     assert get_task("summarization", paraphrase_prob=0.5).paraphrase_prob == 0.5
-    with pytest.raises(ValueError, match="valid tasks: arithmetic, summarization, translation"):
+    with pytest.raises(ValueError, match="valid tasks: arithmetic, instructions, summarization, translation"):
         get_task("nope")
 
 
@@ -369,3 +371,43 @@ def test_task_metrics_without_targets():
         get_task("translation").score([{"prompt": "the dog saw a cat :"}], ["x"])
     with pytest.raises(ValueError, match="has no reference"):
         agreement_score({"prompt": "the dog saw a cat :"}, "x -a")
+
+
+# --------------------------------------------------------------------------------------------------- instructions
+
+
+def test_instructions_select_by_case_and_half():
+    prompt = "upper late : b Q z K m d R a :"
+    assert selected_items(prompt) == ["q", "r"]
+    assert selected_items("lower : b Q z K m d R a :") == ["b", "z", "m", "d", "a"]
+    assert selected_items("early : b Q z K m d R a :") == ["b", "k", "m", "d", "a"]
+    assert selected_items("lower early : b Q z K m d R a :") == ["b", "m", "d", "a"]
+    with pytest.raises(ValueError, match="unknown instruction 'upper upper'"):
+        selected_items("upper upper : a :")
+    task = get_task("instructions")
+    record = {"prompt": prompt, "references": ["q r"]}
+    scores = task.score([record, {"prompt": "lower : b Q :", "references": ["b"]}], ["r q", "b b"])
+    assert scores["set_match"] == 50.0 and scores["held_out"] == 100.0 and scores["held_in"] == 0.0
+    assert scores["held_out_f1"] == 100.0 and scores["item_f1"] == pytest.approx(50 + 50 * 2 / 3)
+
+
+def test_instructions_hold_out_instructions_from_the_training_mixture():
+    task = get_task("instructions")
+    assert set(task.held_out) == {"upper late", "lower early"} and len(task.mixture) == 6
+    for split in ("train", "validation"):
+        assert {instruction_of(r) for r in task.generate(split, 600, seed=0)} == set(task.mixture)
+    test = task.generate("test", 1000, seed=0)
+    held = sum(instruction_of(r) in task.held_out for r in test)
+    assert 430 < held < 570  # held_out_share 0.5
+    assert {instruction_of(r) for r in test} == set(INSTRUCTIONS)
+    assert all(r["completion"] for r in test)  # an instruction always selects something
+    # the full mixture (what the experiment trains its teacher on) draws every instruction for training
+    full = get_task("instructions", held_out=[])
+    assert {instruction_of(r) for r in full.generate("train", 600, seed=0)} == set(INSTRUCTIONS)
+    assert math.isnan(
+        full.score(test[:50], [r["completion"] for r in test[:50]])["held_out"]
+    )  # none held out
+    with pytest.raises(ValueError, match="unknown held-out instruction"):
+        get_task("instructions", held_out=["upper lower"])
+    with pytest.raises(ValueError, match="mixture would be empty"):
+        get_task("instructions", held_out=list(INSTRUCTIONS))

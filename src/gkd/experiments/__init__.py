@@ -13,7 +13,18 @@ from typing import Any
 
 from gkd.errors import ConfigError
 
-EXPERIMENTS = ("methods", "divergences", "temperature", "data_efficiency", "rl", "scaling", "arithmetic")
+EXPERIMENTS = (
+    "methods",
+    "divergences",
+    "temperature",
+    "data_efficiency",
+    "rl",
+    "scaling",
+    "arithmetic",
+    "instruction",
+    "translation_lambda",
+    "summarization_lambda",
+)
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
 

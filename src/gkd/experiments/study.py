@@ -115,6 +115,9 @@ class StudySettings:
 
     task: str = "summarization"
     task_params: dict[str, Any] = field(default_factory=dict)
+    # task parameters of the teacher's own training data, over task_params (None: the teacher trains on the
+    # students' data); e.g. the instruction family's teacher sees the instructions held out of the students' mixture
+    teacher_task_params: dict[str, Any] | None = None
     seeds: int = 5
     n_train: int = 100_000
     n_test: int = 1000
@@ -626,7 +629,9 @@ def build_workspace(
     train_path, test_path = _workspace_data(root, task, s, say)
     train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
     test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
-    teacher_dir = _workspace_teacher(root, task, tok, train_ds, s, say, retrain_teacher)
+    teacher_train = root / "data" / "teacher-train.jsonl"
+    teacher_ds = _dataset(str(teacher_train), tok, s.max_new_tokens) if s.teacher_task_params else train_ds
+    teacher_dir = _workspace_teacher(root, task, tok, teacher_ds, s, say, retrain_teacher)
     teacher = load_model(str(teacher_dir), what="teacher")
     start_dir = _workspace_start(root, task, tok, train_ds, s, say)
     start = load_model(str(start_dir), what="student")
@@ -651,15 +656,23 @@ def _workspace_data(root: Path, task: Any, s: StudySettings, say: Callable[[str]
     train_path, test_path = data / "train.jsonl", data / "test.jsonl"
     stamp = data / "settings.json"
     want = {"task": s.task, "params": s.task_params, "n_train": s.n_train, "n_test": s.n_test}
+    if s.teacher_task_params:
+        want["teacher_params"] = s.teacher_task_params
     if not stamp.exists() or json.loads(stamp.read_text()) != want:
         say(f"data: generating {s.n_train} training and {s.n_test} test prompts ({s.task}) ...")
-        write_jsonl(
-            train_path,
-            (
+
+        from gkd.tasks import get_task
+
+        def pairs(t: Any) -> Any:
+            return (
                 {"prompt": r["prompt"], "completion": r["completion"]}
-                for r in task.generate("train", s.n_train, 0)
-            ),
-        )
+                for r in t.generate("train", s.n_train, 0)
+            )
+
+        write_jsonl(train_path, pairs(task))
+        if s.teacher_task_params:  # the teacher's own training data (same size, its own task parameters)
+            teacher_task = get_task(s.task, **{**s.task_params, **s.teacher_task_params})
+            write_jsonl(data / "teacher-train.jsonl", pairs(teacher_task))
         write_jsonl(test_path, task.generate("test", s.n_test, 0))
         stamp.write_text(json.dumps(want))
         for stale in ("teacher", "start"):

@@ -5,6 +5,7 @@
 | `summarization` | XSum          | `set_match`     | free-order output, recoverable errors: on-policy GKD shines   |
 | `arithmetic`    | GSM8K         | `final_answer`  | several valid chains of thought, compounding errors          |
 | `translation`   | WMT14         | `bleu`          | synonyms, reordering, long-range agreement                   |
+| `instructions`  | FLAN → MMLU/BBH | `set_match`   | a mixture of instructions, some held out for evaluation      |
 
 ``get_task(name, **params)`` builds one; ``params`` are the task dataclass's fields (e.g. ``paraphrase_prob``).
 Real datasets (GSM8K, XSum, WMT14) are mapped to the same record format by :mod:`gkd.tasks.adapters`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from gkd.tasks.arithmetic import ArithmeticCoT
 from gkd.tasks.base import Task
+from gkd.tasks.instructions import InstructionMixture
 from gkd.tasks.summarization import SalientSetSummarization
 from gkd.tasks.translation import SyntheticTranslation
 
@@ -21,6 +23,7 @@ TASKS: dict[str, type[Task]] = {
     SalientSetSummarization.name: SalientSetSummarization,
     ArithmeticCoT.name: ArithmeticCoT,
     SyntheticTranslation.name: SyntheticTranslation,
+    InstructionMixture.name: InstructionMixture,
 }
 
 
@@ -31,4 +34,12 @@ def get_task(name: str, **params) -> Task:
     return TASKS[name](**params)
 
 
-__all__ = ["TASKS", "ArithmeticCoT", "SalientSetSummarization", "SyntheticTranslation", "Task", "get_task"]
+__all__ = [
+    "TASKS",
+    "ArithmeticCoT",
+    "InstructionMixture",
+    "SalientSetSummarization",
+    "SyntheticTranslation",
+    "Task",
+    "get_task",
+]
