@@ -89,6 +89,21 @@ def test_scaling_quick_reports_the_paired_gain_per_student_size(tmp_path):
     assert sorted(widths) == [16, 24, 48] and spec["settings"]["shipped_teacher"] == "demo_teacher"
 
 
+def test_arithmetic_lambda_quick_reports_the_grid_and_shares_the_arithmetic_workspace(tmp_path):
+    from gkd.experiments import families
+
+    out = tmp_path / "al"
+    summary = families.run("arithmetic_lambda", output_dir=out, quick=True, workers=1)
+    divs = {n.rpartition("_lambda_")[0] for n in summary["runs"]}
+    assert divs == {"forward_kl", "reverse_kl", "jsd_0.9"} and len(summary["runs"]) == 10
+    report = (out / "report.md").read_text()
+    assert report.startswith("# arithmetic_lambda") and report.count("| forward_kl | ") == 4
+    assert "Δ vs λ=0" in report and (out / "results.png").stat().st_size > 1000
+    # same workspace and settings as `gkd experiment arithmetic`, so the two share teacher and start
+    a, b = load_family("arithmetic"), load_family("arithmetic_lambda")
+    assert a["workspace"] == b["workspace"] and a["settings"] == b["settings"]
+
+
 def test_instruction_quick_scores_held_in_and_held_out_instructions(tmp_path):
     from gkd.experiments import families
     from gkd.tasks.instructions import INSTRUCTIONS, instruction_of

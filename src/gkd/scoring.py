@@ -150,7 +150,9 @@ def _registry() -> dict[str, Scorer]:
         own = task.metric_fns()
         own_examples = getattr(task, "example_fns", dict)()
         own_refs = set(getattr(task, "reference_metrics", ()))
-        report_only = set(getattr(task, "report_only_metrics", ()))  # averages over a subset, no per-example score
+        report_only = set(
+            getattr(task, "report_only_metrics", ())
+        )  # averages over a subset, no per-example score
         for name in [*task.metrics, *own]:
             if name in reg or name not in own or name in report_only:
                 continue  # generic metrics keep their generic meaning; a task override is reached via the task

@@ -21,6 +21,7 @@ EXPERIMENTS = (
     "rl",
     "scaling",
     "arithmetic",
+    "arithmetic_lambda",
     "instruction",
     "translation_lambda",
     "summarization_lambda",
