@@ -348,3 +348,34 @@ def test_train_teacher_refuses_when_the_package_folder_is_not_writable(tmp_path,
     assert main(["demo", "--train-teacher"]) == 2
     err = capsys.readouterr().err
     assert "not writable" in err and "Traceback" not in err
+
+
+def test_a_workspace_retrains_its_teacher_and_start_when_their_recipes_change(tmp_path):
+    from dataclasses import replace
+
+    from gkd.experiments.study import TINY_MODEL, build_workspace
+
+    s = StudySettings(
+        n_train=64,
+        n_test=8,
+        teacher_steps=2,
+        start_steps=2,
+        batch_size=8,
+        teacher={**TINY_MODEL, "hidden_size": 32},
+        student=dict(TINY_MODEL),
+    )
+    said: list[str] = []
+    ws = build_workspace(tmp_path, s, said.append)
+    weights = {who: (tmp_path / who / "model.safetensors").stat().st_mtime_ns for who in ("teacher", "start")}
+    assert sum("SFT of" in m for m in said) == 2
+    said.clear()
+    build_workspace(tmp_path, s, said.append)  # same settings: both reused
+    assert not any("SFT of" in m for m in said)
+    said.clear()
+    ws = build_workspace(tmp_path, replace(s, teacher_steps=3), said.append)
+    assert any("teacher's recipe changed" in m for m in said) and sum("SFT of" in m for m in said) == 1
+    assert (ws.teacher_dir / "model.safetensors").stat().st_mtime_ns != weights["teacher"]
+    assert (ws.start_dir / "model.safetensors").stat().st_mtime_ns == weights["start"]
+    said.clear()
+    build_workspace(tmp_path, replace(s, teacher_steps=3, start_steps=3), said.append)
+    assert any("starting student's recipe changed" in m for m in said)

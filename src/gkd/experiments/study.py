@@ -697,8 +697,24 @@ def _workspace_teacher(
     teacher_spec = s.teacher or task.teacher_model_config()
     teacher_dir = root / "teacher"
     shipped = Path(s.shipped_teacher) if s.shipped_teacher else None
+    recipe = json.loads(
+        json.dumps(
+            {
+                "spec": teacher_spec,
+                "steps": s.teacher_steps,
+                "lr": s.teacher_lr,
+                "batch_size": s.batch_size,
+                "shipped": str(shipped) if shipped else None,
+            }
+        )
+    )
+    recipe_path = teacher_dir / "gkd_teacher_recipe.json"
     if retrain:
         shutil.rmtree(teacher_dir, ignore_errors=True)
+    # a teacher from an older gkd has no recipe file and is kept; one whose recipe changed is trained again
+    if recipe_path.exists() and json.loads(recipe_path.read_text()) != recipe:
+        say("teacher: the teacher's recipe changed (model, steps, learning rate or batch); training it again")
+        shutil.rmtree(teacher_dir)
     if (teacher_dir / "config.json").exists():
         return teacher_dir
     model = None
@@ -723,6 +739,7 @@ def _workspace_teacher(
         say(f"teacher: trained in {time.perf_counter() - t0:.0f}s")
     model.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
+    recipe_path.write_text(json.dumps(recipe))
     (root / "reference_scores.json").unlink(missing_ok=True)
     _drop_derived(root / "data", ("seqkd-*.jsonl",))  # the teacher's targets are another teacher's now
     return teacher_dir
