@@ -379,3 +379,16 @@ def test_a_workspace_retrains_its_teacher_and_start_when_their_recipes_change(tm
     said.clear()
     build_workspace(tmp_path, replace(s, teacher_steps=3, start_steps=3), said.append)
     assert any("starting student's recipe changed" in m for m in said)
+
+
+def test_workspace_of_takes_another_familys_workspace_and_settings(tmp_path, monkeypatch):
+    from gkd.experiments import families
+
+    (tmp_path / "a.yaml").write_text("workspace: runs/a\nsettings: {seeds: 2}\nruns: {x: {recipe: sft}}\n")
+    (tmp_path / "b.yaml").write_text("workspace_of: a\nruns: {y: {recipe: sft}}\n")
+    (tmp_path / "c.yaml").write_text("workspace_of: a\nsettings: {seeds: 3}\nruns: {y: {recipe: sft}}\n")
+    monkeypatch.setattr(families, "CONFIG_DIR", tmp_path)
+    b = load_family("b")
+    assert b["workspace"] == "runs/a" and b["settings"] == {"seeds": 2} and list(b["runs"]) == ["y"]
+    with pytest.raises(ConfigError, match="'workspace_of' replaces 'settings' and 'workspace'"):
+        load_family("c")

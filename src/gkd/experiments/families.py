@@ -40,11 +40,12 @@ from gkd.experiments.study import (
 
 __all__ = ["load_family", "run"]
 
-_SECTIONS = ("settings", "workspace", "runs", "variants", "eval")
+_SECTIONS = ("settings", "workspace", "runs", "variants", "eval", "workspace_of")
 
 
 def load_family(name: str) -> dict[str, Any]:
-    """The family's YAML file as read (its runs are parsed by :func:`run`)."""
+    """The family's YAML file as read (its runs are parsed by :func:`run`). ``workspace_of: OTHER`` takes the
+    workspace and settings of family OTHER, so the two share its data, teacher and starting student."""
     from gkd.config import read_yaml
 
     path = CONFIG_DIR / f"{name}.yaml"
@@ -54,6 +55,14 @@ def load_family(name: str) -> dict[str, Any]:
     for key in spec:
         if key not in _SECTIONS:
             raise ConfigError(f"{path.name}: unknown section '{key}'; sections: {', '.join(_SECTIONS)}")
+    other = spec.pop("workspace_of", None)
+    if other is not None:
+        if "settings" in spec or "workspace" in spec:
+            raise ConfigError(
+                f"{path.name}: 'workspace_of' replaces 'settings' and 'workspace'; remove those"
+            )
+        base = load_family(other)
+        spec = {**spec, "workspace": base["workspace"], "settings": base["settings"]}
     return spec
 
 
@@ -420,9 +429,7 @@ def _bars(summary: dict[str, Any], path: Path, metric: str) -> None:
     ax.set_ylabel(metric)
     ax.legend()
     ax.set_title(f"{summary['experiment']}: {summary['task']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_temperature(summary: dict[str, Any], path: Path) -> None:
@@ -441,9 +448,7 @@ def _plot_temperature(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("ROUGE-2")
     ax.legend()
     ax.set_title("quality vs diversity by divergence")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_rl(summary: dict[str, Any], path: Path) -> None:
@@ -463,9 +468,7 @@ def _plot_rl(summary: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("faithfulness gain over the start (T=1)")
     ax.set_ylabel("ROUGE-2 gain over the start (T=1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PLOTS = {
@@ -558,9 +561,7 @@ def _plot_scaling(summary: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels(labels)
         ax.set_xlabel("student (1-layer Llama, hidden size)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 REPORTS["scaling"] = _report_scaling
@@ -638,9 +639,7 @@ def _plot_instruction(summary: dict[str, Any], path: Path) -> None:
         ax.set_xticks(xs)
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 REPORTS["instruction"] = _report_instruction
@@ -706,6 +705,29 @@ def _report_summarization_lambda(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _lambda_curves(ax: Any, rows: list[tuple[str, float, dict[str, Any]]], values: Any) -> None:
+    """One line per divergence over λ: ``values(run)`` gives the per-seed numbers of a point (mean ± SE drawn)."""
+    for k, div in enumerate(sorted({d for d, _, _ in rows})):
+        pts = [(lam, mean_se(values(r))) for d, lam, r in rows if d == div]
+        ax.errorbar(
+            [lam for lam, _ in pts],
+            [m for _, (m, _) in pts],
+            yerr=[se for _, (_, se) in pts],
+            fmt="o-",
+            capsize=3,
+            color=f"C{k}",
+            label=div,
+        )
+    ax.set_xlabel("λ (share of on-policy batches)")
+
+
+def _save(fig: Any, path: Path) -> None:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_summarization_lambda(summary: dict[str, Any], path: Path) -> None:
     plt = _plt()
     rows = _lambda_rows(summary["runs"])
@@ -715,25 +737,12 @@ def _plot_summarization_lambda(summary: dict[str, Any], path: Path) -> None:
         ("dup_rate", lambda r: r["sample"]["dup_rate"]["seeds"]),
         ("other errors", lambda r: _other_errors(r, "sample")),
     )
-    for ax, (title, get) in zip(axes, panels):
-        for k, div in enumerate(sorted({d for d, _, _ in rows})):
-            pts = [(lam, mean_se(get(r))) for d, lam, r in rows if d == div]
-            ax.errorbar(
-                [lam for lam, _ in pts],
-                [m for _, (m, _) in pts],
-                yerr=[se for _, (_, se) in pts],
-                fmt="o-",
-                capsize=3,
-                color=f"C{k}",
-                label=div,
-            )
-        ax.set_xlabel("λ (share of on-policy batches)")
+    for ax, (title, values) in zip(axes, panels):
+        _lambda_curves(ax, rows, values)
         ax.set_ylabel(f"{title} % (T=1)")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 REPORTS["summarization_lambda"] = _report_summarization_lambda
@@ -781,26 +790,13 @@ def _plot_lambda_grid(summary: dict[str, Any], path: Path) -> None:
     rows = _lambda_rows(summary["runs"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (mode, tag) in zip(axes, (("greedy", "greedy"), ("sample", "T=1"))):
-        for k, div in enumerate(sorted({d for d, _, _ in rows})):
-            pts = [(lam, r[mode][m]) for d, lam, r in rows if d == div]
-            ax.errorbar(
-                [lam for lam, _ in pts],
-                [v["mean"] for _, v in pts],
-                yerr=[v["se"] for _, v in pts],
-                fmt="o-",
-                capsize=3,
-                color=f"C{k}",
-                label=div,
-            )
+        _lambda_curves(ax, rows, lambda r, mode=mode: r[mode][m]["seeds"])
         ax.axhline(summary["start"][mode][m], color="k", ls=":", lw=1, label="start")
         ax.axhline(summary["teacher"][mode][m], color="k", ls="--", lw=1, label="teacher")
-        ax.set_xlabel("λ (share of on-policy batches)")
         ax.set_ylabel(f"{m} % ({tag})")
         ax.set_title(tag)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 REPORTS["arithmetic_lambda"] = _report_arithmetic_lambda
