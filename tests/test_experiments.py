@@ -23,6 +23,7 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "summarization" and results["metric"] == "set_match"
+    assert results["task_params"] == {"undo": True}
     assert isinstance(results["teacher"], float) and isinstance(results["start"], float)
     assert isinstance(results["wall_s"], float)
     assert list(results["methods"]) == list(DEMO_METHODS)
@@ -31,10 +32,27 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
             assert set(entry[mode]) >= {"mean", "se", "seeds"}
             assert len(entry[mode]["seeds"]) == 2
         assert isinstance(entry["steps"], int) and isinstance(entry["wall_s"], float)
-    assert results["methods"]["sft_2x"]["steps"] == 2 * results["methods"]["sft"]["steps"]
+        # each method's recipe beside its scores: the knobs, and the learning rate chosen on validation prompts
+        recipe = entry["recipe"]
+        assert set(recipe) >= {"divergence", "beta", "lmbda", "learning_rate", "lr_selection"}
+        assert recipe["learning_rate"] in (1e-3, 3e-3) and set(recipe["lr_selection"]) == {"0.001", "0.003"}
+    lam = {n: e["recipe"]["lmbda"] for n, e in results["methods"].items()}
+    assert lam["gkd_reverse_kl"] == 1.0 and lam["offpolicy_reverse_kl"] == 0.0
+    head = results["comparisons"][0]
+    assert (head["knob"], head["method"], head["control"]) == ("λ", "gkd_reverse_kl", "offpolicy_reverse_kl")
+    for c in results["comparisons"]:
+        a, b = results["methods"][c["method"]], results["methods"][c["control"]]
+        diffs = [x - y for x, y in zip(a["sample"]["seeds"], b["sample"]["seeds"])]
+        assert c["sample"]["mean"] == pytest.approx(sum(diffs) / 2)
+        assert c["sample"]["lo"] <= c["sample"]["mean"] <= c["sample"]["hi"]
+    # a smoke run draws no conclusion
+    assert results["finding"]["smoke_run"] and not results["finding"]["holds"]
     assert (out / "results.png").stat().st_size > 1000
-    assert "gkd demo report" in (out / "REPORT.md").read_text()
-    assert "paper's finding" in capsys.readouterr().out
+    report = (out / "REPORT.md").read_text()
+    assert "gkd demo report" in report and "95 %" in report and "no conclusion" in report
+    printed = capsys.readouterr().out
+    assert "knob: λ" in printed and "smoke run (--quick): no conclusion" in printed
+    assert "learning rates chosen on validation" in printed
 
 
 @pytest.mark.parametrize("name", ["methods", "divergences", "temperature", "data_efficiency", "rl"])
@@ -214,16 +232,18 @@ def test_every_recipe_and_family_run_is_a_preset_plus_overrides():
 
 
 def test_the_published_job_configs_are_unchanged():
-    """The demo's configs as published in README.md (full settings, seed 3): a change here changes the numbers."""
+    """The demo's configs as published in README.md (full settings, seed 3, at the chosen learning rate): a change
+    here changes the numbers."""
     recipes = named_recipes()
     s = demo_settings()
+    assert s.lr_grid == [3e-4, 1e-3, 3e-3] and s.task_params == {"undo": True}
     common = {
-        "learning_rate": 1e-3,
-        "lr_scheduler_type": "constant_with_warmup",  # transformers' schedule (constant ignores warm-up)
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "linear",  # linear warm-up, then linear decay to 0 (transformers' schedule)
         "warmup_steps": 20,
         "max_steps": 500,
         "per_device_train_batch_size": 64,
-        "max_new_tokens": 8,
+        "max_new_tokens": 12,
         "temperature": 1.0,
         "adam_beta2": 0.98,
         "weight_decay": 0.01,
@@ -237,18 +257,15 @@ def test_the_published_job_configs_are_unchanged():
     }
     expected = {
         "sft": {"divergence": "nll", "lmbda": 0.0},
-        "sft_2x": {"divergence": "nll", "lmbda": 0.0, "max_steps": 1000},
         "supervised_kd": {"divergence": "forward_kl", "lmbda": 0.0},
-        "seqkd": {"divergence": "nll", "lmbda": 0.0},  # trained on the teacher's targets, not `seq_kd: true`
-        "imitkd": {"divergence": "forward_kl", "lmbda": 0.5},
         "gkd_forward_kl": {"divergence": "forward_kl", "lmbda": 1.0},
+        "offpolicy_reverse_kl": {"divergence": "reverse_kl", "lmbda": 0.0},
         "gkd_reverse_kl": {"divergence": "reverse_kl", "lmbda": 1.0},
-        "gkd_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 1.0},
-        "gkd_mixed_jsd_0.9": {"divergence": "jsd", "beta": 0.9, "lmbda": 0.5},
     }
     for name in DEMO_METHODS:
-        assert job_config(recipes[name], 3, Path("out"), s) == {**common, **expected[name]}, name
-    assert recipes["seqkd"].study == StudyOptions(teacher_targets=True)
+        assert job_config(recipes[name], 3, Path("out"), s, 3e-3) == {**common, **expected[name]}, name
+    # without a chosen rate a job runs at the study's method_lr
+    assert job_config(recipes["sft"], 3, Path("out"), s)["learning_rate"] == s.method_lr
 
 
 def test_recipes_read_their_preset_and_leave_the_loaded_yaml_alone():

@@ -1,24 +1,32 @@
-"""``gkd demo``: on-policy distillation against the baselines, end to end, in minutes on two CPU cores.
+"""``gkd demo``: on-policy data against the same divergence on a fixed dataset, end to end, in minutes on 2 CPU cores.
 
-The task is the built-in ``summarization`` task (a stand-in for XSum): list the salient items of the input, in any
-order. Why this task: two throwaway prototypes sized the demo before gkd existed. On deterministic arithmetic with a
-near one-hot teacher and an under-trained student nothing separated (seed spread swamped method gaps, SeqKD equalled
-SFT); on this free-order "salient set" task on-policy GKD beat SFT and supervised KD in every seed. The target order
-is free, so the teacher's distribution is multi-modal and carries information one ground-truth token does not, and
-errors are recoverable, so a student sampling its own prefixes meets states that ground-truth data never shows it
-(exposure bias). That is the regime of the paper's finding, and it shows most clearly when sampling at temperature 1.
+The question is the GKD paper's central one: does training on the student's **own** samples (λ = 1) beat training on
+a fixed dataset (λ = 0) *at the same divergence*? A gain is credited to on-policy data only when the divergence is
+held fixed; the demo also reports the divergence's own effect at fixed λ, so the two knobs are never mixed up.
+
+The task is the built-in ``summarization`` task (list the salient items of the input, in any order) with the undo
+token (``undo``): the output can take a mistake back (``d x < a c`` means ``d a c``). This is the regime the paper's
+argument needs (``gkd diagnose`` measures it, RESULTS.md section 0 shows it):
+
+* the fixed dataset is clean: people write answers without mistakes, so a student trained on it (λ = 0) never sees
+  a prefix with a mistake in it, whatever the divergence;
+* the student makes mistakes of its own (a 1-layer d24 student, sampled at temperature 1);
+* the teacher can steer back from them: it was trained with mistaken prefixes followed by ``<`` (the shipped
+  ``undo_teacher``), as a reasoning model can write "wait, no".
+
+On the same task *without* the undo token a mistake is final, and RESULTS.md shows λ does not matter there: the
+divergence carries the whole gain. That counter-example is kept in ``gkd experiment methods`` / ``summarization_lambda``.
 
 Pipeline (everything from the same seeds is reproducible):
-1. data: 100,000 training and 1,000 test prompts from the task generator (test prompts never occur in training);
-2. teacher: the 2-layer d64 Llama that gkd ships (trained with gkd's own SFT by ``gkd demo --train-teacher``), or
-   trained now with ``--retrain-teacher``;
-3. the student's start: a 1-layer d24 Llama, SFT for 3,000 steps (cosine), clearly below the teacher;
-4. per seed, from that same start with equal step budgets (500 steps at batch 64, constant lr 1e-3): SFT, SFT with
-   twice the steps (equal wall time), supervised KD, SeqKD (teacher samples drawn once), ImitKD, on-policy GKD
-   (forward KL, reverse KL, JSD(0.9)) and mixed GKD (λ=0.5, JSD(0.9)), each a named recipe of
-   ``configs/experiments/recipes.yaml`` (a packaged preset plus overrides);
-5. evaluation on the held-out prompts, greedy and one sample at temperature 1; mean ± SE over seeds and paired
-   per-seed differences to SFT and to supervised KD.
+1. data: 100,000 clean training, 500 validation and 1,000 test prompts from the task generator (disjoint splits);
+2. teacher: the 2-layer d64 Llama that gkd ships (``gkd demo --train-teacher`` retrains it), or trained now with
+   ``--retrain-teacher``;
+3. the student's start: a 1-layer d24 Llama, SFT on the clean data (cosine), clearly below the teacher;
+4. per method, its learning rate chosen from a grid on the validation prompts (one run per rate, seed 1000; never the
+   test set); then per seed, from that same start with equal step budgets and a linear decay to 0: SFT, forward KL
+   and reverse KL each at λ = 0 (the fixed dataset) and λ = 1 (the student's own samples);
+5. evaluation on the held-out prompts, greedy and one sample at temperature 1; paired per-seed differences with
+   t-based 95 % intervals for each one-knob comparison.
 Runs are spread over worker processes with one torch thread each (tiny models are bound by per-op overhead).
 """
 
@@ -34,48 +42,72 @@ from typing import Any
 import torch
 
 from gkd.errors import GKDError
-from gkd.experiments.common import ASSET_TEACHER
+from gkd.experiments.common import UNDO_TEACHER
 from gkd.experiments.study import (
     TINY_MODEL,
     StudyConsole,
     StudySettings,
     build_workspace,
+    excludes_zero,
+    fmt_ci,
     mean_se,
     named_recipes,
-    paired,
+    paired_ci,
     run_study,
 )
 
-__all__ = ["DEMO_METHODS", "demo_settings", "run_demo", "train_demo_teacher"]
+__all__ = ["COMPARISONS", "DEMO_METHODS", "demo_settings", "run_demo", "train_demo_teacher"]
 
 # The demo's methods, in report order: named recipes of configs/experiments/recipes.yaml (a preset plus overrides).
 DEMO_METHODS: tuple[str, ...] = (
     "sft",
-    "sft_2x",
-    "supervised_kd",
-    "seqkd",
-    "imitkd",
-    "gkd_forward_kl",
-    "gkd_reverse_kl",
-    "gkd_jsd_0.9",
-    "gkd_mixed_jsd_0.9",
+    "supervised_kd",  # forward KL, λ = 0
+    "gkd_forward_kl",  # forward KL, λ = 1
+    "offpolicy_reverse_kl",  # reverse KL, λ = 0
+    "gkd_reverse_kl",  # reverse KL, λ = 1
 )
+
+# Every comparison changes one knob: (name, knob, method, control). The first is the headline.
+COMPARISONS: tuple[tuple[str, str, str, str], ...] = (
+    ("on-policy vs fixed data, reverse KL", "λ", "gkd_reverse_kl", "offpolicy_reverse_kl"),
+    ("on-policy vs fixed data, forward KL", "λ", "gkd_forward_kl", "supervised_kd"),
+    ("reverse vs forward KL, fixed data", "divergence", "offpolicy_reverse_kl", "supervised_kd"),
+    ("reverse vs forward KL, on-policy", "divergence", "gkd_reverse_kl", "gkd_forward_kl"),
+    ("on-policy reverse KL vs continued SFT", "method", "gkd_reverse_kl", "sft"),
+)
+
+_MODEL = {"architecture": "llama", "num_attention_heads": 4, "max_position_embeddings": 48}
 
 
 def demo_settings(quick: bool = False) -> StudySettings:
-    """The demo's sizes (see the module docstring); ``quick`` is a seconds-long run for tests."""
+    """The demo's sizes (see the module docstring); ``quick`` is a seconds-long run for tests (no conclusion)."""
+    common = {
+        "task": "summarization",
+        "task_params": {"undo": True},
+        "teacher_task_params": {"noisy_prefix_prob": 0.5},
+        "max_new_tokens": 12,
+    }
     if not quick:
-        return StudySettings(shipped_teacher=str(ASSET_TEACHER))
+        return StudySettings(
+            **common,
+            teacher={**_MODEL, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256},
+            student={**_MODEL, "hidden_size": 24, "num_hidden_layers": 1, "intermediate_size": 64},
+            shipped_teacher=str(UNDO_TEACHER),
+            lr_grid=[3e-4, 1e-3, 3e-3],
+        )
     return StudySettings(
+        **common,
         seeds=2,
         n_train=1000,
         n_test=48,
+        n_validation=24,
         teacher_steps=20,
         start_steps=10,
         method_steps=3,
         batch_size=8,
         teacher={**TINY_MODEL, "hidden_size": 32},
         student=dict(TINY_MODEL),
+        lr_grid=[1e-3, 3e-3],
     )
 
 
@@ -107,8 +139,8 @@ def run_demo(
     recipes = named_recipes()
     n_runs = len(DEMO_METHODS) * s.seeds
     say(
-        f"methods: {n_runs} runs ({len(DEMO_METHODS)} methods × {s.seeds} seeds, {s.method_steps} steps each, "
-        f"all from the same start) on {workers} worker process(es) ..."
+        f"methods: {len(DEMO_METHODS)} methods × {s.seeds} seeds = {n_runs} runs of {s.method_steps} steps, all from "
+        f"the same start, on {workers} worker process(es)"
     )
     results = run_study(
         ws,
@@ -120,7 +152,7 @@ def run_demo(
         label="demo",
     )
     summary = summarize(
-        ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin
+        ws.task, s, results, ws.teacher_scores, ws.start_scores, time.perf_counter() - t_begin, quick=quick
     )
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot_results(summary, out / "results.png")
@@ -137,26 +169,28 @@ def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
     """Train the demo's teacher from scratch with the demo's settings and write it to the shipped-asset folder.
 
     For maintainers working in a source checkout (``gkd demo --train-teacher``): it rewrites the teacher gkd ships,
-    ``gkd/assets/demo_teacher`` inside the package, and refuses before training when that folder is not writable.
+    ``gkd/assets/undo_teacher`` inside the package, and refuses before training when that folder is not writable.
     Users retrain the teacher of their own demo folder with ``gkd demo --retrain-teacher``.
     """
-    _check_writable(ASSET_TEACHER)
+    _check_writable(UNDO_TEACHER)
     s = replace(demo_settings(False), shipped_teacher=None)
     con = StudyConsole()
     ws = build_workspace(output_dir, s, con.say, retrain_teacher=True)
     from gkd.models import load_model
 
     teacher = load_model(str(ws.teacher_dir), what="teacher")
-    ASSET_TEACHER.mkdir(parents=True, exist_ok=True)
-    teacher.save_pretrained(ASSET_TEACHER)
-    (ASSET_TEACHER / "TRAINING.md").write_text(
+    UNDO_TEACHER.mkdir(parents=True, exist_ok=True)
+    teacher.save_pretrained(UNDO_TEACHER)
+    (UNDO_TEACHER / "TRAINING.md").write_text(
         "# The demo's teacher\n\nTrained by `gkd demo --train-teacher` (gkd's own SFT): "
         f"{s.teacher_steps} steps, lr {s.teacher_lr} cosine, batch {s.batch_size}, seed 1234, on "
-        f"{s.n_train} generated `{s.task}` training prompts (data seed 0).\n"
+        f"{s.n_train} generated `{s.task}` training records with task parameters "
+        f"{json.dumps({**s.task_params, **(s.teacher_task_params or {})})} (data seed 0): half of them end their prompt "
+        "in a partial answer with a mistake and complete it with the undo token `<` and the rest of the set.\n"
         f"Held-out scores: {json.dumps(ws.teacher_scores)}\n"
     )
-    con.say(f"teacher written to {ASSET_TEACHER}")
-    return ASSET_TEACHER
+    con.say(f"teacher written to {UNDO_TEACHER}")
+    return UNDO_TEACHER
 
 
 def _check_writable(folder: Path) -> None:
@@ -179,14 +213,37 @@ def _check_writable(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # summarising
 # ---------------------------------------------------------------------------------------------------------------
+_RECIPE_KEYS = ("divergence", "beta", "lmbda", "temperature", "reduction")
+
+
 def summarize(
-    task: Any, s: StudySettings, results: list[dict[str, Any]], teacher: dict, start: dict, wall: float
+    task: Any,
+    s: StudySettings,
+    results: list[dict[str, Any]],
+    teacher: dict,
+    start: dict,
+    wall: float,
+    *,
+    quick: bool = False,
 ) -> dict[str, Any]:
+    """The demo's ``results.json``: per method its recipe (divergence, β, λ, learning rate and how it was chosen)
+    beside its per-seed scores, then every one-knob comparison as a paired t-interval, then the verdict."""
+    from gkd.config import config_from_dict
+
     metric = task.metric
+    recipes = named_recipes()
     methods: dict[str, Any] = {}
     for name in DEMO_METHODS:
         rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
+        cfg = config_from_dict({**recipes[name].preset_config(), **recipes[name].config})
         entry: dict[str, Any] = {
+            "recipe": {
+                "preset": recipes[name].preset,
+                **{k: getattr(cfg, k) for k in _RECIPE_KEYS},
+                "learning_rate": rows[0]["lr"],
+                "lr_selection": rows[0].get("lr_selection"),
+                "schedule": "linear warm-up, then linear decay to 0",
+            },
             "steps": rows[0]["steps"],
             "wall_s": sum(r["train_s"] for r in rows) / len(rows),
         }
@@ -199,24 +256,17 @@ def summarize(
             for mode in ("greedy", "sample")
         }
         methods[name] = entry
-    for entry in methods.values():
-        entry["paired"] = {}
-        for base in ("sft", "supervised_kd"):
-            entry["paired"][base] = {}
-            for mode in ("greedy", "sample"):
-                d, se = paired(entry[mode]["seeds"], methods[base][mode]["seeds"])
-                entry["paired"][base][mode] = {"mean": d, "se": se}
-    gkd_names = [n for n in methods if n.startswith("gkd_")]
-    best = max(gkd_names, key=lambda n: methods[n]["sample"]["mean"])
-    checks = {}
-    for base in ("sft", "supervised_kd"):
-        p = methods[best]["paired"][base]
-        checks[base] = {
-            "sample_beats_by_2se": p["sample"]["mean"] > 2 * p["sample"]["se"] and p["sample"]["mean"] > 0,
-            "greedy_not_worse": p["greedy"]["mean"] >= -2 * p["greedy"]["se"],
-        }
+    comparisons = []
+    for label, knob, a, b in COMPARISONS:
+        comp: dict[str, Any] = {"name": label, "knob": knob, "method": a, "control": b}
+        for mode in ("greedy", "sample"):
+            comp[mode] = paired_ci(methods[a][mode]["seeds"], methods[b][mode]["seeds"])
+        comparisons.append(comp)
+    head = comparisons[0]
+    holds = excludes_zero(head["sample"]) and head["sample"]["mean"] > 0 and head["greedy"]["hi"] >= 0
     return {
         "task": s.task,
+        "task_params": s.task_params,
         "metric": metric,
         "teacher": teacher["greedy"][metric],
         "start": start["greedy"][metric],
@@ -225,10 +275,12 @@ def summarize(
         "teacher_scores": teacher,
         "start_scores": start,
         "methods": methods,
-        "best_gkd": best,
+        "comparisons": comparisons,
         "finding": {
-            "holds": all(c["sample_beats_by_2se"] and c["greedy_not_worse"] for c in checks.values()),
-            "checks": checks,
+            "claim": f"{head['method']} beats {head['control']} (the same divergence on the fixed dataset) on T=1 "
+            "samples with a 95 % interval above 0, and is not worse greedily",
+            "holds": bool(holds) and not quick,
+            "smoke_run": quick,
         },
         "seeds": list(range(s.seeds)),
         "settings": asdict(s),
@@ -236,79 +288,102 @@ def summarize(
     }
 
 
+def _verdict(summary: dict[str, Any]) -> str:
+    f = summary["finding"]
+    if f["smoke_run"]:
+        return "smoke run (--quick): no conclusion"
+    return "HOLDS" if f["holds"] else "DOES NOT HOLD"
+
+
+def _knob_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per comparison: which knob changed, the paired Δ with its 95 % interval, and what it supports."""
+    lines = []
+    for c in summary["comparisons"]:
+        parts = []
+        for mode, label in (("sample", "T=1"), ("greedy", "greedy")):
+            ci = c[mode]
+            sig = "interval excludes 0" if excludes_zero(ci) else "interval includes 0"
+            parts.append(f"{label} {fmt_ci(ci)} ({sig}, p={ci['p']:.3g})")
+        lines.append(f"{c['name']} [knob: {c['knob']}]: " + "; ".join(parts))
+    return lines
+
+
 def table_text(summary: dict[str, Any]) -> str:
     m = summary["metric"]
+    n = len(summary["seeds"])
     lines = [
-        f"{summary['task']}: {m} (%) on held-out prompts, mean ± SE over {len(summary['seeds'])} seeds; "
-        "Δ = paired per-seed difference",
+        f"{summary['task']} with the undo token: {m} (%) on held-out prompts, mean ± SE over {n} seeds",
         f"teacher: greedy {summary['teacher']:.1f}, T=1 {summary['teacher_sample']:.1f}   "
         f"start: greedy {summary['start']:.1f}, T=1 {summary['start_sample']:.1f}",
         "",
-        f"{'method':<20} {'steps':>5} {'greedy':>12} {'T=1 sample':>12} {'Δ sft (T=1)':>13} {'Δ sup.KD (T=1)':>15} "
-        f"{'Δ sft (greedy)':>15} {'Δ sup.KD (greedy)':>18} {'s/run':>6}",
+        f"{'method':<22} {'divergence':<11} {'λ':>4} {'lr':>7} {'steps':>5} {'greedy':>12} {'T=1 sample':>12} {'s/run':>6}",
     ]
     for name, e in summary["methods"].items():
-        p = e["paired"]
-
-        def fmt(d: dict) -> str:
-            return f"{d['mean']:+.1f} ± {d['se']:.1f}"
-
+        r = e["recipe"]
         lines.append(
-            f"{name:<20} {e['steps']:>5} {e['greedy']['mean']:>6.1f} ± {e['greedy']['se']:<3.1f} "
-            f"{e['sample']['mean']:>6.1f} ± {e['sample']['se']:<3.1f} {fmt(p['sft']['sample']):>13} "
-            f"{fmt(p['supervised_kd']['sample']):>15} {fmt(p['sft']['greedy']):>15} {fmt(p['supervised_kd']['greedy']):>18} "
-            f"{e['wall_s']:>6.1f}"
+            f"{name:<22} {r['divergence']:<11} {r['lmbda']:>4g} {r['learning_rate']:>7.0e} {e['steps']:>5} "
+            f"{e['greedy']['mean']:>6.1f} ± {e['greedy']['se']:<3.1f} {e['sample']['mean']:>6.1f} ± "
+            f"{e['sample']['se']:<3.1f} {e['wall_s']:>6.1f}"
         )
-    f = summary["finding"]
-    verdict = "HOLDS" if f["holds"] else "DOES NOT HOLD"
     lines += [
         "",
-        f"paper's finding (best GKD variant, {summary['best_gkd']}, beats SFT and supervised KD by > 2 SE of the paired "
-        f"difference on T=1 samples without losing on greedy): {verdict} at this scale",
+        f"paired Δ (method − control), mean ± SE [95 % t-interval, {n - 1} dof]:",
+        *_knob_lines(summary),
     ]
+    lines += ["", f"finding ({summary['finding']['claim']}): {_verdict(summary)}"]
     return "\n".join(lines)
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
     s = summary["settings"]
     m = summary["metric"]
+    n = len(summary["seeds"])
     rows = [
-        "| method | steps | greedy | T=1 sample | Δ vs SFT (T=1) | Δ vs sup. KD (T=1) | Δ vs SFT (greedy) | Δ vs sup. KD (greedy) | item F1 (T=1) | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | divergence | λ | lr (chosen on validation) | greedy | T=1 sample | item F1 (T=1) | s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary["methods"].items():
-        p = e["paired"]
-
-        def fmt(d: dict) -> str:
-            return f"{d['mean']:+.1f} ± {d['se']:.1f}"
-
+        r = e["recipe"]
+        sel = r.get("lr_selection") or {}
+        grid = ", ".join(f"{k}: {v:.1f}" for k, v in sel.items())
         f1 = e["secondary"]["sample"].get("item_f1", float("nan"))
         rows.append(
-            f"| {name} | {e['steps']} | {e['greedy']['mean']:.1f} ± {e['greedy']['se']:.1f} | "
-            f"{e['sample']['mean']:.1f} ± {e['sample']['se']:.1f} | {fmt(p['sft']['sample'])} | "
-            f"{fmt(p['supervised_kd']['sample'])} | {fmt(p['sft']['greedy'])} | {fmt(p['supervised_kd']['greedy'])} | "
+            f"| {name} | {r['divergence']} | {r['lmbda']:g} | {r['learning_rate']:g}{f' ({grid})' if grid else ''} | "
+            f"{e['greedy']['mean']:.1f} ± {e['greedy']['se']:.1f} | {e['sample']['mean']:.1f} ± {e['sample']['se']:.1f} | "
             f"{f1:.1f} | {e['wall_s']:.1f} |"
         )
-    f = summary["finding"]
-    verdict = "**holds**" if f["holds"] else "**does not hold**"
+    comp = [
+        "| comparison | knob | Δ T=1 sample [95 % CI] | p | Δ greedy [95 % CI] | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in summary["comparisons"]:
+        comp.append(
+            f"| {c['name']} (`{c['method']}` − `{c['control']}`) | {c['knob']} | {fmt_ci(c['sample'])} | "
+            f"{c['sample']['p']:.3g} | {fmt_ci(c['greedy'])} | {c['greedy']['p']:.3g} |"
+        )
+    verdict = _verdict(summary)
     return "\n".join(
         [
             "# gkd demo report",
             "",
-            f"Task `{summary['task']}` (headline metric `{m}`, in %), {len(summary['seeds'])} seeds, "
-            f"{s['n_test']} held-out prompts, greedy decoding and one sample per prompt at temperature 1.",
+            f"Task `{summary['task']}` with parameters {json.dumps(summary['task_params'])} (headline metric `{m}`, in "
+            f"%), {n} seeds, {s['n_test']} held-out prompts, greedy decoding and one sample per prompt at temperature 1.",
             f"Teacher: greedy {summary['teacher']:.1f}, T=1 {summary['teacher_sample']:.1f}. "
             f"Starting student (shared by every run): greedy {summary['start']:.1f}, T=1 {summary['start_sample']:.1f}.",
-            f"Every method starts from the same student and trains {s['method_steps']} steps "
-            f"(`sft_2x`: twice as many) at batch {s['batch_size']}, lr {s['method_lr']} (constant).",
-            "Values are mean ± standard error over seeds; Δ columns are the mean ± SE of the *paired* per-seed "
-            "differences.",
+            f"Every method starts from the same student and trains {s['method_steps']} steps at batch {s['batch_size']}, "
+            "linear warm-up then linear decay to 0, at the learning rate chosen for it on "
+            f"{s['n_validation']} validation prompts (grid {s['lr_grid']}; the mean of greedy and T=1 `{m}`; one run "
+            "per rate, seed 1000; never the test set).",
+            "Values are mean ± standard error over seeds.",
             "",
             *rows,
             "",
-            f"The paper's finding — the best GKD variant (`{summary['best_gkd']}`) beats SFT and supervised KD by more "
-            f"than twice the SE of the paired difference on temperature-1 samples, without losing on greedy — {verdict} "
-            "in this run.",
+            f"Paired per-seed differences (method − control), mean ± SE and the t-based 95 % interval ({n - 1} degrees "
+            "of freedom); each comparison changes one knob.",
+            "",
+            *comp,
+            "",
+            f"Finding — {summary['finding']['claim']}: **{verdict}**.",
             "",
             f"Total wall time: {summary['wall_s']:.0f} s. Re-run: `gkd demo` (or `make demo`).",
             "",
@@ -324,7 +399,7 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
 
     names = list(summary["methods"])
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.4
     for k, (mode, label) in enumerate((("greedy", "greedy"), ("sample", "T=1 sample"))):
         means = [summary["methods"][n][mode]["mean"] for n in names]
@@ -333,9 +408,15 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     ax.axhline(summary["teacher_sample"], color="k", ls="--", lw=1, label="teacher (T=1)")
     ax.axhline(summary["start_sample"], color="gray", ls=":", lw=1, label="start (T=1)")
     ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_xticklabels(
+        [
+            f"{n}\n{e['recipe']['divergence']}, λ={e['recipe']['lmbda']:g}"
+            for n, e in summary["methods"].items()
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel(f"{summary['metric']} (%)")
-    ax.set_title(f"gkd demo: {summary['task']}, mean ± SE over {len(summary['seeds'])} seeds")
+    ax.set_title(f"gkd demo: {summary['task']} with undo, mean ± SE over {len(summary['seeds'])} seeds")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

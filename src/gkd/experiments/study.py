@@ -45,6 +45,7 @@ from gkd.io import fingerprint, quiet_libraries
 
 __all__ = [
     "CONFIG_DIR",
+    "SELECT_SEED",
     "TINY_MODEL",
     "Job",
     "Recipe",
@@ -54,20 +55,27 @@ __all__ = [
     "Workspace",
     "build_workspace",
     "evaluate_model",
+    "excludes_zero",
+    "fmt_ci",
     "job_config",
     "job_cost",
     "job_key",
     "mean_se",
     "named_recipes",
     "paired",
+    "paired_ci",
     "parse_runs",
     "plan_jobs",
     "run_jobs",
     "run_study",
+    "select_learning_rates",
+    "selection_score",
     "seqkd_targets",
     "sft_config",
+    "t_interval",
     "train_job",
     "training_file",
+    "validation_file",
 ]
 
 # the experiment families' YAML files and the named recipes (packaged as gkd/configs/experiments)
@@ -106,6 +114,39 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean_se([x - y for x, y in zip(a, b)])
 
 
+def t_interval(values: list[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, SE, the t-based ``level`` confidence interval of the mean (n - 1 degrees of freedom, scipy's Student t)
+    and the two-sided p-value of "mean = 0". With one value (or zero spread) the interval is the point and p is 1 for a
+    zero mean, 0 otherwise."""
+    from scipy import stats
+
+    m, se = mean_se(values)
+    n = len(values)
+    if n < 2 or se == 0 or math.isnan(se):
+        return {"mean": m, "se": se, "lo": m, "hi": m, "p": 1.0 if m == 0 else 0.0, "n": n}
+    q = float(stats.t.ppf(0.5 + level / 2, n - 1))
+    p = float(2 * stats.t.sf(abs(m / se), n - 1))
+    return {"mean": m, "se": se, "lo": m - q * se, "hi": m + q * se, "p": p, "n": n}
+
+
+def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
+    """:func:`t_interval` of the per-seed differences a - b (a paired t-test; lists ordered by seed)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_ci needs as many values on each side, got {len(a)} and {len(b)}")
+    return t_interval([x - y for x, y in zip(a, b)], level)
+
+
+def excludes_zero(ci: dict[str, float]) -> bool:
+    """Whether a :func:`t_interval` lies entirely on one side of 0 (needs at least two values)."""
+    return ci["n"] >= 2 and (ci["lo"] > 0 or ci["hi"] < 0)
+
+
+def fmt_ci(ci: dict[str, float], digits: int = 1) -> str:
+    """``+3.2 ± 0.4 [+2.1, +4.3]`` (mean ± SE [95 % t-interval])."""
+    f = f"{{:+.{digits}f}}"
+    return f"{f.format(ci['mean'])} ± {ci['se']:.{digits}f} [{f.format(ci['lo'])}, {f.format(ci['hi'])}]"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # settings, console
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,6 +173,14 @@ class StudySettings:
     student: dict[str, Any] | None = None  # model spec; default: the task's student_model_config()
     teacher: dict[str, Any] | None = None  # model spec; default: the task's teacher_model_config()
     shipped_teacher: str | None = None  # a folder with a teacher trained by these settings, used when present
+    # each method's learning rate chosen from this grid on validation prompts (never the test set): one run per
+    # (method, rate) with seed SELECT_SEED, scored on ``n_validation`` prompts of the task's validation split (disjoint
+    # from train and test), the rate with the best mean of greedy and T=1 headline score kept. None: method_lr.
+    lr_grid: list[float] | None = None
+    n_validation: int = 500
+    start_seed: int = (
+        4321  # the starting student's initialisation and SFT seed (another value: an independent start)
+    )
 
     @classmethod
     def from_mapping(cls, values: Any, where: str, base: StudySettings | None = None) -> StudySettings:
@@ -301,14 +350,18 @@ class Job:
     cost: float = 1.0  # relative run time, for scheduling
 
 
-def job_config(recipe: Recipe, seed: int, out: Path, s: StudySettings) -> dict[str, Any]:
-    """The GKDConfig of one job: the recipe's preset, then the study's budget (the same for every method: constant
-    learning rate after a short warmup, ``temperature`` 1), then the recipe's own config overrides."""
+def job_config(
+    recipe: Recipe, seed: int, out: Path, s: StudySettings, lr: float | None = None
+) -> dict[str, Any]:
+    """The GKDConfig of one job: the recipe's preset, then the study's budget (the same for every method: a short
+    linear warm-up, then a linear decay to 0 over the run, as the paper's method phase does, ``temperature`` 1;
+    learning rate ``lr``, default the study's ``method_lr``), then the recipe's own config overrides."""
+    steps = s.method_steps * recipe.study.steps
     study = {
-        "learning_rate": s.method_lr,
-        "lr_scheduler_type": "constant_with_warmup" if s.method_steps > 40 else "constant",
-        "warmup_steps": 20 if s.method_steps > 40 else 0,
-        "max_steps": s.method_steps * recipe.study.steps,
+        "learning_rate": s.method_lr if lr is None else lr,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": min(20, steps // 10),
+        "max_steps": steps,
         "per_device_train_batch_size": s.batch_size,
         "max_new_tokens": s.max_new_tokens,
         "temperature": 1.0,
@@ -503,6 +556,7 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
         "name": job.name,
         "seed": job.seed,
         "scores": scores,
+        "lr": cfg.learning_rate,
         "steps": result.step,
         "train_s": t_train,
         "wall_s": time.perf_counter() - t0,
@@ -636,7 +690,9 @@ def build_workspace(
     start_dir = _workspace_start(root, task, tok, train_ds, s, say)
     start = load_model(str(start_dir), what="student")
 
-    scores_path = root / "reference_scores.json"
+    scores_path = root / (
+        "reference_scores.json" if s.start_seed == 4321 else f"reference_scores-seed{s.start_seed}.json"
+    )
     if scores_path.exists():
         ref = json.loads(scores_path.read_text())
     else:
@@ -675,10 +731,13 @@ def _workspace_data(root: Path, task: Any, s: StudySettings, say: Callable[[str]
             write_jsonl(data / "teacher-train.jsonl", pairs(teacher_task))
         write_jsonl(test_path, task.generate("test", s.n_test, 0))
         stamp.write_text(json.dumps(want))
-        for stale in ("teacher", "start"):
+        for stale in ("teacher", "start", *(p.name for p in root.glob("start-seed*"))):
             shutil.rmtree(root / stale, ignore_errors=True)
-        (root / "reference_scores.json").unlink(missing_ok=True)
-        _drop_derived(data, ("seqkd-*.jsonl", "train-*-labelled.jsonl", "train-*-prompts.jsonl"))
+        _drop_derived(
+            data, ("seqkd-*.jsonl", "train-*-labelled.jsonl", "train-*-prompts.jsonl", "validation-*.jsonl")
+        )
+        for p in root.glob("reference_scores*.json"):
+            p.unlink()
     return train_path, test_path
 
 
@@ -740,7 +799,8 @@ def _workspace_teacher(
     model.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     recipe_path.write_text(json.dumps(recipe))
-    (root / "reference_scores.json").unlink(missing_ok=True)
+    for p in root.glob("reference_scores*.json"):
+        p.unlink()
     _drop_derived(root / "data", ("seqkd-*.jsonl",))  # the teacher's targets are another teacher's now
     return teacher_dir
 
@@ -751,11 +811,12 @@ def _workspace_start(
     """The starting student shared by every run: SFT once, again only when its recipe changes."""
     from gkd.models import build_model
 
-    start_dir = root / "start"
+    start_dir = root / ("start" if s.start_seed == 4321 else f"start-seed{s.start_seed}")
     spec = s.student or task.student_model_config()
-    recipe = json.loads(
-        json.dumps({"spec": spec, "steps": s.start_steps, "lr": s.start_lr, "batch_size": s.batch_size})
-    )
+    recipe = {"spec": spec, "steps": s.start_steps, "lr": s.start_lr, "batch_size": s.batch_size}
+    if s.start_seed != 4321:  # (an older gkd's recipe file has no seed: the default's recipe stays as it was)
+        recipe["seed"] = s.start_seed
+    recipe = json.loads(json.dumps(recipe))
     recipe_path = start_dir / "gkd_start_recipe.json"
     if (start_dir / "config.json").exists() and (
         not recipe_path.exists() or json.loads(recipe_path.read_text()) != recipe
@@ -767,13 +828,20 @@ def _workspace_start(
             f"start: SFT of the student ({spec.get('num_hidden_layers')}-layer d{spec.get('hidden_size')}) for {s.start_steps} steps ..."
         )
         t0 = time.perf_counter()
-        model = build_model(spec, tok, seed=4321)
-        cfg = sft_config(root / "runs" / "start", s.start_steps, s.start_lr, s, seed=4321)
+        model = build_model(spec, tok, seed=s.start_seed)
+        cfg = sft_config(root / "runs" / "start", s.start_steps, s.start_lr, s, seed=s.start_seed)
         model = _sft_in_process(cfg, model, tok, train_ds)
         model.save_pretrained(start_dir)
         tok.save_pretrained(start_dir)
         recipe_path.write_text(json.dumps(recipe))
-        (root / "reference_scores.json").unlink(missing_ok=True)
+        (
+            root
+            / (
+                "reference_scores.json"
+                if s.start_seed == 4321
+                else f"reference_scores-seed{s.start_seed}.json"
+            )
+        ).unlink(missing_ok=True)
         say(f"start: trained in {time.perf_counter() - t0:.0f}s")
     return start_dir
 
@@ -781,6 +849,17 @@ def _workspace_start(
 # ---------------------------------------------------------------------------------------------------------------
 # a study: every method for every seed, resumable
 # ---------------------------------------------------------------------------------------------------------------
+SELECT_SEED = 1000  # the seed of the learning-rate selection runs (never one of a study's reported seeds)
+
+
+def validation_file(ws: Workspace, s: StudySettings) -> Path:
+    """``n_validation`` prompts of the task's validation split (disjoint from train and test), written once."""
+    path = ws.root / "data" / f"validation-{s.n_validation}.jsonl"
+    if not path.exists():
+        write_jsonl(path, ws.task.generate("validation", s.n_validation, 0))
+    return path
+
+
 def plan_jobs(
     ws: Workspace,
     s: StudySettings,
@@ -790,37 +869,113 @@ def plan_jobs(
     say: Callable[[str], None],
     eval_temperatures: tuple[float, ...] = (1.0,),
     eval_samples: int = 1,
+    lrs: Mapping[str, float] | None = None,
 ) -> list[Job]:
-    """The jobs of a study, seed-major (every method for seed 0, then seed 1, ...). Writes the training files the
-    recipes need (teacher targets, data subsets) and checks every job's config before anything trains."""
-    from gkd.config import config_from_dict
-
+    """The jobs of a study, seed-major (every method for seed 0, then seed 1, ...), each method at its learning rate
+    in ``lrs`` (default: the study's ``method_lr``). Writes the training files the recipes need (teacher targets,
+    data subsets) and checks every job's config before anything trains."""
     train = {name: str(training_file(ws, s, r.study, say)) for name, r in recipes.items()}
     jobs = []
     for seed in range(s.seeds):
         for name, recipe in recipes.items():
-            cfg = job_config(recipe, seed, ws.root / "runs" / label / f"seed{seed}" / name, s)
-            try:
-                config_from_dict(cfg)
-            except ConfigError as e:
-                raise ConfigError(f"{label}: run '{name}': {e}") from e
+            out = ws.root / "runs" / label / f"seed{seed}" / name
+            cfg = _checked(job_config(recipe, seed, out, s, (lrs or {}).get(name)), f"{label}: run '{name}'")
             jobs.append(
-                Job(
-                    name=name,
-                    seed=seed,
-                    config=cfg,
-                    start=str(ws.start_dir),
-                    teacher=str(ws.teacher_dir),
-                    train=train[name],
-                    test=str(ws.test_path),
-                    task=s.task,
-                    task_params=s.task_params,
-                    eval_temperatures=eval_temperatures,
-                    eval_samples=eval_samples,
-                    cost=job_cost(cfg),
-                )
+                _job(ws, s, name, seed, cfg, train[name], str(ws.test_path), eval_temperatures, eval_samples)
             )
     return jobs
+
+
+def _checked(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    from gkd.config import config_from_dict
+
+    try:
+        config_from_dict(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    return cfg
+
+
+def _job(
+    ws: Workspace,
+    s: StudySettings,
+    name: str,
+    seed: int,
+    cfg: dict[str, Any],
+    train: str,
+    test: str,
+    eval_temperatures: tuple[float, ...] = (1.0,),
+    eval_samples: int = 1,
+) -> Job:
+    return Job(
+        name=name,
+        seed=seed,
+        config=cfg,
+        start=str(ws.start_dir),
+        teacher=str(ws.teacher_dir),
+        train=train,
+        test=test,
+        task=s.task,
+        task_params=s.task_params,
+        eval_temperatures=eval_temperatures,
+        eval_samples=eval_samples,
+        cost=job_cost(cfg),
+    )
+
+
+def selection_score(scores: dict[str, dict[str, float]], metric: str) -> float:
+    """What the learning-rate selection maximises: the mean of the greedy and T=1 headline scores."""
+    return (scores["greedy"][metric] + scores["sample"][metric]) / 2
+
+
+def select_learning_rates(
+    ws: Workspace,
+    s: StudySettings,
+    recipes: Mapping[str, Recipe],
+    *,
+    workers: int,
+    say: Callable[[str], None],
+    console: Any,
+    label: str,
+) -> dict[str, dict[str, Any]]:
+    """Each method's learning rate from ``s.lr_grid``, chosen on validation prompts (never the test set).
+
+    One run per (method, rate) at seed :data:`SELECT_SEED`, evaluated on :func:`validation_file`; returns
+    ``{method: {"lr": best, "scores": {rate: validation score}}}`` (score: :func:`selection_score`). A recipe that
+    sets ``learning_rate`` itself keeps it. Resumable like the study (``runs/LABEL/lr_select.jsonl``)."""
+    grid = list(s.lr_grid or [])
+    val = str(validation_file(ws, s))
+    train = {name: str(training_file(ws, s, r.study, say)) for name, r in recipes.items()}
+    jobs, fixed = [], {}
+    for name, recipe in recipes.items():
+        if "learning_rate" in recipe.config:
+            fixed[name] = float(recipe.config["learning_rate"])
+            continue
+        for lr in grid:
+            out = ws.root / "runs" / label / "lr_select" / f"{name}-lr{lr:g}"
+            cfg = _checked(job_config(recipe, SELECT_SEED, out, s, lr), f"{label}: run '{name}'")
+            jobs.append(_job(ws, s, name, SELECT_SEED, cfg, train[name], val))
+    if jobs:
+        say(
+            f"learning rates: {len(jobs)} selection runs ({len(grid)} rates × {len(jobs) // len(grid)} methods) on {s.n_validation} validation prompts ..."
+        )
+    results = _run_logged(
+        jobs, ws, label + " lr", ws.root / "runs" / label / "lr_select.jsonl", workers, say, console
+    )
+    metric = ws.task.metric
+    chosen: dict[str, dict[str, Any]] = {name: {"lr": lr, "scores": {}} for name, lr in fixed.items()}
+    for job, r in zip(jobs, results):
+        chosen.setdefault(job.name, {"lr": None, "scores": {}})["scores"][job.config["learning_rate"]] = (
+            selection_score(r["scores"], metric)
+        )
+    for entry in chosen.values():
+        if entry["scores"]:
+            entry["lr"] = max(entry["scores"], key=lambda lr: (entry["scores"][lr], -lr))
+    say(
+        "learning rates chosen on validation: "
+        + ", ".join(f"{n} {chosen[n]['lr']:g}" for n in recipes if n in chosen)
+    )
+    return {n: chosen[n] for n in recipes}
 
 
 def run_study(
@@ -837,9 +992,45 @@ def run_study(
 ) -> list[dict[str, Any]]:
     """Run every recipe for each seed from the workspace's start; results in job order (:func:`plan_jobs`).
 
+    With ``s.lr_grid`` each method's learning rate is first chosen on validation prompts
+    (:func:`select_learning_rates`); every result records its ``lr`` and the method's ``lr_selection``.
     Finished results are appended to ``ROOT/runs/LABEL/results.jsonl`` with their :func:`job_key`; a restarted
     study keeps those whose key (job settings and starting checkpoints) is unchanged and runs only the others.
     """
+    selection = (
+        select_learning_rates(ws, s, recipes, workers=workers, say=say, console=console, label=label)
+        if s.lr_grid
+        else {}
+    )
+    jobs = plan_jobs(
+        ws,
+        s,
+        recipes,
+        label=label,
+        say=say,
+        eval_temperatures=eval_temperatures,
+        eval_samples=eval_samples,
+        lrs={n: e["lr"] for n, e in selection.items()},
+    )
+    results = _run_logged(jobs, ws, label, ws.root / "runs" / label / "results.jsonl", workers, say, console)
+    for job, r in zip(jobs, results):
+        r["lr"] = job.config["learning_rate"]
+        if job.name in selection:
+            r["lr_selection"] = {f"{lr:g}": v for lr, v in selection[job.name]["scores"].items()}
+    return results
+
+
+def _run_logged(
+    jobs: list[Job],
+    ws: Workspace,
+    label: str,
+    log_path: Path,
+    workers: int,
+    say: Callable[[str], None],
+    console: Any,
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` with a progress bar, appending each result to ``log_path`` at once; a restarted run keeps the
+    results whose :func:`job_key` is unchanged and runs only the others. Results in job order."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -849,19 +1040,11 @@ def run_study(
         TimeRemainingColumn,
     )
 
-    jobs = plan_jobs(
-        ws,
-        s,
-        recipes,
-        label=label,
-        say=say,
-        eval_temperatures=eval_temperatures,
-        eval_samples=eval_samples,
-    )
+    if not jobs:
+        return []
     metric = ws.task.metric
     # A restarted study keeps the runs a killed one finished: same job settings and checkpoints -> same key.
     keys = [job_key(j) for j in jobs]
-    log_path = ws.root / "runs" / label / "results.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     if log_path.exists():
@@ -876,7 +1059,7 @@ def run_study(
     if done:
         say(f"resuming: {len(done)} of {len(jobs)} runs already finished ({log_path})")
     todo = [j for j, k in zip(jobs, keys) if k not in done]
-    key_of = {(j.name, j.seed): k for j, k in zip(jobs, keys)}
+    key_of = {(j.name, j.seed, j.config["learning_rate"]): k for j, k in zip(jobs, keys)}
     progress = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -890,11 +1073,11 @@ def run_study(
         bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
 
         def on_result(r: dict[str, Any]) -> None:
-            r["job_key"] = key_of[(r["name"], r["seed"])]
+            r["job_key"] = key_of[(r["name"], r["seed"], r["lr"])]
             with log_path.open("a") as fh:  # every finished run is on disk at once
                 fh.write(json.dumps(r) + "\n")
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
-            line = f"{r['name']} seed {r['seed']}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
+            line = f"{r['name']} seed {r['seed']} lr {r['lr']:g}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
             progress.update(bar, advance=1, last=line)
             if not progress.console.is_terminal:  # a log file gets one line per finished run
                 n = int(progress.tasks[0].completed)

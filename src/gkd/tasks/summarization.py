@@ -16,6 +16,15 @@ Here the target order is a *fresh random permutation per record*, so
   defined ("the salient items not listed yet"). A student sampling its own prefixes visits exactly those states,
   and only on-policy training shows it the teacher's answer there (exposure bias).
 
+Self-correction (``undo=True``): the output language gains an undo token ``<`` that deletes the item before it, so
+``d x < a c`` means ``d a c``: a mistake can be taken back, as a reasoning model writes "wait, no". The fixed
+dataset's completions never use it (people write clean answers); ``noisy_prefix_prob`` > 0 gives a *teacher's*
+training data records whose prompt ends in a partial answer with a mistake (a distractor, a repeat or an item not in
+the input) and whose completion starts with ``<`` and finishes the set: a teacher that can steer back from a mistake.
+A student trained on the clean dataset (λ = 0) never sees a mistaken prefix, whatever the divergence; a student
+trained on its own samples (λ = 1) meets its own mistakes and the teacher's ``<`` there. This is the regime where the
+paper's argument predicts on-policy data to matter (``gkd diagnose`` measures it; see RESULTS.md).
+
 Optional paraphrases (``paraphrase_prob`` > 0): each output fact may be written ``a~`` instead of ``a``, which adds
 surface-form variety to the teacher's distribution. Every metric canonicalises ``a~`` to ``a``.
 
@@ -55,6 +64,7 @@ from gkd.tasks.base import Task
 LETTERS = list(string.ascii_lowercase)
 PARAPHRASE_SUFFIX = "~"
 PREFIX, SUFFIX = "Q", ":"
+UNDO = "<"  # with ``undo``: deletes the previous output item (the output language can correct itself)
 
 __all__ = [
     "SalientSetSummarization",
@@ -97,9 +107,14 @@ def input_items(prompt: str) -> set[str]:
 
 
 def canonical_items(prediction: str) -> list[str]:
-    """The output's tokens with paraphrases mapped back (``a~`` -> ``a``); other tokens are kept as they are."""
-    out = []
+    """The output's tokens with paraphrases mapped back (``a~`` -> ``a``) and each undo token ``<`` applied (it
+    deletes the item before it; a leading ``<`` deletes nothing); other tokens are kept as they are."""
+    out: list[str] = []
     for tok in prediction.split():
+        if tok == UNDO:
+            if out:
+                out.pop()
+            continue
         if tok.endswith(PARAPHRASE_SUFFIX) and tok[:-1] in LETTERS:
             tok = tok[:-1]
         out.append(tok)
@@ -204,6 +219,9 @@ class SalientSetSummarization(Task):
         min_salient, max_salient: k is uniform on this inclusive range.
         paraphrase_prob: probability that an output fact is written in its paraphrase form ``x~``.
         max_references: references per record: distinct orders of the set, the completion first.
+        undo: add the undo token ``<`` (deletes the previous item) to the output language; every metric applies it.
+        noisy_prefix_prob: share of generated records whose prompt carries a partial answer ending in a mistake and
+            whose completion starts with ``<`` (a teacher's training data; needs ``undo``).
     """
 
     n_items: int = 16
@@ -211,6 +229,8 @@ class SalientSetSummarization(Task):
     max_salient: int = 6
     paraphrase_prob: float = 0.0
     max_references: int = 6
+    undo: bool = False
+    noisy_prefix_prob: float = 0.0
 
     name = "summarization"
     metric = "set_match"
@@ -226,6 +246,12 @@ class SalientSetSummarization(Task):
             raise ValueError("paraphrase_prob must be in [0, 1]")
         if self.max_references < 1:
             raise ValueError("max_references must be >= 1")
+        if not 0.0 <= self.noisy_prefix_prob <= 1.0:
+            raise ValueError("noisy_prefix_prob must be in [0, 1]")
+        if self.noisy_prefix_prob > 0 and not self.undo:
+            raise ValueError(
+                "noisy_prefix_prob needs undo=True (the correction is written with the undo token)"
+            )
 
     # ---- data
 
@@ -269,7 +295,51 @@ class SalientSetSummarization(Task):
         words = [PREFIX, SUFFIX] + LETTERS + [c.upper() for c in LETTERS if c.upper() != PREFIX]
         if self.paraphrase_prob > 0:
             words += [c + PARAPHRASE_SUFFIX for c in LETTERS]
+        if self.undo:
+            words.append(UNDO)
         return words
+
+    def generate(self, split: str, n: int, seed: int, *, unique: bool = True) -> list[dict]:
+        """:meth:`Task.generate`; with ``noisy_prefix_prob`` a share of the records become mistake-then-undo records
+        (:meth:`noisy_record`), drawn from their own random stream so the clean records are the same either way."""
+        records = super().generate(split, n, seed, unique=unique)
+        if self.noisy_prefix_prob <= 0:
+            return records
+        rng = random.Random(f"{self.name}|{split}|{seed}|noisy")
+        return [self.noisy_record(r, rng) if rng.random() < self.noisy_prefix_prob else r for r in records]
+
+    def noisy_record(self, record: dict, rng: random.Random) -> dict:
+        """A teacher's training record: the prompt plus a partial answer with one or two mistakes (each but the last
+        already undone), the completion ``<`` and the rest of the set. Only the correction is trained on."""
+        body = _body(record["prompt"])
+        salient = [t.lower() for t in body if t.isupper()]
+        distractors = [t for t in body if not t.isupper()]
+        absent = [c for c in LETTERS if c not in {t.lower() for t in body}]
+        order = canonical_items(record["completion"])
+        n_errors = 1 if rng.random() < 0.7 else 2
+        cut = rng.randint(0, len(order) - 1)  # at least one item is left to write after the correction
+        undone = [rng.randint(0, cut) for _ in range(n_errors - 1)]  # earlier mistakes, already taken back
+
+        def mistake(written: list[str]) -> str:
+            kind, listed = rng.random(), [t for t in canonical_items(" ".join(written))]
+            if kind < 0.3 and listed:
+                return rng.choice(listed)  # a repeat
+            if (kind < 0.8 and distractors) or not absent:
+                return rng.choice(distractors)  # an item of the input that is not salient
+            return rng.choice(absent)  # an item that is not in the input at all
+
+        written: list[str] = []
+        for i in range(cut + 1):
+            for _ in range(undone.count(i)):
+                written += [mistake(written), UNDO]
+            if i < cut:
+                written.append(order[i])
+        written.append(mistake(written))  # the mistake the completion takes back
+        assert salient  # a salient-set prompt always has one
+        return {
+            "prompt": " ".join([record["prompt"], *written]),
+            "completion": " ".join([UNDO, *order[cut:]]),
+        }
 
     # ---- metrics
 
