@@ -31,9 +31,12 @@ from gkd.experiments.study import (
     StudyConsole,
     StudySettings,
     build_workspace,
+    excludes_zero,
+    fmt_ci,
     mean_se,
     named_recipes,
     paired,
+    paired_ci,
     parse_runs,
     run_study,
 )
@@ -109,8 +112,9 @@ def _fmt(d: dict[str, Any]) -> str:
 
 
 def _pfmt(a: list[float], b: list[float]) -> str:
-    m, se = paired(a, b)
-    return f"{m:+.1f} ± {se:.1f}"
+    """A paired Δ as ``mean ± SE [95 % t-interval]`` (``*`` when the interval excludes 0)."""
+    ci = paired_ci(a, b)
+    return fmt_ci(ci) + ("*" if excludes_zero(ci) else "")
 
 
 def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
