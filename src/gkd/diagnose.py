@@ -489,9 +489,9 @@ def format_report(result: dict[str, Any], max_rows: int = 16) -> str:
     o = result["off_track"]
     lines.append(
         f"off-track (teacher prob < {o['threshold']:g}): {o['sequences_off_track']}/{o['sequences']} samples "
-        f"({f(o['sequence_rate'], '.1f')}%), {o['tokens_off_track']}/{o['tokens']} tokens "
-        f"({f(o['token_rate'], '.2f')}%); first at position {f(o['first_position_mean'], '.1f')} on average"
+        f"({f(o['sequence_rate'], '.1f')}%), {o['tokens_off_track']}/{o['tokens']} tokens ({f(o['token_rate'], '.2f')}%)"
     )
+    lines.append(f"  first off-track token at position {f(o['first_position_mean'], '.1f')} on average")
     r = result["recovery"]
     unit, spec = (
         ("% that end right", ".1f") if r["kind"] == "recovery_rate" else ("teacher log-prob/token", ".3f")
