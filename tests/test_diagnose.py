@@ -9,7 +9,7 @@ import math
 import pytest
 from userland import run_cli
 
-from gkd.diagnose import LARGE_GAP, SMALL_GAP, diagnose, format_report, reading
+from gkd.diagnose import LARGE_GAP, READINGS, SMALL_GAP, diagnose, format_report, reading
 
 SECTIONS = {"settings", "divergence", "by_position", "scores", "off_track", "recovery", "reading", "notes"}
 FAST = ["--num-prompts", "10", "--max-new-tokens", "6", "--batch-size", "8"]
@@ -44,13 +44,7 @@ def _check_sane(result: dict, n: int, max_new: int) -> None:
             "original_sample",
         ):
             assert 0 <= rec[key] <= 100
-    assert result["reading"]["verdict"] in {
-        "on_policy_helps",
-        "on_policy_may_help",
-        "lambda_unlikely_to_matter",
-        "cannot_steer_back",
-        "undetermined",
-    }
+    assert result["reading"]["verdict"] in READINGS
     assert "heuristic" in result["reading"]["text"]
     json.dumps(result, allow_nan=False)  # strict JSON
 
@@ -135,9 +129,11 @@ def _result(ds: float | None, st: float, prompts: int = 10, teacher: float = 50.
         (_result(None, 2.0), "on_policy_helps"),  # prompt-only data: the steer-back decides
         (_result(1.0, 1.1), "lambda_unlikely_to_matter"),  # small gap
         (_result(1.0, 2.0, teacher=15.0, student=12.0), "cannot_steer_back"),  # teacher no better
-        (_result(1.0, 2.0, teacher=5.0, student=0.0), "cannot_steer_back"),  # neither recovers
+        (_result(1.0, 2.0, teacher=5.0, student=0.0), "unrecoverable"),  # neither recovers
         (_result(1.0, 1.3), "on_policy_may_help"),  # moderate gap, clear steer-back
-        (_result(1.0, 2.0, prompts=0), "lambda_unlikely_to_matter"),  # never off-track
+        (_result(1.0, 2.0, prompts=0), "never_off_track"),
+        ({**_result(1.0, 2.0), "recovery": {"prompts": 3, "kind": "teacher_logprob"}}, "on_policy_may_help"),
+        ({**_result(1.0, 1.3), "recovery": {"prompts": 3, "kind": "teacher_logprob"}}, "undetermined"),
     ],
 )
 def test_the_reading_rule(case, verdict):

@@ -476,10 +476,17 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     from gkd.diagnose import diagnose, format_report
     from gkd.io import atomic_open
     from gkd.models import load_model, load_tokenizer
-    from gkd.scoring import check_reward_name
+    from gkd.scoring import load_reward
 
-    if args.metric is not None:
-        check_reward_name(args.metric, key="--metric")  # a metric / task name, or module:function
+    if (
+        args.metric is not None
+    ):  # a metric / task name, or module:function (imported now, to fail before loading)
+        try:
+            load_reward(args.metric, key="--metric")
+        except ConfigError as e:
+            raise ConfigError(
+                str(e).replace(f"reward '{args.metric}'", f"--metric '{args.metric}'", 1)
+            ) from e
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
