@@ -465,7 +465,9 @@ def format_report(result: dict[str, Any], max_rows: int = 16) -> str:
     lines.append(f"  first off-track token at position {f(o['first_position_mean'], '.1f')} on average")
     r = result["recovery"]
     unit, spec = (
-        ("% that end right", ".1f") if r["kind"] == "recovery_rate" else ("teacher log-prob/token", ".3f")
+        ("mean per-example metric, %", ".1f")
+        if r["kind"] == "recovery_rate"
+        else ("teacher log-prob/token", ".3f")
     )
     if r["prompts"] and r["kind"] != "skipped":
         lines.append(f"recovery of the {r['prompts']} off-track prefixes ({unit}):")
@@ -474,5 +476,7 @@ def format_report(result: dict[str, Any], max_rows: int = 16) -> str:
             lines.append(f"  {who:<8} greedy {greedy:>8}   sampled {sampled:>8}")
     lines += [f"note: {note}" for note in result["notes"]]
     lines.append(f"reading [{result['reading']['verdict']}]:")
-    lines += textwrap.wrap(result["reading"]["text"], 96, initial_indent="  ", subsequent_indent="  ")
+    lines += textwrap.wrap(
+        result["reading"]["text"], 96, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
+    )
     return "\n".join(lines)
