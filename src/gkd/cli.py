@@ -525,12 +525,13 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         teacher_tokenizer=teacher_tok,
     )
     result["settings"].update(teacher=args.teacher, student=args.student, dataset=args.dataset)
-    print(format_report(result))
-    if args.out:
+    if args.out:  # written before the report is printed: a closed pipe on stdout does not lose it
         out = Path(args.out) / "diagnose.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(out) as fh:
             fh.write(json.dumps(result, indent=2) + "\n")
+    print(format_report(result))
+    if args.out:
         print(f"wrote {out}")
     return 0
 

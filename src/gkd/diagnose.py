@@ -56,6 +56,7 @@ STEER_BACK = 10.0  # teacher recovery beats student recovery by at least this ma
 UNRECOVERABLE = 10.0  # both recovery rates below this (%): the mistakes cannot be recovered from
 _EPS = 1e-6  # added to both means of the exposure gap (0/0 -> 1: identical models show no gap)
 _STATS = ("forward_kl", "reverse_kl", "nll_teacher_argmax")
+_CHUNK = 1024  # completion positions whose [positions, vocabulary] logits exist at once
 _RUNS = {
     "student_greedy": (0, True),
     "student_sample": (0, False),
@@ -70,6 +71,13 @@ def _pct(values: Sequence[float]) -> float | None:
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _logits(scored: Any, start: int) -> torch.Tensor:
+    """Logits of positions ``start : start + _CHUNK`` of a :class:`gkd.models.ScoringOutput`."""
+    if scored.logits is not None:
+        return scored.logits[start : start + _CHUNK]
+    return scored.head.logits(scored.hidden[start : start + _CHUNK])
 
 
 def _device(model: Any) -> torch.device:
@@ -113,29 +121,44 @@ class _Probe:
         self, prompts: list[list[int]], completions: list[list[int]], teacher_only: bool = False
     ) -> list[dict]:
         """Per sequence and completion position (both models teacher-forced on prompt + completion): forward and
-        reverse KL, the student's NLL of the teacher's argmax token, the teacher's log-prob of the token itself."""
+        reverse KL, the student's NLL of the teacher's argmax token, the teacher's log-prob of the token itself.
+
+        Logits exist only for ``_CHUNK`` positions at a time (from the hidden states and the head where the model
+        allows it, :func:`gkd.models.score_positions`), so memory does not grow with batch x vocabulary."""
         out: list[dict] = []
         pad, b = self.tok.pad_token_id, self.batch_size
+        student, teacher = self.models
         for start in range(0, len(prompts), b):
             p_ids, p_mask = pad_left(prompts[start : start + b], pad)
             c_ids, c_mask = pad_right(completions[start : start + b], pad)
-            logits = {}
-            for m in dict.fromkeys(self.models[1:] if teacher_only else self.models[::-1]):
+            scored = {}
+            for m in dict.fromkeys([teacher] if teacher_only else [teacher, student]):
                 d = _device(m)
-                args = (p_ids.to(d), p_mask.to(d), c_ids.to(d), c_mask.to(d))
-                logits[m] = score_positions(m, *args, vocab=self.vocab, fused=False).logits
-            zt = logits[self.models[1]]
-            zs = logits.get(self.models[0], zt).to(zt.device)  # compared where the teacher is
-            lq, lp = log_probs(zs), log_probs(zt)
-            cols = {
-                "forward_kl": forward_kl(zs, zt),
-                "reverse_kl": reverse_kl(zs, zt),
-                "nll_teacher_argmax": -lq.gather(-1, zt.argmax(-1, keepdim=True)).squeeze(-1),
-                "teacher_logprob": lp.gather(-1, c_ids[c_mask].to(zt.device)[:, None]).squeeze(-1),
-            }
-            lengths = c_mask.sum(1).tolist()
-            split = {k: torch.split(v.float().cpu(), lengths) for k, v in cols.items()}
-            out += [{k: split[k][i].tolist() for k in cols} for i in range(len(lengths))]
+                scored[m] = score_positions(
+                    m, p_ids.to(d), p_mask.to(d), c_ids.to(d), c_mask.to(d), vocab=self.vocab
+                )
+            tokens, parts = c_ids[c_mask], []
+            for a in range(0, len(tokens), _CHUNK):
+                zt = _logits(scored[teacher], a)
+                zs = _logits(scored.get(student, scored[teacher]), a).to(
+                    zt.device
+                )  # compared where the teacher is
+                lq, lp = log_probs(zs), log_probs(zt)
+                chunk = tokens[a : a + _CHUNK].to(zt.device)
+                parts.append(
+                    torch.stack(
+                        [
+                            forward_kl(zs, zt),
+                            reverse_kl(zs, zt),
+                            -lq.gather(-1, zt.argmax(-1, keepdim=True)).squeeze(-1),
+                            lp.gather(-1, chunk[:, None]).squeeze(-1),
+                        ],
+                        -1,
+                    ).cpu()
+                )
+            values = torch.cat(parts) if parts else torch.zeros(0, 4)
+            for row in torch.split(values, c_mask.sum(1).tolist()):
+                out.append({k: row[:, n].tolist() for n, k in enumerate((*_STATS, "teacher_logprob"))})
         return out
 
     def texts(self, rows: list[list[int]]) -> list[str]:
