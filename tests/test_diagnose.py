@@ -219,11 +219,18 @@ def test_a_users_own_task_with_a_module_function_metric(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["diagnose", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student")]
     argv += ["--dataset", str(tmp_path / "mine.jsonl"), "--num-prompts", "12", "--max-new-tokens", "4"]
-    result = run_cli([*argv, "--metric", "my_metric:right", "--out", str(tmp_path / "out")])
+    metric = [
+        "--metric",
+        "my_metric:right",
+        "--off-track",
+        "0.5",
+    ]  # a loose threshold: some prefixes go off-track
+    result = run_cli([*argv, *metric, "--out", str(tmp_path / "out")])
     assert result.code == 0, result
     out = json.loads((tmp_path / "out" / "diagnose.json").read_text())
     _check_sane(out, 12, 4)
     assert out["scores"]["metric"] == "my_metric:right"
+    assert out["recovery"]["prompts"] > 0 and out["recovery"]["kind"] == "recovery_rate"
     # without a metric: the teacher's log-probs of the continuations instead of recovery rates, and a note
     result = run_cli([*argv, "--off-track", "0.5", "--out", str(tmp_path / "plain")])
     assert result.code == 0, result
@@ -234,3 +241,23 @@ def test_a_users_own_task_with_a_module_function_metric(tmp_path, monkeypatch):
         assert any("log-prob" in note for note in plain["notes"])
     assert plain["reading"]["steer_back_gap"] is None
     assert not math.isnan(plain["divergence"]["student"]["forward_kl"])
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("qwen2", "messages"), ("t5", "prompt_completion")])
+def test_chat_records_padded_heads_and_seq2seq(world, family, fmt):
+    """Chat records through the chat template on a head with padding rows (Qwen2.5-style), and an encoder-decoder
+    pair, whose recovery (continuing a decoder prefix) is skipped with a note."""
+    argv = [
+        "diagnose",
+        "--teacher",
+        world.model(family, "teacher"),
+        "--student",
+        world.model(family, "student"),
+    ]
+    argv += ["--dataset", world.data(fmt, "test"), "--metric", "summarization", *FAST]
+    result = run_cli(argv)
+    assert result.code == 0, result
+    if family == "t5":
+        assert "recovery needs a decoder-only model" in result.out
+    else:
+        assert "recovery of the" in result.out or "0/10 samples" in result.out

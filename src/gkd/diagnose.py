@@ -258,8 +258,8 @@ READINGS = {
     "the student), so on-policy data has little to teach.",
     "unrecoverable": "The student's mistakes cannot be steered back from (neither model recovers from the first "
     "off-track token), so on-policy data has little to teach.",
-    "undetermined": "Undetermined: whether the teacher can steer the student back is unmeasured (no metric) and "
-    "the exposure gap is not large; run again with --metric.",
+    "undetermined": "Undetermined: whether the teacher can steer the student back is unmeasured (no metric, or an "
+    "encoder-decoder model) and the exposure gap is not large.",
 }
 
 
