@@ -259,7 +259,7 @@ READINGS = {
     "unrecoverable": "The student's mistakes cannot be steered back from (neither model recovers from the first "
     "off-track token), so on-policy data has little to teach.",
     "undetermined": "Undetermined: whether the teacher can steer the student back is unmeasured (no metric, or an "
-    "encoder-decoder model) and the exposure gap is not large.",
+    "encoder-decoder model) and the exposure gap is not large (or unknown).",
 }
 
 
