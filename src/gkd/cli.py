@@ -5,6 +5,7 @@
     gkd generate --model M --dataset D --out F      sample completions to JSONL
     gkd eval --model M --dataset D --metric NAME    score a model (greedy and/or sampled)
     gkd prepare TASK --out DIR                      write a built-in task's data, tokenizer and tiny models
+    gkd diagnose --teacher T --student S --dataset D   will on-policy data help here? (docs/diagnose.md)
     gkd demo                                        the built-in end-to-end comparison of distillation methods
     gkd experiment NAME                             the paper's experiment families at toy scale
 
@@ -466,6 +467,75 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    """gkd diagnose: everything is checked (flags, metric name, paths, records, tokenizers) before a model loads."""
+    import torch
+
+    from gkd.build import resolve_dtype
+    from gkd.data import load_records
+    from gkd.diagnose import diagnose, format_report
+    from gkd.io import atomic_open
+    from gkd.models import load_model, load_tokenizer
+    from gkd.scoring import load_reward
+
+    if (
+        args.metric is not None
+    ):  # a metric / task name, or module:function (imported now, to fail before loading)
+        try:
+            load_reward(args.metric, key="--metric")
+        except ConfigError as e:
+            raise ConfigError(
+                str(e).replace(f"reward '{args.metric}'", f"--metric '{args.metric}'", 1)
+            ) from e
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise GKDError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+    records, _ = load_records(args.dataset, args.split, split_key="--split")
+    tok = load_tokenizer(args.student, "student tokenizer", chat_template_path=args.chat_template_path)
+    # gkd distill's rule: a teacher folder without tokenizer files uses the student's; one with them (or a hub id)
+    # must have the student's vocabulary (models.check_teacher_student, one line)
+    folder = Path(os.path.expanduser(args.teacher))
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+    bare = folder.is_dir() and not any((folder / f).exists() for f in files)
+    teacher_tok = None if bare else load_tokenizer(args.teacher, "teacher tokenizer")
+    if teacher_tok is not None and tok.get_vocab() != teacher_tok.get_vocab():
+        raise GKDError(
+            "teacher and student tokenizers differ (different vocabularies); gkd diagnose compares distributions "
+            "token by token, so use a teacher and student that share a tokenizer"
+        )
+    dtype = resolve_dtype(args.dtype, device)
+    student = load_model(args.student, what="student", dtype=dtype).to(device)
+    teacher = load_model(args.teacher, what="teacher", dtype=dtype).to(device)
+    result = diagnose(
+        teacher,
+        student,
+        tok,
+        records,
+        args.metric,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        off_track=args.off_track,
+        max_prompt_length=args.max_prompt_length,
+        apply_chat_template=args.apply_chat_template,
+        teacher_tokenizer=teacher_tok,
+    )
+    result["settings"].update(teacher=args.teacher, student=args.student, dataset=args.dataset)
+    if args.out:  # written before the report is printed: a closed pipe on stdout does not lose it
+        out = Path(args.out) / "diagnose.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out) as fh:
+            fh.write(json.dumps(result, indent=2) + "\n")
+    print(format_report(result))
+    if args.out:
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from gkd.experiments.common import prepare_task
 
@@ -600,6 +670,42 @@ def build_parser() -> argparse.ArgumentParser:
                 help="bleu/rouge tokenisation: standard (sacrebleu 13a, rouge-score) or whitespace (task names: always)",
             )
 
+    p = sub.add_parser(
+        "diagnose",
+        help="will on-policy data help? divergence on dataset vs student prefixes, off-track and recovery rates",
+        description="Measure whether on-policy distillation (lambda > 0) should help, before training "
+        "(docs/diagnose.md).",
+    )
+    p.add_argument("--teacher", required=True, help="a local folder or hub id")
+    p.add_argument(
+        "--student", required=True, help="a local folder or hub id (same tokenizer as the teacher)"
+    )
+    p.add_argument(
+        "--dataset", required=True, help="records: prompt[/completion] or messages (JSONL, folder, hub)"
+    )
+    p.add_argument("--metric", default=None, help="a metric or task name, or module:function (1.0 = right)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-length", type=int, default=1024)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="the student's (and teacher's) sampling temperature"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--off-track", type=float, default=0.05, help="a token is off-track below this teacher probability"
+    )
+    p.add_argument("--out", default=None, help="write DIR/diagnose.json (every number, by position too)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--apply-chat-template", action="store_true", help="wrap plain-string prompts in the chat template"
+    )
+    p.add_argument(
+        "--chat-template-path", default=None, help="a Jinja chat template file or tokenizer folder"
+    )
+
     p = sub.add_parser("prepare", help="write a built-in task's data, tokenizer and tiny models")
     p.add_argument("task")
     p.add_argument("--out", required=True)
@@ -661,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _cmd_generate,
         "eval": _cmd_eval,
         "prepare": _cmd_prepare,
+        "diagnose": _cmd_diagnose,
         "demo": _cmd_demo,
         "experiment": _cmd_experiment,
         "serve-teacher": _cmd_serve_teacher,
