@@ -9,7 +9,15 @@ import math
 import pytest
 from userland import run_cli
 
-from gkd.diagnose import LARGE_GAP, READINGS, SMALL_GAP, diagnose, format_report, reading
+from gkd.diagnose import (
+    LARGE_GAP,
+    MIN_ERROR_RISE,
+    READINGS,
+    SMALL_GAP,
+    diagnose,
+    format_report,
+    reading,
+)
 
 SECTIONS = {"settings", "divergence", "by_position", "scores", "off_track", "recovery", "reading", "notes"}
 FAST = ["--num-prompts", "10", "--max-new-tokens", "6", "--batch-size", "8"]
@@ -120,6 +128,34 @@ def _result(ds: float | None, st: float, prompts: int = 10, teacher: float = 50.
     rec = {"prompts": prompts, "kind": "recovery_rate", "teacher_greedy": teacher, "student_greedy": student}
     div = {"dataset": None if ds is None else {"forward_kl": ds}, "student": {"forward_kl": st}}
     return {"divergence": div, "recovery": rec}
+
+
+def _shifted(e_data: float, e_own: float, e_teacher: float | None = None, **kw):
+    case = _result(1.0, 2.0, teacher=0.0, student=0.0, **kw)  # mistakes unrecoverable, exposure gap 2
+    case["divergence"]["dataset"]["error_mass"] = e_data
+    case["divergence"]["student"]["error_mass_on_track"] = e_own
+    if e_teacher is not None:
+        case["divergence"]["teacher"] = {"error_mass": e_teacher}
+    return case
+
+
+@pytest.mark.parametrize(
+    ("case", "verdict"),
+    [
+        # the student errs more on its own valid prefixes than on the dataset's: covered only by its own samples,
+        # even though mistakes cannot be undone
+        (_shifted(0.02, 0.09), "on_policy_covers"),
+        (_shifted(0.06, 0.07, e_teacher=0.10), "on_policy_covers"),  # the teacher's prefixes show the shift
+        (_shifted(0.02, 0.025), "unrecoverable"),  # no shift: the recovery rule decides
+        (
+            _shifted(0.001, 0.01),
+            "unrecoverable",
+        ),  # a large ratio of tiny masses is no shift (rise < 2 points)
+    ],
+)
+def test_the_error_shift_rule(case, verdict):
+    out = reading(case)
+    assert out["verdict"] == verdict and out["thresholds"]["min_error_rise"] == MIN_ERROR_RISE
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from gkd.sampling import Sampler, SamplingParams, local_sampler
 
 __all__ = [
     "LARGE_GAP",
+    "MIN_ERROR_RISE",
     "READINGS",
     "SMALL_GAP",
     "STEER_BACK",
@@ -55,7 +56,8 @@ LARGE_GAP = 1.5  # exposure gap at or above this: the student reaches states the
 STEER_BACK = 10.0  # teacher recovery beats student recovery by at least this many points: it steers back
 UNRECOVERABLE = 10.0  # both recovery rates below this (%): the mistakes cannot be recovered from
 _EPS = 1e-6  # added to both means of the exposure gap (0/0 -> 1: identical models show no gap)
-_STATS = ("forward_kl", "reverse_kl", "nll_teacher_argmax")
+_STATS = ("forward_kl", "reverse_kl", "nll_teacher_argmax", "error_mass")
+MIN_ERROR_RISE = 0.02  # the on-track error mass must also exceed the dataset's by this much (absolute)
 _CHUNK = 1024  # completion positions whose [positions, vocabulary] logits exist at once
 _RUNS = {
     "student_greedy": (0, True),
@@ -95,6 +97,7 @@ class _Probe:
         self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
         self.reward, self.metric, self.recs = reward, metric, recs
         self.eos = set(eos_ids(student, tok))
+        self.log_off_track = math.log(0.05)
 
     def sample(self, who: int, prompts: list[list[int]], greedy: bool, max_new: int) -> list[list[int]]:
         """Completion ids (EOS kept when emitted) of ``prompts`` by model ``who`` (0 student, 1 teacher)."""
@@ -121,7 +124,9 @@ class _Probe:
         self, prompts: list[list[int]], completions: list[list[int]], teacher_only: bool = False
     ) -> list[dict]:
         """Per sequence and completion position (both models teacher-forced on prompt + completion): forward and
-        reverse KL, the student's NLL of the teacher's argmax token, the teacher's log-prob of the token itself.
+        reverse KL, the student's NLL of the teacher's argmax token, the student's *error mass* (its probability of
+        the tokens the teacher gives less than the off-track threshold: its chance to go off-track there), and the
+        teacher's log-prob of the token itself.
 
         Logits exist only for ``_CHUNK`` positions at a time (from the hidden states and the head where the model
         allows it, :func:`gkd.models.score_positions`), so memory does not grow with batch x vocabulary."""
@@ -151,12 +156,13 @@ class _Probe:
                             forward_kl(zs, zt),
                             reverse_kl(zs, zt),
                             -lq.gather(-1, zt.argmax(-1, keepdim=True)).squeeze(-1),
+                            (lq.exp() * (lp < self.log_off_track)).sum(-1),
                             lp.gather(-1, chunk[:, None]).squeeze(-1),
                         ],
                         -1,
                     ).cpu()
                 )
-            values = torch.cat(parts) if parts else torch.zeros(0, 4)
+            values = torch.cat(parts) if parts else torch.zeros(0, len(_STATS) + 1)
             for row in torch.split(values, c_mask.sum(1).tolist()):
                 out.append({k: row[:, n].tolist() for n, k in enumerate((*_STATS, "teacher_logprob"))})
         return out
@@ -248,6 +254,10 @@ def _by_position(sources: dict[str, list[dict]], first_off: list[int], log_thres
 READINGS = {
     "on_policy_helps": "On-policy data (λ → 1) should help: the student reaches states the dataset never shows it "
     "and the teacher can steer it back from them.",
+    "on_policy_covers": "On-policy data (λ → 1) should help: on valid prefixes the dataset does not show (its own, "
+    "before any mistake, or the teacher's, where distillation takes it) the student goes off-track more often than "
+    "on the dataset's. The dataset comes from another policy; only the student's own samples cover the states it "
+    "will be in, whether or not a mistake can be undone later.",
     "on_policy_may_help": "On-policy data may help: the student's own prefixes differ from the dataset's, but either "
     "only moderately or without a measured steer-back; a mixed λ (e.g. 0.5) against λ = 0 is worth a short run.",
     "lambda_unlikely_to_matter": "λ is unlikely to matter here; the divergence is the knob to tune: the student "
@@ -267,9 +277,16 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
     """The heuristic λ prediction from a :func:`diagnose` result (its ``divergence`` and ``recovery`` sections).
 
     * exposure gap ``g`` = (mean forward KL on student prefixes + 1e-6) / (same on dataset prefixes + 1e-6);
+    * error shift ``o`` = (the student's error mass on its own on-track states, or on the teacher's samples if
+      higher, + 1e-3) / (its error mass on the dataset's prefixes + 1e-3), where the error mass is its probability of
+      tokens the teacher gives less than the off-track threshold, its on-track states are its positions up to its
+      first off-track token (reached by valid steps: the decision there counts, what follows a mistake does not),
+      and the teacher's samples are where distillation takes it;
     * steer-back gap ``s`` = teacher greedy recovery − student greedy recovery, in points (needs a metric).
 
-    Rules, in order (verdicts of :data:`READINGS`): ``g < SMALL_GAP`` -> ``lambda_unlikely_to_matter``; no sample
+    Rules, in order (verdicts of :data:`READINGS`): ``g < SMALL_GAP`` -> ``lambda_unlikely_to_matter``;
+    ``o >= LARGE_GAP`` and the error mass higher by at least ``MIN_ERROR_RISE`` -> ``on_policy_covers`` (the student
+    errs more on its own valid states than on the data's); no sample
     off-track -> ``never_off_track``; no recovery rate (no metric, or a seq2seq model) -> ``on_policy_may_help`` if
     ``g >= LARGE_GAP``, else ``undetermined``; both greedy recovery rates < ``UNRECOVERABLE`` -> ``unrecoverable``;
     ``s < STEER_BACK`` -> ``cannot_steer_back``; else ``on_policy_helps`` when ``g >= LARGE_GAP`` (or unknown:
@@ -277,16 +294,30 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
     """
     div, rec = result["divergence"], result["recovery"]
     ds, st = div.get("dataset"), div["student"]
-    gap = None
+    gap = on_track = rise = None
     if ds is not None and ds["forward_kl"] is not None and st["forward_kl"] is not None:
         gap = (st["forward_kl"] + _EPS) / (ds["forward_kl"] + _EPS)
+        e_own, e_data = st.get("error_mass_on_track"), ds.get("error_mass")
+        e_teacher = (div.get("teacher") or {}).get("error_mass")
+        if e_own is not None and e_data is not None:
+            # the larger of the two shifts: the student's own valid states, and the teacher's (where it is headed)
+            e_own = max(e_own, e_teacher) if e_teacher is not None else e_own
+            on_track = (e_own + 1e-3) / (e_data + 1e-3)
+            rise = e_own - e_data
     t, s = rec.get("teacher_greedy"), rec.get("student_greedy")
     steer = t - s if rec.get("kind") == "recovery_rate" and t is not None and s is not None else None
     numbers = "exposure gap " + ("unknown (no dataset completions)" if gap is None else f"{gap:.2f}")
+    if on_track is not None:
+        numbers += (
+            f"; the student's error mass on its own on-track or the teacher's prefixes {100 * e_own:.1f}% vs "
+            f"{100 * e_data:.1f}% on the dataset's (shift {on_track:.2f})"
+        )
     if steer is not None:
         numbers += f"; greedy recovery teacher {t:.1f}% vs student {s:.1f}% (steer-back gap {steer:+.1f})"
     if gap is not None and gap < SMALL_GAP:
         verdict = "lambda_unlikely_to_matter"
+    elif on_track is not None and on_track >= LARGE_GAP and rise >= MIN_ERROR_RISE:
+        verdict = "on_policy_covers"
     elif rec.get("prompts", 0) == 0:
         verdict = "never_off_track"
     elif steer is None:
@@ -299,10 +330,15 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
         verdict = "on_policy_helps" if gap is None or gap >= LARGE_GAP else "on_policy_may_help"
     text = READINGS[verdict] + f" ({numbers}.) This is a heuristic prediction, not a measurement of training."
     thresholds = dict(
-        small_gap=SMALL_GAP, large_gap=LARGE_GAP, steer_back=STEER_BACK, unrecoverable=UNRECOVERABLE
+        small_gap=SMALL_GAP,
+        large_gap=LARGE_GAP,
+        steer_back=STEER_BACK,
+        unrecoverable=UNRECOVERABLE,
+        min_error_rise=MIN_ERROR_RISE,
     )
     return {
         "exposure_gap": gap,
+        "on_track_error_shift": on_track,
         "steer_back_gap": steer,
         "verdict": verdict,
         "text": text,
@@ -373,6 +409,7 @@ def diagnose(
     ss, ts = unwrap(student), unwrap(teacher)
     sampler = sampler or local_sampler("auto")
     probe = _Probe(ss, ts, tokenizer, sampler, vocab, temperature, seed, batch_size, reward, metric, recs)
+    probe.log_off_track = math.log(off_track)
     prompts, everyone, notes = [e.prompt for e in examples], range(len(examples)), []
     with eval_mode(teacher), eval_mode(student):
         sampler.sync(ss)
@@ -390,6 +427,9 @@ def diagnose(
         else:
             notes.append("the records are prompt-only: divergence on dataset prefixes is skipped")
         sources["student"] = probe.force(prompts, samples)
+        # where distillation takes the student: the teacher's own samples, scored by both models
+        teacher_samples = probe.sample(1, prompts, False, max_new_tokens)
+        sources["teacher"] = probe.force(prompts, teacher_samples)
         lt = math.log(off_track)
         first_off = [
             next((j for j, lp in enumerate(r["teacher_logprob"]) if lp < lt), -1) for r in sources["student"]
@@ -400,7 +440,7 @@ def diagnose(
                 "metric": metric,
                 "student_sample": probe.score(everyone, samples),
                 "student_greedy": probe.score(everyone, probe.sample(0, prompts, True, max_new_tokens)),
-                "teacher_sample": probe.score(everyone, probe.sample(1, prompts, False, max_new_tokens)),
+                "teacher_sample": probe.score(everyone, teacher_samples),
             }
         recovery = _recover(probe, prompts, samples, first_off, max_new_tokens, seq2seq, notes)
     n_tok = sum(len(r["teacher_logprob"]) for r in sources["student"])
@@ -435,6 +475,14 @@ def diagnose(
         "notes": notes,
     }
     result["divergence"].setdefault("dataset", None)
+    # the student's states reached by valid steps: its positions up to and including the first off-track token
+    cut = [f + 1 if f >= 0 else None for f in first_off]
+    student_div = result["divergence"]["student"]
+    for key in ("forward_kl", "error_mass"):
+        student_div[f"{key}_on_track"] = _mean(
+            [x for r, c in zip(sources["student"], cut) for x in r[key][:c]]
+        )
+    student_div["tokens_on_track"] = sum(len(r["forward_kl"][:c]) for r, c in zip(sources["student"], cut))
     result["reading"] = reading(result)
     return result
 
@@ -457,6 +505,22 @@ def format_report(result: dict[str, Any], max_rows: int = 16) -> str:
             continue
         stats = "".join(f"{f(d[k]):>{w}}" for k, w in zip(_STATS, (10, 10, 12)))
         lines.append(f"  {name:<10}{d['sequences']:>6}{d['tokens']:>8}{stats}")
+    st = result["divergence"]["student"]
+    if st.get("forward_kl_on_track") is not None:
+        lines.append(
+            f"  {'on-track':<10}{'':>6}{st['tokens_on_track']:>8}{f(st['forward_kl_on_track']):>10}"
+            "   (student positions up to its first off-track token)"
+        )
+        ds, te = result["divergence"].get("dataset"), result["divergence"].get("teacher")
+        e_data = f"{100 * ds['error_mass']:.1f}%" if ds and ds.get("error_mass") is not None else "-"
+        e_teacher = f"{100 * te['error_mass']:.1f}%" if te and te.get("error_mass") is not None else "-"
+        lines.append(
+            "  student error mass (its probability of tokens the teacher calls off-track), by prefixes:"
+        )
+        lines.append(
+            f"    dataset {e_data}; its own on-track {100 * st['error_mass_on_track']:.1f}%; its own, all "
+            f"{100 * st['error_mass']:.1f}%; the teacher's samples {e_teacher}"
+        )
     table = result["by_position"]
     step = max(1, math.ceil(len(table) / max_rows))
     lines.append(

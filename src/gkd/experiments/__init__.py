@@ -25,6 +25,7 @@ EXPERIMENTS = (
     "instruction",
     "translation_lambda",
     "summarization_lambda",
+    "on_policy",
 )
 
 __all__ = ["EXPERIMENTS", "run_experiment"]

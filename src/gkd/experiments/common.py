@@ -12,13 +12,10 @@ from typing import Any
 
 from gkd.io import write_jsonl
 
-__all__ = ["ASSET_TEACHER", "UNDO_TEACHER", "prepare_task", "read_jsonl", "write_jsonl"]
+__all__ = ["ASSET_TEACHER", "prepare_task", "read_jsonl", "write_jsonl"]
 
-# the teacher of the plain summarization task (the earlier demo's; the families that study it still use it)
+# the demo's teacher, trained by `gkd demo --train-teacher` (maintainers, in a source checkout) and shipped with gkd
 ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
-# the demo's teacher: summarization with the undo token, trained with mistaken prefixes (`gkd demo --train-teacher`,
-# maintainers, in a source checkout) and shipped with gkd
-UNDO_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "undo_teacher"
 
 
 # ---------------------------------------------------------------------------------------------------------------

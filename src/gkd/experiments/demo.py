@@ -4,27 +4,29 @@ The question is the GKD paper's central one: does training on the student's **ow
 a fixed dataset (λ = 0) *at the same divergence*? A gain is credited to on-policy data only when the divergence is
 held fixed; the demo also reports the divergence's own effect at fixed λ, so the two knobs are never mixed up.
 
-The task is the built-in ``summarization`` task (list the salient items of the input, in any order) with the undo
-token (``undo``): the output can take a mistake back (``d x < a c`` means ``d a c``). This is the regime the paper's
-argument needs (``gkd diagnose`` measures it, RESULTS.md section 0 shows it):
+The task is the built-in ``summarization`` task (list the salient items of the input, in any order), in the regime
+where the paper's argument says on-policy data matters: **the fixed dataset comes from another policy than the one
+the student will follow.** Its completions list the items in the order of the input (``target_order: prompt``, as a
+person copying them out writes them), while the teacher (the one gkd ships, trained on every order) spreads its
+probability over every item not listed yet. Distilled on the dataset's prefixes (λ = 0), the student matches the
+teacher only where the items listed so far follow the input's order, and there "the items not listed yet" are simply
+"the salient items to the right of the last one listed": a shortcut, easier than the real rule, that the data never
+contradicts. Sampling its own outputs, the distilled student soon lists an item out of order, a prefix the dataset
+never shows, and the shortcut then forgets the items to its left. On its own samples (λ = 1) the student meets exactly
+those prefixes, with the teacher's answer there. ``gkd diagnose`` measures the shift (RESULTS.md section 0).
 
-* the fixed dataset is clean: people write answers without mistakes, so a student trained on it (λ = 0) never sees
-  a prefix with a mistake in it, whatever the divergence;
-* the student makes mistakes of its own (a 1-layer d24 student, sampled at temperature 1);
-* the teacher can steer back from them: it was trained with mistaken prefixes followed by ``<`` (the shipped
-  ``undo_teacher``), as a reasoning model can write "wait, no".
-
-On the same task *without* the undo token a mistake is final, and RESULTS.md shows λ does not matter there: the
-divergence carries the whole gain. That counter-example is kept in ``gkd experiment methods`` / ``summarization_lambda``.
+On the same task with randomly ordered data (the fixed data then come from the teacher's own policy), λ does not
+matter and the divergence carries the whole gain: RESULTS.md sections 3 and 10 are that counter-example.
 
 Pipeline (everything from the same seeds is reproducible):
-1. data: 100,000 clean training, 500 validation and 1,000 test prompts from the task generator (disjoint splits);
-2. teacher: the 2-layer d64 Llama that gkd ships (``gkd demo --train-teacher`` retrains it), or trained now with
-   ``--retrain-teacher``;
-3. the student's start: a 1-layer d24 Llama, SFT on the clean data (cosine), clearly below the teacher;
+1. data: 100,000 training, 500 validation and 1,000 test prompts from the task generator (disjoint splits);
+   training completions in the input's order;
+2. teacher: the 2-layer d64 Llama that gkd ships (trained on randomly ordered completions by
+   ``gkd demo --train-teacher``), or trained now with ``--retrain-teacher``;
+3. the student's start: a 1-layer d24 Llama, SFT on the dataset (cosine), clearly below the teacher;
 4. per method, its learning rate chosen from a grid on the validation prompts (one run per rate, seed 1000; never the
-   test set); then per seed, from that same start with equal step budgets and a linear decay to 0: SFT, forward KL
-   and reverse KL each at λ = 0 (the fixed dataset) and λ = 1 (the student's own samples);
+   test set); then per seed, from that same start with equal step budgets and a linear decay to 0: continued SFT,
+   forward KL and reverse KL each at λ = 0 (the fixed dataset) and λ = 1 (the student's own samples);
 5. evaluation on the held-out prompts, greedy and one sample at temperature 1; paired per-seed differences with
    t-based 95 % intervals for each one-knob comparison.
 Runs are spread over worker processes with one torch thread each (tiny models are bound by per-op overhead).
@@ -42,7 +44,7 @@ from typing import Any
 import torch
 
 from gkd.errors import GKDError
-from gkd.experiments.common import UNDO_TEACHER
+from gkd.experiments.common import ASSET_TEACHER
 from gkd.experiments.study import (
     TINY_MODEL,
     StudyConsole,
@@ -76,25 +78,16 @@ COMPARISONS: tuple[tuple[str, str, str, str], ...] = (
     ("on-policy reverse KL vs continued SFT", "method", "gkd_reverse_kl", "sft"),
 )
 
-_MODEL = {"architecture": "llama", "num_attention_heads": 4, "max_position_embeddings": 48}
-
 
 def demo_settings(quick: bool = False) -> StudySettings:
     """The demo's sizes (see the module docstring); ``quick`` is a seconds-long run for tests (no conclusion)."""
     common = {
         "task": "summarization",
-        "task_params": {"undo": True},
-        "teacher_task_params": {"noisy_prefix_prob": 0.5},
-        "max_new_tokens": 12,
+        "task_params": {"target_order": "prompt"},  # the fixed dataset: items in the input's order
+        "teacher_task_params": {"target_order": "random"},  # the teacher's own data: every order
     }
     if not quick:
-        return StudySettings(
-            **common,
-            teacher={**_MODEL, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256},
-            student={**_MODEL, "hidden_size": 24, "num_hidden_layers": 1, "intermediate_size": 64},
-            shipped_teacher=str(UNDO_TEACHER),
-            lr_grid=[3e-4, 1e-3, 3e-3],
-        )
+        return StudySettings(**common, shipped_teacher=str(ASSET_TEACHER), lr_grid=[3e-4, 1e-3, 3e-3])
     return StudySettings(
         **common,
         seeds=2,
@@ -169,28 +162,27 @@ def train_demo_teacher(output_dir: Path = Path("runs/demo-teacher")) -> Path:
     """Train the demo's teacher from scratch with the demo's settings and write it to the shipped-asset folder.
 
     For maintainers working in a source checkout (``gkd demo --train-teacher``): it rewrites the teacher gkd ships,
-    ``gkd/assets/undo_teacher`` inside the package, and refuses before training when that folder is not writable.
+    ``gkd/assets/demo_teacher`` inside the package, and refuses before training when that folder is not writable.
     Users retrain the teacher of their own demo folder with ``gkd demo --retrain-teacher``.
     """
-    _check_writable(UNDO_TEACHER)
+    _check_writable(ASSET_TEACHER)
     s = replace(demo_settings(False), shipped_teacher=None)
     con = StudyConsole()
     ws = build_workspace(output_dir, s, con.say, retrain_teacher=True)
     from gkd.models import load_model
 
     teacher = load_model(str(ws.teacher_dir), what="teacher")
-    UNDO_TEACHER.mkdir(parents=True, exist_ok=True)
-    teacher.save_pretrained(UNDO_TEACHER)
-    (UNDO_TEACHER / "TRAINING.md").write_text(
+    ASSET_TEACHER.mkdir(parents=True, exist_ok=True)
+    teacher.save_pretrained(ASSET_TEACHER)
+    (ASSET_TEACHER / "TRAINING.md").write_text(
         "# The demo's teacher\n\nTrained by `gkd demo --train-teacher` (gkd's own SFT): "
         f"{s.teacher_steps} steps, lr {s.teacher_lr} cosine, batch {s.batch_size}, seed 1234, on "
         f"{s.n_train} generated `{s.task}` training records with task parameters "
-        f"{json.dumps({**s.task_params, **(s.teacher_task_params or {})})} (data seed 0): half of them end their prompt "
-        "in a partial answer with a mistake and complete it with the undo token `<` and the rest of the set.\n"
+        f"{json.dumps({**s.task_params, **(s.teacher_task_params or {})})} (data seed 0).\n"
         f"Held-out scores: {json.dumps(ws.teacher_scores)}\n"
     )
-    con.say(f"teacher written to {UNDO_TEACHER}")
-    return UNDO_TEACHER
+    con.say(f"teacher written to {ASSET_TEACHER}")
+    return ASSET_TEACHER
 
 
 def _check_writable(folder: Path) -> None:
@@ -312,7 +304,7 @@ def table_text(summary: dict[str, Any]) -> str:
     m = summary["metric"]
     n = len(summary["seeds"])
     lines = [
-        f"{summary['task']} with the undo token: {m} (%) on held-out prompts, mean ± SE over {n} seeds",
+        f"{summary['task']} (fixed data in the input's order): {m} (%) on held-out prompts, mean ± SE over {n} seeds",
         f"teacher: greedy {summary['teacher']:.1f}, T=1 {summary['teacher_sample']:.1f}   "
         f"start: greedy {summary['start']:.1f}, T=1 {summary['start_sample']:.1f}",
         "",
@@ -416,7 +408,9 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
         fontsize=8,
     )
     ax.set_ylabel(f"{summary['metric']} (%)")
-    ax.set_title(f"gkd demo: {summary['task']} with undo, mean ± SE over {len(summary['seeds'])} seeds")
+    ax.set_title(
+        f"gkd demo: {summary['task']}, fixed data in the input's order, mean ± SE over {len(summary['seeds'])} seeds"
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

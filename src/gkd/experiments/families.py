@@ -73,6 +73,7 @@ def _settings(base: dict[str, Any], quick: bool, where: str) -> StudySettings:
     s = StudySettings.from_mapping(base, where)
     if s.shipped_teacher == "demo_teacher":  # the checkpoint gkd ships (variants inherit the resolved path)
         s = replace(s, shipped_teacher=str(ASSET_TEACHER))
+
     if quick:
         s = replace(
             s,
@@ -86,6 +87,8 @@ def _settings(base: dict[str, Any], quick: bool, where: str) -> StudySettings:
             teacher={**TINY_MODEL, "hidden_size": 32},
             student=dict(TINY_MODEL),
             shipped_teacher=None,
+            n_validation=16,
+            lr_grid=[1e-3, 3e-3] if s.lr_grid else None,
         )
     return s
 
@@ -103,6 +106,8 @@ def _aggregate(results: list[dict[str, Any]], names: list[str]) -> dict[str, dic
                 m, se = mean_se(vals)
                 out[name][mode][metric] = {"mean": m, "se": se, "seeds": vals}
         out[name]["_steps"] = rows[0]["steps"]  # type: ignore[assignment]
+        out[name]["_lr"] = rows[0].get("lr")  # type: ignore[assignment]
+        out[name]["_lr_selection"] = rows[0].get("lr_selection")  # type: ignore[assignment]
         out[name]["_wall_s"] = sum(r["train_s"] for r in rows) / len(rows)  # type: ignore[assignment]
     return out
 
@@ -167,8 +172,8 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     for vname, (vspec, vruns) in variants.items():
         vwhere = f"{where} variant '{vname}'"
         vs = StudySettings.from_mapping(vspec.get("settings") or {}, vwhere, base=s)
-        if quick:  # a quick run keeps the family's tiny settings
-            vs = s
+        if quick:  # a quick run keeps the family's tiny settings (and another start's seed)
+            vs = replace(s, start_seed=vs.start_seed)
         vroot = (
             Path(vspec.get("workspace", out / f"workspace-{vname}"))
             if not quick
@@ -805,6 +810,70 @@ def _plot_lambda_grid(summary: dict[str, Any], path: Path) -> None:
 
 REPORTS["arithmetic_lambda"] = _report_arithmetic_lambda
 PLOTS["arithmetic_lambda"] = _plot_lambda_grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on_policy: λ at fixed divergence where the fixed data come from another policy (the paper's central claim)
+# ---------------------------------------------------------------------------------------------------------------
+def _lambda_deltas(runs: dict[str, Any], m: str) -> list[str]:
+    """Table rows: per divergence and λ > 0, the paired Δ against the same divergence's λ = 0 run (95 % t-interval)."""
+    rows = _lambda_rows(runs)
+    zero = {div: r for div, lam, r in rows if lam == 0.0}
+    out = []
+    for div, lam, r in rows:
+        base = zero.get(div)
+        if lam == 0.0 or base is None:
+            continue
+        cells = []
+        for mode in ("greedy", "sample"):
+            ci = paired_ci(r[mode][m]["seeds"], base[mode][m]["seeds"])
+            cells += [fmt_ci(ci), f"{ci['p']:.3g}"]
+        out.append(f"| {div} | {lam:g} − 0 | " + " | ".join(cells) + " |")
+    return out
+
+
+def _lr_cell(r: dict[str, Any]) -> str:
+    return f"{r['_lr']:g}" if r.get("_lr") is not None else "-"
+
+
+def _report_on_policy(summary: dict[str, Any]) -> str:
+    m = summary["metric"]
+    n = summary["settings"]["seeds"]
+    lines = [
+        f"# on_policy ({summary['task']}, fixed data {summary['settings']['task_params']}; {m} %, mean ± SE over {n} seeds; Δ = λ > 0 − λ = 0 "
+        "at the same divergence, paired per seed, mean ± SE [95 % t-interval], p of a paired t-test)",
+        "",
+        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
+        "",
+        "| divergence | λ | lr (chosen on validation) | greedy | T=1 | dup_rate T=1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for div, lam, r in _lambda_rows(summary["runs"]):
+        dup = r["sample"].get("dup_rate")
+        lines.append(
+            f"| {div} | {lam:g} | {_lr_cell(r)} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | "
+            f"{_fmt(dup) if dup else '-'} |"
+        )
+    lines += ["", "| divergence | λ | Δ greedy | p | Δ T=1 | p |", "|---|---|---|---|---|---|"]
+    lines += _lambda_deltas(summary["runs"], m)
+    for vname, v in summary.get("variants", {}).items():
+        st = v["start"]
+        lines += [
+            "",
+            f"Variant `{vname}` (task parameters {v['settings']['task_params']}, start_seed "
+            f"{v['settings']['start_seed']}, {v['settings']['seeds']} seeds): start "
+            f"{st['greedy'][m]:.1f} greedy / {st['sample'][m]:.1f} T=1",
+            "",
+            "| divergence | λ | Δ greedy | p | Δ T=1 | p |",
+            "|---|---|---|---|---|---|",
+            *_lambda_deltas(v["runs"], m),
+        ]
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+REPORTS["on_policy"] = _report_on_policy
+PLOTS["on_policy"] = _plot_lambda_grid
 
 # the investigation of the reversed λ order on translation lives in its own module
 from gkd.experiments import translation_lambda as _translation_lambda  # noqa: E402

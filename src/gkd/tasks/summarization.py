@@ -19,8 +19,9 @@ Here the target order is a *fresh random permutation per record*, so
 Self-correction (``undo=True``): the output language gains an undo token ``<`` that deletes the item before it, so
 ``d x < a c`` means ``d a c``: a mistake can be taken back, as a reasoning model writes "wait, no". The fixed
 dataset's completions never use it (people write clean answers); ``noisy_prefix_prob`` > 0 gives a *teacher's*
-training data records whose prompt ends in a partial answer with a mistake (a distractor, a repeat or an item not in
-the input) and whose completion starts with ``<`` and finishes the set: a teacher that can steer back from a mistake.
+training data records whose prompt ends in a partial answer from a noisy writer (repeats, distractors, items not in
+the input, undos) and whose completion is the best way to finish it (undo back to the first mistake, then the missing
+items; :func:`best_continuation`): a teacher that can steer back from mistakes.
 A student trained on the clean dataset (λ = 0) never sees a mistaken prefix, whatever the divergence; a student
 trained on its own samples (λ = 1) meets its own mistakes and the teacher's ``<`` there. This is the regime where the
 paper's argument predicts on-policy data to matter (``gkd diagnose`` measures it; see RESULTS.md).
@@ -68,6 +69,7 @@ UNDO = "<"  # with ``undo``: deletes the previous output item (the output langua
 
 __all__ = [
     "SalientSetSummarization",
+    "best_continuation",
     "canonical_items",
     "dup_rate",
     "duplicate_score",
@@ -172,6 +174,21 @@ def rouge2_canonical_score(record: dict, prediction: str) -> float:
     return M.rouge2_score(_canonical_record(record), _canonical_text(prediction))
 
 
+def best_continuation(prompt: str, written: list[str], rng: random.Random) -> list[str]:
+    """The shortest right way to finish a partial answer ``written``: undo back to its first mistake (an item that
+    is not salient, or a repeat), then the salient items not listed yet, in a random order (then EOS)."""
+    salient = salient_items(prompt)
+    listed = canonical_items(" ".join(written))
+    kept: list[str] = []
+    for tok in listed:
+        if tok not in salient or tok in kept:
+            break
+        kept.append(tok)
+    rest = [t for t in salient if t not in kept]
+    rng.shuffle(rest)
+    return [UNDO] * (len(listed) - len(kept)) + rest
+
+
 # --------------------------------------------------------------------------------------------------- corpus
 
 
@@ -220,8 +237,11 @@ class SalientSetSummarization(Task):
         paraphrase_prob: probability that an output fact is written in its paraphrase form ``x~``.
         max_references: references per record: distinct orders of the set, the completion first.
         undo: add the undo token ``<`` (deletes the previous item) to the output language; every metric applies it.
-        noisy_prefix_prob: share of generated records whose prompt carries a partial answer ending in a mistake and
-            whose completion starts with ``<`` (a teacher's training data; needs ``undo``).
+        noisy_prefix_prob: share of generated records whose prompt carries a noisy partial answer and whose
+            completion is the best way to finish it (a teacher's training data; needs ``undo``).
+        target_order: the order of the items in a generated completion: ``random`` (a fresh permutation per record,
+            the default) or ``prompt`` (the order of the input, as a person copying them out would write them).
+            Every order is valid for the metrics either way.
     """
 
     n_items: int = 16
@@ -231,6 +251,7 @@ class SalientSetSummarization(Task):
     max_references: int = 6
     undo: bool = False
     noisy_prefix_prob: float = 0.0
+    target_order: str = "random"
 
     name = "summarization"
     metric = "set_match"
@@ -248,6 +269,8 @@ class SalientSetSummarization(Task):
             raise ValueError("max_references must be >= 1")
         if not 0.0 <= self.noisy_prefix_prob <= 1.0:
             raise ValueError("noisy_prefix_prob must be in [0, 1]")
+        if self.target_order not in ("random", "prompt"):
+            raise ValueError(f"target_order must be 'random' or 'prompt', got {self.target_order!r}")
         if self.noisy_prefix_prob > 0 and not self.undo:
             raise ValueError(
                 "noisy_prefix_prob needs undo=True (the correction is written with the undo token)"
@@ -268,9 +291,10 @@ class SalientSetSummarization(Task):
         return " ".join(items)
 
     def sample_completion(self, prompt: str, rng: random.Random) -> str:
-        """The salient items in a fresh random order (each possibly paraphrased)."""
+        """The salient items in a fresh random order, or in the input's order (each possibly paraphrased)."""
         items = salient_items(prompt)
-        rng.shuffle(items)
+        if self.target_order == "random":
+            rng.shuffle(items)
         return self._write(items, rng)
 
     def references(self, prompt: str, completion: str, rng: random.Random) -> list[str]:
@@ -309,37 +333,36 @@ class SalientSetSummarization(Task):
         return [self.noisy_record(r, rng) if rng.random() < self.noisy_prefix_prob else r for r in records]
 
     def noisy_record(self, record: dict, rng: random.Random) -> dict:
-        """A teacher's training record: the prompt plus a partial answer with one or two mistakes (each but the last
-        already undone), the completion ``<`` and the rest of the set. Only the correction is trained on."""
+        """A teacher's training record: the prompt plus a partial answer written by a noisy writer (right items, but
+        also repeats, distractors, items not in the input, upper-case copies and undos, of correct items too), and
+        as completion the best continuation from there (:func:`best_continuation`). Only the continuation is trained
+        on, so the teacher learns to steer back from any such state without learning to make mistakes."""
+        salient = salient_items(record["prompt"])
         body = _body(record["prompt"])
-        salient = [t.lower() for t in body if t.isupper()]
         distractors = [t for t in body if not t.isupper()]
         absent = [c for c in LETTERS if c not in {t.lower() for t in body}]
-        order = canonical_items(record["completion"])
-        n_errors = 1 if rng.random() < 0.7 else 2
-        cut = rng.randint(0, len(order) - 1)  # at least one item is left to write after the correction
-        undone = [rng.randint(0, cut) for _ in range(n_errors - 1)]  # earlier mistakes, already taken back
-
-        def mistake(written: list[str]) -> str:
-            kind, listed = rng.random(), [t for t in canonical_items(" ".join(written))]
-            if kind < 0.3 and listed:
-                return rng.choice(listed)  # a repeat
-            if (kind < 0.8 and distractors) or not absent:
-                return rng.choice(distractors)  # an item of the input that is not salient
-            return rng.choice(absent)  # an item that is not in the input at all
-
-        written: list[str] = []
-        for i in range(cut + 1):
-            for _ in range(undone.count(i)):
-                written += [mistake(written), UNDO]
-            if i < cut:
-                written.append(order[i])
-        written.append(mistake(written))  # the mistake the completion takes back
-        assert salient  # a salient-set prompt always has one
-        return {
-            "prompt": " ".join([record["prompt"], *written]),
-            "completion": " ".join([UNDO, *order[cut:]]),
-        }
+        for _ in range(100):
+            written: list[str] = []
+            for _ in range(rng.randint(1, len(salient) + 3)):
+                listed = canonical_items(" ".join(written))
+                todo = [t for t in salient if t not in listed]
+                r = rng.random()
+                if r < 0.55 and todo:
+                    written.append(rng.choice(todo))
+                elif r < 0.67 and listed:
+                    written.append(rng.choice(listed))  # a repeat
+                elif r < 0.8 and distractors:
+                    written.append(rng.choice(distractors))  # in the input, not salient
+                elif r < 0.87 and absent:
+                    written.append(rng.choice(absent))  # not in the input at all
+                elif r < 0.92:
+                    written.append(rng.choice(salient).upper())  # the item copied in the input's case
+                else:
+                    written.append(UNDO)  # of whatever came last, a right item included
+            rest = best_continuation(record["prompt"], written, rng)
+            if rest and len(written) + len(rest) <= 2 * self.max_salient + 6:
+                return {"prompt": " ".join([record["prompt"], *written]), "completion": " ".join(rest)}
+        return record
 
     # ---- metrics
 
