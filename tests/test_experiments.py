@@ -23,7 +23,7 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "summarization" and results["metric"] == "set_match"
-    assert results["task_params"] == {"undo": True}
+    assert results["task_params"] == {"target_order": "prompt"}
     assert isinstance(results["teacher"], float) and isinstance(results["start"], float)
     assert isinstance(results["wall_s"], float)
     assert list(results["methods"]) == list(DEMO_METHODS)
@@ -53,6 +53,9 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "knob: λ" in printed and "smoke run (--quick): no conclusion" in printed
     assert "learning rates chosen on validation" in printed
+    assert set(results["mechanism"]) == {"start", *DEMO_METHODS}
+    assert all(0.0 <= e["error_mass_dataset"] <= 1.0 + 1e-5 for e in results["mechanism"].values())
+    assert "error mass" in report
 
 
 @pytest.mark.parametrize("name", ["methods", "divergences", "temperature", "data_efficiency", "rl"])
@@ -236,14 +239,14 @@ def test_the_published_job_configs_are_unchanged():
     here changes the numbers."""
     recipes = named_recipes()
     s = demo_settings()
-    assert s.lr_grid == [3e-4, 1e-3, 3e-3] and s.task_params == {"undo": True}
+    assert s.lr_grid == [3e-4, 1e-3, 3e-3] and s.task_params == {"target_order": "prompt"}
     common = {
         "learning_rate": 3e-3,
         "lr_scheduler_type": "linear",  # linear warm-up, then linear decay to 0 (transformers' schedule)
         "warmup_steps": 20,
         "max_steps": 500,
         "per_device_train_batch_size": 64,
-        "max_new_tokens": 12,
+        "max_new_tokens": 8,
         "temperature": 1.0,
         "adam_beta2": 0.98,
         "weight_decay": 0.01,
