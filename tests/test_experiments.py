@@ -55,7 +55,8 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     assert "learning rates chosen on validation" in printed
     assert set(results["mechanism"]) == {"start", *DEMO_METHODS}
     assert all(0.0 <= e["error_mass_dataset"] <= 1.0 + 1e-5 for e in results["mechanism"].values())
-    assert "error mass" in report
+    assert "error mass" in report and "matched sampling temperatures" in report
+    assert set(results["comparisons"][0]["by_temperature"]) == {"0.3", "0.5", "0.7", "1"}
 
 
 @pytest.mark.parametrize("name", ["methods", "divergences", "temperature", "data_efficiency", "rl"])

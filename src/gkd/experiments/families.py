@@ -301,8 +301,8 @@ def _report_temperature(summary: dict[str, Any]) -> str:
     first = next(iter(runs.values()))
     modes = [k for k in first if not k.startswith("_")]
     lines = [
-        f"# temperature ({summary['task']}, on-policy λ=1; ROUGE-2 / Self-BLEU per evaluation decoding; mean over "
-        f"{summary['settings']['seeds']} seeds)",
+        f"# temperature ({summary['task']}, on-policy λ=1; ROUGE-2 / Self-BLEU per evaluation decoding; mean ± SE "
+        f"over {summary['settings']['seeds']} seeds)",
         "",
         "| divergence | " + " | ".join(modes) + " |",
         "|---" * (len(modes) + 1) + "|",
@@ -310,10 +310,22 @@ def _report_temperature(summary: dict[str, Any]) -> str:
     for name, r in runs.items():
         cells = []
         for mode in modes:
-            rouge = r[mode]["rouge2"]["mean"]
             sb = r[mode].get("self_bleu")
-            cells.append(f"{rouge:.1f}" + (f" / {sb['mean']:.1f}" if sb else ""))
+            cells.append(_fmt(r[mode]["rouge2"]) + (f" / {_fmt(sb)}" if sb else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    names = list(runs)
+    if len(names) > 1:  # each divergence against the first, paired per seed, at every decoding
+        base = names[0]
+        lines += [
+            "",
+            f"ROUGE-2 Δ vs `{base}`, paired per seed, mean ± SE [95 % t-interval] (* = the interval excludes 0):",
+            "",
+            "| divergence | " + " | ".join(modes) + " |",
+            "|---" * (len(modes) + 1) + "|",
+        ]
+        for name in names[1:]:
+            cells = [_pfmt(runs[name][m]["rouge2"]["seeds"], runs[base][m]["rouge2"]["seeds"]) for m in modes]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     t = summary["teacher"]
     lines += [
         "",
@@ -356,15 +368,22 @@ def _report_rl(summary: dict[str, Any]) -> str:
         f"teacher: ROUGE-2 {teacher['sample']['rouge2']:.1f}, faithfulness {teacher['sample']['faithfulness']:.1f}; "
         f"start: ROUGE-2 {start['sample']['rouge2']:.1f}, faithfulness {start['sample']['faithfulness']:.1f}",
         "",
-        "| run | ROUGE-2 | Δ ROUGE-2 | faithfulness | Δ faithfulness | set match |",
-        "|---|---|---|---|---|---|",
+        "| run | ROUGE-2 | Δ ROUGE-2 | faithfulness | Δ faithfulness | set match | Δ ROUGE-2 vs RLEF* (paired) "
+        "| Δ faithfulness vs RLEF* (paired) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    ref = runs.get("rlef_star")
     for name, r in runs.items():
         s = r["sample"]
+        vs = (
+            [_pfmt(s[k]["seeds"], ref["sample"][k]["seeds"]) for k in ("rouge2", "faithfulness")]
+            if ref is not None and name != "rlef_star"
+            else ["-", "-"]
+        )
         lines.append(
             f"| {name} | {_fmt(s['rouge2'])} | {s['rouge2']['mean'] - start['sample']['rouge2']:+.2f} | "
             f"{_fmt(s['faithfulness'])} | {s['faithfulness']['mean'] - start['sample']['faithfulness']:+.2f} | "
-            f"{_fmt(s['set_match'])} |"
+            f"{_fmt(s['set_match'])} | {vs[0]} | {vs[1]} |"
         )
     lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 | name            | stands in for | headline metric | what makes it interesting for distillation                   |
 |-----------------|---------------|-----------------|--------------------------------------------------------------|
-| `summarization` | XSum          | `set_match`     | free-order output, recoverable errors: on-policy GKD shines   |
+| `summarization` | XSum          | `set_match`     | free-order output; with `target_order: prompt` the fixed data come from another policy (where on-policy data matters) |
 | `arithmetic`    | GSM8K         | `final_answer`  | several valid chains of thought, compounding errors          |
 | `translation`   | WMT14         | `bleu`          | synonyms, reordering, long-range agreement                   |
 | `instructions`  | FLAN → MMLU/BBH | `set_match`   | a mixture of instructions, some held out for evaluation      |
