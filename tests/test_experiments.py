@@ -83,6 +83,7 @@ def test_arithmetic_family_quick_runs_the_gsm8k_comparison(tmp_path):
         "imitkd",
         "gkd_forward_kl",
         "gkd_reverse_kl",
+        "offpolicy_reverse_kl",
         "gkd_jsd_0.9",
     ]
     for r in summary["runs"].values():
@@ -99,7 +100,8 @@ def test_scaling_quick_reports_the_paired_gain_per_student_size(tmp_path):
 
     summary = families.run("scaling", output_dir=tmp_path / "scaling", quick=True, workers=1)
     sizes = [summary, *summary["variants"].values()]
-    assert len(sizes) == 3 and all(set(v["runs"]) == {"supervised_kd", "gkd_reverse_kl"} for v in sizes)
+    runs = {"supervised_kd", "gkd_reverse_kl", "offpolicy_reverse_kl"}
+    assert len(sizes) == 3 and all(set(v["runs"]) == runs for v in sizes)
     assert all(len(v["runs"]["gkd_reverse_kl"]["sample"]["set_match"]["seeds"]) == 2 for v in sizes)
     report = (tmp_path / "scaling" / "report.md").read_text()
     assert report.startswith("# scaling") and report.count("| gkd_reverse_kl |") == 3

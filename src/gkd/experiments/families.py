@@ -531,22 +531,27 @@ def _report_scaling(summary: dict[str, Any]) -> str:
         "",
         f"teacher: greedy {summary['teacher']['greedy'][m]:.1f}, T=1 {summary['teacher']['sample'][m]:.1f}",
         "",
-        "| student | run | start (greedy / T=1) | supervised_kd (greedy / T=1) | on-policy (greedy / T=1) "
-        "| Δ greedy | Δ T=1 | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| student | run | start (greedy / T=1) | supervised_kd (greedy / T=1) | run (greedy / T=1) "
+        "| Δ greedy | Δ T=1 | Δ vs reverse KL at λ = 0 (greedy / T=1) | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, v in _scaling_sizes(summary):
         runs, st = v["runs"], v["start"]
-        base = runs["supervised_kd"]
+        base, ctrl = runs["supervised_kd"], runs.get("offpolicy_reverse_kl")
         for name, r in runs.items():
             if name == "supervised_kd":
                 continue
+            same = (
+                " / ".join(_pfmt(r[mo][m]["seeds"], ctrl[mo][m]["seeds"]) for mo in ("greedy", "sample"))
+                if ctrl is not None and name == "gkd_reverse_kl"
+                else "-"
+            )
             lines.append(
                 f"| {label} | {name} | {st['greedy'][m]:.1f} / {st['sample'][m]:.1f} | "
                 f"{_fmt(base['greedy'][m])} / {_fmt(base['sample'][m])} | "
                 f"{_fmt(r['greedy'][m])} / {_fmt(r['sample'][m])} | "
                 f"{_pfmt(r['greedy'][m]['seeds'], base['greedy'][m]['seeds'])} | "
-                f"{_pfmt(r['sample'][m]['seeds'], base['sample'][m]['seeds'])} | {r['_wall_s']:.0f} |"
+                f"{_pfmt(r['sample'][m]['seeds'], base['sample'][m]['seeds'])} | {same} | {r['_wall_s']:.0f} |"
             )
     lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
     return "\n".join(lines)

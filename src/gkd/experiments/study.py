@@ -1059,7 +1059,9 @@ def _run_logged(
     if done:
         say(f"resuming: {len(done)} of {len(jobs)} runs already finished ({log_path})")
     todo = [j for j, k in zip(jobs, keys) if k not in done]
+    # a result names its job by (name, seed, learning rate): the selection runs share a name and a seed
     key_of = {(j.name, j.seed, j.config["learning_rate"]): k for j, k in zip(jobs, keys)}
+    key_of.update({(j.name, j.seed, None): k for j, k in zip(jobs, keys)})
     progress = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -1073,11 +1075,12 @@ def _run_logged(
         bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
 
         def on_result(r: dict[str, Any]) -> None:
-            r["job_key"] = key_of[(r["name"], r["seed"], r["lr"])]
+            r["job_key"] = key_of[(r["name"], r["seed"], r.get("lr"))]
             with log_path.open("a") as fh:  # every finished run is on disk at once
                 fh.write(json.dumps(r) + "\n")
             g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
-            line = f"{r['name']} seed {r['seed']} lr {r['lr']:g}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
+            lr = f" lr {r['lr']:g}" if r.get("lr") is not None else ""
+            line = f"{r['name']} seed {r['seed']}{lr}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
             progress.update(bar, advance=1, last=line)
             if not progress.console.is_terminal:  # a log file gets one line per finished run
                 n = int(progress.tasks[0].completed)
