@@ -59,7 +59,10 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     assert set(results["comparisons"][0]["by_temperature"]) == {"0.3", "0.5", "0.7", "1"}
 
 
-@pytest.mark.parametrize("name", ["methods", "divergences", "temperature", "data_efficiency", "rl"])
+@pytest.mark.parametrize(
+    "name",
+    ["methods", "divergences", "temperature", "data_efficiency", "rl", "on_policy", "self_distillation"],
+)
 def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
     out = tmp_path / name
     assert main(["experiment", name, "--quick", "--output-dir", str(out)]) == 0

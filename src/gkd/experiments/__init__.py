@@ -26,6 +26,7 @@ EXPERIMENTS = (
     "translation_lambda",
     "summarization_lambda",
     "on_policy",
+    "self_distillation",
 )
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
