@@ -40,6 +40,7 @@ from gkd.models import check_teacher_student, eval_mode, is_seq2seq, score_posit
 from gkd.sampling import Sampler, SamplingParams, local_sampler
 
 __all__ = [
+    "ERROR_SHIFT",
     "LARGE_GAP",
     "MIN_ERROR_RISE",
     "READINGS",
@@ -57,7 +58,12 @@ STEER_BACK = 10.0  # teacher recovery beats student recovery by at least this ma
 UNRECOVERABLE = 10.0  # both recovery rates below this (%): the mistakes cannot be recovered from
 _EPS = 1e-6  # added to both means of the exposure gap (0/0 -> 1: identical models show no gap)
 _STATS = ("forward_kl", "reverse_kl", "nll_teacher_argmax", "error_mass")
+ERROR_SHIFT = (
+    1.3  # error mass off the data's prefixes ÷ on them at or above this (with MIN_ERROR_RISE): a shift
+)
 MIN_ERROR_RISE = 0.02  # the on-track error mass must also exceed the dataset's by this much (absolute)
+# (ERROR_SHIFT and MIN_ERROR_RISE separate the two cases of RESULTS.md section 0: 1.47 / +2.9 points where λ = 1 won
+# by 16-23 points, 1.12 / +0.7 points where λ did not matter; two cases are a calibration, not a validation)
 _CHUNK = 1024  # completion positions whose [positions, vocabulary] logits exist at once
 _RUNS = {
     "student_greedy": (0, True),
@@ -285,7 +291,7 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
     * steer-back gap ``s`` = teacher greedy recovery − student greedy recovery, in points (needs a metric).
 
     Rules, in order (verdicts of :data:`READINGS`): ``g < SMALL_GAP`` -> ``lambda_unlikely_to_matter``;
-    ``o >= LARGE_GAP`` and the error mass higher by at least ``MIN_ERROR_RISE`` -> ``on_policy_covers`` (the student
+    ``o >= ERROR_SHIFT`` and the error mass higher by at least ``MIN_ERROR_RISE`` -> ``on_policy_covers`` (the student
     errs more on its own valid states than on the data's); no sample
     off-track -> ``never_off_track``; no recovery rate (no metric, or a seq2seq model) -> ``on_policy_may_help`` if
     ``g >= LARGE_GAP``, else ``undetermined``; both greedy recovery rates < ``UNRECOVERABLE`` -> ``unrecoverable``;
@@ -316,7 +322,7 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
         numbers += f"; greedy recovery teacher {t:.1f}% vs student {s:.1f}% (steer-back gap {steer:+.1f})"
     if gap is not None and gap < SMALL_GAP:
         verdict = "lambda_unlikely_to_matter"
-    elif on_track is not None and on_track >= LARGE_GAP and rise >= MIN_ERROR_RISE:
+    elif on_track is not None and on_track >= ERROR_SHIFT and rise >= MIN_ERROR_RISE:
         verdict = "on_policy_covers"
     elif rec.get("prompts", 0) == 0:
         verdict = "never_off_track"
@@ -334,6 +340,7 @@ def reading(result: dict[str, Any]) -> dict[str, Any]:
         large_gap=LARGE_GAP,
         steer_back=STEER_BACK,
         unrecoverable=UNRECOVERABLE,
+        error_shift=ERROR_SHIFT,
         min_error_rise=MIN_ERROR_RISE,
     )
     return {
