@@ -61,7 +61,16 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name",
-    ["methods", "divergences", "temperature", "data_efficiency", "rl", "on_policy", "self_distillation"],
+    [
+        "methods",
+        "divergences",
+        "temperature",
+        "data_efficiency",
+        "rl",
+        "on_policy",
+        "self_distillation",
+        "translation_methods",
+    ],
 )
 def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
     out = tmp_path / name

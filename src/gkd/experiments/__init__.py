@@ -27,6 +27,7 @@ EXPERIMENTS = (
     "summarization_lambda",
     "on_policy",
     "self_distillation",
+    "translation_methods",
 )
 
 __all__ = ["EXPERIMENTS", "run_experiment"]

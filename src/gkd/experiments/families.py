@@ -940,6 +940,48 @@ def _report_self_distillation(summary: dict[str, Any]) -> str:
 
 
 REPORTS["self_distillation"] = _report_self_distillation
+
+
+def _report_translation_methods(summary: dict[str, Any]) -> str:
+    """Fig. A.15: each method's gain over the start, and GKD's against ImitKD's and f-distill's (paired)."""
+    m = summary["metric"]
+    runs, st = summary["runs"], summary["start"]
+    lines = [
+        f"# translation_methods ({summary['task']}, {m}, mean ± SE over {summary['settings']['seeds']} seeds; gain = "
+        "score − the start's; Δ paired per seed, mean ± SE [95 % t-interval], * = the interval excludes 0)",
+        "",
+        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
+        "",
+        "| run | greedy | gain (greedy) | T=1 | gain (T=1) | Δ gkd_jsd_0.9 − run (greedy) | Δ (T=1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gkd = runs.get("gkd_jsd_0.9")
+    for name, r in runs.items():
+        gains = [r[mo][m]["mean"] - st[mo][m] for mo in ("greedy", "sample")]
+        deltas = (
+            [_pfmt(gkd[mo][m]["seeds"], r[mo][m]["seeds"]) for mo in ("greedy", "sample")]
+            if gkd is not None and name != "gkd_jsd_0.9"
+            else ["-", "-"]
+        )
+        lines.append(
+            f"| {name} | {_fmt(r['greedy'][m])} | {gains[0]:+.2f} | {_fmt(r['sample'][m])} | {gains[1]:+.2f} | "
+            f"{deltas[0]} | {deltas[1]} |"
+        )
+    if gkd is not None:
+        g = gkd["greedy"][m]["mean"] - st["greedy"][m]
+        for base in ("imitkd", "f_distill"):
+            if base in runs:
+                b = runs[base]["greedy"][m]["mean"] - st["greedy"][m]
+                ratio = f"{100 * (g / b - 1):+.0f} %" if b > 0 else "n/a (no gain to compare with)"
+                lines.append(
+                    f"\nGKD's greedy gain relative to {base}'s: {ratio} (paper: ImitKD +53 %, f-distill +162 %)"
+                )
+    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
+    return "\n".join(lines)
+
+
+REPORTS["translation_methods"] = _report_translation_methods
+PLOTS["translation_methods"] = lambda summary, path: _bars(summary, path, summary["metric"])
 PLOTS["self_distillation"] = lambda summary, path: _bars(summary, path, summary["metric"])
 
 # the investigation of the reversed λ order on translation lives in its own module
