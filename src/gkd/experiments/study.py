@@ -198,7 +198,8 @@ class StudyConsole:
         self.console = Console(highlight=False)
 
     def say(self, msg: str) -> None:
-        self.console.print(msg, markup=False)
+        # soft_wrap: a line is never broken at the console's width (a log file keeps one line per message)
+        self.console.print(msg, markup=False, soft_wrap=True)
 
 
 def _known_keys(values: Any, valid: list[str], where: str) -> dict[str, Any]:
@@ -1070,6 +1071,7 @@ def _run_logged(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=console is None or not console.is_terminal,  # a log file gets one line per finished run instead
     )
     with progress:
         bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
@@ -1082,7 +1084,7 @@ def _run_logged(
             lr = f" lr {r['lr']:g}" if r.get("lr") is not None else ""
             line = f"{r['name']} seed {r['seed']}{lr}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
             progress.update(bar, advance=1, last=line)
-            if not progress.console.is_terminal:  # a log file gets one line per finished run
+            if progress.disable:  # a log file gets one line per finished run
                 n = int(progress.tasks[0].completed)
                 say(f"{label} {n}/{len(jobs)}: {line} [{progress.tasks[0].elapsed or 0:.0f}s]")
 
