@@ -631,3 +631,108 @@ def test_D8_one_skipped_line_is_singular(world, tmp_path):
     r = _distill(world, tmp_path, dataset=str(data), skip_bad_lines="true")
     assert r.code == 0, r
     assert "skipped 1 line that was not valid JSON" in r.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §E: the edges report (edges.md): TRL's Python surface, files as people have them, the system's edges
+# ---------------------------------------------------------------------------------------------------------------
+def _config(*tokens: str, files: list[str] | None = None):
+    from gkd.cli import run_config
+
+    return run_config(files, list(tokens))
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        ("save_strategy=no", "eval_strategy=no", "logging_strategy=no"),
+        ("--save_strategy", "no", "--eval_strategy", "no", "--logging_strategy", "no"),
+        ("--save_strategy=no", "--eval_strategy=no", "--logging_strategy=no"),
+        ('save_strategy="no"', "eval_strategy='no'", "logging_strategy=no"),
+    ],
+)
+def test_R1_no_is_the_string_no_for_the_strategy_keys(tokens):
+    cfg = _config("model_name_or_path=s", *tokens)
+    assert (cfg.save_strategy, cfg.eval_strategy, cfg.logging_strategy) == ("no", "no", "no")
+
+
+def test_R1_yaml_reads_scalars_as_hfargumentparser(tmp_path):
+    """A string key takes no/yes/on/off/none as text; a bool key takes them (any case) as bools."""
+    cfg_file = tmp_path / "trl.yaml"
+    cfg_file.write_text(
+        "save_strategy: no\nlogging_strategy: no\neval_strategy: no\nrun_name: on\nhub_model_id: yes\n"
+        "teacher_cache: none\nbf16: off\nprogress: No\ngradient_checkpointing: yes\npush_to_hub: OFF\n"
+        "use_peft: yes\npacking: no\nmerge_lora: on\nlora_r: 4\n"
+    )
+    cfg = _config("model_name_or_path=s", files=[str(cfg_file)])
+    assert (cfg.save_strategy, cfg.logging_strategy, cfg.eval_strategy) == ("no", "no", "no")
+    assert (cfg.run_name, cfg.hub_model_id, cfg.teacher_cache) == ("on", "yes", "none")
+    assert (cfg.bf16, cfg.progress, cfg.gradient_checkpointing, cfg.push_to_hub) == (
+        False,
+        False,
+        True,
+        False,
+    )
+    assert cfg.lora is not None and cfg.lora.r == 4 and cfg.merge_lora is True
+    assert not any("packing" in n for n in cfg.warnings())  # packing: no is what gkd does: no note
+
+
+@pytest.mark.parametrize(
+    ("tokens", "key", "value"),
+    [
+        (("--bf16", "yes"), "bf16", True),
+        (("--push_to_hub", "no"), "push_to_hub", False),
+        (("seq_kd=on",), "seq_kd", True),
+        (("--disable_tqdm", "yes"), "progress", False),
+        (("--gradient_checkpointing", "True"), "gradient_checkpointing", True),
+        (("--run_name", "true"), "run_name", "true"),
+        (("--hub_model_id", "no"), "hub_model_id", "no"),
+    ],
+)
+def test_R1_the_command_line_reads_them_the_same_way(tokens, key, value):
+    assert getattr(_config("model_name_or_path=s", *tokens), key) == value
+
+
+def test_R1_a_bool_key_refuses_a_word_that_is_not_yes_or_no(no_model_loads):
+    r = run_cli(["distill", "model_name_or_path=s", "bf16=maybe"])
+    assert r.is_clean_error(), r
+    assert "'bf16'" in r.err and "maybe" in r.err
+    r = run_cli(["distill", "model_name_or_path=s", "lmbda=yes"])
+    assert r.is_clean_error(), r
+    assert "'lmbda'" in r.err
+
+
+def test_R1_save_strategy_no_with_load_best_is_one_line(no_model_loads):
+    r = run_cli(["distill", "model_name_or_path=s", "save_strategy=no", "load_best_model_at_end=true"])
+    assert r.is_clean_error(), r
+    assert "save_strategy" in r.err and "load_best_model_at_end" in r.err
+
+
+def test_S1_save_strategy_no_writes_no_checkpoint_but_the_final_model(world, tmp_path):
+    """TRL's ``--save_strategy no``: no checkpoint-N folder at all (not even at the end); the model is saved."""
+    run = tmp_path / "run"
+    r = _distill(world, tmp_path, "--save_strategy", "no", save_steps=1)
+    assert r.code == 0, r
+    assert not list(run.glob("checkpoint-*")) and not list(run.glob(".checkpoint-*"))
+    assert (run / "final_model.json").is_file() and (run / "config.json").is_file()
+    from gkd.models import load_model
+
+    load_model(str(run), what="model")
+
+
+def test_S1_eval_and_logging_strategy_no_run_no_evaluation_and_log_no_steps(world, tmp_path):
+    run = tmp_path / "run"
+    r = _distill(
+        world,
+        tmp_path,
+        "--eval_strategy",
+        "no",
+        "--logging_strategy",
+        "no",
+        eval_dataset=world.data("prompt_completion", "test"),
+        eval_steps=1,
+    )
+    assert r.code == 0, r
+    assert "eval:" not in r.err and "step 1" not in r.err
+    records = _metrics(run) if (run / "metrics.jsonl").exists() else []
+    assert not any("loss" in rec or any(k.startswith("eval/") for k in rec) for rec in records), records

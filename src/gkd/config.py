@@ -43,13 +43,22 @@ __all__ = [
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with the number and null spellings people actually write.
 
-    PyYAML implements YAML 1.1, where ``1e-5`` (no dot), ``1E-5``, ``inf`` and ``nan`` are *strings* and only
+    PyYAML implements YAML 1.1, where ``no`` / ``yes`` / ``on`` / ``off`` are booleans (here, as in YAML 1.2 and
+    HfArgumentParser, they are strings, which a bool key reads as bools), and where ``1e-5`` (no dot), ``1E-5``, ``inf`` and ``nan`` are *strings* and only
     ``1.0e-5`` / ``.inf`` are floats; every other trainer (and YAML 1.2, and Python) reads them as numbers. ``None``
     (Python's spelling) is read as null like ``null`` and ``~``. ``none`` stays a string (``teacher_cache: none``).
     """
 
 
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# YAML 1.2's booleans only (HfArgumentParser / TrlParser read ``no``, ``yes``, ``on``, ``off`` as the strings they are:
+# ``save_strategy: no``); a bool key takes those words as bools (``_coerce``)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _FLOAT_RE = re.compile(
     r"""^[-+]?(?:
         (?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+    # 1e-5, 2E-4, 1.5e3, .5e-3
@@ -287,7 +296,9 @@ class GKDConfig:
     """Checkpoint every this many steps (0: only at the end; below 1: a fraction of the run)."""
     save_strategy: Literal["steps", "epoch", "best", "no"] | None = None
     """``steps``: every ``save_steps``; ``epoch``: after every epoch; ``best``: when ``metric_for_best_model``
-    improves; ``no``: no intermediate checkpoints. Unset: ``steps``. The final model is saved either way."""
+    improves; ``no``: no checkpoints at all (no ``checkpoint-N`` folder, not even at the end or on Ctrl-C: the run
+    cannot be resumed), as in transformers. Unset: ``steps``. The final model is saved in ``output_dir`` either
+    way."""
     save_total_limit: int | None = 2
     """Checkpoints kept (oldest removed first; the best one is never removed with ``load_best_model_at_end``)."""
     eval_steps: int | float = 0
@@ -674,7 +685,9 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             if key in out:
                 raise ConfigError(f"config keys '{alias}' and '{key}' set the same thing; give only '{key}'")
             value = out.pop(alias)
-            out[key] = (not value) if alias == "disable_tqdm" and isinstance(value, bool) else value
+            if alias == "disable_tqdm" and as_bool(value) is not None:
+                value = not as_bool(value)
+            out[key] = value
     # the dtype inside TRL's model_init_kwargs / teacher_model_init_kwargs is gkd's student_dtype / teacher_dtype
     for kwargs_key, dtype_key in (
         ("model_init_kwargs", "student_dtype"),
@@ -707,6 +720,8 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     # fsdp: TRL's "full_shard [auto_wrap]" (or a list of them, or gkd's true/false) -> FSDP2 (gkd.fsdp)
     fsdp = out.pop("fsdp", None)
     out.pop("fsdp_config", None)  # gkd wraps every decoder layer and the root itself
+    if isinstance(fsdp, str) and (fsdp.strip() == "" or as_bool(fsdp) is not None):
+        fsdp = bool(as_bool(fsdp))  # TrainingArguments' default "" (and yes/no): not sharded
     if isinstance(fsdp, str | list | tuple):
         options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in fsdp]
         other = [o for o in options if o not in ("full_shard", "auto_wrap")]
@@ -719,7 +734,10 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if fsdp is not None:
         out["fsdp"] = fsdp
     # LoRA the TRL way: use_peft switches it on, lora_* set it
-    use_peft = out.pop("use_peft", False)
+    raw_peft = out.pop("use_peft", False)
+    use_peft = False if raw_peft is None else as_bool(raw_peft)
+    if use_peft is None:
+        raise ConfigError("config key 'use_peft' must be true or false (TRL's flag that turns LoRA on)")
     given = [k for k in out if k in _PEFT_KEYS]
     peft = {_PEFT_KEYS[k]: out.pop(k) for k in given}
     if use_peft:
@@ -744,6 +762,8 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for key in [k for k in out if k in _IGNORED]:
         value = out.pop(key)
         quiet, why = _IGNORED[key]
+        if any(isinstance(q, bool) for q in quiet) and as_bool(value) is not None:
+            value = as_bool(value)  # read as HfArgumentParser reads a flag: --packing no
         if value not in quiet:
             notes.append(f"config key '{key}: {value}' is ignored: {why}")
     return out, notes
@@ -802,6 +822,14 @@ def _coerce(value: Any, annotation: Any) -> Any:
             if typing.get_origin(opt) is Literal and "none" in typing.get_args(opt):
                 return "none"
         return value
+    if bool in options and not _accepts_text(options):
+        word = as_bool(value)  # HfArgumentParser's string_to_bool: yes/no, true/false, on/off, y/n, t/f, 1/0
+        if word is not None:
+            return word
+    if isinstance(value, bool) and bool not in options and _accepts_text(options):
+        return (
+            "true" if value else "false"
+        )  # a text key: the word as written (YAML reads true/false as bools)
     if isinstance(value, str) and (float in options or int in options):
         try:
             parsed = parse_value(value)
@@ -821,6 +849,36 @@ def _coerce(value: Any, annotation: Any) -> Any:
         if typing.get_origin(opt) is list and isinstance(value, str):
             return [] if value.lower() == "none" else [value]
     return value
+
+
+_TRUE = ("yes", "true", "t", "y", "1", "on")
+_FALSE = ("no", "false", "f", "n", "0", "off")
+
+
+def as_bool(value: Any) -> bool | None:
+    """``value`` read as a bool the way HfArgumentParser's ``string_to_bool`` reads a flag (``yes``/``no``,
+    ``true``/``false``, ``on``/``off``, ``y``/``n``, ``t``/``f``, ``1``/``0``, any case); None if it is not one."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    return None
+
+
+def _accepts_text(options: tuple[Any, ...]) -> bool:
+    """Does a key of these type options take a string (``str``, or a choice of strings)?"""
+    for opt in options:
+        if opt is str:
+            return True
+        if typing.get_origin(opt) is Literal and any(isinstance(a, str) for a in typing.get_args(opt)):
+            return True
+    return False
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -1088,6 +1146,11 @@ def _check_schedule(cfg: GKDConfig) -> None:
         raise ConfigError("config key 'save_strategy: best' needs evaluations; eval_strategy is 'no'")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         raise ConfigError("config key 'load_best_model_at_end' needs evaluations; eval_strategy is 'no'")
+    if cfg.load_best_model_at_end and cfg.save_strategy == "no":
+        raise ConfigError(
+            "config key 'load_best_model_at_end' keeps the best checkpoint, but save_strategy is 'no' (no "
+            "checkpoints are written); set save_strategy: steps (or best), or drop load_best_model_at_end"
+        )
 
 
 def _config_terms(cfg: GKDConfig, message: str) -> str:

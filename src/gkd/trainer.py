@@ -517,12 +517,15 @@ class GKDTrainer:
                     raise KeyboardInterrupt
         except KeyboardInterrupt as e:
             progress.close()
-            path = self.save()
-            cause = f"{e}; " if isinstance(e, GKDError) else ""  # e.g. the served teacher stopped answering
-            raise TrainingInterrupted(
-                f"{cause}interrupted at step {st.step}; checkpoint saved to {path}. Resume with "
-                "resume_from_checkpoint=latest"
-            ) from None
+            if self._checkpoints:
+                saved = f"checkpoint saved to {self.save()}. Resume with resume_from_checkpoint=latest"
+            else:
+                saved = "no checkpoint written (save_strategy: no), so the run cannot be resumed"
+            if isinstance(
+                e, GKDError
+            ):  # e.g. the served teacher stopped answering: an error (exit 2), not Ctrl-C
+                raise TrainingError(f"{e}; stopped at step {st.step}; {saved}") from None
+            raise TrainingInterrupted(f"interrupted at step {st.step}; {saved}") from None
         finally:
             progress.close()
             interrupted.restore()
@@ -530,7 +533,8 @@ class GKDTrainer:
         if plan.evaluate and self._best is not None:  # the last evaluation may be the best: before the save
             self._evaluate_and_track()
             evaluated = True
-        self.save()
+        if self._checkpoints:
+            self.save()
         if cfg.load_best_model_at_end:
             self._load_best()
         if cfg.lora is not None and cfg.lora.save_merged and run.dist.is_main:
@@ -549,6 +553,12 @@ class GKDTrainer:
             self.push_to_hub()
         return TrainResult(st.step, st.last_loss, st.skipped_steps, run.output_dir, wall)
 
+    @property
+    def _checkpoints(self) -> bool:
+        """Does the run write ``checkpoint-N`` folders? Not with ``save_strategy: no`` (transformers' meaning: none at
+        all; the final model is still saved in ``output_dir``)."""
+        return self.cfg.save_strategy != "no"
+
     def _evaluate_and_save_on_cadence(self) -> None:
         """After a step before the last: evaluate every ``eval_steps``; checkpoint every ``save_steps``, at every
         evaluation with ``load_best_model_at_end``, and when the metric improved with ``save_strategy: best``."""
@@ -557,7 +567,7 @@ class GKDTrainer:
         if plan.eval_steps and st.step % plan.eval_steps == 0:
             improved = self._evaluate_and_track()
             evaluated = True
-        if (
+        if self._checkpoints and (
             (plan.save_steps and st.step % plan.save_steps == 0)
             or (evaluated and self.cfg.load_best_model_at_end)
             or (improved and plan.save_best)
@@ -569,10 +579,12 @@ class GKDTrainer:
         st = self.state
         self.log(f"warning: step {st.step} skipped: non-finite {what}")
         if st.nonfinite_in_a_row >= self.cfg.max_consecutive_nonfinite:
-            path = self.save()
+            where = (
+                f"checkpoint {self.save()}" if self._checkpoints else "no checkpoint: save_strategy is 'no'"
+            )
             raise TrainingError(
                 f"{st.nonfinite_in_a_row} consecutive steps had a non-finite {what}; stopped at step {st.step} "
-                f"(checkpoint {path}). Lower learning_rate or check the data"
+                f"({where}). Lower learning_rate or check the data"
             )
 
     # ------------------------------------------------------------------------------------------------------------
