@@ -736,3 +736,113 @@ def test_S1_eval_and_logging_strategy_no_run_no_evaluation_and_log_no_steps(worl
     assert "eval:" not in r.err and "step 1" not in r.err
     records = _metrics(run) if (run / "metrics.jsonl").exists() else []
     assert not any("loss" in rec or any(k.startswith("eval/") for k in rec) for rec in records), records
+
+
+def test_T1_gkdconfig_takes_every_key_the_command_line_takes():
+    from gkd import GKDConfig
+    from gkd.errors import ConfigError
+
+    cfg = GKDConfig(
+        output_dir="o", max_steps=1, max_new_tokens=8, report_to="none", remove_unused_columns=False
+    )
+    assert cfg.report_to == [] and cfg.max_steps == 1
+    cfg = GKDConfig(output_dir="o", per_device_eval_batch_size=4, dataset_text_field="text", packing=False)
+    assert cfg.eval_batch_size == 4 and not cfg.warnings()
+    cfg = GKDConfig(
+        output_dir="o", dataset_name="data/small.jsonl", torch_dtype="float32", use_peft=True, lora_r=8
+    )
+    assert cfg.dataset == "data/small.jsonl" and cfg.lora is not None and cfg.lora.r == 8
+    assert "packing: True" in " ".join(GKDConfig(packing=True).warnings())
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        GKDConfig(lerning_rate=1e-5)
+    with pytest.raises(ConfigError, match="2 unknown config keys"):
+        GKDConfig(lerning_rate=1e-5, modle_name_or_path="x")
+    with pytest.raises(ConfigError, match="max_length"):
+        GKDConfig(max_length=512)
+
+
+def _trl_script(world, tmp_path, **kw):
+    """TRL's Python shape: model objects, args=GKDConfig(...), a datasets.Dataset, peft_config."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from gkd import GKDConfig, GKDTrainer
+
+    rows = [json.loads(line) for line in Path(world.data("prompt_completion")).read_text().splitlines()][:16]
+    lines: list[str] = []
+    args = dict(
+        output_dir=str(tmp_path / "py"), max_steps=2, max_new_tokens=6, per_device_train_batch_size=4,
+        logging_steps=1, learning_rate=1e-3, lmbda=1.0, report_to="none",
+    )  # fmt: skip
+    args.update(kw.pop("args", {}))
+    trainer = GKDTrainer(
+        model=kw.pop("model", None) or AutoModelForCausalLM.from_pretrained(world.model("llama", "student")),
+        teacher_model=AutoModelForCausalLM.from_pretrained(world.model("llama", "teacher")),
+        args=GKDConfig(**args),
+        train_dataset=Dataset.from_list(rows),
+        log=lines.append,
+        **kw,
+    )
+    return trainer, lines
+
+
+def test_T2_train_returns_trainoutput_and_the_trainer_has_the_hf_surface(world, tmp_path):
+    from peft import LoraConfig
+    from transformers.trainer_utils import TrainOutput
+
+    rows = [
+        json.loads(line) for line in Path(world.data("prompt_completion", "test")).read_text().splitlines()
+    ]
+    from datasets import Dataset
+
+    trainer, lines = _trl_script(
+        world,
+        tmp_path,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        eval_dataset=Dataset.from_list(rows[:4]),
+        args={"eval_steps": 1},
+    )
+    out = trainer.train()
+    assert isinstance(out, TrainOutput) and out.global_step == 2 and out.step == 2
+    assert (
+        out.training_loss == pytest.approx(out.metrics["train_loss"])
+        and out.training_loss == out.training_loss
+    )
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch"} <= set(
+        out.metrics
+    )
+    assert trainer.state.global_step == 2
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert all("learning_rate" in h and "epoch" in h for h in history if "loss" in h)
+    assert any("eval_exact_match" in h for h in history)
+    assert history[-1]["train_loss"] == out.training_loss
+    assert trainer.args.output_dir == str(tmp_path / "py") and trainer.processing_class is not None
+    assert hasattr(trainer.model, "peft_config")
+    assert "rollouts: gkd's fast KV-cache loop" in lines  # a LoRA student keeps the fast loop (T2)
+
+
+def test_T3_model_objects_without_a_tokenizer_take_it_from_name_or_path(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gkd.errors import ConfigError
+
+    trainer, _ = _trl_script(world, tmp_path)
+    assert trainer.train().global_step == 2
+    student = AutoModelForCausalLM.from_pretrained(world.model("llama", "student"))
+    student.config._name_or_path = ""
+    trainer, _ = _trl_script(world, tmp_path, model=student, args={"output_dir": str(tmp_path / "py2")})
+    with pytest.raises(ConfigError, match="processing_class"):
+        trainer.train()
+
+
+def test_S2_a_bf16_model_object_gets_the_lost_updates_warning(world, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(world.model("llama", "student"), dtype=torch.bfloat16)
+    trainer, lines = _trl_script(world, tmp_path, model=student)
+    trainer.train()
+    assert any(
+        line.startswith("warning: the student model object is bfloat16") and "|w| >" in line for line in lines
+    )

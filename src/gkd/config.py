@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -417,13 +418,7 @@ class GKDConfig:
                     "teacher_cache_topk"
                 )
         if self.student_dtype == "bfloat16":
-            lost = self.learning_rate * 2**9  # |w| above this: an update of ~lr is below half a bf16 spacing
-            out.append(
-                "student_dtype: bfloat16 trains the bf16 weights directly (no float32 master copy): an update "
-                f"of about learning_rate={self.learning_rate:g} is rounded away for every weight with "
-                f"|w| > {lost:.2g} (bf16 keeps 8 significant bits), e.g. all RMSNorm/LayerNorm gains near 1; "
-                "use student_dtype: float32 unless the learning rate is large"
-            )
+            out.append(bf16_weights_warning("student_dtype: bfloat16", self.learning_rate))
         if (
             self.divergence == "nll"
             and self.teacher_model_name_or_path is not None
@@ -447,6 +442,42 @@ class GKDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def bf16_weights_warning(what: str, learning_rate: float, fix: str = "use student_dtype: float32") -> str:
+    """The warning for a student trained in bf16 weights (``student_dtype: bfloat16``, or a bf16 model object)."""
+    lost = learning_rate * 2**9  # |w| above this: an update of ~lr is below half a bf16 spacing
+    return (
+        f"{what} trains the bf16 weights directly (no float32 master copy): an update of about "
+        f"learning_rate={learning_rate:g} is rounded away for every weight with |w| > {lost:.2g} (bf16 keeps 8 "
+        f"significant bits), e.g. all RMSNorm/LayerNorm gains near 1; {fix} unless the learning rate is large"
+    )
+
+
+_dataclass_init = GKDConfig.__init__
+
+
+def _gkd_config_init(self: GKDConfig, *args: Any, **kwargs: Any) -> None:
+    """``GKDConfig(**keys)`` takes every key the command line and YAML take, with the same meaning: gkd's keys,
+    TRL's names of them (``dataset_name``, ``torch_dtype``, ``use_peft`` + ``lora_r``, ...), TRL keys gkd ignores
+    (named in a warning when they ask for something gkd does not do) and the same one-line error, with the closest
+    key, for an unknown one (a :class:`gkd.errors.ConfigError`, not Python's ``TypeError``)."""
+    names = [f.name for f in dataclasses.fields(GKDConfig)]
+    if len(args) > len(names):
+        raise ConfigError(f"GKDConfig takes keyword arguments (config keys), got {len(args)} positional ones")
+    for name, value in zip(names, args, strict=False):
+        if name in kwargs:
+            raise ConfigError(f"GKDConfig: config key '{name}' given twice (positionally and by name)")
+        kwargs[name] = value
+    data, notes = _from_trl(kwargs)
+    _check_known(GKDConfig, data)
+    self.notes = notes
+    _dataclass_init(self, **data)
+
+
+_gkd_config_init.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+_gkd_config_init.__wrapped__ = _dataclass_init  # type: ignore[attr-defined]
+GKDConfig.__init__ = _gkd_config_init  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -886,12 +917,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     data = dict(data)
-    unknown = [_unknown_key(str(k), list(hints), prefix) for k in data if k not in hints]
-    if len(unknown) == 1:
-        raise unknown[0]
-    if unknown:  # all of them at once: a migrated config is fixed in one go, not one key per run
-        parts = [str(e).removeprefix("unknown config key ") for e in unknown]
-        raise ConfigError(f"{len(unknown)} unknown config keys: " + " | ".join(parts))
+    _check_known(cls, data, prefix)
     for key, value in data.items():
         data[key] = value = _coerce(value, hints[key])
         if dataclasses.is_dataclass(_dataclass_of(hints[key])) and isinstance(value, dict):
@@ -901,6 +927,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 f"config key '{prefix}{key}' must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
             )
     return cls(**data)
+
+
+def _check_known(cls: type, data: dict[str, Any], prefix: str = "") -> None:
+    """Every key of ``data`` a field of ``cls``, else one error naming all unknown ones, each with a suggestion."""
+    hints = _hints(cls)
+    unknown = [_unknown_key(str(k), list(hints), prefix) for k in data if k not in hints]
+    if len(unknown) == 1:
+        raise unknown[0]
+    if unknown:  # all of them at once: a migrated config is fixed in one go, not one key per run
+        parts = [str(e).removeprefix("unknown config key ") for e in unknown]
+        raise ConfigError(f"{len(unknown)} unknown config keys: " + " | ".join(parts))
 
 
 def _dataclass_of(annotation: Any) -> Any:
