@@ -846,3 +846,64 @@ def test_S2_a_bf16_model_object_gets_the_lost_updates_warning(world, tmp_path):
     assert any(
         line.startswith("warning: the student model object is bfloat16") and "|w| >" in line for line in lines
     )
+
+
+def _lines(world) -> list[str]:
+    return Path(world.data("prompt_completion")).read_text().splitlines()
+
+
+def test_R3_a_utf8_bom_is_not_an_error_and_drops_no_record(world, tmp_path):
+    from gkd.data import load_records
+
+    lines = _lines(world)
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    records, skipped = load_records(str(data))
+    assert len(records) == len(lines) and skipped == 0
+    assert _distill(world, tmp_path, dataset=str(data)).code == 0
+
+
+def test_T4_a_latin1_file_is_one_line_with_file_line_and_byte(world, tmp_path, no_model_loads):
+    data = tmp_path / "latin1.jsonl"
+    lines = _lines(world)
+    data.write_bytes(
+        ("\n".join(lines[:2]) + "\n").encode()
+        + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1")
+    )
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert f"{data}:3: not UTF-8 (byte 0xe9)" in r.err and "re-save" in r.err
+
+
+@pytest.mark.parametrize("name", ["small.JSONL", "small.txt", "noext", "small.Json"])
+def test_R8_an_existing_local_file_of_any_suffix_is_read_never_sent_to_the_hub(
+    name, world, tmp_path, monkeypatch
+):
+    import gkd.data
+
+    def no_hub(*a, **k):
+        raise AssertionError("an existing local file was looked up on the hub")
+
+    monkeypatch.setattr(gkd.data, "_load_with_datasets", no_hub)
+    data = tmp_path / name
+    shutil.copy(world.data("prompt_completion"), data)
+    records, _ = gkd.data.load_records(str(data))
+    assert len(records) == len(_lines(world))
+
+
+def test_R8_a_local_file_that_is_not_json_lines_is_one_line(world, tmp_path, no_model_loads):
+    data = tmp_path / "notes.txt"
+    data.write_text("just some text\n")
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert "notes.txt" in r.err and "JSONL" in r.err
+
+
+@pytest.mark.parametrize("broken", ['{"prompt": "p"}', '{"prompt": "p", "completion": null}'])
+def test_R2_a_record_missing_its_completion_is_named(broken, world, tmp_path, no_model_loads):
+    lines = _lines(world)[:8]
+    data = tmp_path / "missing_one.jsonl"
+    data.write_text("\n".join([*lines[:4], broken, *lines[4:]]) + "\n")
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert "record 5 " in r.err and "has no completion; 8 records do" in r.err
