@@ -139,8 +139,22 @@ def test_A4_prompt_plus_new_tokens_beyond_the_context_is_one_line_before_loading
 
 
 def test_A5_the_documented_final_answer_reward_runs(world, tmp_path):
-    r = _distill(world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2)
+    """On data whose targets end in a '#### answer' (arithmetic / GSM8K style)."""
+    rows = [json.loads(line) for line in Path(world.data("prompt_completion")).read_text().splitlines()]
+    data = tmp_path / "answers.jsonl"
+    data.write_text(
+        "".join(json.dumps({**r, "completion": r["completion"] + " #### 5"}) + "\n" for r in rows)
+    )
+    r = _distill(
+        world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2, dataset=str(data)
+    )
     assert r.code == 0, r
+
+
+def test_S4_the_final_answer_reward_on_data_without_answers_is_refused(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2)
+    assert r.is_clean_error(), r
+    assert "final_answer" in r.err and "####" in r.err
 
 
 @pytest.mark.parametrize("reward", ["item_f1", "set_match", "faithfulness"])
@@ -907,3 +921,41 @@ def test_R2_a_record_missing_its_completion_is_named(broken, world, tmp_path, no
     r = _distill(world, tmp_path, dataset=str(data))
     assert r.is_clean_error(), r
     assert "record 5 " in r.err and "has no completion; 8 records do" in r.err
+
+
+def test_T5_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_folder(
+    world, tmp_path, monkeypatch
+):
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt") and ".checkpoint-2." in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    r = _distill(world, tmp_path, save_steps=1, max_steps=3)
+    assert r.is_clean_error(), r
+    assert "no space left on device writing checkpoint-2" in r.err and str(run) in r.err
+    assert not list(run.glob(".checkpoint-*"))  # the half-written folder is gone
+    assert (run / "checkpoint-1" / "trainer_state.json").is_file()  # the last good checkpoint is intact
+
+
+def test_T6_generate_out_pointing_at_a_folder_is_one_line_before_generating(world, tmp_path, no_model_loads):
+    r = run_cli(
+        ["generate", "--model", world.model("llama", "student"), "--dataset", world.data("prompt_completion", "test"),
+         "--out", str(tmp_path), "--max-new-tokens", "4"]
+    )  # fmt: skip
+    assert r.is_clean_error(), r
+    assert "is a folder" in r.err and "generations.jsonl" in r.err
+
+
+def test_S3_fsdp_in_one_process_says_nothing_is_sharded(world, tmp_path):
+    r = _distill(world, tmp_path, fsdp="full_shard")
+    assert r.code == 0, r
+    assert "note: fsdp with one process: there is nothing to shard" in r.err

@@ -151,6 +151,11 @@ def build_run(
     accelerator.wait_for_everyone()
     for warning in cfg.warnings():
         log(f"warning: {warning}")
+    if cfg.fsdp and dist.world == 1:
+        log(
+            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
+            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
+        )
     if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
         from gkd.config import bf16_weights_warning
 

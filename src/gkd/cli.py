@@ -396,6 +396,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.sampling import local_sampler
 
     _check_sampling_args(args)
+    target = Path(os.path.expanduser(args.out))
+    if target.is_dir():
+        raise GKDError(
+            f"--out '{args.out}' is a folder; give a file name for the JSONL, e.g. --out {target / 'generations.jsonl'}"
+        )
     tok, model, data = _load_for_inference(args)
     from gkd.io import atomic_open
 
