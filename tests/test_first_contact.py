@@ -959,3 +959,51 @@ def test_S3_fsdp_in_one_process_says_nothing_is_sharded(world, tmp_path):
     r = _distill(world, tmp_path, fsdp="full_shard")
     assert r.code == 0, r
     assert "note: fsdp with one process: there is nothing to shard" in r.err
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Every connection fails, as on a machine without a network; an empty hub cache."""
+    import socket
+
+    import gkd.io
+
+    def refuse(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+        "teacher_model_name_or_path=Qwen/Qwen2.5-1.5B-Instruct",
+        "dataset=org/nonexistent_ds",
+        "tokenizer_name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+    ],
+)
+def test_C8_a_hub_id_without_a_network_fails_in_seconds(override, world, tmp_path, no_network):
+    t0 = time.perf_counter()
+    r = _distill(world, tmp_path, override)
+    assert r.is_clean_error(), r
+    assert time.perf_counter() - t0 < 5, r
+    assert "cannot be reached" in r.err and override.split("=")[1] in r.err
+    assert "Retrying" not in r.err
+
+
+def test_C8_hf_hub_offline_is_honoured(world, tmp_path, monkeypatch):
+    import gkd.io
+
+    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    t0 = time.perf_counter()
+    r = _distill(world, tmp_path, "model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct")
+    assert r.is_clean_error(), r
+    assert "HF_HUB_OFFLINE is set" in r.err and time.perf_counter() - t0 < 5

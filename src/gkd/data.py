@@ -229,12 +229,37 @@ def _load_with_datasets(
     config_name: str | None = None,
     split_key: str = "split",
 ) -> list[dict]:
+    from gkd.io import hub_offline_reason
+
+    offline = hub_offline_reason() if path is None else None  # a hub name: no network, the local cache only
     try:
-        with _quiet_datasets() as datasets:
+        with _quiet_datasets() as datasets, _hub_offline(offline is not None):
             ds = _load_dataset(datasets, builder, path, split, config_name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
+        if offline is not None:
+            raise DataError(
+                f"dataset '{builder}' is not a local path nor in the local datasets cache, and {offline}; download "
+                "it where there is a network, or give a local file or folder"
+            ) from e
         raise _datasets_error(e, builder or path, split, split_key) from e
     return list(ds)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """``datasets`` and huggingface_hub in offline mode for one load (their flags are read at import)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
 def _datasets_error(e: Exception, name: Any, split: str, split_key: str) -> DataError:
