@@ -198,7 +198,10 @@ def build_run(
     scheduler = lr_scheduler(optimizer, cfg, plan)
     scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
     tok = inputs.tokenizer
-    sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path)
+    options = (
+        {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if cfg.rollout_backend == "vllm" else {}
+    )
+    sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path, **options)
     for note in path_notes(cfg, models.student, sampler, train_data):
         log(note)
     return Run(

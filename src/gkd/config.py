@@ -221,6 +221,8 @@ class GKDConfig:
     top_k: int = 0
     max_new_tokens: int = 128
     rollout_backend: Literal["auto", "fast", "generate", "vllm"] = "auto"
+    vllm_gpu_memory_utilization: float = 0.3
+    """With ``rollout_backend: vllm``: the GPU memory fraction of the student's colocated vLLM engine (TRL's key)."""
 
     # --- RL + GKD ---------------------------------------------------------------------------------------------
     alpha: float = 1.0
@@ -689,8 +691,6 @@ _IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
     "do_train": ((True, False), "gkd distill always trains"),
     "do_eval": ((True, False), "evaluation follows eval_strategy / eval_dataset"),
     "use_vllm": ((False,), "set rollout_backend: vllm for vLLM rollouts"),
-    "vllm_mode": (("server", "colocate"), "only used with rollout_backend: vllm"),
-    "vllm_gpu_memory_utilization": ((0.3, 0.9), "only used with rollout_backend: vllm"),
     "lora_task_type": (("CAUSAL_LM", "SEQ_2_SEQ_LM"), "the task type follows the student's architecture"),
     "use_rslora": ((False,), "not used"),
 }
@@ -750,7 +750,10 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out.pop("deepspeed", None)
     # fsdp: TRL's "full_shard [auto_wrap]" (or a list of them, or gkd's true/false) -> FSDP2 (gkd.fsdp)
     fsdp = out.pop("fsdp", None)
-    out.pop("fsdp_config", None)  # gkd wraps every decoder layer and the root itself
+    if out.pop("fsdp_config", None):  # gkd wraps every decoder layer and the root itself
+        notes.append(
+            "config key 'fsdp_config' is ignored: gkd shards every decoder layer and the model's root itself"
+        )
     if isinstance(fsdp, str) and (fsdp.strip() == "" or as_bool(fsdp) is not None):
         fsdp = bool(as_bool(fsdp))  # TrainingArguments' default "" (and yes/no): not sharded
     if isinstance(fsdp, str | list | tuple):
@@ -790,6 +793,12 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             )
         out["eval_dataset"] = out["dataset"]
         out.setdefault("eval_split", "test")
+    mode = out.pop("vllm_mode", None)
+    if mode not in (None, "colocate"):
+        raise ConfigError(
+            f"config key 'vllm_mode: {mode}': gkd's vLLM rollouts (rollout_backend: vllm) run colocated in the "
+            "training process; a vLLM server is not supported: set vllm_mode: colocate or drop the key"
+        )
     for key in [k for k in out if k in _IGNORED]:
         value = out.pop(key)
         quiet, why = _IGNORED[key]
@@ -810,6 +819,7 @@ def trl_keys() -> dict[str, str]:
     out["deepspeed"] = "not supported yet (an error)"
     out["fsdp"] = "full_shard [auto_wrap]: shard the student with FSDP2 (other options: an error)"
     out["fsdp_config"] = "accepted and ignored: gkd shards every decoder layer and the model's root itself"
+    out["vllm_mode"] = "colocate: what rollout_backend: vllm does (server: an error)"
     for key, (_quiet, why) in _IGNORED.items():
         out[key] = f"accepted and ignored: {why}"
     for key, why in _FOREIGN.items():
@@ -981,6 +991,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lmbda_warmup_steps": (lambda v: v >= 0, ">= 0"),
     "loss_temperature": (lambda v: v > 0, "> 0"),
     "temperature": (lambda v: v > 0, "> 0"),
+    "vllm_gpu_memory_utilization": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 disables top-k)"),
     "max_new_tokens": (lambda v: v > 0, _POSITIVE),
