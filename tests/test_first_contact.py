@@ -1007,3 +1007,42 @@ def test_C8_hf_hub_offline_is_honoured(world, tmp_path, monkeypatch):
     r = _distill(world, tmp_path, "model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct")
     assert r.is_clean_error(), r
     assert "HF_HUB_OFFLINE is set" in r.err and time.perf_counter() - t0 < 5
+
+
+def test_R5_an_fsdp_checkpoint_resumed_by_another_process_count_names_both(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from gkd import checkpoint as ckpt
+    from gkd import state
+    from gkd.errors import CheckpointError
+
+    monkeypatch.setattr(ckpt, "load_training_state", lambda path: ({"world": 2}, {"scheduler": {}}, {}))
+    run = SimpleNamespace(dist=SimpleNamespace(rank=0, world=1), student=nn.Linear(2, 2))
+    with pytest.raises(
+        CheckpointError, match=r"written by 2 processes .* this run has 1; relaunch with torchrun "
+    ):
+        state.restore(run, tmp_path / "checkpoint-260")
+
+
+def test_R6_under_torchrun_only_rank_0_prints_the_error(monkeypatch, no_model_loads):
+    monkeypatch.setenv("RANK", "1")
+    r = run_cli(["distill", "model_name_or_path=s", "fsdp=shard_grad_op"])
+    assert r.code == 2 and "error:" not in r.err, r
+    monkeypatch.setenv("RANK", "0")
+    r = run_cli(["distill", "model_name_or_path=s", "fsdp=shard_grad_op"])
+    assert r.is_clean_error() and "shard_grad_op" in r.err, r
+
+
+def test_R10_push_to_hub_checks_the_repo_before_training(world, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class NoToken:
+        def create_repo(self, *a, **k):
+            raise OSError("Invalid user token.")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoToken)
+    r = _distill(world, tmp_path, push_to_hub="true", hub_model_id="me/tiny")
+    assert r.is_clean_error(), r
+    assert "me/tiny" in r.err and "Nothing was trained" in r.err and "step 1" not in r.err

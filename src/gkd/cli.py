@@ -675,7 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     except GKDError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if (
+            int(os.environ.get("RANK", "0")) == 0
+        ):  # under torchrun: one error line (rank 0's), not one per process
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

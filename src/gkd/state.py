@@ -168,6 +168,12 @@ def restore(run: Run, path: Path) -> TrainState:
             raise CheckpointError(f"checkpoint '{path}': its shards do not fit this run ({e})") from e
     elif "optimizer" in optim:
         run.optimizer.load_state_dict(optim["optimizer"])
+    elif int(info.get("world", 1)) != world:  # sharded by another number of processes: that is the cause
+        n = int(info.get("world", 1))
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by {n} processes (sharded with fsdp), this run has {world}; relaunch "
+            f"with torchrun --nproc_per_node {n} (and fsdp: full_shard)"
+        )
     else:
         raise CheckpointError(f"checkpoint '{path}' was written by a sharded (fsdp) run; resume it with fsdp")
     run.scheduler.load_state_dict(optim["scheduler"])

@@ -547,6 +547,8 @@ class GKDTrainer:
                 already_finished=True,
                 metrics={"train_runtime": 0.0, "epoch": st.step / plan.steps_per_epoch},
             )
+        if cfg.push_to_hub:
+            self._hub_repo(before_training=True)  # the token and the repo, before hours of training
         self.log(banner(run))
         progress = Progress(plan.max_steps, st.step, show_bar=cfg.progress and run.dist.is_main, log=self.log)
         interrupted = _catch_signals(run.dist.is_main)
@@ -767,6 +769,35 @@ class GKDTrainer:
         run.accelerator.wait_for_everyone()
         return out
 
+    def _hub_repo(self, before_training: bool = False) -> str | None:
+        """Create (or find) the hub repo ``hub_model_id`` (main process only); returns its id. Called before training
+        with ``push_to_hub``, so a missing token, no network or no permission stops the run at once."""
+        import huggingface_hub
+
+        run, cfg = self.setup(), self.cfg
+        if not run.dist.is_main:
+            return None
+        repo_id = cfg.hub_model_id or run.output_dir.resolve().name
+        if not before_training:
+            url = huggingface_hub.HfApi().create_repo(
+                repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token
+            )
+            return getattr(url, "repo_id", None) or repo_id
+        try:
+            url = huggingface_hub.HfApi().create_repo(
+                repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token
+            )
+        except Exception as e:  # no token, no network, no permission
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise GKDError(
+                f"push_to_hub: the hub repo '{repo_id}' cannot be created or reached ({type(e).__name__}"
+                f"{': ' + reason if reason else ''}); log in (hf auth login, HF_TOKEN or hub_token), check the "
+                "network, or set push_to_hub: false. Nothing was trained"
+            ) from e
+        repo_id = getattr(url, "repo_id", None) or repo_id
+        self._created_repo = (cfg.hub_model_id, repo_id)
+        return repo_id
+
     def push_to_hub(self) -> str | None:
         """Upload the final model and tokenizer of ``output_dir`` (the files :meth:`save_model` wrote, not the
         checkpoints) to the hub repo ``hub_model_id`` (default: the output folder's name), created if needed
@@ -785,8 +816,8 @@ class GKDTrainer:
             )
         try:
             api = huggingface_hub.HfApi()
-            url = api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token)
-            repo_id = getattr(url, "repo_id", None) or repo_id
+            created = getattr(self, "_created_repo", None)  # made before training, for this hub_model_id
+            repo_id = created[1] if created and created[0] == cfg.hub_model_id else self._hub_repo()
             api.upload_folder(
                 repo_id=repo_id,
                 folder_path=str(run.output_dir),
