@@ -1046,3 +1046,24 @@ def test_R10_push_to_hub_checks_the_repo_before_training(world, tmp_path, monkey
     r = _distill(world, tmp_path, push_to_hub="true", hub_model_id="me/tiny")
     assert r.is_clean_error(), r
     assert "me/tiny" in r.err and "Nothing was trained" in r.err and "step 1" not in r.err
+
+
+def test_R7_a_worker_stops_when_its_launcher_dies(monkeypatch, capsys):
+    import os
+    import threading
+
+    import gkd.cli
+
+    exited = threading.Event()
+    ppid = [os.getppid()]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(gkd.cli.os, "getppid", lambda: ppid[0])
+    monkeypatch.setattr(gkd.cli.os, "_exit", lambda code: exited.set())
+    thread = gkd.cli.watch_launcher(interval=0.01)
+    assert thread is not None and not exited.wait(0.1)  # the launcher lives: nothing happens
+    ppid[0] = 1  # re-parented to init: the launcher was killed
+    assert exited.wait(5)
+    thread.join(5)
+    assert not thread.is_alive() and "the launcher" in capsys.readouterr().err
+    monkeypatch.delenv("LOCAL_RANK")
+    assert gkd.cli.watch_launcher() is None  # not under a launcher: no watch
