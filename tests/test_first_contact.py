@@ -1067,3 +1067,23 @@ def test_R7_a_worker_stops_when_its_launcher_dies(monkeypatch, capsys):
     assert not thread.is_alive() and "the launcher" in capsys.readouterr().err
     monkeypatch.delenv("LOCAL_RANK")
     assert gkd.cli.watch_launcher() is None  # not under a launcher: no watch
+
+
+def test_R8_a_model_folder_given_as_the_dataset_is_named_as_such(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, dataset=world.model("llama", "teacher"))
+    assert r.is_clean_error(), r
+    assert "is a model folder" in r.err
+
+
+def test_R9_a_tokenizer_error_is_not_cut_off(tmp_path):
+    from gkd.errors import ModelError
+    from gkd.models import _not_found
+
+    err = OSError(
+        "Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n(2) a slow one"
+    )
+    folder = tmp_path / "data"
+    folder.mkdir()
+    message = str(_not_found("tokenizer", str(folder), err))
+    assert isinstance(_not_found("tokenizer", str(folder), err), ModelError) and "\n" not in message
+    assert message.endswith("(1) a tokenizers file (2) a slow one")

@@ -173,6 +173,11 @@ def load_records(
                 records += r
                 skipped += s
             return records, skipped
+        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+            raise DataError(
+                f"dataset '{spec}' is a model folder (config.json and weights), not data; set dataset to a JSONL "
+                "file, a data folder or a datasets hub name"
+            )
         return _load_with_datasets(None, path, split, config_name, split_key), 0
     if _missing_local(spec):
         raise DataError(f"dataset '{spec}' does not exist; check the path (looked for {path.absolute()})")

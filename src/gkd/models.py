@@ -89,7 +89,10 @@ def _not_found(what: str, path: str, err: Exception) -> ModelError:
             f"{what} '{path}' is not a local folder and could not be loaded from the hub; "
             "check the path (or the hub id and your network)"
         )
-    return ModelError(f"{what} '{path}' could not be loaded: {str(err).splitlines()[0]}")
+    reason = " ".join(str(err).split())  # every line of it (the first may end in "one of:")
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    return ModelError(f"{what} '{path}' could not be loaded: {reason}")
 
 
 def _is_adapter_folder(path: str) -> bool:
