@@ -333,13 +333,28 @@ def test_push_to_hub_uploads_the_final_model_and_tokenizer_only(tokenizer, recor
     assert t.push_to_hub() == "me/tiny-sft" and hub.calls[0][1]["repo_id"] == "tiny-sft"
 
 
-def test_a_failed_push_is_one_line_after_the_model_is_saved(tokenizer, records, tmp_path, hub):
+def test_a_bad_token_is_one_line_before_training(tokenizer, records, tmp_path, hub):
+    """The repo is created before the first step (as transformers' Trainer does): a bad token stops the run at once,
+    not after hours of training."""
     hub.fail = OSError("Invalid user token.\nMore details here")
     out = tmp_path / "run"
     with pytest.raises(GKDError) as e:
         _trainer(out, tokenizer, records, max_steps=1, push_to_hub=True).train()
     message = str(e.value)
-    assert "\n" not in message and "Invalid user token" in message and str(out) in message
+    assert "\n" not in message and "Invalid user token" in message and "Nothing was trained" in message
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_a_failed_upload_is_one_line_after_the_model_is_saved(tokenizer, records, tmp_path, hub, monkeypatch):
+    def upload_fails(self, **kw):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(hub, "upload_folder", upload_fails)
+    out = tmp_path / "run"
+    with pytest.raises(GKDError) as e:
+        _trainer(out, tokenizer, records, max_steps=1, push_to_hub=True).train()
+    message = str(e.value)
+    assert "\n" not in message and "Connection reset" in message and str(out) in message
     assert ckpt.final_model_complete(out) and (out / "model.safetensors").is_file()
 
 

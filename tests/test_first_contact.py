@@ -139,8 +139,22 @@ def test_A4_prompt_plus_new_tokens_beyond_the_context_is_one_line_before_loading
 
 
 def test_A5_the_documented_final_answer_reward_runs(world, tmp_path):
-    r = _distill(world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2)
+    """On data whose targets end in a '#### answer' (arithmetic / GSM8K style)."""
+    rows = [json.loads(line) for line in Path(world.data("prompt_completion")).read_text().splitlines()]
+    data = tmp_path / "answers.jsonl"
+    data.write_text(
+        "".join(json.dumps({**r, "completion": r["completion"] + " #### 5"}) + "\n" for r in rows)
+    )
+    r = _distill(
+        world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2, dataset=str(data)
+    )
     assert r.code == 0, r
+
+
+def test_S4_the_final_answer_reward_on_data_without_answers_is_refused(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, lmbda=1, alpha=0.5, reward="final_answer", num_generations=2)
+    assert r.is_clean_error(), r
+    assert "final_answer" in r.err and "####" in r.err
 
 
 @pytest.mark.parametrize("reward", ["item_f1", "set_match", "faithfulness"])
@@ -631,3 +645,445 @@ def test_D8_one_skipped_line_is_singular(world, tmp_path):
     r = _distill(world, tmp_path, dataset=str(data), skip_bad_lines="true")
     assert r.code == 0, r
     assert "skipped 1 line that was not valid JSON" in r.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §E: the edges report (edges.md): TRL's Python surface, files as people have them, the system's edges
+# ---------------------------------------------------------------------------------------------------------------
+def _config(*tokens: str, files: list[str] | None = None):
+    from gkd.cli import run_config
+
+    return run_config(files, list(tokens))
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        ("save_strategy=no", "eval_strategy=no", "logging_strategy=no"),
+        ("--save_strategy", "no", "--eval_strategy", "no", "--logging_strategy", "no"),
+        ("--save_strategy=no", "--eval_strategy=no", "--logging_strategy=no"),
+        ('save_strategy="no"', "eval_strategy='no'", "logging_strategy=no"),
+    ],
+)
+def test_R1_no_is_the_string_no_for_the_strategy_keys(tokens):
+    cfg = _config("model_name_or_path=s", *tokens)
+    assert (cfg.save_strategy, cfg.eval_strategy, cfg.logging_strategy) == ("no", "no", "no")
+
+
+def test_R1_yaml_reads_scalars_as_hfargumentparser(tmp_path):
+    """A string key takes no/yes/on/off/none as text; a bool key takes them (any case) as bools."""
+    cfg_file = tmp_path / "trl.yaml"
+    cfg_file.write_text(
+        "save_strategy: no\nlogging_strategy: no\neval_strategy: no\nrun_name: on\nhub_model_id: yes\n"
+        "teacher_cache: none\nbf16: off\nprogress: No\ngradient_checkpointing: yes\npush_to_hub: OFF\n"
+        "use_peft: yes\npacking: no\nmerge_lora: on\nlora_r: 4\n"
+    )
+    cfg = _config("model_name_or_path=s", files=[str(cfg_file)])
+    assert (cfg.save_strategy, cfg.logging_strategy, cfg.eval_strategy) == ("no", "no", "no")
+    assert (cfg.run_name, cfg.hub_model_id, cfg.teacher_cache) == ("on", "yes", "none")
+    assert (cfg.bf16, cfg.progress, cfg.gradient_checkpointing, cfg.push_to_hub) == (
+        False,
+        False,
+        True,
+        False,
+    )
+    assert cfg.lora is not None and cfg.lora.r == 4 and cfg.merge_lora is True
+    assert not any("packing" in n for n in cfg.warnings())  # packing: no is what gkd does: no note
+
+
+@pytest.mark.parametrize(
+    ("tokens", "key", "value"),
+    [
+        (("--bf16", "yes"), "bf16", True),
+        (("--push_to_hub", "no"), "push_to_hub", False),
+        (("seq_kd=on",), "seq_kd", True),
+        (("--disable_tqdm", "yes"), "progress", False),
+        (("--gradient_checkpointing", "True"), "gradient_checkpointing", True),
+        (("--run_name", "true"), "run_name", "true"),
+        (("--hub_model_id", "no"), "hub_model_id", "no"),
+    ],
+)
+def test_R1_the_command_line_reads_them_the_same_way(tokens, key, value):
+    assert getattr(_config("model_name_or_path=s", *tokens), key) == value
+
+
+def test_R1_a_bool_key_refuses_a_word_that_is_not_yes_or_no(no_model_loads):
+    r = run_cli(["distill", "model_name_or_path=s", "bf16=maybe"])
+    assert r.is_clean_error(), r
+    assert "'bf16'" in r.err and "maybe" in r.err
+    r = run_cli(["distill", "model_name_or_path=s", "lmbda=yes"])
+    assert r.is_clean_error(), r
+    assert "'lmbda'" in r.err
+
+
+def test_R1_save_strategy_no_with_load_best_is_one_line(no_model_loads):
+    r = run_cli(["distill", "model_name_or_path=s", "save_strategy=no", "load_best_model_at_end=true"])
+    assert r.is_clean_error(), r
+    assert "save_strategy" in r.err and "load_best_model_at_end" in r.err
+
+
+def test_S1_save_strategy_no_writes_no_checkpoint_but_the_final_model(world, tmp_path):
+    """TRL's ``--save_strategy no``: no checkpoint-N folder at all (not even at the end); the model is saved."""
+    run = tmp_path / "run"
+    r = _distill(world, tmp_path, "--save_strategy", "no", save_steps=1)
+    assert r.code == 0, r
+    assert not list(run.glob("checkpoint-*")) and not list(run.glob(".checkpoint-*"))
+    assert (run / "final_model.json").is_file() and (run / "config.json").is_file()
+    from gkd.models import load_model
+
+    load_model(str(run), what="model")
+
+
+def test_S1_eval_and_logging_strategy_no_run_no_evaluation_and_log_no_steps(world, tmp_path):
+    run = tmp_path / "run"
+    r = _distill(
+        world,
+        tmp_path,
+        "--eval_strategy",
+        "no",
+        "--logging_strategy",
+        "no",
+        eval_dataset=world.data("prompt_completion", "test"),
+        eval_steps=1,
+    )
+    assert r.code == 0, r
+    assert "eval:" not in r.err and "step 1" not in r.err
+    records = _metrics(run) if (run / "metrics.jsonl").exists() else []
+    assert not any("loss" in rec or any(k.startswith("eval/") for k in rec) for rec in records), records
+
+
+def test_T1_gkdconfig_takes_every_key_the_command_line_takes():
+    from gkd import GKDConfig
+    from gkd.errors import ConfigError
+
+    cfg = GKDConfig(
+        output_dir="o", max_steps=1, max_new_tokens=8, report_to="none", remove_unused_columns=False
+    )
+    assert cfg.report_to == [] and cfg.max_steps == 1
+    cfg = GKDConfig(output_dir="o", per_device_eval_batch_size=4, dataset_text_field="text", packing=False)
+    assert cfg.eval_batch_size == 4 and not cfg.warnings()
+    cfg = GKDConfig(
+        output_dir="o", dataset_name="data/small.jsonl", torch_dtype="float32", use_peft=True, lora_r=8
+    )
+    assert cfg.dataset == "data/small.jsonl" and cfg.lora is not None and cfg.lora.r == 8
+    assert "packing: True" in " ".join(GKDConfig(packing=True).warnings())
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        GKDConfig(lerning_rate=1e-5)
+    with pytest.raises(ConfigError, match="2 unknown config keys"):
+        GKDConfig(lerning_rate=1e-5, modle_name_or_path="x")
+    with pytest.raises(ConfigError, match="max_length"):
+        GKDConfig(max_length=512)
+
+
+def _trl_script(world, tmp_path, **kw):
+    """TRL's Python shape: model objects, args=GKDConfig(...), a datasets.Dataset, peft_config."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from gkd import GKDConfig, GKDTrainer
+
+    rows = [json.loads(line) for line in Path(world.data("prompt_completion")).read_text().splitlines()][:16]
+    lines: list[str] = []
+    args = dict(
+        output_dir=str(tmp_path / "py"), max_steps=2, max_new_tokens=6, per_device_train_batch_size=4,
+        logging_steps=1, learning_rate=1e-3, lmbda=1.0, report_to="none",
+    )  # fmt: skip
+    args.update(kw.pop("args", {}))
+    trainer = GKDTrainer(
+        model=kw.pop("model", None) or AutoModelForCausalLM.from_pretrained(world.model("llama", "student")),
+        teacher_model=AutoModelForCausalLM.from_pretrained(world.model("llama", "teacher")),
+        args=GKDConfig(**args),
+        train_dataset=Dataset.from_list(rows),
+        log=lines.append,
+        **kw,
+    )
+    return trainer, lines
+
+
+def test_T2_train_returns_trainoutput_and_the_trainer_has_the_hf_surface(world, tmp_path):
+    from peft import LoraConfig
+    from transformers.trainer_utils import TrainOutput
+
+    rows = [
+        json.loads(line) for line in Path(world.data("prompt_completion", "test")).read_text().splitlines()
+    ]
+    from datasets import Dataset
+
+    trainer, lines = _trl_script(
+        world,
+        tmp_path,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        eval_dataset=Dataset.from_list(rows[:4]),
+        args={"eval_steps": 1},
+    )
+    out = trainer.train()
+    assert isinstance(out, TrainOutput) and out.global_step == 2 and out.step == 2
+    assert (
+        out.training_loss == pytest.approx(out.metrics["train_loss"])
+        and out.training_loss == out.training_loss
+    )
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch"} <= set(
+        out.metrics
+    )
+    assert trainer.state.global_step == 2
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert all("learning_rate" in h and "epoch" in h for h in history if "loss" in h)
+    assert any("eval_exact_match" in h for h in history)
+    assert history[-1]["train_loss"] == out.training_loss
+    assert trainer.args.output_dir == str(tmp_path / "py") and trainer.processing_class is not None
+    assert hasattr(trainer.model, "peft_config")
+    assert "rollouts: gkd's fast KV-cache loop" in lines  # a LoRA student keeps the fast loop (T2)
+
+
+def test_T3_model_objects_without_a_tokenizer_take_it_from_name_or_path(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gkd.errors import ConfigError
+
+    trainer, _ = _trl_script(world, tmp_path)
+    assert trainer.train().global_step == 2
+    student = AutoModelForCausalLM.from_pretrained(world.model("llama", "student"))
+    student.config._name_or_path = ""
+    trainer, _ = _trl_script(world, tmp_path, model=student, args={"output_dir": str(tmp_path / "py2")})
+    with pytest.raises(ConfigError, match="processing_class"):
+        trainer.train()
+
+
+def test_S2_a_bf16_model_object_gets_the_lost_updates_warning(world, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(world.model("llama", "student"), dtype=torch.bfloat16)
+    trainer, lines = _trl_script(world, tmp_path, model=student)
+    trainer.train()
+    assert any(
+        line.startswith("warning: the student model object is bfloat16") and "|w| >" in line for line in lines
+    )
+
+
+def _lines(world) -> list[str]:
+    return Path(world.data("prompt_completion")).read_text().splitlines()
+
+
+def test_R3_a_utf8_bom_is_not_an_error_and_drops_no_record(world, tmp_path):
+    from gkd.data import load_records
+
+    lines = _lines(world)
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    records, skipped = load_records(str(data))
+    assert len(records) == len(lines) and skipped == 0
+    assert _distill(world, tmp_path, dataset=str(data)).code == 0
+
+
+def test_T4_a_latin1_file_is_one_line_with_file_line_and_byte(world, tmp_path, no_model_loads):
+    data = tmp_path / "latin1.jsonl"
+    lines = _lines(world)
+    data.write_bytes(
+        ("\n".join(lines[:2]) + "\n").encode()
+        + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1")
+    )
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert f"{data}:3: not UTF-8 (byte 0xe9)" in r.err and "re-save" in r.err
+
+
+@pytest.mark.parametrize("name", ["small.JSONL", "small.txt", "noext", "small.Json"])
+def test_R8_an_existing_local_file_of_any_suffix_is_read_never_sent_to_the_hub(
+    name, world, tmp_path, monkeypatch
+):
+    import gkd.data
+
+    def no_hub(*a, **k):
+        raise AssertionError("an existing local file was looked up on the hub")
+
+    monkeypatch.setattr(gkd.data, "_load_with_datasets", no_hub)
+    data = tmp_path / name
+    shutil.copy(world.data("prompt_completion"), data)
+    records, _ = gkd.data.load_records(str(data))
+    assert len(records) == len(_lines(world))
+
+
+def test_R8_a_local_file_that_is_not_json_lines_is_one_line(world, tmp_path, no_model_loads):
+    data = tmp_path / "notes.txt"
+    data.write_text("just some text\n")
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert "notes.txt" in r.err and "JSONL" in r.err
+
+
+@pytest.mark.parametrize("broken", ['{"prompt": "p"}', '{"prompt": "p", "completion": null}'])
+def test_R2_a_record_missing_its_completion_is_named(broken, world, tmp_path, no_model_loads):
+    lines = _lines(world)[:8]
+    data = tmp_path / "missing_one.jsonl"
+    data.write_text("\n".join([*lines[:4], broken, *lines[4:]]) + "\n")
+    r = _distill(world, tmp_path, dataset=str(data))
+    assert r.is_clean_error(), r
+    assert "record 5 " in r.err and "has no completion; 8 records do" in r.err
+
+
+def test_T5_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_folder(
+    world, tmp_path, monkeypatch
+):
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt") and ".checkpoint-2." in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    r = _distill(world, tmp_path, save_steps=1, max_steps=3)
+    assert r.is_clean_error(), r
+    assert "no space left on device writing checkpoint-2" in r.err and str(run) in r.err
+    assert not list(run.glob(".checkpoint-*"))  # the half-written folder is gone
+    assert (run / "checkpoint-1" / "trainer_state.json").is_file()  # the last good checkpoint is intact
+
+
+def test_T6_generate_out_pointing_at_a_folder_is_one_line_before_generating(world, tmp_path, no_model_loads):
+    r = run_cli(
+        ["generate", "--model", world.model("llama", "student"), "--dataset", world.data("prompt_completion", "test"),
+         "--out", str(tmp_path), "--max-new-tokens", "4"]
+    )  # fmt: skip
+    assert r.is_clean_error(), r
+    assert "is a folder" in r.err and "generations.jsonl" in r.err
+
+
+def test_S3_fsdp_in_one_process_says_nothing_is_sharded(world, tmp_path):
+    r = _distill(world, tmp_path, fsdp="full_shard")
+    assert r.code == 0, r
+    assert "note: fsdp with one process: there is nothing to shard" in r.err
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Every connection fails, as on a machine without a network; an empty hub cache."""
+    import socket
+
+    import gkd.io
+
+    def refuse(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+        "teacher_model_name_or_path=Qwen/Qwen2.5-1.5B-Instruct",
+        "dataset=org/nonexistent_ds",
+        "tokenizer_name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+    ],
+)
+def test_C8_a_hub_id_without_a_network_fails_in_seconds(override, world, tmp_path, no_network):
+    t0 = time.perf_counter()
+    r = _distill(world, tmp_path, override)
+    assert r.is_clean_error(), r
+    assert time.perf_counter() - t0 < 5, r
+    assert "cannot be reached" in r.err and override.split("=")[1] in r.err
+    assert "Retrying" not in r.err
+
+
+def test_C8_hf_hub_offline_is_honoured(world, tmp_path, monkeypatch):
+    import gkd.io
+
+    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    t0 = time.perf_counter()
+    r = _distill(world, tmp_path, "model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct")
+    assert r.is_clean_error(), r
+    assert "HF_HUB_OFFLINE is set" in r.err and time.perf_counter() - t0 < 5
+
+
+def test_R5_an_fsdp_checkpoint_resumed_by_another_process_count_names_both(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from gkd import checkpoint as ckpt
+    from gkd import state
+    from gkd.errors import CheckpointError
+
+    monkeypatch.setattr(ckpt, "load_training_state", lambda path: ({"world": 2}, {"scheduler": {}}, {}))
+    run = SimpleNamespace(dist=SimpleNamespace(rank=0, world=1), student=nn.Linear(2, 2))
+    with pytest.raises(
+        CheckpointError, match=r"written by 2 processes .* this run has 1; relaunch with torchrun "
+    ):
+        state.restore(run, tmp_path / "checkpoint-260")
+
+
+def test_R6_under_torchrun_only_rank_0_prints_the_error(monkeypatch, no_model_loads):
+    monkeypatch.setenv("RANK", "1")
+    r = run_cli(["distill", "model_name_or_path=s", "fsdp=shard_grad_op"])
+    assert r.code == 2 and "error:" not in r.err, r
+    monkeypatch.setenv("RANK", "0")
+    r = run_cli(["distill", "model_name_or_path=s", "fsdp=shard_grad_op"])
+    assert r.is_clean_error() and "shard_grad_op" in r.err, r
+
+
+def test_R10_push_to_hub_checks_the_repo_before_training(world, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class NoToken:
+        def create_repo(self, *a, **k):
+            raise OSError("Invalid user token.")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoToken)
+    r = _distill(world, tmp_path, push_to_hub="true", hub_model_id="me/tiny")
+    assert r.is_clean_error(), r
+    assert "me/tiny" in r.err and "Nothing was trained" in r.err and "step 1" not in r.err
+
+
+def test_R7_a_worker_stops_when_its_launcher_dies(monkeypatch, capsys):
+    import os
+    import threading
+
+    import gkd.cli
+
+    exited = threading.Event()
+    ppid = [os.getppid()]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(gkd.cli.os, "getppid", lambda: ppid[0])
+    monkeypatch.setattr(gkd.cli.os, "_exit", lambda code: exited.set())
+    thread = gkd.cli.watch_launcher(interval=0.01)
+    assert thread is not None and not exited.wait(0.1)  # the launcher lives: nothing happens
+    ppid[0] = 1  # re-parented to init: the launcher was killed
+    assert exited.wait(5)
+    thread.join(5)
+    assert not thread.is_alive() and "the launcher" in capsys.readouterr().err
+    monkeypatch.delenv("LOCAL_RANK")
+    assert gkd.cli.watch_launcher() is None  # not under a launcher: no watch
+
+
+def test_R8_a_model_folder_given_as_the_dataset_is_named_as_such(world, tmp_path, no_model_loads):
+    r = _distill(world, tmp_path, dataset=world.model("llama", "teacher"))
+    assert r.is_clean_error(), r
+    assert "is a model folder" in r.err
+
+
+def test_R9_a_tokenizer_error_is_not_cut_off(tmp_path):
+    from gkd.errors import ModelError
+    from gkd.models import _not_found
+
+    err = OSError(
+        "Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n(2) a slow one"
+    )
+    folder = tmp_path / "data"
+    folder.mkdir()
+    message = str(_not_found("tokenizer", str(folder), err))
+    assert isinstance(_not_found("tokenizer", str(folder), err), ModelError) and "\n" not in message
+    assert message.endswith("(1) a tokenizers file (2) a slow one")

@@ -71,3 +71,29 @@ def test_each_module_imports_only_modules_listed_above_it():
             if dep in rank and me in rank and dep != me and rank[dep] > rank[me]:
                 upward.append(f"{rel} imports gkd.{dep}")
     assert not upward, "imports that point up the layout: " + "; ".join(upward)
+
+
+# Modules gkd imports from torch that are not in every torch release, with the first release that has them.
+_TORCH_SINCE = {
+    "torch.distributed.fsdp.fully_shard": (2, 6),
+    "torch.distributed.fsdp.register_fsdp_forward_method": (2, 6),
+    "torch.distributed.tensor.DTensor": (2, 5),
+    "torch.distributed.tensor.distribute_tensor": (2, 5),
+}
+
+
+def test_the_lowest_torch_in_pyproject_has_every_torch_import_of_gkd():
+    """pyproject's lower bound for torch is a release where every ``from torch... import name`` of gkd exists."""
+    root = Path(__file__).resolve().parent.parent
+    spec = re.search(r'"torch>=(\d+)\.(\d+)', (root / "pyproject.toml").read_text())
+    assert spec is not None
+    lowest = (int(spec.group(1)), int(spec.group(2)))
+    used = set()
+    for path in (root / "src" / "gkd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+                used |= {f"{node.module}.{alias.name}" for alias in node.names}
+    assert "torch.distributed.fsdp.fully_shard" in used
+    for name in used:
+        since = _TORCH_SINCE.get(name, (2, 0))
+        assert lowest >= since, f"gkd imports {name} (torch >= {since}), but pyproject allows torch {lowest}"

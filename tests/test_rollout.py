@@ -317,16 +317,38 @@ def test_seq2seq_uses_generate():
     assert sample(model, ids, mask, generator=gen).completion_ids.shape[0] == 3
 
 
-def lora_llama():
+def lora_model(kind: str = "llama", **extra):
     peft = pytest.importorskip("peft")
-    model = build("llama")
-    lora = peft.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
-    )
+    model = build(kind)
+    modules = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, target_modules=modules, lora_dropout=0.0, init_lora_weights=False, **extra)
     return peft.get_peft_model(model, lora).eval()
 
 
-@pytest.mark.parametrize("case", ["gemma", "sliding_window", "lora"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_lora_students_take_the_fast_loop_and_sample_what_the_merged_model_samples(kind):
+    """A peft LoRA student keeps the fast loop, reading each adapted layer as its merged weight: sampled tokens
+    equal those of the same model merged into plain weights (``merge_and_unload``), seed for seed, and greedy
+    decoding equals the peft model's own ``generate``."""
+    import copy
+
+    model = lora_model(kind)
+    ids, mask = left_padded_batch()
+    assert fast_path_unsupported_reason(model, ids.shape[1] + 10) is None
+    merged = copy.deepcopy(model).merge_and_unload()
+    for seed in range(3):
+        ours = sample(model, ids, mask, backend="fast", generator=torch.Generator().manual_seed(seed))
+        plain = sample(merged, ids, mask, backend="fast", generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ours.completion_ids, plain.completion_ids)
+    greedy = sample(model, ids, mask, greedy=True)
+    assert torch.equal(
+        greedy.completion_ids, sample(model, ids, mask, greedy=True, backend="generate").completion_ids
+    )
+    with model.disable_adapter():  # the adapter matters: the base model alone decodes differently
+        assert not torch.equal(sample(model, ids, mask, greedy=True).completion_ids, greedy.completion_ids)
+
+
+@pytest.mark.parametrize("case", ["gemma", "sliding_window", "dora"])
 def test_unsupported_models_fall_back_to_generate(case):
     if case == "gemma":  # Llama-shaped modules, different maths (norm offset, embedding scale)
         torch.manual_seed(0)
@@ -334,8 +356,8 @@ def test_unsupported_models_fall_back_to_generate(case):
     elif case == "sliding_window":
         torch.manual_seed(0)
         model = MistralForCausalLM(MistralConfig(**DECODER, **COMMON, sliding_window=12)).eval()
-    else:
-        model = lora_llama()
+    else:  # DoRA's magnitude vector is not a merged weight the fast loop reads
+        model = lora_model(use_dora=True)
     ids, mask = left_padded_batch()
     assert fast_path_unsupported_reason(model, ids.shape[1] + 10) is not None
     with pytest.raises(ValueError, match="does not support"):
@@ -346,7 +368,7 @@ def test_unsupported_models_fall_back_to_generate(case):
     )
     for b in range(3):  # and it is the model's own (adapter-including) greedy decoding
         assert auto.completion_ids[b].tolist() == generate_row(model, ids[b][mask[b].bool()], 10, None)
-    if case == "lora":  # the adapter matters: the base model alone decodes differently
+    if case == "dora":  # the adapter matters: the base model alone decodes differently
         with model.disable_adapter():
             assert not torch.equal(sample(model, ids, mask, greedy=True).completion_ids, auto.completion_ids)
 

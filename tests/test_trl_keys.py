@@ -379,3 +379,57 @@ def test_every_unknown_key_is_reported_at_once_with_a_right_suggestion():
 def test_a_served_and_a_local_teacher_together_are_refused():
     with pytest.raises(ConfigError, match="give one"):
         cfg_of(teacher_url="http://127.0.0.1:8000", teacher_model_name_or_path="teacher/")
+
+
+def test_every_key_help_lists_acts_or_says_why_not():
+    """``gkd distill --help`` lists gkd's keys and TRL's. Each gkd key is read by the code that runs (not only
+    declared); each TRL key given a value gkd does not already follow changes the config, is named in a warning,
+    or stops the run with one line: nothing listed is silently ignored."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from gkd.cli import config_keys_help
+    from gkd.config import _IGNORED, GKDConfig, config_from_dict, trl_keys
+    from gkd.errors import ConfigError
+
+    listed = config_keys_help(100)
+    src = Path(__file__).resolve().parent.parent / "src" / "gkd"
+    code = "\n".join(p.read_text() for p in src.rglob("*.py") if p.name != "config.py")
+    plan = (src / "config.py").read_text().split("def training_plan", 1)[1].split("\n\n\n", 1)[0]
+    for f in dataclasses.fields(GKDConfig):
+        assert re.search(rf"^  {f.name}\b", listed, re.M), f"--help does not list {f.name}"
+        read = re.search(rf"(\.{f.name}\b|[\"']{f.name}[\"'])", code) or re.search(rf"cfg\.{f.name}\b", plan)
+        assert read, f"config key '{f.name}' is listed but nothing reads it"
+    base = config_from_dict({})
+    candidates = [True, False, 7, 0.5, "x", ["q_proj"], {"a": 1}, "server", None]
+    for key in trl_keys():
+        assert re.search(rf"^  {key}\b", listed, re.M), f"--help does not list {key}"
+        acted = []
+        for value in candidates:
+            if key in _IGNORED and value in _IGNORED[key][0]:
+                continue  # what gkd does anyway: nothing to say
+            try:
+                cfg = config_from_dict({key: value})
+            except ConfigError:
+                acted.append(value)  # refused in one line
+                continue
+            changed = cfg.to_dict() != base.to_dict()
+            named = any(key in note for note in cfg.warnings())
+            if changed or named:
+                acted.append(value)
+            elif key in _IGNORED:  # an ignored key must say so for every value gkd does not follow anyway
+                assert value is None, f"{key}: {value!r} is silently ignored"
+        assert acted, f"{key}: no value changes anything or is named"
+
+
+def test_vllm_keys_are_honoured_or_refused():
+    from gkd.config import config_from_dict
+    from gkd.errors import ConfigError
+
+    assert config_from_dict({"vllm_gpu_memory_utilization": 0.7}).vllm_gpu_memory_utilization == 0.7
+    assert config_from_dict({"vllm_mode": "colocate"}).rollout_backend == "auto"
+    with pytest.raises(ConfigError, match="vllm_mode: server"):
+        config_from_dict({"vllm_mode": "server"})
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
+        config_from_dict({"vllm_gpu_memory_utilization": 1.5})

@@ -151,6 +151,22 @@ def build_run(
     accelerator.wait_for_everyone()
     for warning in cfg.warnings():
         log(f"warning: {warning}")
+    if cfg.fsdp and dist.world == 1:
+        log(
+            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
+            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
+        )
+    if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
+        from gkd.config import bf16_weights_warning
+
+        log(
+            "warning: "
+            + bf16_weights_warning(
+                "the student model object is bfloat16: it",
+                cfg.learning_rate,
+                "load it in float32 (from_pretrained(..., dtype=torch.float32)) and set bf16: true for mixed precision",
+            )
+        )
     seed_everything(cfg.seed + dist.rank)
 
     # 1. everything that can be checked without model weights
@@ -182,7 +198,10 @@ def build_run(
     scheduler = lr_scheduler(optimizer, cfg, plan)
     scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
     tok = inputs.tokenizer
-    sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path)
+    options = (
+        {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if cfg.rollout_backend == "vllm" else {}
+    )
+    sampler = sampler or get_sampler(cfg.rollout_backend, model_path=cfg.model_name_or_path, **options)
     for note in path_notes(cfg, models.student, sampler, train_data):
         log(note)
     return Run(
@@ -292,7 +311,7 @@ def check_inputs(
     if cfg.dataset_adapter is not None:
         check_adapter(cfg.dataset_adapter)
     if tokenizer is None:
-        path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+        path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or _name_or_path(student)
         tokenizer = load_tokenizer(
             path,  # type: ignore[arg-type]
             "tokenizer",
@@ -489,6 +508,29 @@ def resolve_dtype(name: str, device: Any) -> str:
     if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
     return "float32"
+
+
+def _name_or_path(student: nn.Module | None) -> str:
+    """TRL's tokenizer fallback for a model object given without ``processing_class``: the folder or hub id it was
+    loaded from (``model.config._name_or_path``); a one-line error when it has none."""
+    name = (
+        getattr(getattr(unwrap(student), "config", None), "_name_or_path", None)
+        if student is not None
+        else None
+    )
+    if not name:
+        raise ConfigError(
+            "GKDTrainer: the student is a model object without a known origin (model.config._name_or_path is "
+            "empty), so there is no tokenizer to load; pass processing_class=AutoTokenizer.from_pretrained(...) "
+            "(or set tokenizer_name_or_path)"
+        )
+    return str(name)
+
+
+def _bf16_weights(student: nn.Module, cfg: GKDConfig) -> bool:
+    """Are the trainable weights of a given student object bfloat16 (trained without a float32 master copy)?"""
+    params = [p for p in student.parameters() if p.requires_grad] or list(student.parameters())
+    return bool(params) and cfg.lora is None and any(p.dtype == torch.bfloat16 for p in params)
 
 
 def prepare_output_dir(cfg: GKDConfig, out: Path, is_main: bool) -> None:

@@ -22,6 +22,7 @@ removes those and nothing else) and an interrupted write is never mistaken for a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -180,12 +181,25 @@ def save_checkpoint(
             f"checkpoint-{step}: another process failed to write its part; nothing was saved"
         )
     if error is not None:
+        if rank == 0:
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # a half-written folder must not stay (on a full disk least of all)
+        mapped = _write_error(error, f"checkpoint-{step}", output_dir)
+        if mapped is not None:
+            raise mapped from error
         raise error
     if rank != 0:
         dist.barrier()  # rank 0 renames the folder into place
         return final
-    (tmp / STATE_JSON).write_text(json.dumps({"step": step, "world": world, **info}, indent=2, default=str))
-    _fsync_tree(tmp)
+    try:
+        (tmp / STATE_JSON).write_text(
+            json.dumps({"step": step, "world": world, **info}, indent=2, default=str)
+        )
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, f"checkpoint-{step}", output_dir) from e  # type: ignore[misc]
     if final.exists():
         old = output_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
         os.replace(final, old)
@@ -198,6 +212,25 @@ def save_checkpoint(
     if world > 1:
         dist.barrier()
     return final
+
+
+def _write_error(error: BaseException, what: str, folder: Path) -> CheckpointError | None:
+    """A failed write as one line: a full disk (ENOSPC, or torch's zip writer failing mid-file) names the folder;
+    other OS errors their reason. None for anything else (re-raised as it is)."""
+    no_space = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(error, RuntimeError)
+        and any(m in str(error) for m in ("No space left", "unexpected pos", "file write failed"))
+    )
+    if no_space:
+        return CheckpointError(
+            f"no space left on device writing {what} in {folder}; nothing of it was kept (the last complete "
+            "checkpoint is intact): free space, or lower save_total_limit, and resume with resume_from_checkpoint=latest"
+        )
+    if isinstance(error, OSError):
+        return CheckpointError(
+            f"cannot write {what} in {folder} ({error.strerror or error}); check the folder"
+        )
+    return None
 
 
 def _fsync_file(path: Path) -> None:

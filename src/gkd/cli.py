@@ -31,6 +31,8 @@ import re
 import shutil
 import sys
 import textwrap
+import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -312,10 +314,38 @@ def config_from_argv(argv: list[str]):
     return run_config(args.config, extra, sft=args.command == "sft")
 
 
+def watch_launcher(interval: float = 1.0) -> threading.Thread | None:
+    """Under a launcher (torchrun / accelerate launch: ``LOCAL_RANK`` set), stop this worker when the launcher
+    dies: a ``kill -9`` of torchrun otherwise leaves the workers training on, and a resumed run would share
+    ``output_dir`` with them. A daemon thread polls the parent's pid; the checkpoints already written are complete
+    (written atomically), so the run resumes from the last one."""
+    if "LOCAL_RANK" not in os.environ:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:  # re-parented: the launcher is gone
+                print(
+                    f"error: the launcher (pid {parent}) is gone; this worker stops (resume with "
+                    "resume_from_checkpoint=latest)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(2)
+                return  # (only reached where os._exit is replaced, in tests)
+
+    thread = threading.Thread(target=watch, name="gkd-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
     from gkd.trainer import GKDTrainer
 
     cfg = run_config(args.config, args.overrides, sft=sft)
+    watch_launcher()
     result = GKDTrainer(cfg).train()
     loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
     status = "already_finished" if result.already_finished else "finished"
@@ -397,6 +427,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from gkd.sampling import local_sampler
 
     _check_sampling_args(args)
+    target = Path(os.path.expanduser(args.out))
+    if target.is_dir():
+        raise GKDError(
+            f"--out '{args.out}' is a folder; give a file name for the JSONL, e.g. --out {target / 'generations.jsonl'}"
+        )
     tok, model, data = _load_for_inference(args)
     from gkd.io import atomic_open
 
@@ -777,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     except GKDError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if (
+            int(os.environ.get("RANK", "0")) == 0
+        ):  # under torchrun: one error line (rank 0's), not one per process
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

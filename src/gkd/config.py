@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -43,13 +44,22 @@ __all__ = [
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with the number and null spellings people actually write.
 
-    PyYAML implements YAML 1.1, where ``1e-5`` (no dot), ``1E-5``, ``inf`` and ``nan`` are *strings* and only
+    PyYAML implements YAML 1.1, where ``no`` / ``yes`` / ``on`` / ``off`` are booleans (here, as in YAML 1.2 and
+    HfArgumentParser, they are strings, which a bool key reads as bools), and where ``1e-5`` (no dot), ``1E-5``, ``inf`` and ``nan`` are *strings* and only
     ``1.0e-5`` / ``.inf`` are floats; every other trainer (and YAML 1.2, and Python) reads them as numbers. ``None``
     (Python's spelling) is read as null like ``null`` and ``~``. ``none`` stays a string (``teacher_cache: none``).
     """
 
 
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# YAML 1.2's booleans only (HfArgumentParser / TrlParser read ``no``, ``yes``, ``on``, ``off`` as the strings they are:
+# ``save_strategy: no``); a bool key takes those words as bools (``_coerce``)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _FLOAT_RE = re.compile(
     r"""^[-+]?(?:
         (?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+    # 1e-5, 2E-4, 1.5e3, .5e-3
@@ -211,6 +221,8 @@ class GKDConfig:
     top_k: int = 0
     max_new_tokens: int = 128
     rollout_backend: Literal["auto", "fast", "generate", "vllm"] = "auto"
+    vllm_gpu_memory_utilization: float = 0.3
+    """With ``rollout_backend: vllm``: the GPU memory fraction of the student's colocated vLLM engine (TRL's key)."""
 
     # --- RL + GKD ---------------------------------------------------------------------------------------------
     alpha: float = 1.0
@@ -287,7 +299,9 @@ class GKDConfig:
     """Checkpoint every this many steps (0: only at the end; below 1: a fraction of the run)."""
     save_strategy: Literal["steps", "epoch", "best", "no"] | None = None
     """``steps``: every ``save_steps``; ``epoch``: after every epoch; ``best``: when ``metric_for_best_model``
-    improves; ``no``: no intermediate checkpoints. Unset: ``steps``. The final model is saved either way."""
+    improves; ``no``: no checkpoints at all (no ``checkpoint-N`` folder, not even at the end or on Ctrl-C: the run
+    cannot be resumed), as in transformers. Unset: ``steps``. The final model is saved in ``output_dir`` either
+    way."""
     save_total_limit: int | None = 2
     """Checkpoints kept (oldest removed first; the best one is never removed with ``load_best_model_at_end``)."""
     eval_steps: int | float = 0
@@ -406,13 +420,7 @@ class GKDConfig:
                     "teacher_cache_topk"
                 )
         if self.student_dtype == "bfloat16":
-            lost = self.learning_rate * 2**9  # |w| above this: an update of ~lr is below half a bf16 spacing
-            out.append(
-                "student_dtype: bfloat16 trains the bf16 weights directly (no float32 master copy): an update "
-                f"of about learning_rate={self.learning_rate:g} is rounded away for every weight with "
-                f"|w| > {lost:.2g} (bf16 keeps 8 significant bits), e.g. all RMSNorm/LayerNorm gains near 1; "
-                "use student_dtype: float32 unless the learning rate is large"
-            )
+            out.append(bf16_weights_warning("student_dtype: bfloat16", self.learning_rate))
         if (
             self.divergence == "nll"
             and self.teacher_model_name_or_path is not None
@@ -436,6 +444,42 @@ class GKDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def bf16_weights_warning(what: str, learning_rate: float, fix: str = "use student_dtype: float32") -> str:
+    """The warning for a student trained in bf16 weights (``student_dtype: bfloat16``, or a bf16 model object)."""
+    lost = learning_rate * 2**9  # |w| above this: an update of ~lr is below half a bf16 spacing
+    return (
+        f"{what} trains the bf16 weights directly (no float32 master copy): an update of about "
+        f"learning_rate={learning_rate:g} is rounded away for every weight with |w| > {lost:.2g} (bf16 keeps 8 "
+        f"significant bits), e.g. all RMSNorm/LayerNorm gains near 1; {fix} unless the learning rate is large"
+    )
+
+
+_dataclass_init = GKDConfig.__init__
+
+
+def _gkd_config_init(self: GKDConfig, *args: Any, **kwargs: Any) -> None:
+    """``GKDConfig(**keys)`` takes every key the command line and YAML take, with the same meaning: gkd's keys,
+    TRL's names of them (``dataset_name``, ``torch_dtype``, ``use_peft`` + ``lora_r``, ...), TRL keys gkd ignores
+    (named in a warning when they ask for something gkd does not do) and the same one-line error, with the closest
+    key, for an unknown one (a :class:`gkd.errors.ConfigError`, not Python's ``TypeError``)."""
+    names = [f.name for f in dataclasses.fields(GKDConfig)]
+    if len(args) > len(names):
+        raise ConfigError(f"GKDConfig takes keyword arguments (config keys), got {len(args)} positional ones")
+    for name, value in zip(names, args, strict=False):
+        if name in kwargs:
+            raise ConfigError(f"GKDConfig: config key '{name}' given twice (positionally and by name)")
+        kwargs[name] = value
+    data, notes = _from_trl(kwargs)
+    _check_known(GKDConfig, data)
+    self.notes = notes
+    _dataclass_init(self, **data)
+
+
+_gkd_config_init.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+_gkd_config_init.__wrapped__ = _dataclass_init  # type: ignore[attr-defined]
+GKDConfig.__init__ = _gkd_config_init  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -647,8 +691,6 @@ _IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
     "do_train": ((True, False), "gkd distill always trains"),
     "do_eval": ((True, False), "evaluation follows eval_strategy / eval_dataset"),
     "use_vllm": ((False,), "set rollout_backend: vllm for vLLM rollouts"),
-    "vllm_mode": (("server", "colocate"), "only used with rollout_backend: vllm"),
-    "vllm_gpu_memory_utilization": ((0.3, 0.9), "only used with rollout_backend: vllm"),
     "lora_task_type": (("CAUSAL_LM", "SEQ_2_SEQ_LM"), "the task type follows the student's architecture"),
     "use_rslora": ((False,), "not used"),
 }
@@ -674,7 +716,9 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             if key in out:
                 raise ConfigError(f"config keys '{alias}' and '{key}' set the same thing; give only '{key}'")
             value = out.pop(alias)
-            out[key] = (not value) if alias == "disable_tqdm" and isinstance(value, bool) else value
+            if alias == "disable_tqdm" and as_bool(value) is not None:
+                value = not as_bool(value)
+            out[key] = value
     # the dtype inside TRL's model_init_kwargs / teacher_model_init_kwargs is gkd's student_dtype / teacher_dtype
     for kwargs_key, dtype_key in (
         ("model_init_kwargs", "student_dtype"),
@@ -706,7 +750,12 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out.pop("deepspeed", None)
     # fsdp: TRL's "full_shard [auto_wrap]" (or a list of them, or gkd's true/false) -> FSDP2 (gkd.fsdp)
     fsdp = out.pop("fsdp", None)
-    out.pop("fsdp_config", None)  # gkd wraps every decoder layer and the root itself
+    if out.pop("fsdp_config", None):  # gkd wraps every decoder layer and the root itself
+        notes.append(
+            "config key 'fsdp_config' is ignored: gkd shards every decoder layer and the model's root itself"
+        )
+    if isinstance(fsdp, str) and (fsdp.strip() == "" or as_bool(fsdp) is not None):
+        fsdp = bool(as_bool(fsdp))  # TrainingArguments' default "" (and yes/no): not sharded
     if isinstance(fsdp, str | list | tuple):
         options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in fsdp]
         other = [o for o in options if o not in ("full_shard", "auto_wrap")]
@@ -719,7 +768,10 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if fsdp is not None:
         out["fsdp"] = fsdp
     # LoRA the TRL way: use_peft switches it on, lora_* set it
-    use_peft = out.pop("use_peft", False)
+    raw_peft = out.pop("use_peft", False)
+    use_peft = False if raw_peft is None else as_bool(raw_peft)
+    if use_peft is None:
+        raise ConfigError("config key 'use_peft' must be true or false (TRL's flag that turns LoRA on)")
     given = [k for k in out if k in _PEFT_KEYS]
     peft = {_PEFT_KEYS[k]: out.pop(k) for k in given}
     if use_peft:
@@ -741,9 +793,17 @@ def _from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             )
         out["eval_dataset"] = out["dataset"]
         out.setdefault("eval_split", "test")
+    mode = out.pop("vllm_mode", None)
+    if mode not in (None, "colocate"):
+        raise ConfigError(
+            f"config key 'vllm_mode: {mode}': gkd's vLLM rollouts (rollout_backend: vllm) run colocated in the "
+            "training process; a vLLM server is not supported: set vllm_mode: colocate or drop the key"
+        )
     for key in [k for k in out if k in _IGNORED]:
         value = out.pop(key)
         quiet, why = _IGNORED[key]
+        if any(isinstance(q, bool) for q in quiet) and as_bool(value) is not None:
+            value = as_bool(value)  # read as HfArgumentParser reads a flag: --packing no
         if value not in quiet:
             notes.append(f"config key '{key}: {value}' is ignored: {why}")
     return out, notes
@@ -759,6 +819,7 @@ def trl_keys() -> dict[str, str]:
     out["deepspeed"] = "not supported yet (an error)"
     out["fsdp"] = "full_shard [auto_wrap]: shard the student with FSDP2 (other options: an error)"
     out["fsdp_config"] = "accepted and ignored: gkd shards every decoder layer and the model's root itself"
+    out["vllm_mode"] = "colocate: what rollout_backend: vllm does (server: an error)"
     for key, (_quiet, why) in _IGNORED.items():
         out[key] = f"accepted and ignored: {why}"
     for key, why in _FOREIGN.items():
@@ -802,6 +863,14 @@ def _coerce(value: Any, annotation: Any) -> Any:
             if typing.get_origin(opt) is Literal and "none" in typing.get_args(opt):
                 return "none"
         return value
+    if bool in options and not _accepts_text(options):
+        word = as_bool(value)  # HfArgumentParser's string_to_bool: yes/no, true/false, on/off, y/n, t/f, 1/0
+        if word is not None:
+            return word
+    if isinstance(value, bool) and bool not in options and _accepts_text(options):
+        return (
+            "true" if value else "false"
+        )  # a text key: the word as written (YAML reads true/false as bools)
     if isinstance(value, str) and (float in options or int in options):
         try:
             parsed = parse_value(value)
@@ -823,17 +892,42 @@ def _coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
+_TRUE = ("yes", "true", "t", "y", "1", "on")
+_FALSE = ("no", "false", "f", "n", "0", "off")
+
+
+def as_bool(value: Any) -> bool | None:
+    """``value`` read as a bool the way HfArgumentParser's ``string_to_bool`` reads a flag (``yes``/``no``,
+    ``true``/``false``, ``on``/``off``, ``y``/``n``, ``t``/``f``, ``1``/``0``, any case); None if it is not one."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    return None
+
+
+def _accepts_text(options: tuple[Any, ...]) -> bool:
+    """Does a key of these type options take a string (``str``, or a choice of strings)?"""
+    for opt in options:
+        if opt is str:
+            return True
+        if typing.get_origin(opt) is Literal and any(isinstance(a, str) for a in typing.get_args(opt)):
+            return True
+    return False
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     data = dict(data)
-    unknown = [_unknown_key(str(k), list(hints), prefix) for k in data if k not in hints]
-    if len(unknown) == 1:
-        raise unknown[0]
-    if unknown:  # all of them at once: a migrated config is fixed in one go, not one key per run
-        parts = [str(e).removeprefix("unknown config key ") for e in unknown]
-        raise ConfigError(f"{len(unknown)} unknown config keys: " + " | ".join(parts))
+    _check_known(cls, data, prefix)
     for key, value in data.items():
         data[key] = value = _coerce(value, hints[key])
         if dataclasses.is_dataclass(_dataclass_of(hints[key])) and isinstance(value, dict):
@@ -843,6 +937,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 f"config key '{prefix}{key}' must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
             )
     return cls(**data)
+
+
+def _check_known(cls: type, data: dict[str, Any], prefix: str = "") -> None:
+    """Every key of ``data`` a field of ``cls``, else one error naming all unknown ones, each with a suggestion."""
+    hints = _hints(cls)
+    unknown = [_unknown_key(str(k), list(hints), prefix) for k in data if k not in hints]
+    if len(unknown) == 1:
+        raise unknown[0]
+    if unknown:  # all of them at once: a migrated config is fixed in one go, not one key per run
+        parts = [str(e).removeprefix("unknown config key ") for e in unknown]
+        raise ConfigError(f"{len(unknown)} unknown config keys: " + " | ".join(parts))
 
 
 def _dataclass_of(annotation: Any) -> Any:
@@ -886,6 +991,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lmbda_warmup_steps": (lambda v: v >= 0, ">= 0"),
     "loss_temperature": (lambda v: v > 0, "> 0"),
     "temperature": (lambda v: v > 0, "> 0"),
+    "vllm_gpu_memory_utilization": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 disables top-k)"),
     "max_new_tokens": (lambda v: v > 0, _POSITIVE),
@@ -1088,6 +1194,11 @@ def _check_schedule(cfg: GKDConfig) -> None:
         raise ConfigError("config key 'save_strategy: best' needs evaluations; eval_strategy is 'no'")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         raise ConfigError("config key 'load_best_model_at_end' needs evaluations; eval_strategy is 'no'")
+    if cfg.load_best_model_at_end and cfg.save_strategy == "no":
+        raise ConfigError(
+            "config key 'load_best_model_at_end' keeps the best checkpoint, but save_strategy is 'no' (no "
+            "checkpoints are written); set save_strategy: steps (or best), or drop load_best_model_at_end"
+        )
 
 
 def _config_terms(cfg: GKDConfig, message: str) -> str:

@@ -58,11 +58,21 @@ def read_jsonl(path: Path, skip_bad_lines: bool = False) -> tuple[list[dict], in
     records: list[dict] = []
     skipped = 0
     try:
-        fh = path.open(encoding="utf-8")
+        fh = path.open("rb")
     except OSError as e:
         raise DataError(f"cannot read dataset file '{path}': {e.strerror}") from e
     with fh:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(
+                    b"\xef\xbb\xbf"
+                )  # a UTF-8 BOM (Windows tools write one): not part of the record
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -139,11 +149,18 @@ def load_records(
     """
     path = Path(os.path.expanduser(spec))
     if path.is_file():
-        if path.suffix in (".jsonl", ".ndjson") or (path.suffix == ".json" and _is_json_lines(path)):
+        suffix = path.suffix.lower()  # data.JSONL is a JSONL file
+        if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _is_json_lines(path)):
             return read_jsonl(path, skip_bad_lines)
-        return _load_with_datasets(
-            "json" if path.suffix == ".json" else path.suffix.lstrip("."), path, split
-        ), 0
+        if suffix in _BUILDERS:
+            return _load_with_datasets(_BUILDERS[suffix], path, split), 0
+        # any other local file (data.txt, no suffix): JSONL if it looks like it, never a hub builder's name
+        if _is_json_lines(path):
+            return read_jsonl(path, skip_bad_lines)
+        raise DataError(
+            f"dataset '{spec}' is a {suffix or 'suffix-less'} file that is not JSON lines; gkd reads JSONL (one JSON "
+            "object a line), JSON, CSV and Parquet files: convert it to one of them"
+        )
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _load_from_disk(path, split), 0
@@ -156,6 +173,11 @@ def load_records(
                 records += r
                 skipped += s
             return records, skipped
+        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+            raise DataError(
+                f"dataset '{spec}' is a model folder (config.json and weights), not data; set dataset to a JSONL "
+                "file, a data folder or a datasets hub name"
+            )
         return _load_with_datasets(None, path, split, config_name, split_key), 0
     if _missing_local(spec):
         raise DataError(f"dataset '{spec}' does not exist; check the path (looked for {path.absolute()})")
@@ -167,13 +189,18 @@ def _missing_local(spec: str) -> bool:
     name or whose first folder exists here): failing at once beats minutes of hub retries."""
     from gkd.io import missing_local_path
 
-    return spec.endswith((".jsonl", ".json", ".parquet", ".csv")) or missing_local_path(spec)
+    return spec.lower().endswith((".jsonl", ".ndjson", *_BUILDERS)) or missing_local_path(spec)
+
+
+# local data files that ``datasets`` reads with a builder of that name (by suffix, any case)
+_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 def _is_json_lines(path: Path) -> bool:
-    with path.open(encoding="utf-8") as fh:
-        head = fh.read(1).strip()
-    return head == "{"
+    """Does the file start (after a BOM and blank space) with a JSON object?"""
+    with path.open("rb") as fh:
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] == b"{"
 
 
 @contextlib.contextmanager
@@ -207,12 +234,37 @@ def _load_with_datasets(
     config_name: str | None = None,
     split_key: str = "split",
 ) -> list[dict]:
+    from gkd.io import hub_offline_reason
+
+    offline = hub_offline_reason() if path is None else None  # a hub name: no network, the local cache only
     try:
-        with _quiet_datasets() as datasets:
+        with _quiet_datasets() as datasets, _hub_offline(offline is not None):
             ds = _load_dataset(datasets, builder, path, split, config_name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
+        if offline is not None:
+            raise DataError(
+                f"dataset '{builder}' is not a local path nor in the local datasets cache, and {offline}; download "
+                "it where there is a network, or give a local file or folder"
+            ) from e
         raise _datasets_error(e, builder or path, split, split_key) from e
     return list(ds)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """``datasets`` and huggingface_hub in offline mode for one load (their flags are read at import)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
 def _datasets_error(e: Exception, name: Any, split: str, split_key: str) -> DataError:
@@ -632,7 +684,11 @@ def open_dataset(
     try:
         with _quiet_datasets() as datasets:
             if path.is_file():
-                builder = "json" if path.suffix in (".jsonl", ".ndjson", ".json") else path.suffix.lstrip(".")
+                builder = (
+                    "json"
+                    if path.suffix.lower() in (".jsonl", ".ndjson", ".json")
+                    else path.suffix.lower().lstrip(".")
+                )
                 return datasets.load_dataset(
                     builder, data_files=str(path), split="train", streaming=streaming
                 )
@@ -937,7 +993,9 @@ def read_with_datasets(cfg: Any, spec: str, world: int) -> bool:
         return False
     if cfg.skip_bad_lines and not cfg.dataset_streaming:
         path = Path(os.path.expanduser(spec))
-        return not (path.suffix in (".jsonl", ".ndjson", ".json") or (path.is_dir() and not path.suffix))
+        return not (
+            path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (path.is_dir() and not path.suffix)
+        )
     return True
 
 

@@ -100,6 +100,41 @@ def missing_local_path(path: str) -> bool:
     return cannot_be_hub_id(path) or ("/" in path and bool(first) and os.path.isdir(first))
 
 
+_HUB_PROBE: dict[str, str | None] = {}
+
+
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (None: it can): ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set, or one TCP connection to the hub's host (``HF_ENDPOINT``)
+    failing within ``timeout`` seconds. Probed once per process, so a hub id without a network fails in seconds
+    instead of after minutes of huggingface_hub's retries; loads then use the local hub cache only."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_PROBE:
+        import socket
+
+        url = urlparse(endpoint)
+        host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_PROBE[endpoint] = None
+        except OSError as e:
+            _HUB_PROBE[endpoint] = f"the hub ({host}) cannot be reached ({e.strerror or type(e).__name__})"
+    return _HUB_PROBE[endpoint]
+
+
+def hub_kwargs(path: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for ``path``: ``local_files_only`` when it is not a local path and the hub
+    cannot be reached (:func:`hub_offline_reason`), so that only the local hub cache is tried."""
+    if os.path.exists(os.path.expanduser(path)) or hub_offline_reason() is None:
+        return {}
+    return {"local_files_only": True}
+
+
 def quiet_libraries() -> None:
     """For a process that prints only gkd's own lines (the CLI, study workers): no per-load progress bars or
     advisory warnings from transformers, no tokenizers fork warnings."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gkd.errors import ModelError
-from gkd.io import cannot_be_hub_id, missing_local_path, quiet_progress_bars
+from gkd.io import cannot_be_hub_id, hub_kwargs, hub_offline_reason, missing_local_path, quiet_progress_bars
 from gkd.losses import Head
 
 __all__ = [
@@ -78,12 +78,21 @@ def _check_exists(path: str, what: str) -> None:
 
 
 def _not_found(what: str, path: str, err: Exception) -> ModelError:
+    offline = hub_offline_reason() if not os.path.exists(os.path.expanduser(path)) else None
+    if offline is not None:
+        return ModelError(
+            f"{what} '{path}' is not a local folder nor in the local hub cache, and {offline}; download it where "
+            f"there is a network (hf download {path}) or give a local folder"
+        )
     if not os.path.exists(os.path.expanduser(path)):
         return ModelError(
             f"{what} '{path}' is not a local folder and could not be loaded from the hub; "
             "check the path (or the hub id and your network)"
         )
-    return ModelError(f"{what} '{path}' could not be loaded: {str(err).splitlines()[0]}")
+    reason = " ".join(str(err).split())  # every line of it (the first may end in "one of:")
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    return ModelError(f"{what} '{path}' could not be loaded: {reason}")
 
 
 def _is_adapter_folder(path: str) -> bool:
@@ -143,7 +152,9 @@ def load_tokenizer(
 
     _check_exists(path, what)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), **(init_kwargs or {}))
+        tok = AutoTokenizer.from_pretrained(
+            os.path.expanduser(path), **{**hub_kwargs(path), **(init_kwargs or {})}
+        )
     except (OSError, ValueError, TypeError) as e:
         if not _is_adapter_folder(path):
             raise _not_found(what, path, e) from e
@@ -181,7 +192,7 @@ def _load_config(path: str, what: str, seen: frozenset[str]) -> Any:
         _check_no_cycle(path, base, what, seen)
         return _load_config(base, f"{what} (base of the adapter '{path}')", seen | {_key(path)})
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(path))
+        return AutoConfig.from_pretrained(os.path.expanduser(path), **hub_kwargs(path))
     except (OSError, ValueError) as e:
         raise _not_found(what, path, e) from e
 
@@ -293,13 +304,15 @@ def _load_plain(path: str, what: str, dtype: str, extra: dict[str, Any]) -> nn.M
 
     local = os.path.expanduser(path)
     try:
-        config = AutoConfig.from_pretrained(local)
+        config = AutoConfig.from_pretrained(local, **hub_kwargs(path))
     except (OSError, ValueError) as e:
         raise _not_found(what, path, e) from e
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with quiet_progress_bars():
-            model = cls.from_pretrained(local, dtype=_DTYPES.get(dtype, dtype), **extra)
+            model = cls.from_pretrained(
+                local, dtype=_DTYPES.get(dtype, dtype), **{**hub_kwargs(path), **extra}
+            )
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise ModelError(
             f"{what} '{path}' could not be loaded as {cls.__name__}: {str(e).splitlines()[0]}"

@@ -79,6 +79,16 @@ def check_data(cfg: GKDConfig, train: TokenizedDataset, evaluation: TokenizedDat
     from gkd.scoring import check_records
 
     if not train.has_targets and cfg.needs_targets:
+        examples = getattr(train, "examples", None)
+        missing = (
+            [i for i, e in enumerate(examples) if e.completion is None] if isinstance(examples, list) else []
+        )
+        if missing and len(missing) < len(examples):  # one broken record, not prompt-only data
+            raise DataError(
+                f"record {missing[0] + 1} of the training data has no completion; {len(examples) - len(missing)} "
+                f"records do ({len(missing)} do not): add the missing completion{'s' if len(missing) > 1 else ''} "
+                "or remove those records (or set lmbda: 1, which trains on the student's samples only)"
+            )
         when = (
             "lmbda < 1"
             if cfg.lmbda < 1.0

@@ -196,6 +196,7 @@ def sample_with(
     device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if backend != "generate":
+        plain = _peft_base(model)  # a LoRA student: its transformers model, adapters read as merged weights
         length = input_ids.shape[1] + params.max_new_tokens
         reason = (
             fast_path_unsupported_reason(model, length)
@@ -203,7 +204,7 @@ def sample_with(
             else auto_fast_reason(model, length)
         )
         if reason is None:
-            return _sample_fast(model, input_ids, attention_mask, params, generator)
+            return _sample_fast(plain, input_ids, attention_mask, params, generator)
         if backend == "fast":
             raise ConfigError(
                 f"rollout_backend: fast does not support this model ({reason}); use rollout_backend: auto"
@@ -302,6 +303,7 @@ def fast_path_unsupported_reason(model: nn.Module, total_length: int = 0) -> str
     against sliding windows and learned position tables. Reasons known from the config alone come first (see
     :func:`fast_backend_config_reason`).
     """
+    model = _peft_base(model)
     config = getattr(model, "config", None)
     reason = fast_backend_config_reason(config)
     if reason is not None:
@@ -372,6 +374,48 @@ def _is_linear(module: object) -> bool:
     return type(module) is nn.Linear
 
 
+def _peft_base(model: nn.Module) -> nn.Module:
+    """A peft-wrapped (LoRA) student's transformers model, whose projections are peft LoRA layers that the fast
+    loop reads as merged weights (:func:`_weight_and_bias`); any other model as it is."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def _is_lora(module: object, base_type: type) -> bool:
+    """A peft LoRA layer over a plain ``base_type`` layer that the fast loop can read as one merged weight: plain
+    LoRA adapters (no DoRA or other variant, no LoRA bias)."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not base_type or not callable(getattr(module, "get_delta_weight", None)):
+        return False
+    active = [a for a in getattr(module, "active_adapters", []) if a in getattr(module, "lora_A", {})]
+    return not any(
+        a in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(a, False)
+        for a in active
+    )
+
+
+def _is_projection(module: object) -> bool:
+    """A plain ``nn.Linear``, or a plain LoRA layer over one."""
+    return _is_linear(module) or _is_lora(module, nn.Linear)
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias the layer computes with: a LoRA layer's base weight plus every active adapter's
+    ``get_delta_weight``, added as peft's ``merge`` adds them (so the fast loop samples exactly what the merged
+    model, ``merge_and_unload()``, samples)."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight, module.bias
+    weight = base.weight
+    if not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return weight, base.bias
+
+
 def _is_rms_norm(module: object) -> bool:
     return isinstance(module, nn.Module) and hasattr(module, "weight") and hasattr(module, "variance_epsilon")
 
@@ -398,8 +442,8 @@ def _llama_unsupported_reason(model: nn.Module, total_length: int) -> str | None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not all(_is_linear(m) for m in projections):
-            return "attention/MLP projections are not plain nn.Linear (LoRA, quantization, ...)"
+        if not all(_is_projection(m) for m in projections):
+            return "attention/MLP projections are not plain nn.Linear or plain LoRA (DoRA, quantization, ...)"
         if not (
             _is_rms_norm(getattr(layer, "input_layernorm", None))
             and _is_rms_norm(layer.post_attention_layernorm)
@@ -430,8 +474,8 @@ def _gpt2_unsupported_reason(model: nn.Module, total_length: int) -> str | None:
         return f"prompt + completion ({total_length}) exceeds the {core.wpe.num_embeddings} learned positions"
     for block in blocks:
         convs = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
-        if not all(type(m) is Conv1D for m in convs):
-            return "attention/MLP layers are not plain Conv1D (LoRA, quantization, ...)"
+        if not all(type(m) is Conv1D or _is_lora(m, Conv1D) for m in convs):
+            return "attention/MLP layers are not plain Conv1D or plain LoRA (DoRA, quantization, ...)"
         if not (type(block.ln_1) is nn.LayerNorm and type(block.ln_2) is nn.LayerNorm):
             return "unexpected layer norms"
     return None
@@ -501,14 +545,13 @@ class _Projection:
 
 def _projections(linears: list[nn.Linear], layout: str, batch: int) -> list[_Projection]:
     """Linear layers that share an input, fused into one projection unless that would need a copy."""
+    parts = [_weight_and_bias(m) for m in linears]  # LoRA layers: the merged weight
     if layout == "view":
-        return [_Projection(m.weight, m.bias, layout, batch) for m in linears]
-    weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+        return [_Projection(w, b, layout, batch) for w, b in parts]
+    weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
     bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat(
-            [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
-        )
+    if any(b is not None for _, b in parts):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
     return [_Projection(weight, bias, layout, batch)]
 
 
@@ -647,7 +690,8 @@ class _GPT2Decoder:
         self.lm_head = _Projection(model.lm_head.weight, model.lm_head.bias, layout, batch)
 
         def conv(module: nn.Module) -> _Projection:
-            return _Projection(module.weight.t(), module.bias, layout, batch)
+            weight, bias = _weight_and_bias(module)  # LoRA layers: the merged weight
+            return _Projection(weight.t(), bias, layout, batch)
 
         self.blocks = [
             {

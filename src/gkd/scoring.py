@@ -310,6 +310,13 @@ def check_records(
     for i, rec in enumerate(sample):
         if needs_refs and not M.references_of(rec):
             raise no_refs(i)
+    refs = [str(r) for rec in sample for r in (M.references_of(rec) or [])]
+    if as_reward and name == "final_answer" and refs and not any("####" in r for r in refs):
+        raise DataError(
+            f"{key} 'final_answer' scores the answer after '####', but none of the first {len(sample)} records' "
+            "targets has one: the data does not look like arithmetic / GSM8K data, and every reward would be 0; "
+            "use a reward for this data (e.g. rouge2, or the task's name)"
+        )
     if entry.task is None:
         return
     if entry.kind == "task":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,15 @@ class TrainState:
     best_checkpoint: str | None = None
     """The name of the checkpoint folder holding the best evaluated model (``checkpoint-STEP``), once one was saved
     at a best evaluation's step: never removed by ``save_total_limit``; ``load_best_model_at_end`` loads it."""
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    """transformers' ``TrainerState.log_history``, as TRL scripts read it: one dict per logged step (``loss``,
+    ``learning_rate``, ``grad_norm``, ``epoch``, ``step`` and gkd's diagnostics), per evaluation (``eval_<metric>``,
+    ``epoch``, ``step``) and, last, the run's summary (``train_runtime``, ``train_loss``, ...)."""
+
+    @property
+    def global_step(self) -> int:
+        """transformers' name of :attr:`step`: optimizer steps taken."""
+        return self.step
 
 
 def save(run: Run, state: TrainState) -> Path | None:
@@ -159,6 +168,12 @@ def restore(run: Run, path: Path) -> TrainState:
             raise CheckpointError(f"checkpoint '{path}': its shards do not fit this run ({e})") from e
     elif "optimizer" in optim:
         run.optimizer.load_state_dict(optim["optimizer"])
+    elif int(info.get("world", 1)) != world:  # sharded by another number of processes: that is the cause
+        n = int(info.get("world", 1))
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by {n} processes (sharded with fsdp), this run has {world}; relaunch "
+            f"with torchrun --nproc_per_node {n} (and fsdp: full_shard)"
+        )
     else:
         raise CheckpointError(f"checkpoint '{path}' was written by a sharded (fsdp) run; resume it with fsdp")
     run.scheduler.load_state_dict(optim["scheduler"])
@@ -173,6 +188,7 @@ def restore(run: Run, path: Path) -> TrainState:
         best_metric=saved.get("best_metric"),
         best_step=saved.get("best_step"),
         best_checkpoint=saved.get("best_checkpoint"),
+        log_history=list(saved.get("log_history", [])),
     )
 
 

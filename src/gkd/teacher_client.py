@@ -124,7 +124,9 @@ class ServedTeacher:
         self.max_request_tokens: int | None = None
 
     # --- HTTP -------------------------------------------------------------------------------------------------
-    def _request(self, path: str, payload: Any = None) -> Any:
+    def _request(self, path: str, payload: Any = None, *, first: bool = False) -> Any:
+        """One JSON request with retries. ``first``: the run's first contact, before any step: a refused connection
+        (nothing listens at the URL) fails at once, and no error there speaks of resuming (nothing was trained)."""
         url = self.url + path
         data = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -154,19 +156,28 @@ class ServedTeacher:
                 last = f"HTTP {e.code}: {message}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)
+                if first and isinstance(reason, ConnectionRefusedError):
+                    raise ConfigError(
+                        f"nothing listens at {self.url} (connection refused); start the teacher there (gkd "
+                        "serve-teacher or vllm serve) or fix teacher_url (host and port)"
+                    ) from None
                 last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
             except json.JSONDecodeError:
                 raise ModelError(f"the teacher at {url} did not answer with JSON") from None
+        if first:
+            raise ModelError(
+                f"the teacher at {self.url} did not answer after {self.max_retries + 1} attempts ({last}); check "
+                "that it is running and that teacher_url is right"
+            )
         raise TeacherUnavailable(
-            f"the teacher at {self.url} did not answer after {self.max_retries + 1} attempts ({last}); "
-            "start it again and resume with resume_from_checkpoint=latest"
+            f"the teacher at {self.url} did not answer after {self.max_retries + 1} attempts ({last}); start it again"
         )
 
     # --- checks -----------------------------------------------------------------------------------------------
     def connect(self, tokenizer: Any = None, eos_ids: list[int] | None = None) -> ServedTeacher:
         """``GET /v1/models``: the served model's name and, from ``gkd serve-teacher``, its vocabulary, tokenizer and
         EOS ids checked against the student's (a stock vLLM server gives none of them: those checks are skipped)."""
-        info = self._request("/v1/models")
+        info = self._request("/v1/models", first=True)
         try:
             self.model_name = info["data"][0]["id"]
         except (KeyError, IndexError, TypeError):

@@ -20,8 +20,8 @@ the final model. The last checkpoint (``checkpoint-<last step>``) still holds th
 
 Not supported / untested here (2 CPU cores, no GPU): CUDA and mixed precision have never run; FSDP and DeepSpeed
 through ``accelerate config`` are documented but only CPU DDP (gloo, 2 processes) is tested; vLLM rollouts are
-import-guarded and untested. Model families off the fast sampler (anything but Llama, Mistral, Qwen2/3, GPT-2;
-LoRA students; dropout on) sample with ``model.generate``; seq2seq students and heads with a logit transform
+import-guarded and untested. Model families off the fast sampler (anything but Llama, Mistral, Qwen2/3, GPT-2,
+plain LoRA on them included; DoRA; dropout on) sample with ``model.generate``; seq2seq students and heads with a logit transform
 (softcapping) score from full logits instead of the chunked fused path.
 """
 
@@ -36,11 +36,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.trainer_utils import TrainOutput
 
 from gkd import checkpoint as ckpt
 from gkd import state as run_state
@@ -58,15 +58,37 @@ from gkd.step import gkd_step
 __all__ = ["GKDTrainer", "TrainResult", "TrainingInterrupted"]
 
 
-@dataclass
-class TrainResult:
+class TrainResult(TrainOutput):
+    """What :meth:`GKDTrainer.train` returns: transformers' ``TrainOutput`` (``global_step``, ``training_loss``, the
+    mean loss of the steps this call trained, and ``metrics``: ``train_runtime``, ``train_samples_per_second``,
+    ``train_steps_per_second``, ``train_loss``, ``epoch``), as TRL scripts read it, with gkd's fields besides:
+    ``step``, ``final_loss`` (the last step's), ``skipped_steps``, ``output_dir``, ``wall_s`` and
+    ``already_finished`` (the run was already complete, resumed at ``max_steps``: nothing was trained or saved)."""
+
     step: int
     final_loss: float
     skipped_steps: int
     output_dir: Path
     wall_s: float
-    already_finished: bool = False
-    """True when the run was already complete (resumed at ``max_steps``): nothing was trained or saved."""
+    already_finished: bool
+
+    def __new__(
+        cls,
+        step: int,
+        final_loss: float,
+        skipped_steps: int,
+        output_dir: Path,
+        wall_s: float,
+        already_finished: bool = False,
+        training_loss: float | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> TrainResult:
+        self = super().__new__(
+            cls, step, final_loss if training_loss is None else training_loss, metrics or {}
+        )
+        self.step, self.final_loss, self.skipped_steps = step, final_loss, skipped_steps
+        self.output_dir, self.wall_s, self.already_finished = output_dir, wall_s, already_finished
+        return self
 
 
 # --- the TRL-shaped arguments of GKDTrainer, turned into gkd's (config changes and objects) ---------------------
@@ -400,6 +422,7 @@ class GKDTrainer:
         self._log_fn = log
         self.run: Run | None = None
         self.state = TrainState()
+        """The loop's counters: ``state.global_step`` and ``state.log_history`` as in transformers' Trainer."""
 
     def log(self, msg: str) -> None:
         """A console line (banner, warnings, steps, evaluations): stderr, or the ``log`` callable given."""
@@ -435,6 +458,25 @@ class GKDTrainer:
     @property
     def student(self) -> nn.Module:
         return self.setup().student
+
+    @property
+    def model(self) -> nn.Module:
+        """The student being trained (transformers' / TRL's ``trainer.model``; a peft model for LoRA runs)."""
+        return self.setup().student
+
+    @property
+    def args(self) -> GKDConfig:
+        """The run's config (TRL's ``trainer.args``)."""
+        return self.cfg
+
+    @property
+    def processing_class(self) -> Any:
+        """The run's tokenizer (TRL's ``trainer.processing_class``; ``trainer.tokenizer`` is the older name)."""
+        return self.setup().tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processing_class
 
     @property
     def teacher(self) -> Any:
@@ -497,17 +539,29 @@ class GKDTrainer:
                 f"nothing to do: the run is already at step {st.step} ({length}); raise {knob} to train further"
             )
             return TrainResult(
-                st.step, st.last_loss, st.skipped_steps, run.output_dir, 0.0, already_finished=True
+                st.step,
+                st.last_loss,
+                st.skipped_steps,
+                run.output_dir,
+                0.0,
+                already_finished=True,
+                metrics={"train_runtime": 0.0, "epoch": st.step / plan.steps_per_epoch},
             )
+        if cfg.push_to_hub:
+            self._hub_repo(before_training=True)  # the token and the repo, before hours of training
         self.log(banner(run))
         progress = Progress(plan.max_steps, st.step, show_bar=cfg.progress and run.dist.is_main, log=self.log)
         interrupted = _catch_signals(run.dist.is_main)
+        first_step, losses = st.step, []
         try:
             while st.step < plan.max_steps:
                 record = self.train_step()
+                if not record.get("nonfinite") and math.isfinite(record["loss"]):
+                    losses.append(record["loss"])
                 progress.update(st.step, record)
                 if record.pop("logged"):
                     self.tracker.log(record)
+                    st.log_history.append(self._history(record))
                     progress.print(format_record(record))
                 if record.get("nonfinite"):
                     self._skipped(record["nonfinite"])
@@ -517,12 +571,15 @@ class GKDTrainer:
                     raise KeyboardInterrupt
         except KeyboardInterrupt as e:
             progress.close()
-            path = self.save()
-            cause = f"{e}; " if isinstance(e, GKDError) else ""  # e.g. the served teacher stopped answering
-            raise TrainingInterrupted(
-                f"{cause}interrupted at step {st.step}; checkpoint saved to {path}. Resume with "
-                "resume_from_checkpoint=latest"
-            ) from None
+            if self._checkpoints:
+                saved = f"checkpoint saved to {self.save()}. Resume with resume_from_checkpoint=latest"
+            else:
+                saved = "no checkpoint written (save_strategy: no), so the run cannot be resumed"
+            if isinstance(
+                e, GKDError
+            ):  # e.g. the served teacher stopped answering: an error (exit 2), not Ctrl-C
+                raise TrainingError(f"{e}; stopped at step {st.step}; {saved}") from None
+            raise TrainingInterrupted(f"interrupted at step {st.step}; {saved}") from None
         finally:
             progress.close()
             interrupted.restore()
@@ -530,7 +587,8 @@ class GKDTrainer:
         if plan.evaluate and self._best is not None:  # the last evaluation may be the best: before the save
             self._evaluate_and_track()
             evaluated = True
-        self.save()
+        if self._checkpoints:
+            self.save()
         if cfg.load_best_model_at_end:
             self._load_best()
         if cfg.lora is not None and cfg.lora.save_merged and run.dist.is_main:
@@ -547,7 +605,40 @@ class GKDTrainer:
         )
         if cfg.push_to_hub:
             self.push_to_hub()
-        return TrainResult(st.step, st.last_loss, st.skipped_steps, run.output_dir, wall)
+        steps = st.step - first_step
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * run.dist.world
+        training_loss = sum(losses) / len(losses) if losses else float("nan")
+        metrics = {
+            "train_runtime": round(wall, 4),
+            "train_samples_per_second": round(steps * per_step / wall, 3) if wall > 0 else 0.0,
+            "train_steps_per_second": round(steps / wall, 3) if wall > 0 else 0.0,
+            "train_loss": training_loss,
+            "epoch": st.step / plan.steps_per_epoch,
+        }
+        st.log_history.append({**metrics, "step": st.step})
+        return TrainResult(
+            st.step,
+            st.last_loss,
+            st.skipped_steps,
+            run.output_dir,
+            wall,
+            training_loss=training_loss,
+            metrics=metrics,
+        )
+
+    def _history(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A logged step's record as a ``log_history`` entry: transformers' names (``learning_rate``, ``epoch``)
+        first, then gkd's own diagnostics."""
+        out = {"loss": record["loss"], "grad_norm": record.get("grad_norm"), "learning_rate": record["lr"]}
+        out.update({k: v for k, v in record.items() if k not in ("lr", "step")})
+        out.update(epoch=self.state.step / self.setup().plan.steps_per_epoch, step=record["step"])
+        return out
+
+    @property
+    def _checkpoints(self) -> bool:
+        """Does the run write ``checkpoint-N`` folders? Not with ``save_strategy: no`` (transformers' meaning: none at
+        all; the final model is still saved in ``output_dir``)."""
+        return self.cfg.save_strategy != "no"
 
     def _evaluate_and_save_on_cadence(self) -> None:
         """After a step before the last: evaluate every ``eval_steps``; checkpoint every ``save_steps``, at every
@@ -557,7 +648,7 @@ class GKDTrainer:
         if plan.eval_steps and st.step % plan.eval_steps == 0:
             improved = self._evaluate_and_track()
             evaluated = True
-        if (
+        if self._checkpoints and (
             (plan.save_steps and st.step % plan.save_steps == 0)
             or (evaluated and self.cfg.load_best_model_at_end)
             or (improved and plan.save_best)
@@ -569,10 +660,12 @@ class GKDTrainer:
         st = self.state
         self.log(f"warning: step {st.step} skipped: non-finite {what}")
         if st.nonfinite_in_a_row >= self.cfg.max_consecutive_nonfinite:
-            path = self.save()
+            where = (
+                f"checkpoint {self.save()}" if self._checkpoints else "no checkpoint: save_strategy is 'no'"
+            )
             raise TrainingError(
                 f"{st.nonfinite_in_a_row} consecutive steps had a non-finite {what}; stopped at step {st.step} "
-                f"(checkpoint {path}). Lower learning_rate or check the data"
+                f"({where}). Lower learning_rate or check the data"
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -595,6 +688,10 @@ class GKDTrainer:
         )
         out: dict[str, float] = {"step": self.state.step, **flatten(scores, prefix="eval/")}
         self.tracker.log(out)
+        named = {"eval_" + name: out[key] for key, name in zip(out, _user_names(list(out))) if key != "step"}
+        self.state.log_history.append(
+            {**named, "epoch": self.state.step / run.plan.steps_per_epoch, "step": self.state.step}
+        )
         self.log("eval: " + ", ".join(f"{k}={v:.2f}" for k, v in out.items() if k != "step"))
         return out
 
@@ -672,6 +769,35 @@ class GKDTrainer:
         run.accelerator.wait_for_everyone()
         return out
 
+    def _hub_repo(self, before_training: bool = False) -> str | None:
+        """Create (or find) the hub repo ``hub_model_id`` (main process only); returns its id. Called before training
+        with ``push_to_hub``, so a missing token, no network or no permission stops the run at once."""
+        import huggingface_hub
+
+        run, cfg = self.setup(), self.cfg
+        if not run.dist.is_main:
+            return None
+        repo_id = cfg.hub_model_id or run.output_dir.resolve().name
+        if not before_training:
+            url = huggingface_hub.HfApi().create_repo(
+                repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token
+            )
+            return getattr(url, "repo_id", None) or repo_id
+        try:
+            url = huggingface_hub.HfApi().create_repo(
+                repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token
+            )
+        except Exception as e:  # no token, no network, no permission
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise GKDError(
+                f"push_to_hub: the hub repo '{repo_id}' cannot be created or reached ({type(e).__name__}"
+                f"{': ' + reason if reason else ''}); log in (hf auth login, HF_TOKEN or hub_token), check the "
+                "network, or set push_to_hub: false. Nothing was trained"
+            ) from e
+        repo_id = getattr(url, "repo_id", None) or repo_id
+        self._created_repo = (cfg.hub_model_id, repo_id)
+        return repo_id
+
     def push_to_hub(self) -> str | None:
         """Upload the final model and tokenizer of ``output_dir`` (the files :meth:`save_model` wrote, not the
         checkpoints) to the hub repo ``hub_model_id`` (default: the output folder's name), created if needed
@@ -690,8 +816,8 @@ class GKDTrainer:
             )
         try:
             api = huggingface_hub.HfApi()
-            url = api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True, token=cfg.hub_token)
-            repo_id = getattr(url, "repo_id", None) or repo_id
+            created = getattr(self, "_created_repo", None)  # made before training, for this hub_model_id
+            repo_id = created[1] if created and created[0] == cfg.hub_model_id else self._hub_repo()
             api.upload_folder(
                 repo_id=repo_id,
                 folder_path=str(run.output_dir),
