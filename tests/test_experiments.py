@@ -77,7 +77,7 @@ def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
     assert main(["experiment", name, "--quick", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["experiment"] == name and summary["runs"]
-    assert (out / "report.md").read_text().startswith("#")
+    assert (out / "report.md").read_text().startswith("> smoke run (--quick)")
     assert (out / "results.png").exists()
 
 

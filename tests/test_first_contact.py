@@ -913,6 +913,17 @@ def test_R8_a_local_file_that_is_not_json_lines_is_one_line(world, tmp_path, no_
     assert "notes.txt" in r.err and "JSONL" in r.err
 
 
+def test_R8_a_folder_whose_files_name_no_train_split_lists_them_all(world, tmp_path, no_model_loads):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("test16.jsonl", *(f"part{i}.jsonl" for i in range(24))):
+        shutil.copy(world.data("prompt_completion"), folder / name)
+    r = _distill(world, tmp_path, dataset=str(folder))
+    assert r.is_clean_error(), r
+    # the split-named file and the count of the others, not one file of 25
+    assert "test16.jsonl" in r.err and "24 file(s) that name no split" in r.err
+
+
 @pytest.mark.parametrize("broken", ['{"prompt": "p"}', '{"prompt": "p", "completion": null}'])
 def test_R2_a_record_missing_its_completion_is_named(broken, world, tmp_path, no_model_loads):
     lines = _lines(world)[:8]

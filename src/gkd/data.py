@@ -124,10 +124,17 @@ def _split_files(folder: Path, split: str, split_key: str) -> list[Path]:
         return mine
     named = {f: _file_split(f) for f in files if _file_split(f) is not None}
     if named:
+        rest = [f.name for f in files if f not in named]
+        unnamed = (
+            f", and {len(rest)} file(s) that name no split ({', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''}), "
+            "which a folder with split-named files does not use"
+            if rest
+            else ""
+        )
         raise DataError(
             f"dataset folder '{folder}' has no '{split}*.jsonl' file (it has "
-            f"{', '.join(sorted(f.name for f in named))}); add one or set {split_key} to one of "
-            f"{', '.join(sorted(set(named.values())))}"
+            f"{', '.join(sorted(f.name for f in named))}{unnamed}); add one, rename the files, or set {split_key} "
+            f"to one of {', '.join(sorted(set(named.values())))}"
         )
     return files
 

@@ -202,6 +202,8 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     report = REPORTS[name](summary)
+    if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
+        report = "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report
     (out / "report.md").write_text(report)
     try:
         PLOTS[name](summary, out / "results.png")

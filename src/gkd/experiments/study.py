@@ -1071,7 +1071,8 @@ def _run_logged(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=console is None or not console.is_terminal,  # a log file gets one line per finished run instead
+        disable=console is None
+        or not console.is_terminal,  # a log file gets one line per finished run instead
     )
     with progress:
         bar = progress.add_task("runs", total=len(jobs), completed=len(done), last="")
