@@ -116,7 +116,11 @@ def test_scaling_quick_reports_the_paired_gain_per_student_size(tmp_path):
     assert len(sizes) == 3 and all(set(v["runs"]) == runs for v in sizes)
     assert all(len(v["runs"]["gkd_reverse_kl"]["sample"]["set_match"]["seeds"]) == 2 for v in sizes)
     report = (tmp_path / "scaling" / "report.md").read_text()
-    assert report.startswith("# scaling") and report.count("| gkd_reverse_kl |") == 3
+    assert (
+        report.startswith("> smoke run (--quick)")
+        and "\n# scaling" in report
+        and report.count("| gkd_reverse_kl |") == 3
+    )
     assert (tmp_path / "scaling" / "results.png").stat().st_size > 1000
     # the full config names three distinct student sizes and the teacher gkd ships
     spec = load_family("scaling")
@@ -133,7 +137,11 @@ def test_arithmetic_lambda_quick_reports_the_grid_and_shares_the_arithmetic_work
     divs = {n.rpartition("_lambda_")[0] for n in summary["runs"]}
     assert divs == {"forward_kl", "reverse_kl"} and len(summary["runs"]) == 7
     report = (out / "report.md").read_text()
-    assert report.startswith("# arithmetic_lambda") and report.count("| forward_kl | ") == 4
+    assert (
+        report.startswith("> smoke run (--quick)")
+        and "\n# arithmetic_lambda" in report
+        and report.count("| forward_kl | ") == 4
+    )
     assert "Δ vs λ=0" in report and (out / "results.png").stat().st_size > 1000
     # same workspace and settings as `gkd experiment arithmetic`, so the two share teacher and start
     a, b = load_family("arithmetic"), load_family("arithmetic_lambda")
@@ -158,7 +166,11 @@ def test_instruction_quick_scores_held_in_and_held_out_instructions(tmp_path):
     test = {instruction_of(r) for r in study.read_jsonl(data / "test.jsonl")}
     assert not student & {"upper late", "lower early"} and teacher == test == set(INSTRUCTIONS)
     report = (out / "report.md").read_text()
-    assert report.startswith("# instruction") and "Δ held out vs supervised_kd" in report
+    assert (
+        report.startswith("> smoke run (--quick)")
+        and "\n# instruction" in report
+        and "Δ held out vs supervised_kd" in report
+    )
     assert (out / "results.png").stat().st_size > 1000
 
 

@@ -36,7 +36,8 @@ def test_translation_lambda_quick_reports_the_paired_lambda_difference_per_facto
     assert temp["shared"] == [0.0] and temp["runs"][0.0] is summary["runs"]["lambda_0"]  # λ=0 does not sample
 
     text = (out / "report.md").read_text()
-    assert text.startswith("# translation_lambda") and text == report(summary)
+    smoke = "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n"
+    assert text.startswith(smoke + "# translation_lambda") and text == smoke + report(summary)
     assert "λ=1 − λ=0" in text and "## greedy bleu" in text and "## T=1 bleu" in text
     for factor in (
         "| baseline |",
