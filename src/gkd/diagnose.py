@@ -97,13 +97,25 @@ class _Probe:
     """The two models, the tokenizer and the settings every measurement shares."""
 
     def __init__(
-        self, student, teacher, tok, sampler, vocab, temperature, seed, batch_size, reward, metric, recs
+        self,
+        student,
+        teacher,
+        tok,
+        sampler,
+        vocab,
+        temperature,
+        seed,
+        batch_size,
+        reward,
+        metric,
+        recs,
+        off_track,
     ):
         self.models, self.tok, self.sampler, self.vocab = (student, teacher), tok, sampler, vocab
         self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
         self.reward, self.metric, self.recs = reward, metric, recs
         self.eos = set(eos_ids(student, tok))
-        self.log_off_track = math.log(0.05)
+        self.log_off_track = math.log(off_track)
 
     def sample(self, who: int, prompts: list[list[int]], greedy: bool, max_new: int) -> list[list[int]]:
         """Completion ids (EOS kept when emitted) of ``prompts`` by model ``who`` (0 student, 1 teacher)."""
@@ -415,8 +427,9 @@ def diagnose(
         check_records(metric, recs, "--metric", as_reward=True)
     ss, ts = unwrap(student), unwrap(teacher)
     sampler = sampler or local_sampler("auto")
-    probe = _Probe(ss, ts, tokenizer, sampler, vocab, temperature, seed, batch_size, reward, metric, recs)
-    probe.log_off_track = math.log(off_track)
+    probe = _Probe(
+        ss, ts, tokenizer, sampler, vocab, temperature, seed, batch_size, reward, metric, recs, off_track
+    )
     prompts, everyone, notes = [e.prompt for e in examples], range(len(examples)), []
     with eval_mode(teacher), eval_mode(student):
         sampler.sync(ss)
