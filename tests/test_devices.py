@@ -36,6 +36,7 @@ import pytest
 import torch
 from device_paths import SCENARIOS, run_scenario, scenario_trainer
 from pretend_device import PRETEND, DeviceMixError, PretendGenerator, is_pretend, pretend_device, real
+from tiny import micro_batch_loss
 
 import gkd._fused
 import gkd.build
@@ -43,7 +44,6 @@ import gkd.evaluation
 import gkd.objective
 import gkd.rl
 import gkd.rollout
-from gkd.step import micro_batch_loss
 from gkd.teacher import Teacher, TopKCache
 from gkd.trainer import GKDTrainer
 

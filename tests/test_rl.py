@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import base_config, make_model
+from tiny import micro_batch_loss
 
 from gkd.data import Batch, collate, tokenize_records
 from gkd.rl import compute_advantages, compute_rewards, discounted_returns, load_reward
-from gkd.step import micro_batch_loss, student_samples
+from gkd.step import student_samples
 from gkd.trainer import GKDTrainer
 
 

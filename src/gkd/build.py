@@ -27,11 +27,11 @@ from torch import nn
 from gkd import checkpoint as ckpt
 from gkd import preflight
 from gkd.config import GKDConfig, Plan, training_plan
-from gkd.data import BatchStream, TokenizedDataset, load_records, make_stream, tokenize_records
+from gkd.data import TokenizedDataset, load_records, make_stream, tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import eos_ids
 from gkd.models import (
-    Scorer,
+    StudentForward,
     apply_lora,
     check_teacher_student,
     disable_dropout,
@@ -43,78 +43,11 @@ from gkd.models import (
 )
 from gkd.objective import Objective
 from gkd.rl import load_reward
+from gkd.run import Coin, Dist, Run
 from gkd.sampling import Sampler, SamplingParams, get_sampler
-from gkd.step import Coin
-from gkd.teacher import Teacher, TopKCache, build_topk_cache, seqkd_dataset
+from gkd.teacher import CachedTeacher, Reference, Teacher, TopKCache, build_topk_cache, seqkd_dataset
 
-__all__ = ["Dist", "Run", "build_run", "load_dataset"]
-
-
-class Dist:
-    """The processes of the run (accelerate): sums over ranks and rank 0's decisions."""
-
-    def __init__(self, accelerator: Any) -> None:
-        self.world = accelerator.num_processes
-        self.rank = accelerator.process_index
-        self.is_main = accelerator.is_main_process
-        self.device = accelerator.device
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def broadcast_flag(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-@dataclass
-class Run:
-    """The components of a run. ``student`` is the trained model (a peft model for LoRA); ``scorer`` is its
-    forward pass at completion positions, wrapped for data parallelism; ``sampling_model`` is what the sampler
-    samples (the plain transformers model, or the peft model)."""
-
-    cfg: GKDConfig
-    accelerator: Any
-    dist: Dist
-    output_dir: Path
-    tokenizer: Any
-    student: nn.Module
-    scorer: nn.Module
-    sampling_model: nn.Module
-    teacher: Teacher | None
-    reference: Teacher | None
-    topk_cache: TopKCache | None
-    train_data: TokenizedDataset
-    eval_data: TokenizedDataset | None
-    stream: BatchStream
-    sampler: Sampler
-    sampling: SamplingParams
-    objective: Objective
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    coin: Coin
-    rollout_gen: torch.Generator
-    reward_fn: Any
-    eos: list[int]
-    vocab: int
-    resume_dir: Path | None
-    plan: Plan
-    """Step counts of the run (max_steps from epochs, warm-up, logging/save/eval cadence), see training_plan."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
+__all__ = ["Dist", "Run", "build_run", "load_dataset"]  # Dist and Run live in gkd.run
 
 
 def build_run(
@@ -196,7 +129,8 @@ def build_run(
     plan = training_plan(cfg, len(train_data), dist.world, has_eval_data=inputs.eval_data is not None)
     optimizer = adamw(params, cfg)
     scheduler = lr_scheduler(optimizer, cfg, plan)
-    scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
+    student_forward, optimizer = accelerator.prepare(StudentForward(models.student, models.vocab), optimizer)
+    objective = Objective.from_config(cfg)
     tok = inputs.tokenizer
     options = (
         {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if cfg.rollout_backend == "vllm" else {}
@@ -211,9 +145,9 @@ def build_run(
         output_dir=output_dir,
         tokenizer=tok,
         student=models.student,
-        scorer=scorer,
+        student_forward=student_forward,
         sampling_model=unwrap(models.student) if cfg.lora is None else models.student,
-        teacher=models.teacher,
+        teacher=teacher_for(models.teacher, topk_cache, objective),
         reference=models.reference,
         topk_cache=topk_cache,
         train_data=train_data,
@@ -223,7 +157,7 @@ def build_run(
         ),
         sampler=sampler,
         sampling=rollout_params(cfg, models.eos, tok.pad_token_id, models.vocab),
-        objective=Objective.from_config(cfg),
+        objective=objective,
         optimizer=optimizer,
         scheduler=scheduler,
         coin=Coin(cfg.seed, dist),
@@ -234,6 +168,15 @@ def build_run(
         resume_dir=inputs.resume_dir,
         plan=plan,
     )
+
+
+def teacher_for(teacher: Any, cache: TopKCache | None, objective: Objective) -> Any:
+    """What the step asks for the teacher's view: the top-k cache in front of the live teacher where the loss is a
+    divergence over the vocabulary (the sampled estimators need the teacher's log-probability of the sampled token,
+    which a cache of fixed batches does not serve), else the teacher itself (local or served)."""
+    if cache is not None and objective.mode == "divergence":
+        return CachedTeacher(teacher, cache)
+    return teacher
 
 
 def path_notes(cfg: GKDConfig, student: nn.Module, sampler: Sampler, data: TokenizedDataset) -> list[str]:
@@ -392,7 +335,7 @@ def load_models(
     reference = None
     if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
         initial = given_student if cfg.model_name_or_path is None else None
-        reference = Teacher(load_reference(cfg, initial).to(device), vocab)
+        reference = Reference(load_reference(cfg, initial).to(device), vocab)
     return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))
 
 

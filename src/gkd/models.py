@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,12 @@ from torch import nn
 
 from gkd.errors import ModelError
 from gkd.io import cannot_be_hub_id, hub_kwargs, hub_offline_reason, missing_local_path, quiet_progress_bars
-from gkd.losses import Head
+from gkd.outputs import Head, ScoringOutput
 
 __all__ = [
     "Scorer",
     "ScoringOutput",
+    "StudentForward",
     "apply_lora",
     "build_model",
     "check_teacher_student",
@@ -479,15 +479,6 @@ def check_teacher_student(
 # ---------------------------------------------------------------------------------------------------------------
 # scoring: hidden states at valid positions + head, or logits
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class ScoringOutput:
-    """What the loss needs from a model at the ``N`` valid positions of a batch."""
-
-    hidden: torch.Tensor | None  # [N, H] (fused path), with ``head``
-    head: Head | None
-    logits: torch.Tensor | None  # [N, V] (plain path)
-
-
 def fused_head_unsupported_reason(model: nn.Module) -> str | None:
     """Why the loss cannot run chunked from this model's hidden states and head (``None`` if it can); it then
     scores from full logits at the completion positions, which costs ``[positions, vocab]`` memory."""
@@ -603,8 +594,9 @@ def score_positions(
     return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
 
 
-class Scorer(nn.Module):
-    """``score_positions`` as a module, so that data-parallel wrappers (DDP via accelerate) see the forward pass."""
+class StudentForward(nn.Module):
+    """The student's forward pass at the completion positions (``score_positions`` as a module, so that data-parallel
+    wrappers, DDP via accelerate, see it): hidden states + head, or logits where the head cannot run chunked."""
 
     def __init__(self, model: nn.Module, vocab: int | None, fused: bool = True) -> None:
         super().__init__()
@@ -628,6 +620,9 @@ class Scorer(nn.Module):
             vocab=self.vocab,
             fused=self.fused,
         )
+
+
+Scorer = StudentForward  # the earlier name
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from gkd.config import RESUME_KEYS, GKDConfig
 from gkd.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from gkd.build import Run
+    from gkd.run import Run
 
 __all__ = ["TrainState", "check_resume_compat", "public_config", "restore", "save"]
 
