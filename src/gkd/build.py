@@ -26,7 +26,7 @@ from torch import nn
 
 from gkd import checkpoint as ckpt
 from gkd import preflight
-from gkd.config import GKDConfig, Plan, training_plan
+from gkd.config import GKDConfig, Plan, bf16_weights_warning, training_plan
 from gkd.data import TokenizedDataset, load_records, make_stream, tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import eos_ids
@@ -76,30 +76,7 @@ def build_run(
         have_data=train_records is not None or train_dataset is not None,
     )
     output_dir = Path(os.path.expanduser(cfg.output_dir))
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    accelerator = make_accelerator(cfg)
-    dist = Dist(accelerator)
-    prepare_output_dir(cfg, output_dir, dist.is_main)
-    accelerator.wait_for_everyone()
-    for warning in cfg.warnings():
-        log(f"warning: {warning}")
-    if cfg.fsdp and dist.world == 1:
-        log(
-            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
-            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
-        )
-    if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
-        from gkd.config import bf16_weights_warning
-
-        log(
-            "warning: "
-            + bf16_weights_warning(
-                "the student model object is bfloat16: it",
-                cfg.learning_rate,
-                "load it in float32 (from_pretrained(..., dtype=torch.float32)) and set bf16: true for mixed precision",
-            )
-        )
+    accelerator, dist = start_processes(cfg, output_dir, student, log)
     seed_everything(cfg.seed + dist.rank)
 
     # 1. everything that can be checked without model weights
@@ -168,6 +145,35 @@ def build_run(
         resume_dir=inputs.resume_dir,
         plan=plan,
     )
+
+
+def start_processes(
+    cfg: GKDConfig, output_dir: Path, student: nn.Module | None, log: Callable[[str], None]
+) -> tuple[Any, Dist]:
+    """The accelerator and the processes of the run, the output folder prepared, and the config's warnings said."""
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = make_accelerator(cfg)
+    dist = Dist(accelerator)
+    prepare_output_dir(cfg, output_dir, dist.is_main)
+    accelerator.wait_for_everyone()
+    for warning in cfg.warnings():
+        log(f"warning: {warning}")
+    if cfg.fsdp and dist.world == 1:
+        log(
+            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
+            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
+        )
+    if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
+        log(
+            "warning: "
+            + bf16_weights_warning(
+                "the student model object is bfloat16: it",
+                cfg.learning_rate,
+                "load it in float32 (from_pretrained(..., dtype=torch.float32)) and set bf16: true for mixed precision",
+            )
+        )
+    return accelerator, dist
 
 
 def teacher_for(teacher: Any, cache: TopKCache | None, objective: Objective) -> Any:
