@@ -450,9 +450,9 @@ def test_load_records_of_a_mistyped_local_path_never_queries_the_hub(tmp_path, m
             load_records(spec)
         assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
     assert calls == []
-    import gkd.io
+    import gkd.data.records
 
-    monkeypatch.setattr(gkd.io, "hub_offline_reason", lambda *a, **k: None)  # as with a network
+    monkeypatch.setattr(gkd.data.records, "hub_offline_reason", lambda *a, **k: None)  # as with a network
     with pytest.raises(DataError, match="could not be loaded"):  # a genuine hub name still goes to the hub
         load_records("org/name")
     assert calls

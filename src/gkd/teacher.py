@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from gkd.data import Batch, Example, TokenizedDataset
-from gkd.evaluation import generate_ids
 from gkd.io import atomic_write, fingerprint, write_jsonl
 from gkd.losses import DEFAULT_CHUNK_ELEMENTS, TeacherTopK
 from gkd.models import ScoringOutput, score_positions
-from gkd.sampling import LocalSampler, Sampler, local_sampler
+from gkd.sampling import LocalSampler, Sampler, generate_ids, local_sampler
 
 __all__ = ["Teacher", "TopKCache", "build_topk_cache", "seqkd_dataset"]
 
