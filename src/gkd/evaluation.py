@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gkd.data import TokenizedDataset
+from gkd.metrics import self_bleu
 from gkd.models import unwrap
 from gkd.sampling import LocalSampler, Sampler, eos_ids, generate_ids
+from gkd.scoring import DEFAULT_TOKENIZE, TASK_TOKENIZE, get_scorer, resolve_scorer
 
 __all__ = ["eos_ids", "evaluate", "flatten", "generate_ids", "generate_texts"]
 
@@ -73,8 +75,6 @@ def evaluate(
                                batch_size=500)
     """
     if isinstance(scorer, str):
-        from gkd.scoring import DEFAULT_TOKENIZE, TASK_TOKENIZE, get_scorer, resolve_scorer
-
         text_tokenize = tokenize or DEFAULT_TOKENIZE
         score: ScoreFn = resolve_scorer(scorer, tokenize=text_tokenize)
         # self-BLEU of a task name's (or task metric's) samples: the tasks' token text, as the experiments score it
@@ -114,8 +114,6 @@ def evaluate(
             for key, value in score(records, preds).items():
                 scores[key] = scores.get(key, 0.0) + value / len(seeds)
         if len(seeds) > 1:
-            from gkd.metrics import self_bleu
-
             scores["self_bleu"] = self_bleu([list(s) for s in zip(*runs)], tokenize=diversity_tokenize)
         out[mode] = scores
     return out
