@@ -42,6 +42,17 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
 
 
+def test_gkd_data_offers_every_name_of_its_files():
+    """``gkd.data`` is one package of four files; every public name of each is importable from ``gkd.data``."""
+    import gkd.data
+    from gkd.data import arrow, batch, records, tokenize
+
+    for part in (records, tokenize, arrow, batch):
+        for name in part.__all__:
+            assert getattr(gkd.data, name) is getattr(part, name), name
+    assert set(gkd.data.__all__) == {n for part in (records, tokenize, arrow, batch) for n in part.__all__}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading records
 # ---------------------------------------------------------------------------------------------------------------

@@ -307,3 +307,21 @@ def test_vllm_sampler_is_seeded_from_the_generator_and_samples_only_the_synced_m
     sampler.sample(student, ids, mask, _params(tokenizer, max_new_tokens=2, greedy=True), gen)
     assert torch.equal(gen.get_state(), state) and sampler.llm.requests[-1][1]["temperature"] == 0.0
     assert sampler.llm.requests[-1][1]["seed"] is None
+
+
+def test_the_old_import_paths_give_the_same_objects():
+    """``gkd.rollout``, ``gkd.rollout_vllm`` and ``gkd.evaluation`` keep the names that moved into the package."""
+    import gkd.evaluation
+    import gkd.rollout
+    import gkd.rollout_vllm
+    import gkd.sampling
+    import gkd.sampling.fast
+    import gkd.sampling.local
+    import gkd.sampling.vllm
+
+    for name in gkd.rollout.__all__:
+        new = getattr(gkd.sampling.local, name, None) or getattr(gkd.sampling.fast, name)
+        assert getattr(gkd.rollout, name) is new, name
+    assert gkd.rollout_vllm.VLLMSampler is gkd.sampling.vllm.VLLMSampler is gkd.sampling.VLLMSampler
+    assert gkd.evaluation.generate_ids is gkd.sampling.generate_ids
+    assert gkd.evaluation.eos_ids is gkd.sampling.eos_ids
