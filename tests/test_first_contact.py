@@ -893,15 +893,17 @@ def test_T4_a_latin1_file_is_one_line_with_file_line_and_byte(world, tmp_path, n
 def test_R8_an_existing_local_file_of_any_suffix_is_read_never_sent_to_the_hub(
     name, world, tmp_path, monkeypatch
 ):
-    import gkd.data
+    import datasets
+
+    from gkd.data import load_records
 
     def no_hub(*a, **k):
         raise AssertionError("an existing local file was looked up on the hub")
 
-    monkeypatch.setattr(gkd.data, "_load_with_datasets", no_hub)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
     data = tmp_path / name
     shutil.copy(world.data("prompt_completion"), data)
-    records, _ = gkd.data.load_records(str(data))
+    records, _ = load_records(str(data))
     assert len(records) == len(_lines(world))
 
 

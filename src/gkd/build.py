@@ -27,9 +27,18 @@ from torch import nn
 from gkd import checkpoint as ckpt
 from gkd import preflight
 from gkd.config import GKDConfig, Plan, bf16_weights_warning, training_plan
-from gkd.data import TokenizedDataset, load_records, make_stream, tokenize_records
+from gkd.data import (
+    TokenizedDataset,
+    check_apply_chat_template,
+    load_records,
+    load_with_datasets,
+    make_stream,
+    process_position,
+    read_with_datasets,
+    tokenize_records,
+    with_chat_template,
+)
 from gkd.errors import ConfigError
-from gkd.evaluation import eos_ids
 from gkd.models import (
     StudentForward,
     apply_lora,
@@ -44,7 +53,8 @@ from gkd.models import (
 from gkd.objective import Objective
 from gkd.rl import load_reward
 from gkd.run import Coin, Dist, Run
-from gkd.sampling import Sampler, SamplingParams, get_sampler
+from gkd.sampling import LocalSampler, Sampler, SamplingParams, eos_ids, get_sampler
+from gkd.sampling.fast import auto_fast_reason
 from gkd.teacher import CachedTeacher, Reference, Teacher, TopKCache, build_topk_cache, seqkd_dataset
 
 __all__ = ["Dist", "Run", "build_run", "load_dataset"]  # Dist and Run live in gkd.run
@@ -188,8 +198,6 @@ def teacher_for(teacher: Any, cache: TopKCache | None, objective: Objective) -> 
 def path_notes(cfg: GKDConfig, student: nn.Module, sampler: Sampler, data: TokenizedDataset) -> list[str]:
     """Lines saying which sampler and which loss path this student takes, and why when it is the slower one."""
     from gkd.models import fused_head_unsupported_reason
-    from gkd.rollout import auto_fast_reason
-    from gkd.sampling import LocalSampler
 
     notes = []
     if (
@@ -254,7 +262,6 @@ def check_inputs(
     ``chat_template_path`` replaces the tokenizer's chat template (a given tokenizer is copied, not changed); the
     run's tokenizer (saved with the model) is that one.
     """
-    from gkd.data import check_apply_chat_template, with_chat_template
     from gkd.tasks.adapters import check_adapter
 
     if cfg.dataset_adapter is not None:
@@ -636,7 +643,6 @@ def load_dataset(
     prompt/completion/references first (:mod:`gkd.tasks.adapters`); a hub name gets the benchmark's config
     (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set.
     """
-    from gkd.data import load_with_datasets, process_position, read_with_datasets
     from gkd.tasks.adapters import HUB_CONFIGS, adapt_records
 
     skipped = 0

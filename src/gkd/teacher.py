@@ -30,12 +30,11 @@ from torch import nn
 
 from gkd.data import Batch, Example, TokenizedDataset, collate
 from gkd.divergences import log_probs
-from gkd.evaluation import generate_ids
 from gkd.io import atomic_write, fingerprint, write_jsonl
 from gkd.losses import DEFAULT_CHUNK_ELEMENTS
 from gkd.models import score_positions
 from gkd.outputs import ScoringOutput, TeacherTopK, TeacherView
-from gkd.sampling import LocalSampler, Sampler, local_sampler
+from gkd.sampling import LocalSampler, Sampler, generate_ids, local_sampler
 
 __all__ = [
     "CachedTeacher",
