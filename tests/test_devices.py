@@ -38,8 +38,8 @@ from device_paths import SCENARIOS, run_scenario, scenario_trainer
 from pretend_device import PRETEND, DeviceMixError, PretendGenerator, is_pretend, pretend_device, real
 from tiny import micro_batch_loss
 
-import gkd._fused
 import gkd.build
+import gkd.fused
 import gkd.objective
 import gkd.rl
 import gkd.sampling
@@ -177,7 +177,7 @@ def _teacher_on_the_cpu(monkeypatch) -> None:
 # bug -> (what puts it back, the scenario that hits it, the gkd function it must be caught in)
 BUGS = {
     "fused loss accumulates into a CPU total": (
-        lambda mp: _forget_device(mp, gkd._fused, "zeros"),
+        lambda mp: _forget_device(mp, gkd.fused, "zeros"),
         "fused_loss_off_policy",
         "chunked_loss",
     ),

@@ -13,7 +13,7 @@ The gradient w.r.t. a chunk's student logits has a closed form for every diverge
 ``gkd.divergences`` with one (all the built-ins) and for the nll / sampled_rkl terms. It is computed by in-place ops
 in five or six ``[chunk, V]`` scratch buffers (logits included) instead of autograd's graph of ten to fifteen fresh
 temporaries per chunk. The buffers come from a ``Workspace`` that the caller owns and passes to every call, so that
-no step page-faults them in again (on the CPU). The kernel lives in ``gkd._fused``.
+no step page-faults them in again (on the CPU). The kernel lives in ``gkd.fused``.
 
 Not supported by the closed form, and computed with autograd inside each chunk instead (same values, slower, more
 memory): a divergence function without a registry entry or without a closed form (``chunked_loss`` warns once per
@@ -39,7 +39,15 @@ import weakref
 
 import torch
 
-from gkd._fused import (
+from gkd.divergences import (
+    BoundDivergence,
+    Divergence,
+    as_bound_divergence,
+    check_temperature,
+    get_divergence,
+    reduction_weights,
+)
+from gkd.fused import (
     FusedChunkedLoss,
     LossSpec,
     LossTerms,
@@ -48,14 +56,6 @@ from gkd._fused import (
     chunk_stats_topk,
     chunk_terms,
     topk_tail,
-)
-from gkd.divergences import (
-    BoundDivergence,
-    Divergence,
-    as_bound_divergence,
-    check_temperature,
-    get_divergence,
-    reduction_weights,
 )
 from gkd.outputs import Head, TeacherTopK
 

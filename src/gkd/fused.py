@@ -1,4 +1,4 @@
-"""The fused chunked loss kernel behind ``gkd.losses.chunked_loss`` (private: use ``gkd.losses``).
+"""The fused chunked loss kernel behind ``gkd.losses.chunked_loss`` (call it through ``gkd.losses``).
 
 The kernel walks the ``N`` selected positions ``chunk_size`` at a time. For each chunk it forms the student (and
 teacher) logits, evaluates the weighted loss terms, and turns the gradient w.r.t. the chunk's student logits at once
