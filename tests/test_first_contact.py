@@ -1090,13 +1090,13 @@ def test_R8_a_model_folder_given_as_the_dataset_is_named_as_such(world, tmp_path
 
 def test_R9_a_tokenizer_error_is_not_cut_off(tmp_path):
     from gkd.errors import ModelError
-    from gkd.models import _not_found
+    from gkd.models import load_error
 
     err = OSError(
         "Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n(2) a slow one"
     )
     folder = tmp_path / "data"
     folder.mkdir()
-    message = str(_not_found("tokenizer", str(folder), err))
-    assert isinstance(_not_found("tokenizer", str(folder), err), ModelError) and "\n" not in message
+    message = str(load_error("tokenizer", str(folder), err))
+    assert isinstance(load_error("tokenizer", str(folder), err), ModelError) and "\n" not in message
     assert message.endswith("(1) a tokenizers file (2) a slow one")

@@ -36,6 +36,7 @@ __all__ = [
     "context_length",
     "disable_dropout",
     "is_seq2seq",
+    "load_error",
     "load_config",
     "load_model",
     "load_tokenizer",
@@ -77,7 +78,8 @@ def _check_exists(path: str, what: str) -> None:
         raise ModelError(f"{what} '{path}' is not a local folder: {where} does not exist; check the path")
 
 
-def _not_found(what: str, path: str, err: Exception) -> ModelError:
+def load_error(what: str, path: str, err: Exception) -> ModelError:
+    """The one-line error for a model, config or tokenizer at ``path`` that failed to load with ``err``."""
     offline = hub_offline_reason() if not os.path.exists(os.path.expanduser(path)) else None
     if offline is not None:
         return ModelError(
@@ -157,7 +159,7 @@ def load_tokenizer(
         )
     except (OSError, ValueError, TypeError) as e:
         if not _is_adapter_folder(path):
-            raise _not_found(what, path, e) from e
+            raise load_error(what, path, e) from e
         base = _adapter_base(path, what)
         return load_tokenizer(base, f"{what} (base of the adapter '{path}')", chat_template_path, init_kwargs)
     if tok.pad_token_id is None:
@@ -194,7 +196,7 @@ def _load_config(path: str, what: str, seen: frozenset[str]) -> Any:
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(path), **hub_kwargs(path))
     except (OSError, ValueError) as e:
-        raise _not_found(what, path, e) from e
+        raise load_error(what, path, e) from e
 
 
 def _key(path: str) -> str:
@@ -306,7 +308,7 @@ def _load_plain(path: str, what: str, dtype: str, extra: dict[str, Any]) -> nn.M
     try:
         config = AutoConfig.from_pretrained(local, **hub_kwargs(path))
     except (OSError, ValueError) as e:
-        raise _not_found(what, path, e) from e
+        raise load_error(what, path, e) from e
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with quiet_progress_bars():
