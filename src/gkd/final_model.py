@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from gkd import checkpoint as ckpt
-from gkd.build import Run
 from gkd.config import GKDConfig
 from gkd.errors import GKDError
+from gkd.run import Run
 from gkd.state import BestMetric, TrainState
 
 __all__ = ["hub_repo", "load_best", "push_to_hub", "save"]

@@ -37,12 +37,13 @@ from torch import nn
 
 from gkd import final_model
 from gkd import state as run_state
-from gkd.build import Run, build_run
+from gkd.build import build_run
 from gkd.config import GKDConfig
 from gkd.errors import GKDError, TrainingError, TrainingInterrupted
 from gkd.evaluation import evaluate, flatten
 from gkd.models import save_merged
 from gkd.reporting import Progress, Tracker, banner, format_record, log_record
+from gkd.run import Run
 from gkd.sampling import Sampler
 from gkd.state import BestMetric, TrainState, metric_names
 from gkd.step import gkd_step

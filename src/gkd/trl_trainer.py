@@ -26,10 +26,10 @@ from typing import Any
 from torch import nn
 from transformers.trainer_utils import TrainOutput
 
-from gkd.build import Run
 from gkd.config import GKDConfig, LoraConfig, config_from_dict
 from gkd.data import TokenizedDataset
 from gkd.errors import ConfigError
+from gkd.run import Run
 from gkd.state import TrainState
 
 __all__ = ["TrainResult", "trainer_arguments"]
