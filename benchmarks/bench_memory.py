@@ -166,7 +166,7 @@ class _CappedSampler:
 
         import torch
 
-        from gkd.rollout import Rollout
+        from gkd.sampling import Rollout
 
         short = dataclasses.replace(params, max_new_tokens=min(self.cap, params.max_new_tokens))
         roll = self.inner.sample(model, prompt_ids, prompt_mask, short, generator)

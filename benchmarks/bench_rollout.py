@@ -1,4 +1,4 @@
-"""Rollout throughput: the fast sampling backend of ``gkd.rollout`` vs ``model.generate``.
+"""Rollout throughput: the fast sampling backend of ``gkd.sampling`` vs ``model.generate``.
 
 Shape (the on-policy distillation inner loop on a small student): a Llama-style model (hidden 256, 4 layers,
 4 heads, MLP 768, vocab 8192, untied embeddings, float32) on 2 CPU threads, batch 8, prompts of 48 tokens,
@@ -23,7 +23,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gkd.rollout import _choose_layout, fast_path_unsupported_reason, sample_completions
+from gkd.sampling.fast import choose_layout, fast_path_unsupported_reason
+from gkd.sampling.local import sample_completions
 
 
 def build_model(vocab: int) -> LlamaForCausalLM:
@@ -96,7 +97,7 @@ def bench(vocab: int, batch: int, prompt_len: int, new_tokens: int, runs: int, w
     tokens = batch * new_tokens
     print(
         f"\nLlama h256 L4 vocab {vocab}, batch {batch}, prompt {prompt_len}, new {new_tokens}, {runs} runs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast-path weights: {_choose_layout([model])}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast-path weights: {choose_layout([model])}"
     )
     medians = {}
     for name, values in times.items():

@@ -145,11 +145,15 @@ def error_setup(tmp: Path) -> Path:
     return folder
 
 
+def _inputs(b) -> tuple:
+    return b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask
+
+
 def _total(objective: Objective, run, batches, teacher) -> float:
     """The summed per-batch token-mean loss of ``batches`` against ``teacher`` (no gradient)."""
     with torch.no_grad():
         return sum(
-            float(objective.loss(b, float(b.num_tokens()), scorer=run.scorer, teacher=teacher))
+            float(objective.loss(b, run.student_forward(*_inputs(b)), teacher.view(b), float(b.num_tokens())))
             for b in batches
         )
 

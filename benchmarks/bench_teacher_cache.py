@@ -32,8 +32,16 @@ from bench_vs_trl import STUDENT, TEACHER, build_model, build_records, build_tok
 
 from gkd.config import GKDConfig  # noqa: E402
 from gkd.data import collate, tokenize_records  # noqa: E402
-from gkd.step import micro_batch_loss  # noqa: E402
 from gkd.trainer import GKDTrainer  # noqa: E402
+
+
+def batch_loss(run, batch):
+    """One micro-batch's loss through the run's components, as ``gkd_step`` computes it."""
+    p_t = run.teacher.view(batch)  # the cached top-k (fixed batches), or the live teacher's scores
+    p_s = run.student_forward(
+        batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )
+    return run.objective.loss(batch, p_s, p_t, float(batch.num_tokens()))
 
 
 def speed(threads: int, steps: int) -> float:
@@ -127,7 +135,7 @@ def error() -> dict[str, dict[int, float]]:
             )
             tr.setup()
             with torch.no_grad():
-                total = sum(float(micro_batch_loss(tr.run, b, float(b.num_tokens()))) for b in batches)
+                total = sum(float(batch_loss(tr.run, b)) for b in batches)
             if k == 0:
                 exact = total
             else:

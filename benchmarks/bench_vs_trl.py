@@ -18,7 +18,7 @@ What is measured (everything on the CPU, float32, ``--threads`` torch threads, d
   median over the measured steps of all rounds is reported. Random-init models almost never sample EOS, so
   completions are (almost always) the full 64 tokens; tok/s counts 8 x 112 sequence tokens ("all") and
   8 x 64 completion tokens ("loss") per step.
-* **Same loss on the same samples.** One batch is rolled out by gkd; gkd's training loss (``micro_batch_loss``, the
+* **Same loss on the same samples.** One batch is rolled out by gkd; gkd's training loss (``run.objective.loss`` on the step's teacher view and student forward, the
   fused chunked JSD from hidden states) and TRL's ``GKDTrainer.generalized_jsd_loss`` on the full logits of the
   same models and sequences are compared, values and student gradients.
 * **gkd's step, part by part.** The parts a step cannot avoid are timed in isolation on the same kind of batch:
@@ -392,17 +392,19 @@ def child_parts(args: argparse.Namespace) -> dict[str, Any]:
         terms = objective.terms(batch, float(batch.num_tokens()), None)
         targets = batch.completion_ids[batch.completion_mask]
         t0 = clock()
-        t_out = run.teacher.score(batch)
+        t_out = run.teacher.view(batch)
         times["teacher_forward"] = clock() - t0
         t0 = clock()
-        s_out = run.scorer(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        s_out = run.student_forward(
+            batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+        )
         times["student_forward"] = clock() - t0
         t0 = clock()
         detached = dataclasses.replace(s_out, hidden=s_out.hidden.detach())
-        objective.evaluate(detached, t_out, terms, targets, stats={})
+        objective.from_outputs(detached, t_out, terms, targets, stats={})
         times["loss_with_stats"] = clock() - t0
         t0 = clock()
-        loss = objective.evaluate(s_out, t_out, terms, targets, None)
+        loss = objective.from_outputs(s_out, t_out, terms, targets, None)
         times["loss"] = clock() - t0
         t0 = clock()
         loss.backward()
@@ -425,7 +427,7 @@ def child_check(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 
-    from gkd.step import micro_batch_loss, student_samples
+    from gkd.step import student_samples
 
     trainer = _gkd_trainer(args)
     batch = student_samples(trainer.setup(), trainer.stream.next())
@@ -439,7 +441,14 @@ def child_check(args: argparse.Namespace) -> dict[str, Any]:
         return flat
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    gkd_loss = micro_batch_loss(trainer.run, batch, n_valid)
+    run = (
+        trainer.run
+    )  # the step's three data-flow lines: the teacher's view, the student's forward, the objective
+    p_t = run.teacher.view(batch)
+    p_s = run.student_forward(
+        batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )
+    gkd_loss = run.objective.loss(batch, p_s, p_t, n_valid)
     gkd_loss.backward()
     g_gkd = grads()
 

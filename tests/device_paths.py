@@ -111,7 +111,7 @@ def fast_equals_generate(tokenizer: Any, records: list[dict], device: str) -> No
     import torch
 
     from gkd.data import collate, tokenize_records
-    from gkd.rollout import sample_completions
+    from gkd.sampling.local import sample_completions
 
     model = make_model("llama_student", tokenizer, seed=3).to(device).eval()
     data = tokenize_records(records[:8], tokenizer, max_prompt_length=64, max_completion_length=16)

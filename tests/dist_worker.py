@@ -46,9 +46,8 @@ if mode == "lockstep":
     import copy
 
     first = copy.deepcopy(trainer.stream).next_indices()  # dataset rows of this rank's first batch (a peek)
-    flags, indices, losses = [], [], []
+    flags, losses = [], []
     for _ in range(cfg.max_steps):
-        indices.append(trainer.stream._order[trainer.stream.position : trainer.stream.position + 1])
         record = trainer.train_step()
         flags.append(record["on_policy"])
         losses.append(record["loss"])

@@ -14,7 +14,8 @@ from conftest import base_config, make_model
 
 from gkd.config import GKDConfig, LoraConfig
 from gkd.errors import ConfigError
-from gkd.trainer import GKDTrainer, _data_arg
+from gkd.trainer import GKDTrainer
+from gkd.trl_trainer import trainer_arguments
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_trl_style_call_trains_on_a_datasets_dataset(tokenizer, records, eval_re
         processing_class=tokenizer,
     )
     assert t.cfg is args  # nothing to change in the config: the caller's object, as before
-    assert t._given["train_records"] == records[:32] and t._given["eval_records"] == eval_records[:4]
+    assert t.given["train_records"] == records[:32] and t.given["eval_records"] == eval_records[:4]
     result = t.train()
     assert result.step == 2 and torch.isfinite(torch.tensor(result.final_loss))
     assert t.student is student
@@ -132,15 +133,17 @@ def test_datasets_rows_become_the_records_they_were():
 
     # a prompt-only row in a prompt/completion dataset: Arrow stores None in its missing columns, dropped again
     columns = {"prompt": ["a b", "e f"], "completion": ["c", None], "references": [["c", "d"], None]}
-    records, tokenized = _data_arg(Dataset.from_dict(columns), "train_dataset")
+    _, given = trainer_arguments(train_dataset=Dataset.from_dict(columns))
+    records, tokenized = given["train_records"], given["train_dataset"]
     assert tokenized is None and records == [
         {"prompt": "a b", "completion": "c", "references": ["c", "d"]},
         {"prompt": "e f"},
     ]
     chat = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]
-    assert _data_arg(Dataset.from_list(chat), "eval_dataset") == (chat, None)
-    streamed, _ = _data_arg(Dataset.from_dict(columns).to_iterable_dataset(), "train_dataset")
-    assert streamed == records
+    _, given = trainer_arguments(eval_dataset=Dataset.from_list(chat))
+    assert (given["eval_records"], given["eval_dataset"]) == (chat, None)
+    _, given = trainer_arguments(train_dataset=Dataset.from_dict(columns).to_iterable_dataset())
+    assert given["train_records"] == records
 
 
 def test_reward_funcs_trl_style_function_gets_the_dataset_columns(tokenizer, records, pair, tmp_path):
@@ -170,13 +173,13 @@ def test_reward_funcs_trl_style_function_gets_the_dataset_columns(tokenizer, rec
     # a gkd-style function (prompts, completions, records) is used as it is; a name sets the config key
     gkd_style = lambda prompts, completions, recs: [0.0] * len(completions)  # noqa: E731
     t = GKDTrainer(args=args, model=student, train_dataset=records[:8], reward_funcs=gkd_style)
-    assert t._given["reward_fn"] is gkd_style
+    assert t.given["reward_fn"] is gkd_style
     t = GKDTrainer(args=args, model=student, train_dataset=records[:8], reward_funcs="item_f1")
-    assert t.cfg.reward == "item_f1" and t._given["reward_fn"] is None
+    assert t.cfg.reward == "item_f1" and t.given["reward_fn"] is None
     # alpha < 1 needs the config key 'reward' when the config is built: a name for the function given here is kept
     rl = _args(tmp_path, lmbda=1.0, alpha=0.5, reward="mine:length")
     t = GKDTrainer(args=rl, model=student, train_dataset=records[:8], reward_funcs=length_reward)
-    assert t.cfg is rl and t._given["reward_fn"] is not None
+    assert t.cfg is rl and t.given["reward_fn"] is not None
 
 
 def test_gkd_imports_and_takes_records_without_datasets_installed(tmp_path):
@@ -184,7 +187,7 @@ def test_gkd_imports_and_takes_records_without_datasets_installed(tmp_path):
         "import sys; sys.modules['datasets'] = None\n"  # `import datasets` now fails, as if not installed
         "from gkd import GKDConfig, GKDTrainer\n"
         "t = GKDTrainer(args=GKDConfig(max_steps=1), train_dataset=[{'prompt': 'a', 'completion': 'b'}])\n"
-        "assert t._given['train_records'] == [{'prompt': 'a', 'completion': 'b'}]\n"
+        "assert t.given['train_records'] == [{'prompt': 'a', 'completion': 'b'}]\n"
         "print('ok')\n"
     )
     out = subprocess.run(

@@ -42,6 +42,17 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
 
 
+def test_gkd_data_offers_every_name_of_its_files():
+    """``gkd.data`` is one package of four files; every public name of each is importable from ``gkd.data``."""
+    import gkd.data
+    from gkd.data import arrow, batch, records, tokenize
+
+    for part in (records, tokenize, arrow, batch):
+        for name in part.__all__:
+            assert getattr(gkd.data, name) is getattr(part, name), name
+    assert set(gkd.data.__all__) == {n for part in (records, tokenize, arrow, batch) for n in part.__all__}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading records
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,9 +461,9 @@ def test_load_records_of_a_mistyped_local_path_never_queries_the_hub(tmp_path, m
             load_records(spec)
         assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
     assert calls == []
-    import gkd.io
+    import gkd.data.records
 
-    monkeypatch.setattr(gkd.io, "hub_offline_reason", lambda *a, **k: None)  # as with a network
+    monkeypatch.setattr(gkd.data.records, "hub_offline_reason", lambda *a, **k: None)  # as with a network
     with pytest.raises(DataError, match="could not be loaded"):  # a genuine hub name still goes to the hub
         load_records("org/name")
     assert calls

@@ -83,7 +83,7 @@ def test_chat_and_prompt_only_records_give_the_same_ids_through_datasets(tmp_pat
 def test_num_proc_gives_the_same_ids_and_a_second_load_reads_the_cache(
     tmp_path, hf_cache, tokenizer, records, monkeypatch
 ):
-    import gkd.data
+    import gkd.data.arrow
 
     path = write_jsonl(tmp_path / "train.jsonl", records[:40])
     two = tokenize_dataset(open_dataset(str(path)), tokenizer, **LIMITS, num_proc=2)  # tokenised afresh
@@ -97,7 +97,7 @@ def test_num_proc_gives_the_same_ids_and_a_second_load_reads_the_cache(
     def never(*a, **k):  # a cache hit does not tokenise again
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(gkd.data, "_map_tokenize", never)
+    monkeypatch.setattr(gkd.data.arrow, "map_tokenize", never)
     again = tokenize_dataset(open_dataset(str(path)), tokenizer, **LIMITS)
     assert _ids(again) == _ids(one)
     with pytest.raises(AssertionError, match="tokenised again"):  # other settings are another cache entry
@@ -129,7 +129,7 @@ def test_a_shard_is_every_world_th_row_and_its_stream_resumes_exactly(tmp_path, 
 def test_a_100k_record_jsonl_loads_without_a_list_of_records(tmp_path, hf_cache, tokenizer, monkeypatch):
     import gc
 
-    import gkd.data
+    import gkd.data.arrow
 
     path = tmp_path / "big.jsonl"
     words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
@@ -139,13 +139,13 @@ def test_a_100k_record_jsonl_loads_without_a_list_of_records(tmp_path, hf_cache,
                 json.dumps({"prompt": f"{words[i % 8]} {words[i % 7]}", "completion": words[i % 5]}) + "\n"
             )
     calls = []
-    real = gkd.data._map_tokenize
+    real = gkd.data.arrow.map_tokenize
 
     def counting(batch, indices, **kw):
         calls.append(len(indices))
         return real(batch, indices, **kw)
 
-    monkeypatch.setattr(gkd.data, "_map_tokenize", counting)
+    monkeypatch.setattr(gkd.data.arrow, "map_tokenize", counting)
     gc.collect()
     dicts_before = sum(isinstance(o, dict) for o in gc.get_objects())
     data = tokenize_dataset(open_dataset(str(path)), tokenizer, **LIMITS)
@@ -271,18 +271,18 @@ def _worker(model_dir: Path, out: Path) -> None:
     """Two processes (gloo): train a few off-policy steps on the JSONL read through datasets, dump what each saw."""
     import torch
 
-    import gkd.data
+    import gkd.data.arrow
     from gkd.trainer import GKDTrainer
 
     sys.path.insert(0, str(Path(__file__).parent))
     counted = [0]
-    real = gkd.data._map_tokenize
+    real = gkd.data.arrow.map_tokenize
 
     def counting(batch, indices, **kw):
         counted[0] += len(indices)
         return real(batch, indices, **kw)
 
-    gkd.data._map_tokenize = counting
+    gkd.data.arrow.map_tokenize = counting
     cfg = _config(model_dir, out, dataset=str(model_dir / "train.jsonl"), lmbda=0.0, max_steps=3)
     trainer = GKDTrainer(cfg)
     run = trainer.setup()

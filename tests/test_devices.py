@@ -36,14 +36,14 @@ import pytest
 import torch
 from device_paths import SCENARIOS, run_scenario, scenario_trainer
 from pretend_device import PRETEND, DeviceMixError, PretendGenerator, is_pretend, pretend_device, real
+from tiny import micro_batch_loss
 
-import gkd._fused
 import gkd.build
-import gkd.evaluation
+import gkd.fused
 import gkd.objective
 import gkd.rl
-import gkd.rollout
-from gkd.step import micro_batch_loss
+import gkd.sampling
+import gkd.sampling.local
 from gkd.teacher import Teacher, TopKCache
 from gkd.trainer import GKDTrainer
 
@@ -73,13 +73,13 @@ def samplers(monkeypatch):
     """Counts which in-process sampling path ran (``fast`` or ``generate``)."""
     calls: Counter = Counter()
     for name in ("fast", "generate"):
-        original = getattr(gkd.rollout, f"_sample_{name}")
+        original = getattr(gkd.sampling.local, f"sample_{name}")
 
         def spy(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(gkd.rollout, f"_sample_{name}", spy)
+        monkeypatch.setattr(gkd.sampling.local, f"sample_{name}", spy)
     return calls
 
 
@@ -177,7 +177,7 @@ def _teacher_on_the_cpu(monkeypatch) -> None:
 # bug -> (what puts it back, the scenario that hits it, the gkd function it must be caught in)
 BUGS = {
     "fused loss accumulates into a CPU total": (
-        lambda mp: _forget_device(mp, gkd._fused, "zeros"),
+        lambda mp: _forget_device(mp, gkd.fused, "zeros"),
         "fused_loss_off_policy",
         "chunked_loss",
     ),
@@ -187,12 +187,12 @@ BUGS = {
         "student_samples",
     ),
     "evaluation generator on the CPU": (
-        lambda mp: _forget_device(mp, gkd.evaluation, "Generator"),
+        lambda mp: _forget_device(mp, gkd.sampling, "Generator"),
         "on_policy_fast_sampler",
         "generate_ids",
     ),
     "SeqKD generator on the CPU": (
-        lambda mp: _forget_device(mp, gkd.evaluation, "Generator"),
+        lambda mp: _forget_device(mp, gkd.sampling, "Generator"),
         "seqkd",
         "seqkd_dataset",
     ),
@@ -277,7 +277,7 @@ def test_auto_takes_the_fast_loop_only_on_devices_it_is_validated_on(
 ):
     """On a device the fast loop has not been checked on (the pretend device here, CUDA until
     benchmarks/gpu_check.py has passed there), ``rollout_backend: auto`` samples with model.generate and says so."""
-    from gkd.rollout import auto_fast_reason
+    from gkd.sampling.fast import auto_fast_reason
 
     log: list[str] = []
     with on_device():

@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from userland import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,10 +176,10 @@ def test_every_runnable_doc_block_is_collected():
 # docs/config.md: the complete config block is the truth about keys and defaults
 # ---------------------------------------------------------------------------------------------------------------
 def _config_block() -> tuple[dict, set[str]]:
-    from gkd.config import _Loader
+    from gkd.config import parse_value
 
     text = next(t for lang, t, _ in fenced_blocks(ROOT / "docs" / "config.md") if lang == "yaml")
-    data = yaml.load(text, Loader=_Loader)
+    data = parse_value(text)  # the YAML as gkd reads a config file
     marked = {line.split(":")[0].strip() for line in text.splitlines() if "(required" in line}
     return data, marked
 

@@ -10,8 +10,8 @@ from gkd.data import tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import evaluate, flatten, generate_ids, generate_texts
 from gkd.metrics import self_bleu
-from gkd.rollout import Rollout, sample_completions
-from gkd.sampling import get_sampler
+from gkd.sampling import Rollout, get_sampler
+from gkd.sampling.local import sample_completions
 from gkd.scoring import resolve_scorer
 from gkd.tasks import get_task
 

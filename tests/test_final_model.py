@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import gkd.trainer
 from gkd import checkpoint as ckpt
 from gkd.errors import CheckpointError, ConfigError, GKDError
-from gkd.trainer import GKDTrainer, _BestMetric
+from gkd.state import BestMetric
+from gkd.trainer import GKDTrainer
 
 SFT = {"divergence": "nll", "lmbda": 0.0, "per_device_train_batch_size": 4, "max_new_tokens": 4}
 
@@ -265,8 +266,8 @@ def test_metric_names_as_transformers_accepts_them_and_clear_errors(
     tokenizer, records, eval_records, tmp_path
 ):
     for name in ("exact_match", "eval_exact_match", "greedy/exact_match", "eval/greedy/exact_match"):
-        assert _BestMetric.record_key(name) == "eval/greedy/exact_match"
-    assert _BestMetric.record_key("eval_sample/bleu") == "eval/sample/bleu"
+        assert BestMetric.record_key(name) == "eval/greedy/exact_match"
+    assert BestMetric.record_key("eval_sample/bleu") == "eval/sample/bleu"
     kw = {"eval_records": eval_records[:4], "max_steps": 1, "load_best_model_at_end": True}
     with pytest.raises(ConfigError, match="computes no eval loss"):
         _trainer(tmp_path / "a", tokenizer, records, metric_for_best_model="eval_loss", **kw).setup()

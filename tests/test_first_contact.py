@@ -893,15 +893,17 @@ def test_T4_a_latin1_file_is_one_line_with_file_line_and_byte(world, tmp_path, n
 def test_R8_an_existing_local_file_of_any_suffix_is_read_never_sent_to_the_hub(
     name, world, tmp_path, monkeypatch
 ):
-    import gkd.data
+    import datasets
+
+    from gkd.data import load_records
 
     def no_hub(*a, **k):
         raise AssertionError("an existing local file was looked up on the hub")
 
-    monkeypatch.setattr(gkd.data, "_load_with_datasets", no_hub)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
     data = tmp_path / name
     shutil.copy(world.data("prompt_completion"), data)
-    records, _ = gkd.data.load_records(str(data))
+    records, _ = load_records(str(data))
     assert len(records) == len(_lines(world))
 
 
@@ -1088,13 +1090,13 @@ def test_R8_a_model_folder_given_as_the_dataset_is_named_as_such(world, tmp_path
 
 def test_R9_a_tokenizer_error_is_not_cut_off(tmp_path):
     from gkd.errors import ModelError
-    from gkd.models import _not_found
+    from gkd.models import load_error
 
     err = OSError(
         "Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n(2) a slow one"
     )
     folder = tmp_path / "data"
     folder.mkdir()
-    message = str(_not_found("tokenizer", str(folder), err))
-    assert isinstance(_not_found("tokenizer", str(folder), err), ModelError) and "\n" not in message
+    message = str(load_error("tokenizer", str(folder), err))
+    assert isinstance(load_error("tokenizer", str(folder), err), ModelError) and "\n" not in message
     assert message.endswith("(1) a tokenizers file (2) a slow one")

@@ -337,7 +337,7 @@ def test_nll_equals_cross_entropy(chunk: int) -> None:
     chunked = chunked_loss(
         hs2[p.mask],
         Head(ws2, bs2),
-        LossTerms(nll=torch.full((N_VALID,), 1.0 / N_VALID)),
+        LossTerms(logp_weight=torch.full((N_VALID,), 1.0 / N_VALID)),
         targets=y,
         chunk_size=chunk,
     )
@@ -371,7 +371,7 @@ def test_all_terms_combined_match_hand_computation(chunk: int) -> None:
     chunked = chunked_loss(
         hs2[p.mask],
         Head(ws2, bs2),
-        LossTerms(divergence=w_div, nll=w_nll, sampled_rkl=w_srkl),
+        LossTerms(divergence=w_div, logp_weight=w_nll, sampled_rkl=w_srkl),
         divergence=fn,
         targets=y,
         teacher_logits=zt,
@@ -389,7 +389,7 @@ def test_logits_loss_matches_chunked() -> None:
     zt = p.ht[p.mask] @ p.wt.t() + p.bt
     y = _targets(N_VALID, v, seed=2)
     terms = LossTerms(
-        divergence=torch.rand(N_VALID), nll=torch.rand(N_VALID), sampled_rkl=torch.rand(N_VALID)
+        divergence=torch.rand(N_VALID), logp_weight=torch.rand(N_VALID), sampled_rkl=torch.rand(N_VALID)
     )
     fn = get_divergence("tvd")
     a = logits_loss(zs, terms, divergence=fn, targets=y, teacher_logits=zt, temperature=0.8)
@@ -421,7 +421,7 @@ def test_stats(chunk: int) -> None:
     chunked_loss(
         hs.clone().requires_grad_(True),
         Head(p.ws, p.bs),
-        LossTerms(divergence=torch.ones(N_VALID), nll=torch.ones(N_VALID)),
+        LossTerms(divergence=torch.ones(N_VALID), logp_weight=torch.ones(N_VALID)),
         divergence=get_divergence("jsd"),
         targets=y,
         teacher_hidden=p.ht[p.mask],
@@ -452,7 +452,7 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError):
         chunked_loss(hs, head, LossTerms(divergence=ones), teacher_logits=zt)
     with pytest.raises(ValueError):
-        chunked_loss(hs, head, LossTerms(nll=ones))
+        chunked_loss(hs, head, LossTerms(logp_weight=ones))
     with pytest.raises(ValueError):
         chunked_loss(hs, head, LossTerms(sampled_rkl=ones), teacher_logits=zt)
     lp, ids = torch.log_softmax(zt, -1).topk(3, -1)
@@ -877,8 +877,14 @@ def test_workspace_buffer_plan_covers_every_term_combination() -> None:
     y = _targets(N_VALID, p.ws.shape[0], seed=4)
     workspace = Workspace()
     gen = torch.Generator().manual_seed(25)
-    w = {k: torch.rand(N_VALID, generator=gen) for k in ("divergence", "nll", "sampled_rkl")}
-    for keys in (("divergence",), ("nll",), ("sampled_rkl",), ("nll", "sampled_rkl"), tuple(w)):
+    w = {k: torch.rand(N_VALID, generator=gen) for k in ("divergence", "logp_weight", "sampled_rkl")}
+    for keys in (
+        ("divergence",),
+        ("logp_weight",),
+        ("sampled_rkl",),
+        ("logp_weight", "sampled_rkl"),
+        tuple(w),
+    ):
         for with_stats in (False, True):
             results = []
             for ws_arg in (None, workspace):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import base_config, make_model
+from tiny import micro_batch_loss
 
 from gkd.config import config_from_dict
 from gkd.errors import ConfigError
-from gkd.step import micro_batch_loss, student_samples
+from gkd.step import student_samples
 from gkd.trainer import GKDTrainer
 
 

@@ -298,8 +298,7 @@ def test_an_all_masked_batch_gives_zero_loss_and_no_nan(tokenizer, records, tmp_
     teacher = make_model("llama_teacher", tokenizer, seed=0)
     cfg = base_config(output_dir=str(tmp_path / "out"), lmbda=1.0, divergence="jsd", max_steps=1)
     trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_records=records)
-    from gkd.rollout import Rollout
-    from gkd.sampling import LocalSampler
+    from gkd.sampling import LocalSampler, Rollout
 
     class EmptySampler(LocalSampler):  # a rollout backend whose samples are all masked
         def sample(self, model, prompt_ids, prompt_mask, params, generator=None):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import base_config, make_model
+from tiny import micro_batch_loss
 
 from gkd.data import Batch, collate, tokenize_records
+from gkd.models import score_positions
 from gkd.rl import compute_advantages, compute_rewards, discounted_returns, load_reward
-from gkd.step import micro_batch_loss, student_samples
+from gkd.step import student_samples
 from gkd.trainer import GKDTrainer
 
 
@@ -261,3 +263,39 @@ def test_rlef_star_trains_without_a_teacher(tokenizer, records, tmp_path):
     assert t.teacher is None and t.run.reference is not None
     rec = t.train_step()
     assert "reward_mean" in rec and rec["kl_to_initial"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["hidden states + head", "logits"])
+def test_discounted_returns_from_the_scored_outputs_equal_a_second_full_logits_pass(
+    tokenizer, records, tmp_path, fused
+):
+    """The discounted reverse-KL returns come from the scores the step already has (no second forward pass of
+    either model); they equal the earlier way of forming them, one more full-logits forward of the student and of
+    the teacher."""
+    t = _trainer(
+        tokenizer,
+        records,
+        tmp_path,
+        divergence="reverse_kl",
+        teacher_kl_estimator="sampled",
+        rkl_discount=0.9,
+    )
+    run = t.run
+    batch = student_samples(run, run.stream.next())
+    inputs = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        p_s = score_positions(t.student, *inputs, vocab=run.vocab, fused=fused)
+        p_t = run.teacher.view(batch)
+        got = run.objective.discounted_rkl_returns(batch, p_s, p_t)
+        # the earlier path: full logits of both models at the valid positions
+        s_logits = score_positions(t.student, *inputs, vocab=run.vocab, fused=False).logits
+        t_logits = score_positions(run.teacher.model, *inputs, vocab=run.vocab, fused=False).logits
+    valid = batch.completion_mask
+    y = batch.completion_ids[valid]
+    lq = torch.log_softmax(s_logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+    lp = torch.log_softmax(t_logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+    per_token = torch.zeros(valid.shape)
+    per_token[valid] = lp - lq
+    expected = discounted_returns(per_token, valid, 0.9)[valid]
+    assert got.shape == expected.shape and expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

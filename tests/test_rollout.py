@@ -1,4 +1,4 @@
-"""gkd.rollout: the fast sampling loop agrees with ``model.generate`` and samples the right distribution."""
+"""gkd.sampling.local and gkd.sampling.fast: the fast sampling loop agrees with ``model.generate`` and samples the right distribution."""
 
 from __future__ import annotations
 
@@ -24,13 +24,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from gkd.rollout import (
-    Rollout,
-    SamplingParams,
-    _next_tokens,
-    fast_path_unsupported_reason,
-    sample_completions,
-)
+from gkd.sampling import Rollout, SamplingParams
+from gkd.sampling.fast import fast_path_unsupported_reason
+from gkd.sampling.local import sample_completions
+from gkd.sampling.params import next_tokens
 
 VOCAB = 64
 PAD = 0
@@ -120,14 +117,14 @@ def test_fast_greedy_matches_generate_per_unpadded_row(kind):
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_every_weight_layout_matches_generate(kind, layout, monkeypatch):
     """The fast path stores weights as oneDNN-packed copies, plain [in, out] copies or views of the modules."""
-    import gkd.rollout as rollout
+    import gkd.sampling.fast as fast
 
-    if layout == "onednn" and not rollout._onednn_linear_works():
+    if layout == "onednn" and not fast.onednn_linear_works():
         pytest.skip("oneDNN packed linear ops unavailable in this torch build")
-    monkeypatch.setattr(rollout, "_ONEDNN_OK", layout == "onednn")
-    monkeypatch.setattr(rollout, "_COPY_MAX_BYTES", 0 if layout == "view" else 2**30)
+    monkeypatch.setattr(fast, "ONEDNN_OK", layout == "onednn")
+    monkeypatch.setattr(fast, "COPY_MAX_BYTES", 0 if layout == "view" else 2**30)
     model = build(kind)
-    assert rollout._choose_layout([model]) == layout
+    assert fast.choose_layout([model]) == layout
     ids, mask = left_padded_batch()
     out = sample(model, ids, mask, greedy=True, backend="fast")
     for b in range(3):
@@ -242,11 +239,11 @@ def test_one_step_frequencies_match_the_tempered_distribution(top_k, top_p):
 def test_top_p_excludes_low_probability_tokens():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(4000, 1)
     params = SamplingParams(max_new_tokens=1, eos_token_ids=(), pad_token_id=PAD, top_p=0.7)
-    drawn = _next_tokens(probs.log(), params, torch.Generator().manual_seed(0))
+    drawn = next_tokens(probs.log(), params, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are cut
     assert abs((drawn == 0).double().mean().item() - 0.5 / 0.8) < 0.03
     params = dataclasses.replace(params, top_p=0.95)
-    assert set(_next_tokens(probs.log(), params, torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2}
+    assert set(next_tokens(probs.log(), params, torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("backend", ["fast", "generate"])
@@ -573,7 +570,7 @@ def test_generate_ids_never_emits_padding_rows(tokenizer, records):
 def test_fast_backend_config_reason():
     from transformers import Gemma2Config
 
-    from gkd.rollout import fast_backend_config_reason
+    from gkd.sampling.fast import fast_backend_config_reason
 
     for cfg in (LlamaConfig(), Qwen2Config(), Qwen3Config(), MistralConfig(), GPT2Config()):
         assert fast_backend_config_reason(cfg) is None, cfg.model_type

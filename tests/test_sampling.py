@@ -12,17 +12,18 @@ from conftest import make_model
 from gkd.data import Batch, collate, tokenize_records
 from gkd.errors import ConfigError
 from gkd.evaluation import evaluate, generate_ids
-from gkd.rollout import Rollout, sample_completions
 from gkd.sampling import (
     BACKENDS,
     LOCAL_BACKENDS,
     LocalSampler,
+    Rollout,
     Sampler,
     SamplingParams,
     get_sampler,
     local_sampler,
     sample_batch,
 )
+from gkd.sampling.local import sample_completions
 from gkd.teacher import seqkd_dataset
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -264,14 +265,11 @@ class _FakeLLM:
 
 
 def _fake_vllm_sampler(outputs):
-    from gkd.rollout_vllm import VLLMSampler
+    from gkd.sampling.vllm import VLLMSampler
 
-    sampler = object.__new__(VLLMSampler)  # skip the engine start (needs vllm and a GPU)
-    sampler._vllm = types.SimpleNamespace(SamplingParams=lambda **kw: kw)
-    sampler.model_path = "student"
-    sampler._synced = None
-    sampler.llm = _FakeLLM(outputs)
-    return sampler
+    # no engine start (it needs vllm and a GPU): a fake engine, and requests built as plain dicts
+    fake_vllm = types.SimpleNamespace(SamplingParams=lambda **kw: kw)
+    return VLLMSampler.from_engine(_FakeLLM(outputs), "student", vllm=fake_vllm)
 
 
 def test_vllm_sampler_is_seeded_from_the_generator_and_samples_only_the_synced_model(tokenizer):
@@ -309,3 +307,21 @@ def test_vllm_sampler_is_seeded_from_the_generator_and_samples_only_the_synced_m
     sampler.sample(student, ids, mask, _params(tokenizer, max_new_tokens=2, greedy=True), gen)
     assert torch.equal(gen.get_state(), state) and sampler.llm.requests[-1][1]["temperature"] == 0.0
     assert sampler.llm.requests[-1][1]["seed"] is None
+
+
+def test_the_old_import_paths_give_the_same_objects():
+    """``gkd.rollout``, ``gkd.rollout_vllm`` and ``gkd.evaluation`` keep the names that moved into the package."""
+    import gkd.evaluation
+    import gkd.rollout
+    import gkd.rollout_vllm
+    import gkd.sampling
+    import gkd.sampling.fast
+    import gkd.sampling.local
+    import gkd.sampling.vllm
+
+    for name in gkd.rollout.__all__:
+        new = getattr(gkd.sampling.local, name, None) or getattr(gkd.sampling.fast, name)
+        assert getattr(gkd.rollout, name) is new, name
+    assert gkd.rollout_vllm.VLLMSampler is gkd.sampling.vllm.VLLMSampler is gkd.sampling.VLLMSampler
+    assert gkd.evaluation.generate_ids is gkd.sampling.generate_ids
+    assert gkd.evaluation.eos_ids is gkd.sampling.eos_ids

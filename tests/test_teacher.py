@@ -12,7 +12,7 @@ import gkd.teacher as teacher_mod
 from gkd.data import collate, tokenize_records
 from gkd.divergences import get_divergence, log_probs
 from gkd.evaluation import generate_ids
-from gkd.losses import LossTerms, _topk_tail, logits_loss
+from gkd.losses import LossTerms, logits_loss, topk_tail
 from gkd.models import build_model, score_positions
 from gkd.teacher import Teacher, TopKCache, build_topk_cache, seqkd_dataset
 
@@ -263,7 +263,7 @@ def test_topk_cache_holds_the_top_k_of_the_full_log_softmax(tokenizer, records, 
     torch.testing.assert_close(looked.logprobs, top.values[rows], atol=1e-5, rtol=1e-5)
 
     # the tail bucket holds the remaining mass: log(1 - sum of the top-k probabilities)
-    _, lp = _topk_tail(torch.zeros(len(rows), len(tokenizer)), looked)
+    _, lp = topk_tail(torch.zeros(len(rows), len(tokenizer)), looked)
     tail = torch.log1p(-top.values[rows].exp().sum(-1))
     torch.testing.assert_close(lp[:, -1], tail, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(len(rows)))

@@ -8,13 +8,13 @@ from collections import defaultdict
 import pytest
 import torch
 from conftest import base_config, make_model
+from tiny import micro_batch_loss
 
 from gkd.data import Batch, collate, tokenize_records
 from gkd.divergences import forward_kl, get_divergence, reduce_divergence
 from gkd.models import score_positions
-from gkd.rollout import Rollout
-from gkd.sampling import LocalSampler
-from gkd.step import lmbda_at, micro_batch_loss, student_samples
+from gkd.sampling import LocalSampler, Rollout
+from gkd.step import lmbda_at, student_samples
 from gkd.trainer import GKDTrainer
 
 

@@ -58,3 +58,20 @@ def base_config(**overrides):
     }
     cfg.update(overrides)
     return GKDConfig(**cfg)
+
+
+def micro_batch_loss(run, batch, denominator: float, *, advantages=None, stats=None):
+    """The loss of one micro-batch with a run's components: the three data-flow lines of ``gkd.step.gkd_step``
+    (the teacher's view, the student's forward pass, the objective) plus the KL to the initial student, through
+    public names only."""
+    teacher = run.teacher if run.objective.needs_teacher else None
+    p_t = teacher.view(batch) if teacher is not None else None
+    p_s = run.student_forward(
+        batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )
+    loss = run.objective.loss(batch, p_s, p_t, denominator, advantages=advantages, stats=stats)
+    if run.reference is not None and run.objective.uses_reference(stats is not None):
+        loss = loss + run.objective.kl_to_initial_term(
+            batch, p_s, run.reference.view(batch), denominator, stats
+        )
+    return loss

@@ -4,7 +4,7 @@
     GKDTrainer(GKDConfig(model_name_or_path=..., teacher_model_name_or_path=..., dataset=..., lmbda=1.0)).train()
 
 Layers, bottom to top: ``divergences`` (pure math) -> ``losses`` (chunked fused loss) -> ``models``, ``data``,
-``rollout``, ``teacher``, ``rl``, ``tasks`` -> ``trainer`` -> ``experiments``, ``cli``.
+``sampling``, ``teacher``, ``rl``, ``tasks`` -> ``trainer`` -> ``experiments``, ``cli``.
 """
 
 from __future__ import annotations

@@ -26,12 +26,21 @@ from torch import nn
 
 from gkd import checkpoint as ckpt
 from gkd import preflight
-from gkd.config import GKDConfig, Plan, training_plan
-from gkd.data import BatchStream, TokenizedDataset, load_records, make_stream, tokenize_records
+from gkd.config import GKDConfig, Plan, bf16_weights_warning, training_plan
+from gkd.data import (
+    TokenizedDataset,
+    check_apply_chat_template,
+    load_records,
+    load_with_datasets,
+    make_stream,
+    process_position,
+    read_with_datasets,
+    tokenize_records,
+    with_chat_template,
+)
 from gkd.errors import ConfigError
-from gkd.evaluation import eos_ids
 from gkd.models import (
-    Scorer,
+    StudentForward,
     apply_lora,
     check_teacher_student,
     disable_dropout,
@@ -43,78 +52,12 @@ from gkd.models import (
 )
 from gkd.objective import Objective
 from gkd.rl import load_reward
-from gkd.sampling import Sampler, SamplingParams, get_sampler
-from gkd.step import Coin
-from gkd.teacher import Teacher, TopKCache, build_topk_cache, seqkd_dataset
+from gkd.run import Coin, Dist, Run
+from gkd.sampling import LocalSampler, Sampler, SamplingParams, eos_ids, get_sampler
+from gkd.sampling.fast import auto_fast_reason
+from gkd.teacher import CachedTeacher, Reference, Teacher, TopKCache, build_topk_cache, seqkd_dataset
 
-__all__ = ["Dist", "Run", "build_run", "load_dataset"]
-
-
-class Dist:
-    """The processes of the run (accelerate): sums over ranks and rank 0's decisions."""
-
-    def __init__(self, accelerator: Any) -> None:
-        self.world = accelerator.num_processes
-        self.rank = accelerator.process_index
-        self.is_main = accelerator.is_main_process
-        self.device = accelerator.device
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def broadcast_flag(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-@dataclass
-class Run:
-    """The components of a run. ``student`` is the trained model (a peft model for LoRA); ``scorer`` is its
-    forward pass at completion positions, wrapped for data parallelism; ``sampling_model`` is what the sampler
-    samples (the plain transformers model, or the peft model)."""
-
-    cfg: GKDConfig
-    accelerator: Any
-    dist: Dist
-    output_dir: Path
-    tokenizer: Any
-    student: nn.Module
-    scorer: nn.Module
-    sampling_model: nn.Module
-    teacher: Teacher | None
-    reference: Teacher | None
-    topk_cache: TopKCache | None
-    train_data: TokenizedDataset
-    eval_data: TokenizedDataset | None
-    stream: BatchStream
-    sampler: Sampler
-    sampling: SamplingParams
-    objective: Objective
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    coin: Coin
-    rollout_gen: torch.Generator
-    reward_fn: Any
-    eos: list[int]
-    vocab: int
-    resume_dir: Path | None
-    plan: Plan
-    """Step counts of the run (max_steps from epochs, warm-up, logging/save/eval cadence), see training_plan."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
+__all__ = ["Dist", "Run", "build_run", "load_dataset"]  # Dist and Run live in gkd.run
 
 
 def build_run(
@@ -143,30 +86,7 @@ def build_run(
         have_data=train_records is not None or train_dataset is not None,
     )
     output_dir = Path(os.path.expanduser(cfg.output_dir))
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    accelerator = make_accelerator(cfg)
-    dist = Dist(accelerator)
-    prepare_output_dir(cfg, output_dir, dist.is_main)
-    accelerator.wait_for_everyone()
-    for warning in cfg.warnings():
-        log(f"warning: {warning}")
-    if cfg.fsdp and dist.world == 1:
-        log(
-            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
-            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
-        )
-    if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
-        from gkd.config import bf16_weights_warning
-
-        log(
-            "warning: "
-            + bf16_weights_warning(
-                "the student model object is bfloat16: it",
-                cfg.learning_rate,
-                "load it in float32 (from_pretrained(..., dtype=torch.float32)) and set bf16: true for mixed precision",
-            )
-        )
+    accelerator, dist = start_processes(cfg, output_dir, student, log)
     seed_everything(cfg.seed + dist.rank)
 
     # 1. everything that can be checked without model weights
@@ -196,7 +116,8 @@ def build_run(
     plan = training_plan(cfg, len(train_data), dist.world, has_eval_data=inputs.eval_data is not None)
     optimizer = adamw(params, cfg)
     scheduler = lr_scheduler(optimizer, cfg, plan)
-    scorer, optimizer = accelerator.prepare(Scorer(models.student, models.vocab), optimizer)
+    student_forward, optimizer = accelerator.prepare(StudentForward(models.student, models.vocab), optimizer)
+    objective = Objective.from_config(cfg)
     tok = inputs.tokenizer
     options = (
         {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if cfg.rollout_backend == "vllm" else {}
@@ -211,9 +132,9 @@ def build_run(
         output_dir=output_dir,
         tokenizer=tok,
         student=models.student,
-        scorer=scorer,
+        student_forward=student_forward,
         sampling_model=unwrap(models.student) if cfg.lora is None else models.student,
-        teacher=models.teacher,
+        teacher=teacher_for(models.teacher, topk_cache, objective),
         reference=models.reference,
         topk_cache=topk_cache,
         train_data=train_data,
@@ -223,7 +144,7 @@ def build_run(
         ),
         sampler=sampler,
         sampling=rollout_params(cfg, models.eos, tok.pad_token_id, models.vocab),
-        objective=Objective.from_config(cfg),
+        objective=objective,
         optimizer=optimizer,
         scheduler=scheduler,
         coin=Coin(cfg.seed, dist),
@@ -236,11 +157,47 @@ def build_run(
     )
 
 
+def start_processes(
+    cfg: GKDConfig, output_dir: Path, student: nn.Module | None, log: Callable[[str], None]
+) -> tuple[Any, Dist]:
+    """The accelerator and the processes of the run, the output folder prepared, and the config's warnings said."""
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = make_accelerator(cfg)
+    dist = Dist(accelerator)
+    prepare_output_dir(cfg, output_dir, dist.is_main)
+    accelerator.wait_for_everyone()
+    for warning in cfg.warnings():
+        log(f"warning: {warning}")
+    if cfg.fsdp and dist.world == 1:
+        log(
+            "note: fsdp with one process: there is nothing to shard, the student trains unsharded; launch with "
+            "torchrun --nproc_per_node N (or accelerate launch) to shard it"
+        )
+    if student is not None and cfg.student_dtype != "bfloat16" and _bf16_weights(student, cfg):
+        log(
+            "warning: "
+            + bf16_weights_warning(
+                "the student model object is bfloat16: it",
+                cfg.learning_rate,
+                "load it in float32 (from_pretrained(..., dtype=torch.float32)) and set bf16: true for mixed precision",
+            )
+        )
+    return accelerator, dist
+
+
+def teacher_for(teacher: Any, cache: TopKCache | None, objective: Objective) -> Any:
+    """What the step asks for the teacher's view: the top-k cache in front of the live teacher where the loss is a
+    divergence over the vocabulary (the sampled estimators need the teacher's log-probability of the sampled token,
+    which a cache of fixed batches does not serve), else the teacher itself (local or served)."""
+    if cache is not None and objective.mode == "divergence":
+        return CachedTeacher(teacher, cache)
+    return teacher
+
+
 def path_notes(cfg: GKDConfig, student: nn.Module, sampler: Sampler, data: TokenizedDataset) -> list[str]:
     """Lines saying which sampler and which loss path this student takes, and why when it is the slower one."""
     from gkd.models import fused_head_unsupported_reason
-    from gkd.rollout import auto_fast_reason
-    from gkd.sampling import LocalSampler
 
     notes = []
     if (
@@ -305,7 +262,6 @@ def check_inputs(
     ``chat_template_path`` replaces the tokenizer's chat template (a given tokenizer is copied, not changed); the
     run's tokenizer (saved with the model) is that one.
     """
-    from gkd.data import check_apply_chat_template, with_chat_template
     from gkd.tasks.adapters import check_adapter
 
     if cfg.dataset_adapter is not None:
@@ -392,7 +348,7 @@ def load_models(
     reference = None
     if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
         initial = given_student if cfg.model_name_or_path is None else None
-        reference = Teacher(load_reference(cfg, initial).to(device), vocab)
+        reference = Reference(load_reference(cfg, initial).to(device), vocab)
     return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))
 
 
@@ -687,7 +643,6 @@ def load_dataset(
     prompt/completion/references first (:mod:`gkd.tasks.adapters`); a hub name gets the benchmark's config
     (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set.
     """
-    from gkd.data import load_with_datasets, process_position, read_with_datasets
     from gkd.tasks.adapters import HUB_CONFIGS, adapt_records
 
     skipped = 0

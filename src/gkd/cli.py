@@ -39,6 +39,7 @@ from typing import Any
 
 from gkd.errors import ConfigError, GKDError
 from gkd.io import quiet_libraries
+from gkd.trl_compat import same_key
 
 __all__ = ["main"]
 
@@ -219,21 +220,11 @@ def _scalar(raw: str) -> Any:
         return raw
 
 
-def _same_key(a: str, b: str) -> bool:
-    """Do two top-level keys name the same setting (a TRL synonym and gkd's key)? Then a later one replaces an
-    earlier one instead of both reaching config_from_dict (which refuses both in one layer)."""
-    from gkd.config import _SYNONYMS
-
-    # max_completion_length is TRL's name for max_new_tokens (gkd.config: "give one, or both equal")
-    canon = {**_SYNONYMS, "max_completion_length": "max_new_tokens"}
-    return a != b and canon.get(a, a) == canon.get(b, b)
-
-
 def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` merged over ``base`` (nested mappings merged), a key of ``top`` also replacing its synonyms in base."""
     from gkd.config import merge
 
-    base = {k: v for k, v in base.items() if not any(_same_key(k, t) for t in top)}
+    base = {k: v for k, v in base.items() if not any(same_key(k, t) for t in top)}
     return merge(base, top)
 
 

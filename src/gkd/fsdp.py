@@ -7,7 +7,7 @@ norm, head) another, over a 1-D device mesh of all processes (``torchrun`` / ``a
 group). The optimizer holds the sharded parameters (DTensors), so its state is sharded too.
 
 * **The loss.** gkd's fused loss runs the base model and applies the head later, in chunks, outside the model's
-  ``forward``. :class:`ShardedScorer` therefore runs the scoring as a registered FSDP forward method of the root
+  ``forward``. :class:`ShardedStudentForward` therefore runs the scoring as a registered FSDP forward method of the root
   (:func:`torch.distributed.fsdp.register_fsdp_forward_method`): the root's weights (the head among them) are
   all-gathered before it and, as FSDP2 does for the root, stay gathered until the backward pass, which reduce-scatters
   their gradients after the loss has used them.
@@ -39,11 +39,13 @@ import torch
 from torch import nn
 
 from gkd.errors import ConfigError
-from gkd.models import Scorer, ScoringOutput, fused_head_supported, head_of, is_seq2seq, score_positions
+from gkd.models import StudentForward, fused_head_supported, head_of, is_seq2seq, score_positions
+from gkd.outputs import ScoringOutput
 
 __all__ = [
     "ShardedScorer",
     "ShardedStudent",
+    "ShardedStudentForward",
     "clip_grad_norm_",
     "fsdp_accelerator",
     "is_sharded",
@@ -144,8 +146,8 @@ def shard_student(model: nn.Module, device: Any) -> ShardedStudent:
     return ShardedStudent(model, mesh)
 
 
-class ShardedScorer(Scorer):
-    """:class:`gkd.models.Scorer` over the sharded student: the scoring runs as an FSDP forward method of the root,
+class ShardedStudentForward(StudentForward):
+    """:class:`gkd.models.StudentForward` over the sharded student: the scoring runs as an FSDP forward method of the root,
     so the head weight the fused loss reads after it is the gathered one and its gradient is reduce-scattered."""
 
     def __init__(self, model: nn.Module, vocab: int | None, fused: bool, autocast: Any = None) -> None:
@@ -187,8 +189,8 @@ class ShardedScorer(Scorer):
 
 
 def fsdp_accelerator(base: type) -> type:
-    """A subclass of accelerate's ``Accelerator`` that prepares the :class:`gkd.models.Scorer` of a sharded student
-    as a :class:`ShardedScorer` instead of wrapping it in DDP (everything else as accelerate does it)."""
+    """A subclass of accelerate's ``Accelerator`` that prepares the :class:`gkd.models.StudentForward` of a
+    sharded student as a :class:`ShardedStudentForward` instead of wrapping it in DDP (everything else as accelerate does it)."""
 
     class FSDPAccelerator(base):  # type: ignore[misc, valid-type]
         gkd_fsdp = True
@@ -196,8 +198,10 @@ def fsdp_accelerator(base: type) -> type:
         def prepare_model(
             self, model: Any, device_placement: Any = None, evaluation_mode: bool = False
         ) -> Any:
-            if isinstance(model, Scorer) and is_sharded(model.model):
-                scorer = ShardedScorer(model.model.sharded, model.vocab, model.fused, autocast=self.autocast)
+            if isinstance(model, StudentForward) and is_sharded(model.model):
+                scorer = ShardedStudentForward(
+                    model.model.sharded, model.vocab, model.fused, autocast=self.autocast
+                )
                 self._models.append(scorer)
                 return scorer
             return super().prepare_model(
@@ -283,3 +287,6 @@ def load_shards(student: ShardedStudent, optimizer: Any, shards: dict[str, Any])
                 )
     optimizer.load_state_dict(state)
     student.refresh()
+
+
+ShardedScorer = ShardedStudentForward  # the earlier name

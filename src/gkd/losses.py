@@ -13,7 +13,7 @@ The gradient w.r.t. a chunk's student logits has a closed form for every diverge
 ``gkd.divergences`` with one (all the built-ins) and for the nll / sampled_rkl terms. It is computed by in-place ops
 in five or six ``[chunk, V]`` scratch buffers (logits included) instead of autograd's graph of ten to fifteen fresh
 temporaries per chunk. The buffers come from a ``Workspace`` that the caller owns and passes to every call, so that
-no step page-faults them in again (on the CPU). The kernel lives in ``gkd._fused``.
+no step page-faults them in again (on the CPU). The kernel lives in ``gkd.fused``.
 
 Not supported by the closed form, and computed with autograd inside each chunk instead (same values, slower, more
 memory): a divergence function without a registry entry or without a closed form (``chunked_loss`` warns once per
@@ -24,7 +24,7 @@ Peak memory is therefore O(chunk_size * V) above the inputs instead of O(N * V).
 One call evaluates any weighted sum of three per-position terms, each with its own weight vector ``[N]``:
 
     divergence   w_div[n] * D(p_T || p_S)(position n)              distillation (GKD, supervised KD, ...)
-    nll          w_nll[n] * -log p_S(y_n)                           SFT, SeqKD, policy-gradient terms (RL)
+    logp_weight  w_lp[n] * -log p_S(y_n)                          SFT, SeqKD, policy-gradient terms (RL)
     sampled_rkl  w_srkl[n] * sg(log p_S(y_n) - log p_T(y_n)) * log p_S(y_n)
                  the single-sample reverse-KL estimator ("reverse KL as a per-token reward")
 
@@ -36,19 +36,9 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 
-from gkd._fused import (
-    FusedChunkedLoss,
-    LossSpec,
-    Workspace,
-    chunk_stats,
-    chunk_stats_topk,
-    chunk_terms,
-    topk_tail,
-)
 from gkd.divergences import (
     BoundDivergence,
     Divergence,
@@ -57,6 +47,17 @@ from gkd.divergences import (
     get_divergence,
     reduction_weights,
 )
+from gkd.fused import (
+    FusedChunkedLoss,
+    LossSpec,
+    LossTerms,
+    Workspace,
+    chunk_stats,
+    chunk_stats_topk,
+    chunk_terms,
+    topk_tail,
+)
+from gkd.outputs import Head, TeacherTopK
 
 __all__ = [
     "AutogradFallbackWarning",
@@ -67,94 +68,11 @@ __all__ = [
     "chunked_divergence_loss",
     "chunked_loss",
     "logits_loss",
+    "topk_tail",
 ]
 
 # Target number of logits elements per chunk (8M floats = 32 MB per temporary).
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
-
-_topk_tail = topk_tail  # the old private name, still imported by tests/test_teacher.py
-
-
-@dataclass
-class Head:
-    """An output head: logits = transform(hidden @ weight[:vocab].T + bias[:vocab]).
-
-    ``vocab`` limits the comparison to the tokenizer's real length when the matrices carry padding rows
-    (e.g. 151,936 vs 152,064 rows for one tokenizer). ``scale`` multiplies the hidden states first (T5 with tied
-    embeddings uses d_model ** -0.5). The transform applied to the logits, as the model's own forward does:
-    ``logit_scale`` multiplies them (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), then ``softcap``
-    squashes them to ``softcap * tanh(z / softcap)`` (Gemma 2's ``final_logit_softcapping``). A transformed head
-    still runs chunked, through autograd inside each chunk (no closed-form gradient for it).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    vocab: int | None = None
-    scale: float = 1.0
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def size(self) -> int:
-        return self.vocab if self.vocab is not None else self.weight.shape[0]
-
-    @property
-    def transformed(self) -> bool:
-        return self.logit_scale != 1.0 or self.softcap is not None
-
-    def w(self) -> torch.Tensor:
-        return self.weight if self.vocab is None else self.weight[: self.vocab]
-
-    def b(self) -> torch.Tensor | None:
-        if self.bias is None:
-            return None
-        return self.bias if self.vocab is None else self.bias[: self.vocab]
-
-    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden @ W.T + b`` before the transform."""
-        h = hidden * self.scale if self.scale != 1.0 else hidden
-        z = h.to(self.weight.dtype) @ self.w().t()
-        b = self.b()
-        if b is not None:
-            z = z + b
-        return z
-
-    def transform(self, z: torch.Tensor) -> torch.Tensor:
-        """The model's logit transform (identity for a plain head)."""
-        if self.logit_scale != 1.0:
-            z = z * self.logit_scale
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.transform(self.raw_logits(hidden))
-
-
-@dataclass
-class TeacherTopK:
-    """A teacher stored as its top-k log-probabilities per position plus the remaining mass (a tail bucket).
-
-    The divergence is then computed on the (k + 1)-category distribution: the k token ids and "everything else".
-    """
-
-    ids: torch.Tensor  # [N, k] long
-    logprobs: torch.Tensor  # [N, k] float, log p_T of those ids (at the loss temperature)
-
-
-@dataclass
-class LossTerms:
-    """Per-position weights ``[N]`` of the three loss terms (None = term absent)."""
-
-    divergence: torch.Tensor | None = None
-    nll: torch.Tensor | None = None
-    sampled_rkl: torch.Tensor | None = None
-
-    def needs_teacher(self) -> bool:
-        return self.divergence is not None or self.sampled_rkl is not None
-
-    def needs_targets(self) -> bool:
-        return self.nll is not None or self.sampled_rkl is not None
 
 
 class AutogradFallbackWarning(UserWarning):

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,12 @@ from torch import nn
 
 from gkd.errors import ModelError
 from gkd.io import cannot_be_hub_id, hub_kwargs, hub_offline_reason, missing_local_path, quiet_progress_bars
-from gkd.losses import Head
+from gkd.outputs import Head, ScoringOutput
 
 __all__ = [
     "Scorer",
     "ScoringOutput",
+    "StudentForward",
     "apply_lora",
     "build_model",
     "check_teacher_student",
@@ -37,6 +37,7 @@ __all__ = [
     "disable_dropout",
     "is_seq2seq",
     "load_config",
+    "load_error",
     "load_model",
     "load_tokenizer",
     "missing_local_path",
@@ -77,7 +78,8 @@ def _check_exists(path: str, what: str) -> None:
         raise ModelError(f"{what} '{path}' is not a local folder: {where} does not exist; check the path")
 
 
-def _not_found(what: str, path: str, err: Exception) -> ModelError:
+def load_error(what: str, path: str, err: Exception) -> ModelError:
+    """The one-line error for a model, config or tokenizer at ``path`` that failed to load with ``err``."""
     offline = hub_offline_reason() if not os.path.exists(os.path.expanduser(path)) else None
     if offline is not None:
         return ModelError(
@@ -157,7 +159,7 @@ def load_tokenizer(
         )
     except (OSError, ValueError, TypeError) as e:
         if not _is_adapter_folder(path):
-            raise _not_found(what, path, e) from e
+            raise load_error(what, path, e) from e
         base = _adapter_base(path, what)
         return load_tokenizer(base, f"{what} (base of the adapter '{path}')", chat_template_path, init_kwargs)
     if tok.pad_token_id is None:
@@ -194,7 +196,7 @@ def _load_config(path: str, what: str, seen: frozenset[str]) -> Any:
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(path), **hub_kwargs(path))
     except (OSError, ValueError) as e:
-        raise _not_found(what, path, e) from e
+        raise load_error(what, path, e) from e
 
 
 def _key(path: str) -> str:
@@ -306,7 +308,7 @@ def _load_plain(path: str, what: str, dtype: str, extra: dict[str, Any]) -> nn.M
     try:
         config = AutoConfig.from_pretrained(local, **hub_kwargs(path))
     except (OSError, ValueError) as e:
-        raise _not_found(what, path, e) from e
+        raise load_error(what, path, e) from e
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with quiet_progress_bars():
@@ -479,15 +481,6 @@ def check_teacher_student(
 # ---------------------------------------------------------------------------------------------------------------
 # scoring: hidden states at valid positions + head, or logits
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class ScoringOutput:
-    """What the loss needs from a model at the ``N`` valid positions of a batch."""
-
-    hidden: torch.Tensor | None  # [N, H] (fused path), with ``head``
-    head: Head | None
-    logits: torch.Tensor | None  # [N, V] (plain path)
-
-
 def fused_head_unsupported_reason(model: nn.Module) -> str | None:
     """Why the loss cannot run chunked from this model's hidden states and head (``None`` if it can); it then
     scores from full logits at the completion positions, which costs ``[positions, vocab]`` memory."""
@@ -603,8 +596,9 @@ def score_positions(
     return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
 
 
-class Scorer(nn.Module):
-    """``score_positions`` as a module, so that data-parallel wrappers (DDP via accelerate) see the forward pass."""
+class StudentForward(nn.Module):
+    """The student's forward pass at the completion positions (``score_positions`` as a module, so that data-parallel
+    wrappers, DDP via accelerate, see it): hidden states + head, or logits where the head cannot run chunked."""
 
     def __init__(self, model: nn.Module, vocab: int | None, fused: bool = True) -> None:
         super().__init__()
@@ -628,6 +622,9 @@ class Scorer(nn.Module):
             vocab=self.vocab,
             fused=self.fused,
         )
+
+
+Scorer = StudentForward  # the earlier name
 
 
 @contextlib.contextmanager

@@ -11,50 +11,31 @@ ranks; ``α_d`` is ``alpha`` when a reward is set, else 1):
     policy gradient   (1 − α) · w · A(y) · −log p_S(y_t)               RL + GKD; A detached (gkd.rl)
     KL to initial     κ · w · KL(p_S ‖ p_S0)                            kl_to_initial > 0 (the RLEF* regulariser)
 
-:class:`Objective` is built once from the config and owns this branching; the step only calls
-:meth:`Objective.loss`. The teacher side is the live teacher, or the top-k cache on fixed (off-policy) batches
-whose examples it covers. What is not on the fused (hidden states + head, chunked) path: seq2seq students and
-heads with a logit transform use full logits; the discounted-RKL estimator runs one extra full-logits student
-forward pass to form its returns.
+:class:`Objective` is built once from the config and owns this branching. It is pure math: it never runs a
+model. The step hands it the student's scores ``p_s`` (:class:`gkd.outputs.ScoringOutput`) and the teacher's view
+``p_t`` (a ``ScoringOutput``, or a :class:`gkd.outputs.TeacherTopK` from the top-k cache or a served teacher: see
+:mod:`gkd.teacher`); :meth:`Objective.loss` turns them into the micro-batch's loss. What is not on the fused (hidden
+states + head, chunked) path: seq2seq students and heads with a logit transform use full logits. The discounted-RKL
+returns are formed from the same ``p_s`` and ``p_t`` (no second forward pass of either model).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
-from gkd.losses import Head, LossTerms, Workspace, chunked_loss, logits_loss
-from gkd.models import Scorer, ScoringOutput, score_positions, unwrap
+from gkd.errors import ModelError
+from gkd.losses import DEFAULT_CHUNK_ELEMENTS, LossTerms, Workspace, chunked_loss, logits_loss
+from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns
-from gkd.teacher import Teacher, TopKCache
 
-__all__ = ["Objective", "Timer"]
-
-
-@dataclass
-class Timer:
-    """Wall-clock seconds per named phase of a step (``time_<name>`` in the step's log record)."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
+__all__ = ["Objective"]
 
 
 @dataclass
@@ -109,123 +90,103 @@ class Objective:
         return reduction_weights(valid, self.reduction, denominator)[valid].to(valid.device)
 
     def terms(self, batch: Batch, denominator: float, advantages: torch.Tensor | None) -> LossTerms:
-        """Per-position weights of every term except the discounted-RKL returns (which need the models)."""
+        """Per-position weights of every term except the discounted-RKL returns (which need the scores)."""
         valid = batch.completion_mask
         w = self.weights(batch, denominator)
         terms = LossTerms()
         if self.mode == "nll":
-            terms.nll = w
+            terms.logp_weight = w
         elif self.mode == "sampled_rkl":
             terms.sampled_rkl = self.distill_weight * w
         elif self.mode == "divergence" and self.distill_weight > 0:
             terms.divergence = self.distill_weight * w
         if advantages is not None:
             per_position = advantages.to(valid.device)[:, None].expand_as(valid)[valid]
-            terms.nll = _add(terms.nll, self.pg_weight * per_position * w)
+            terms.logp_weight = _add(terms.logp_weight, self.pg_weight * per_position * w)
         return terms
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a micro-batch's loss reads the teacher (the step then asks it for its view of the batch)."""
+        if self.mode == "divergence":
+            return self.distill_weight > 0
+        return self.mode in ("sampled_rkl", "discounted_rkl")
+
+    def uses_reference(self, logging_stats: bool) -> bool:
+        """Whether the step scores the batch with the initial student: the KL to it is a term, or only logged."""
+        return self.kl_to_initial > 0 or logging_stats
 
     # ------------------------------------------------------------------------------------------------------------
     def loss(
         self,
         batch: Batch,
+        p_s: ScoringOutput,
+        p_t: TeacherView | None,
         denominator: float,
         *,
-        scorer: nn.Module,
-        teacher: Teacher | None,
-        reference: Teacher | None = None,
-        topk_cache: TopKCache | None = None,
         advantages: torch.Tensor | None = None,
         stats: dict[str, list] | None = None,
-        timer: Timer | None = None,
     ) -> torch.Tensor:
-        """The micro-batch's loss, already divided by the step-wide ``denominator``; ``stats`` (a dict of lists)
-        collects per-position diagnostics (forward/reverse KL, entropy, top-1 agreement, KL to the initial student).
-        """
-        timer = timer or Timer()
+        """The micro-batch's loss from the student's scores ``p_s`` and the teacher's view ``p_t``, already divided
+        by the step-wide ``denominator``; ``stats`` (a dict of lists) collects per-position diagnostics (forward /
+        reverse KL, entropy, top-1 agreement)."""
         terms = self.terms(batch, denominator, advantages)
-        if self.mode == "discounted_rkl":
-            returns = self.discounted_rkl_returns(batch, scorer, teacher)
-            terms.nll = _add(terms.nll, self.distill_weight * self.weights(batch, denominator) * returns)
+        if self.mode == "discounted_rkl":  # G_t from the scores already computed: no second forward pass
+            returns = self.discounted_rkl_returns(batch, p_s, p_t)
+            terms.logp_weight = _add(
+                terms.logp_weight, self.distill_weight * self.weights(batch, denominator) * returns
+            )
         targets = batch.completion_ids[batch.completion_mask]
-        with timer("teacher"):
-            teacher_out, teacher_topk = self._teacher_view(batch, terms, teacher, topk_cache)
-        with timer("student_forward"):
-            student_out = scorer(
-                batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
-            )
-        with timer("loss"):
-            chunk_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
-            loss = self.evaluate(
-                student_out, teacher_out, terms, targets, chunk_stats, teacher_topk=teacher_topk
-            )
-            if reference is not None and (self.kl_to_initial > 0 or stats is not None):
-                kl = self._kl_to_initial(batch, student_out, reference, denominator, targets, stats)
-                if kl is not None:
-                    loss = loss + kl
+        chunk_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
+        loss = self.from_outputs(p_s, p_t, terms, targets, chunk_stats)
         if stats is not None and chunk_stats:
             for k, v in chunk_stats.items():
                 stats[k].append(v.detach().float().cpu())
         return loss
 
-    def _teacher_view(
-        self, batch: Batch, terms: LossTerms, teacher: Teacher | None, topk_cache: TopKCache | None
-    ) -> tuple[ScoringOutput | None, Any]:
-        """The live teacher's scores, or its cached top-k for a fixed batch the cache covers (divergence term)."""
-        if (
-            topk_cache is not None
-            and not batch.on_policy
-            and batch.indices is not None
-            and terms.divergence is not None
-        ):
-            return None, topk_cache.lookup(batch.indices, batch.completion_mask)
-        if teacher is not None and terms.needs_teacher():
-            if getattr(teacher, "served", False):  # gkd.teacher_client.ServedTeacher: top-k + tail over HTTP
-                return None, teacher.topk(batch)
-            return teacher.score(batch), None
-        return None, None
-
-    def _kl_to_initial(
+    def kl_to_initial_term(
         self,
         batch: Batch,
-        student_out: ScoringOutput,
-        reference: Teacher,
+        p_s: ScoringOutput,
+        p_ref: ScoringOutput,
         denominator: float,
-        targets: torch.Tensor,
         stats: dict[str, list] | None,
-    ) -> torch.Tensor | None:
-        """κ · KL(p_S ‖ p_S0) as a loss term (kl_to_initial > 0), else None (the same KL is only logged)."""
-        ref_out = reference.score(batch)
+    ) -> torch.Tensor | float:
+        """κ · KL(p_S ‖ p_S0) against the initial student's scores ``p_ref`` as a loss term (kl_to_initial > 0),
+        else 0.0: the same KL is then only logged (``stats["kl_to_initial"]``), cut from the graph."""
+        targets = batch.completion_ids[batch.completion_mask]
         ref_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
         w = self.weights(batch, denominator)
         if self.kl_to_initial > 0:
-            terms, out = LossTerms(divergence=self.kl_to_initial * w), student_out
+            terms, out = LossTerms(divergence=self.kl_to_initial * w), p_s
         else:
-            terms, out = LossTerms(divergence=torch.zeros_like(w)), _detached(student_out)
-        loss = self.evaluate(out, ref_out, terms, targets, ref_stats, divergence=self.reverse_kl)
+            terms, out = LossTerms(divergence=torch.zeros_like(w)), _detached(p_s)
+        loss = self.from_outputs(out, p_ref, terms, targets, ref_stats, divergence=self.reverse_kl)
         if stats is not None and ref_stats:
             stats["kl_to_initial"].append(ref_stats["reverse_kl"].detach().float().cpu())
-        return loss if self.kl_to_initial > 0 else None
+        return loss if self.kl_to_initial > 0 else 0.0
 
-    def evaluate(
+    def from_outputs(
         self,
         student_out: ScoringOutput,
-        teacher_out: ScoringOutput | None,
+        teacher: TeacherView | None,
         terms: LossTerms,
         targets: torch.Tensor,
         stats: dict[str, torch.Tensor] | None,
         divergence: Any = None,
-        teacher_topk: Any = None,
     ) -> torch.Tensor:
         """The weighted terms from scored outputs: chunked from hidden states when the student exposes its head
-        (never the ``[positions, vocab]`` logits), else from logits."""
+        (never the ``[positions, vocab]`` logits), else from logits. ``teacher`` is a teacher's scores or its
+        top-k log-probabilities plus a tail bucket."""
         div = divergence or self.divergence
+        teacher_topk = teacher if isinstance(teacher, TeacherTopK) else None
         t_hidden = t_head = t_logits = None
-        if teacher_out is not None:
-            t_hidden, t_head, t_logits = teacher_out.hidden, teacher_out.head, teacher_out.logits
+        if isinstance(teacher, ScoringOutput):
+            t_hidden, t_head, t_logits = teacher.hidden, teacher.head, teacher.logits
         if student_out.hidden is not None:
             return chunked_loss(
                 student_out.hidden,
-                student_out.head,
+                student_out.head,  # type: ignore[arg-type]
                 terms,
                 divergence=div,
                 targets=targets,
@@ -242,7 +203,7 @@ class Objective:
             assert isinstance(t_head, Head)
             t_logits = t_head.logits(t_hidden)
         return logits_loss(
-            student_out.logits,
+            student_out.logits,  # type: ignore[arg-type]
             terms,
             divergence=div,
             targets=targets,
@@ -254,35 +215,34 @@ class Objective:
 
     @torch.no_grad()
     def discounted_rkl_returns(
-        self, batch: Batch, scorer: nn.Module, teacher: Teacher | None
+        self, batch: Batch, p_s: ScoringOutput, p_t: TeacherView | None
     ) -> torch.Tensor:
-        """Per valid position, the discounted sum of future per-token rewards ``log p_T(y) − log p_S(y)``
-        (reverse KL as a reward); one full-logits forward pass of each model."""
-        assert teacher is not None
+        """Per valid position, the discounted sum of future per-token rewards ``log p_T(y) − log p_S(y)`` (reverse
+        KL as a reward), from the scores the step already has (at temperature 1, as sampled)."""
+        if not isinstance(p_t, ScoringOutput):
+            raise ModelError(
+                "a served teacher (teacher_url) gives top-k log-probs, not logits; this loss needs a local teacher"
+            )
         valid = batch.completion_mask
-        s = score_positions(
-            _scored_model(scorer),
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            vocab=teacher.vocab,
-            fused=False,
-        )
-        t = teacher.score(batch)
-        t_logits = t.logits if t.logits is not None else t.head.logits(t.hidden)  # type: ignore[union-attr]
         y = batch.completion_ids[valid]
-        lq = torch.log_softmax(s.logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)  # type: ignore[union-attr]
-        lp = torch.log_softmax(t_logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+        lq, lp = _target_logprobs(p_s, y), _target_logprobs(p_t, y)
         per_token = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         per_token[valid] = -(lq - lp)
         return discounted_returns(per_token, valid, self.rkl_discount)[valid]
 
 
-def _scored_model(scorer: nn.Module) -> nn.Module:
-    """The model a (possibly data-parallel wrapped) :class:`gkd.models.Scorer` runs, or ``scorer`` itself."""
-    inner = unwrap(scorer)
-    return inner.model if isinstance(inner, Scorer) else inner
+def _target_logprobs(out: ScoringOutput, y: torch.Tensor) -> torch.Tensor:
+    """``log p(y_n)`` at each of the ``N`` positions (float32), in chunks of rows: never ``[N, V]`` logits at once."""
+    rows = out.hidden if out.hidden is not None else out.logits
+    assert rows is not None
+    chunk = max(
+        16, DEFAULT_CHUNK_ELEMENTS // max(out.head.size if out.head is not None else rows.shape[-1], 1)
+    )
+    parts = []
+    for a in range(0, rows.shape[0], chunk):
+        z = out.head.logits(rows[a : a + chunk]) if out.hidden is not None else rows[a : a + chunk]  # type: ignore[union-attr]
+        parts.append(torch.log_softmax(z.float(), -1).gather(-1, y[a : a + chunk, None]).squeeze(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, device=y.device)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

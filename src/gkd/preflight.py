@@ -13,6 +13,7 @@ from typing import Any
 from gkd.config import GKDConfig
 from gkd.data import TokenizedDataset
 from gkd.errors import ConfigError, DataError
+from gkd.sampling.fast import fast_backend_config_reason
 
 __all__ = [
     "check_backend",
@@ -141,8 +142,6 @@ def check_context(
 def check_backend(cfg: GKDConfig, student_config: Any) -> None:
     """``rollout_backend`` against the student, known from its config (and the LoRA setting)."""
     if cfg.rollout_backend == "fast":
-        from gkd.rollout import fast_backend_config_reason
-
         reason = fast_backend_config_reason(student_config)
         if reason is None and cfg.lora is not None:
             reason = "a LoRA (peft) student"

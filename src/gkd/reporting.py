@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from gkd.build import Run
+    from gkd.run import Run
 
 __all__ = ["Progress", "Tracker", "banner", "format_record", "log_record", "read_metrics"]
 

@@ -10,7 +10,7 @@ Every name below can be used as ``eval_metric`` (``gkd eval --metric``) and as `
 * **task names** (``summarization``, ``arithmetic``, ``translation``): as an eval metric, all the task's metrics,
   headline first (exactly :meth:`gkd.tasks.Task.score`); as a reward, the task's headline metric.
 
-Each name is a :class:`Scorer` entry that knows its corpus function ``(predictions, records) -> percent``, its
+Each name is a :class:`MetricEntry` entry that knows its corpus function ``(predictions, records) -> percent``, its
 per-example function ``(record, prediction) -> [0, 1]`` (what a reward computes), whether it needs references and
 which task it belongs to. The per-example function equals the corpus function on a one-record corpus divided by 100,
 except for ``bleu``, whose per-example form is sentence BLEU (sacrebleu's effective order, same tokenisation): corpus
@@ -44,6 +44,7 @@ __all__ = [
     "BUILTIN_REWARDS",
     "TOKENIZE_MODES",
     "BuiltinReward",
+    "MetricEntry",
     "RewardFn",
     "Scorer",
     "check_metric_name",
@@ -65,7 +66,7 @@ CHECK_RECORDS = 8
 
 
 @dataclass(frozen=True)
-class Scorer:
+class MetricEntry:
     """One name of the vocabulary.
 
     ``kind`` is ``"metric"`` (generic), ``"task_metric"`` or ``"task"``. ``task`` is the task a task metric belongs
@@ -111,13 +112,13 @@ def check_tokenize(tokenize: object, key: str = "eval_tokenize") -> str:
 
 
 @functools.cache
-def _generic(name: str, tokenize: str) -> Scorer:
-    """The :class:`Scorer` of a generic metric; the text metrics with ``tokenize`` bound."""
+def _generic(name: str, tokenize: str) -> MetricEntry:
+    """The :class:`MetricEntry` of a generic metric; the text metrics with ``tokenize`` bound."""
     corpus, example = _GENERIC[name]
     if name in _TEXT_METRICS:
         corpus = functools.partial(corpus, tokenize=tokenize)
         example = functools.partial(example, tokenize=tokenize)
-    return Scorer(name, "metric", corpus, example, True, True)
+    return MetricEntry(name, "metric", corpus, example, True, True)
 
 
 def _one_record(corpus: CorpusFn) -> ExampleFn:
@@ -140,11 +141,11 @@ def _stripped(example: ExampleFn) -> ExampleFn:
 
 
 @functools.cache
-def _registry() -> dict[str, Scorer]:
+def _registry() -> dict[str, MetricEntry]:
     from gkd.tasks import TASKS, get_task
 
-    reg: dict[str, Scorer] = {name: _generic(name, DEFAULT_TOKENIZE) for name in _GENERIC}
-    task_entries: dict[str, Scorer] = {}
+    reg: dict[str, MetricEntry] = {name: _generic(name, DEFAULT_TOKENIZE) for name in _GENERIC}
+    task_entries: dict[str, MetricEntry] = {}
     for task_name in TASKS:
         task = get_task(task_name)
         own = task.metric_fns()
@@ -157,7 +158,7 @@ def _registry() -> dict[str, Scorer]:
             if name in reg or name not in own or name in report_only:
                 continue  # generic metrics keep their generic meaning; a task override is reached via the task
             example = own_examples.get(name) or _one_record(own[name])
-            reg[name] = Scorer(
+            reg[name] = MetricEntry(
                 name, "task_metric", own[name], example, name in own_refs, name in own_refs, task_name
             )
 
@@ -170,7 +171,7 @@ def _registry() -> dict[str, Scorer]:
         else:  # a generic headline (translation's bleu): in the tasks' whitespace mode, as Task.score computes it
             generic = _generic(head, TASK_TOKENIZE)
             head_corpus, head_example = generic.corpus, generic.example
-        task_entries[task_name] = Scorer(
+        task_entries[task_name] = MetricEntry(
             task_name,
             "task",
             head_corpus,
@@ -233,8 +234,8 @@ def check_reward_name(spec: object, key: str = "reward") -> str:
     )
 
 
-def get_scorer(name: str, key: str = "eval_metric", *, tokenize: str = DEFAULT_TOKENIZE) -> Scorer:
-    """The :class:`Scorer` entry of a name (a one-line :class:`ConfigError` naming ``key`` if unknown); a text
+def get_scorer(name: str, key: str = "eval_metric", *, tokenize: str = DEFAULT_TOKENIZE) -> MetricEntry:
+    """The :class:`MetricEntry` entry of a name (a one-line :class:`ConfigError` naming ``key`` if unknown); a text
     metric (``bleu``, ``rouge*``) scores with ``tokenize``, task names and task metrics ignore it."""
     entry = _registry()[check_metric_name(name, key)]
     if entry.kind == "metric" and name in _TEXT_METRICS:
@@ -414,3 +415,6 @@ def load_reward(spec: str, key: str = "reward", *, tokenize: str = DEFAULT_TOKEN
     if not callable(fn):
         raise ConfigError(f"reward '{spec}': module '{module_name}' has no function '{fn_name}'")
     return fn
+
+
+Scorer = MetricEntry  # the earlier name

@@ -9,11 +9,15 @@ With several processes each rank saves and restores its own generators and data 
 (``rng_state-rank{R}.pt``; the rollout sampler and torch generators are seeded per rank), and with FSDP its own
 shards of the model and optimizer. Everything is saved as tensors and plain data (NumPy's state as a list), so
 that resuming reads it with ``torch.load(weights_only=True)``.
+
+The best evaluation so far (``metric_for_best_model``) is part of the state: :class:`BestMetric` says which value of
+an evaluation picks it and which way is better; ``TrainState.best_*`` and the checkpoint that holds it remember it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +28,21 @@ import torch
 
 from gkd import checkpoint as ckpt
 from gkd.config import RESUME_KEYS, GKDConfig
-from gkd.errors import CheckpointError
+from gkd.errors import CheckpointError, ConfigError, TrainingError
+from gkd.scoring import resolve_scorer
 
 if TYPE_CHECKING:
-    from gkd.build import Run
+    from gkd.run import Run
 
-__all__ = ["TrainState", "check_resume_compat", "public_config", "restore", "save"]
+__all__ = [
+    "BestMetric",
+    "TrainState",
+    "check_resume_compat",
+    "metric_names",
+    "public_config",
+    "restore",
+    "save",
+]
 
 
 @dataclass
@@ -56,6 +69,113 @@ class TrainState:
     def global_step(self) -> int:
         """transformers' name of :attr:`step`: optimizer steps taken."""
         return self.step
+
+
+class BestMetric:
+    """Which evaluation value picks the best model (``metric_for_best_model``) and which way is better."""
+
+    def __init__(self, key: str | None, name: str, greater: bool) -> None:
+        self.key = key
+        """The evaluation record's key (``eval/greedy/exact_match``); None: the first greedy metric, taken at the
+        first evaluation."""
+        self.name = name
+        self.greater = greater
+
+    @staticmethod
+    def record_key(name: str) -> str:
+        """``metric_for_best_model`` as an evaluation key. With or without transformers' ``eval_`` prefix (or
+        ``eval/``) and the decoding mode: ``exact_match``, ``eval_exact_match``, ``greedy/exact_match`` and
+        ``eval/greedy/exact_match`` are all ``eval/greedy/exact_match``; ``sample/exact_match`` is the sampled
+        score."""
+        for prefix in ("eval/", "eval_"):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        return f"eval/{name}" if "/" in name else f"eval/greedy/{name}"
+
+    @classmethod
+    def of(cls, cfg: GKDConfig, run: Run) -> BestMetric | None:
+        """None when no best is tracked (none of load_best_model_at_end, save_strategy: best, metric_for_best_model;
+        or no evaluations); a ConfigError for a metric the evaluation does not produce."""
+        if not (cfg.load_best_model_at_end or run.plan.save_best or cfg.metric_for_best_model is not None):
+            return None
+        if not run.plan.evaluate:
+            if cfg.load_best_model_at_end or run.plan.save_best:
+                key = "load_best_model_at_end" if cfg.load_best_model_at_end else "save_strategy: best"
+                raise ConfigError(
+                    f"config key '{key}' needs evaluations: give an eval dataset (eval_dataset) and leave "
+                    "eval_strategy on (steps or epoch)"
+                )
+            return None
+        known = _evaluation_keys(cfg, run)
+        key = cls.record_key(cfg.metric_for_best_model) if cfg.metric_for_best_model else None
+        if key is not None and key.rsplit("/", 1)[-1] == "loss":
+            example = metric_names(known)[0] if known else "exact_match"
+            raise ConfigError(
+                f"config key 'metric_for_best_model: {cfg.metric_for_best_model}': gkd evaluates generated "
+                f"completions with eval_metric and computes no eval loss; name a metric, e.g. {example}"
+            )
+        if key is not None and known is not None and key not in known:
+            raise ConfigError(
+                f"config key 'metric_for_best_model: {cfg.metric_for_best_model}' is not a value of the evaluation "
+                f"(eval_metric: {cfg.eval_metric or 'exact_match'}); use one of {', '.join(metric_names(known))}"
+            )
+        if key is None and known:
+            key = known[0]
+        name = key[len("eval/") :] if key else "eval_metric"
+        greater = cfg.greater_is_better
+        if greater is None:  # transformers: lower is better for a loss, higher for anything else
+            greater = "loss" not in (cfg.metric_for_best_model or name)
+        return cls(key, name, greater)
+
+    def value(self, out: dict[str, float]) -> float:
+        """The metric's value in an evaluation record."""
+        if self.key is None:
+            self.key = next((k for k in out if k.startswith("eval/greedy/")), None)
+            if self.key is not None:
+                self.name = self.key[len("eval/") :]
+        if self.key not in out:
+            raise TrainingError(
+                f"metric_for_best_model: the evaluation has no '{self.name}'; it has "
+                f"{', '.join(metric_names([k for k in out if k.startswith('eval/')]))}"
+            )
+        return float(out[self.key])
+
+    def better(self, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):
+            return False
+        return best is None or (value > best if self.greater else value < best)
+
+    def track(self, out: dict[str, float], st: TrainState, run: Run) -> bool:
+        """Note a new best value of the evaluation record ``out`` in ``st``; True (on every process) when this
+        evaluation is the best so far (the main process, which evaluates, decides)."""
+        improved = False
+        if run.dist.is_main:
+            value = self.value(out)
+            if self.better(value, st.best_metric):
+                st.best_metric = value
+                improved = True
+        improved = run.dist.broadcast_flag(improved)
+        if improved:
+            st.best_step = st.step
+        return improved
+
+
+def _evaluation_keys(cfg: GKDConfig, run: Run) -> list[str] | None:
+    """The keys of the trainer's evaluation record (``eval/<mode>/<metric>``, greedy first), from scoring one
+    record; None when that cannot be told before the first evaluation."""
+    try:
+        score = resolve_scorer(cfg.eval_metric or "exact_match")
+        record = run.eval_data.examples[0].record  # type: ignore[union-attr]
+        names = list(score([record], [""]))
+    except Exception:
+        return None
+    return [f"eval/{mode}/{n}" for mode in ("greedy", "sample") for n in names]
+
+
+def metric_names(keys: list[str]) -> list[str]:
+    """``eval/greedy/x`` -> ``x``, ``eval/sample/x`` -> ``sample/x``: as metric_for_best_model names them."""
+    return [k.removeprefix("eval/").removeprefix("greedy/") for k in keys]
 
 
 def save(run: Run, state: TrainState) -> Path | None:

@@ -6,10 +6,13 @@
         else:      batch = (x, y) from the dataset           ground truth, or the teacher's samples (SeqKD)
         θ ← θ − η ∇θ D(p_T ‖ p_S^θ)(y | x)                   every completion position, exact over the vocabulary
 
-:func:`gkd_step` is that loop body, with RL + GKD's reward term and gradient accumulation. Everything it calls is a
-component built once from the config by :func:`gkd.build.build_run` (sampler, teacher, objective, optimizer) and is
-public, so tests and benchmarks call the same pieces: :func:`student_samples` (the rollout),
-:meth:`gkd.objective.Objective.loss` (the micro-batch loss), :func:`optimizer_step`.
+:func:`gkd_step` is that loop body, with RL + GKD's reward term and gradient accumulation. Its data flow is on the
+page: per micro-batch, the teacher's view of the batch, the student's forward pass and the objective, on
+consecutive lines. Everything it calls is a component built once from the config by :func:`gkd.build.build_run`
+(sampler, teacher, student forward, objective, optimizer) and is public, so tests and benchmarks call the same
+pieces: :func:`student_samples` (the rollout), ``run.teacher.view`` (:mod:`gkd.teacher`), ``run.student_forward``
+(:class:`gkd.models.StudentForward`), :meth:`gkd.objective.Objective.loss` (pure math over the two),
+:func:`optimizer_step`.
 
 The loss of a step is normalised by the valid completion tokens (or sequences) actually in it, counted over all
 micro-batches and all processes *after* the rollout, so on-policy steps are never normalised by the dataset's
@@ -20,22 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import warnings
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from gkd import fsdp
 from gkd.data import Batch
-from gkd.objective import Timer
 from gkd.rl import score_samples
+from gkd.run import Coin, Run, Timer
 from gkd.sampling import sample_batch
 
-if TYPE_CHECKING:
-    from gkd.build import Run
-
-__all__ = ["Coin", "gkd_step", "lmbda_at", "micro_batch_loss", "optimizer_step", "student_samples"]
+__all__ = ["Coin", "gkd_step", "lmbda_at", "optimizer_step", "student_samples"]
 
 
 def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
@@ -64,8 +64,22 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
     finite_loss = True
     for i, (batch, adv) in enumerate(zip(batches, advantages)):
         last = i == len(batches) - 1  # DDP all-reduces gradients once, after the last micro-batch
-        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.scorer):
-            loss = micro_batch_loss(run, batch, denominator, advantages=adv, stats=stats, timer=timer)
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.student_forward):
+            # the teacher's view: its scores, the cached top-k of a fixed batch, or the served teacher's top-k
+            with timer("teacher"):
+                teacher = run.teacher if run.objective.needs_teacher else None
+                p_t = teacher.view(batch) if teacher is not None else None
+            # the student's hidden states + head at the completion positions (never [positions, vocab] logits)
+            with timer("student_forward"):
+                p_s = run.student_forward(
+                    batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+                )
+            # Σ w·D(p_T ‖ p_S) and the config's other terms, already divided by the step-wide denominator
+            with timer("loss"):
+                loss = run.objective.loss(batch, p_s, p_t, denominator, advantages=adv, stats=stats)
+                if run.reference is not None and run.objective.uses_reference(stats is not None):
+                    p_ref = run.reference.view(batch)  # RL: KL to the initial student, a term or only logged
+                    loss = loss + run.objective.kl_to_initial_term(batch, p_s, p_ref, denominator, stats)
             finite_loss &= bool(torch.isfinite(loss))
             with timer("backward"):
                 if denominator > 0 and loss.requires_grad:
@@ -92,48 +106,12 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
     }
 
 
-def micro_batch_loss(
-    run: Run,
-    batch: Batch,
-    denominator: float,
-    *,
-    advantages: torch.Tensor | None = None,
-    stats: dict[str, list] | None = None,
-    timer: Timer | None = None,
-) -> torch.Tensor:
-    """The loss of one micro-batch (divided by the step-wide ``denominator``) with the run's models."""
-    return run.objective.loss(
-        batch,
-        denominator,
-        scorer=run.scorer,
-        teacher=run.teacher,
-        reference=run.reference,
-        topk_cache=run.topk_cache,
-        advantages=advantages,
-        stats=stats,
-        timer=timer,
-    )
-
-
 def lmbda_at(cfg: Any, step: int) -> float:
     """λ of step ``step`` (0-based): constant, or ramped linearly from ``lmbda_start`` over the warm-up."""
     if cfg.lmbda_schedule == "linear" and cfg.lmbda_warmup_steps > 0:
         frac = min(1.0, step / cfg.lmbda_warmup_steps)
         return cfg.lmbda_start + frac * (cfg.lmbda - cfg.lmbda_start)
     return cfg.lmbda
-
-
-class Coin:
-    """The λ coin: seeded, and drawn by every rank from the same state; rank 0's outcome is broadcast so all ranks
-    are on- or off-policy together."""
-
-    def __init__(self, seed: int, dist: Any) -> None:
-        self.rng = random.Random(seed)
-        self.dist = dist
-
-    def flip(self, lmbda: float) -> bool:
-        u = self.rng.random()
-        return self.dist.broadcast_flag(u < lmbda if lmbda < 1.0 else True)
 
 
 def student_samples(run: Run, batch: Batch) -> Batch:
@@ -157,8 +135,6 @@ def optimizer_step(run: Run, loss_finite: bool) -> tuple[float, str | None]:
 
     A sharded (FSDP2) student is clipped by the global norm over all shards, and after a step its full copy (what
     rollouts sample from) is all-gathered again (:mod:`gkd.fsdp`)."""
-    from gkd import fsdp
-
     sharded = fsdp.is_sharded(run.student)
     named = [(n, p) for n, p in run.student.named_parameters() if p.requires_grad]
     grad_norm = 0.0

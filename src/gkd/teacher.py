@@ -1,4 +1,17 @@
-"""The teacher: frozen, in eval mode, no gradients; scores sequences and (for SeqKD) writes targets once.
+"""The teacher: frozen, in eval mode, no gradients; its view of a batch for the loss, and (for SeqKD) targets once.
+
+One interface, every kind of teacher. The step asks ``teacher.view(batch)`` and hands the answer to the objective
+(:mod:`gkd.objective`), which never calls a model itself. What a view is (:data:`gkd.outputs.TeacherView`):
+
+    Teacher          a local model: its scores at the batch's valid completion positions (hidden states + head,
+                     or logits), a :class:`gkd.outputs.ScoringOutput`
+    CachedTeacher    the top-k cache for fixed batches it covers (a :class:`gkd.outputs.TeacherTopK`: top-k
+                     log-probabilities plus a tail bucket, no forward pass), else its live teacher's scores
+    ServedTeacher    (:mod:`gkd.teacher_client`, ``teacher_url``) top-k + tail from an HTTP server
+    Reference        the initial student of an RL run (the KL-to-initial term): a ``Teacher`` under its own name
+
+A view is computed without gradients, on the batch's device, at the batch's valid positions in row-major order
+(the loss's order). A teacher kind must implement ``view`` and expose ``vocab``; it need not run a model.
 
 SeqKD replaces the fixed dataset's targets with the teacher's own samples. They are generated **once** for the whole
 dataset and cached on disk (``output_dir/seqkd-<fingerprint>.jsonl``), not per step; a rerun or a resumed run reads
@@ -10,19 +23,38 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from gkd.data import Batch, Example, TokenizedDataset
-from gkd.evaluation import generate_ids
+from gkd.data import Batch, Example, TokenizedDataset, collate
+from gkd.divergences import log_probs
 from gkd.io import atomic_write, fingerprint, write_jsonl
-from gkd.losses import DEFAULT_CHUNK_ELEMENTS, TeacherTopK
-from gkd.models import ScoringOutput, score_positions
-from gkd.sampling import LocalSampler, Sampler, local_sampler
+from gkd.losses import DEFAULT_CHUNK_ELEMENTS
+from gkd.models import score_positions
+from gkd.outputs import ScoringOutput, TeacherTopK, TeacherView
+from gkd.sampling import LocalSampler, Sampler, generate_ids, local_sampler
 
-__all__ = ["Teacher", "TopKCache", "build_topk_cache", "seqkd_dataset"]
+__all__ = [
+    "CachedTeacher",
+    "Reference",
+    "Teacher",
+    "TeacherSource",
+    "TopKCache",
+    "build_topk_cache",
+    "seqkd_dataset",
+]
+
+
+class TeacherSource(Protocol):
+    """What the step needs from any kind of teacher (see the module docstring)."""
+
+    vocab: int
+
+    def view(self, batch: Batch) -> TeacherView:
+        """The teacher's view of ``batch`` at its valid completion positions, without gradients."""
+        ...
 
 
 class Teacher:
@@ -43,6 +75,7 @@ class Teacher:
 
     @torch.no_grad()
     def score(self, batch: Batch) -> ScoringOutput:
+        """The model's scores at the batch's valid completion positions."""
         return score_positions(
             self.model,
             batch.prompt_ids,
@@ -52,6 +85,39 @@ class Teacher:
             vocab=self.vocab,
             fused=self.fused,
         )
+
+    def view(self, batch: Batch) -> ScoringOutput:
+        """A local teacher's view: its scores."""
+        return self.score(batch)
+
+
+Reference = Teacher  # the initial student of an RL run: frozen, scored like a teacher, under its own name
+
+
+class CachedTeacher:
+    """The top-k cache in front of a live teacher: fixed (off-policy) batches whose examples the cache covers are
+    read from it (no forward pass); the student's own samples, which no cache can hold, go to ``live``."""
+
+    def __init__(self, live: Teacher, cache: TopKCache) -> None:
+        self.live, self.cache, self.vocab = live, cache, live.vocab
+
+    @property
+    def model(self) -> nn.Module:
+        """The live teacher's model."""
+        return self.live.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.live.device
+
+    def view(self, batch: Batch) -> TeacherView:
+        if not batch.on_policy and batch.indices is not None:
+            return self.cache.lookup(batch.indices, batch.completion_mask)
+        return self.live.view(batch)
+
+    def score(self, batch: Batch) -> ScoringOutput:
+        """The live teacher's scores (evaluation, diagnostics)."""
+        return self.live.score(batch)
 
 
 def seqkd_dataset(
@@ -196,9 +262,6 @@ def build_topk_cache(
 
     The cache is returned on the teacher's device (where the loss runs), whether it was built or read from disk.
     """
-    from gkd.data import collate
-    from gkd.divergences import log_probs
-
     key = fingerprint(
         [[e.prompt, e.completion] for e in dataset.examples],
         {"teacher": teacher_name, "k": k, "T": temperature},

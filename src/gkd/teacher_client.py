@@ -39,7 +39,7 @@ from torch import nn
 
 from gkd.data import Batch
 from gkd.errors import ConfigError, ModelError, TrainingError
-from gkd.losses import TeacherTopK
+from gkd.outputs import TeacherTopK
 
 __all__ = ["PendingTopK", "ServedTeacher", "TeacherUnavailable"]
 
@@ -85,8 +85,6 @@ def _retryable(status: int) -> bool:
 
 class ServedTeacher:
     """The teacher's top-k log-probs (+ tail) per completion position, from a server (see the module docstring)."""
-
-    served = True  # objective: ask for .topk(batch), never .score(batch)
 
     def __init__(
         self,
@@ -258,6 +256,10 @@ class ServedTeacher:
         if not parts:
             return torch.zeros(0, self.student_topk, dtype=torch.long)
         return torch.cat(parts).cpu()
+
+    def view(self, batch: Batch) -> TeacherTopK:
+        """A served teacher's view (:mod:`gkd.teacher`): its top-k + tail, requested over HTTP."""
+        return self.topk(batch)
 
     def topk(self, batch: Batch) -> TeacherTopK:
         """The teacher's support (``M`` ids + log-probs) at the batch's valid completion positions, in the loss's

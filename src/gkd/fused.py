@@ -1,4 +1,4 @@
-"""The fused chunked loss kernel behind ``gkd.losses.chunked_loss`` (private: use ``gkd.losses``).
+"""The fused chunked loss kernel behind ``gkd.losses.chunked_loss`` (call it through ``gkd.losses``).
 
 The kernel walks the ``N`` selected positions ``chunk_size`` at a time. For each chunk it forms the student (and
 teacher) logits, evaluates the weighted loss terms, and turns the gradient w.r.t. the chunk's student logits at once
@@ -18,14 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from gkd.divergences import LOG_FLOOR, ClosedForm, Divergence, compute_dtype, log_probs, log_softmax_into
+from gkd.outputs import Head, TeacherTopK
 
-if TYPE_CHECKING:
-    from gkd.losses import Head, LossTerms, TeacherTopK
+
+@dataclass
+class LossTerms:
+    """Per-position weights ``[N]`` of the three loss terms (None = term absent)."""
+
+    divergence: torch.Tensor | None = None  # w · D(p_T ‖ p_S) at each position
+    logp_weight: torch.Tensor | None = (
+        None  # w · −log p_S(y): SFT's NLL, the policy gradient, discounted-RKL returns
+    )
+    sampled_rkl: torch.Tensor | None = None  # w · sg(log p_S − log p_T)(y) · log p_S(y)
+
+    def needs_teacher(self) -> bool:
+        return self.divergence is not None or self.sampled_rkl is not None
+
+    def needs_targets(self) -> bool:
+        return self.logp_weight is not None or self.sampled_rkl is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,8 +228,8 @@ def chunk_terms(
         assert targets is not None
         logq = log_probs(zs, 1.0)
         logq_y = logq.gather(-1, targets[:, None]).squeeze(-1)
-        if terms.nll is not None:
-            total = total - (terms.nll[sl].to(logq_y.dtype) * logq_y).sum()
+        if terms.logp_weight is not None:
+            total = total - (terms.logp_weight[sl].to(logq_y.dtype) * logq_y).sum()
         if terms.sampled_rkl is not None:
             if topk is not None:
                 raise ValueError("the sampled-token reverse-KL term needs a live teacher, not a top-k cache")
@@ -368,8 +382,8 @@ def _closed_form_terms(
         logq = log_softmax_into(zs, buffers.target_logq)  # temperature 1: zs is left as it is
         logq_y = logq.gather(-1, y).squeeze(-1)
         coef = torch.zeros_like(logq_y)  # d loss / d log q(y), per position
-        if terms.nll is not None:
-            w = terms.nll[sl].to(logq_y.dtype)
+        if terms.logp_weight is not None:
+            w = terms.logp_weight[sl].to(logq_y.dtype)
             total = total - (w * logq_y).sum()
             coef = coef - w
         if terms.sampled_rkl is not None:
