@@ -21,6 +21,8 @@ student back from where its samples go wrong. :func:`diagnose` measures both, fo
 Samples come from a :class:`gkd.sampling.Sampler` (default: the local ``auto`` sampler; it must sample both models,
 so an in-process one), one ``torch.Generator`` seeded with ``seed`` per run: ``(seed, batch_size)`` fix them, as in
 ``gkd eval``.
+
+The console report of a result, :func:`format_report`, is :mod:`gkd.diagnose_report` (re-exported here).
 """
 
 from __future__ import annotations
