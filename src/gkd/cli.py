@@ -43,7 +43,7 @@ from gkd.commands import (
     cmd_prepare,
     cmd_serve_teacher,
 )
-from gkd.commands import generated_record as generated_record
+from gkd.commands import generated_record as generated_record  # moved to gkd.commands; still importable here
 from gkd.commands import watch_launcher as watch_launcher
 from gkd.errors import ConfigError, GKDError
 from gkd.io import quiet_libraries
