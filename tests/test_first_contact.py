@@ -1065,21 +1065,21 @@ def test_R7_a_worker_stops_when_its_launcher_dies(monkeypatch, capsys):
     import os
     import threading
 
-    import gkd.cli
+    import gkd.commands
 
     exited = threading.Event()
     ppid = [os.getppid()]
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(gkd.cli.os, "getppid", lambda: ppid[0])
-    monkeypatch.setattr(gkd.cli.os, "_exit", lambda code: exited.set())
-    thread = gkd.cli.watch_launcher(interval=0.01)
+    monkeypatch.setattr(gkd.commands.os, "getppid", lambda: ppid[0])
+    monkeypatch.setattr(gkd.commands.os, "_exit", lambda code: exited.set())
+    thread = gkd.commands.watch_launcher(interval=0.01)
     assert thread is not None and not exited.wait(0.1)  # the launcher lives: nothing happens
     ppid[0] = 1  # re-parented to init: the launcher was killed
     assert exited.wait(5)
     thread.join(5)
     assert not thread.is_alive() and "the launcher" in capsys.readouterr().err
     monkeypatch.delenv("LOCAL_RANK")
-    assert gkd.cli.watch_launcher() is None  # not under a launcher: no watch
+    assert gkd.commands.watch_launcher() is None  # not under a launcher: no watch
 
 
 def test_R8_a_model_folder_given_as_the_dataset_is_named_as_such(world, tmp_path, no_model_loads):

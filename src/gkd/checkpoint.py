@@ -161,19 +161,7 @@ def save_checkpoint(
         dist.barrier()
     error: BaseException | None = None
     try:
-        for name, obj in (rank_files or {}).items():
-            torch.save(obj, tmp / name)
-            _fsync_file(tmp / name)
-        if rank == 0:
-            with quiet_progress_bars():
-                model.save_pretrained(str(tmp), safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            states = {"scheduler": scheduler.state_dict()}
-            if optimizer is not None:
-                states["optimizer"] = optimizer.state_dict()
-            torch.save(states, tmp / "optimizer.pt")
-            torch.save(training_state, tmp / "trainer_state.pt")
+        _write_parts(tmp, rank, model, tokenizer, optimizer, scheduler, training_state, rank_files)
     except BaseException as e:  # every rank must learn of it before raising: no rank may hang
         error = e
     if world > 1 and dist.sum(0.0 if error is None else 1.0) > 0 and error is None:
@@ -200,18 +188,48 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(e, f"checkpoint-{step}", output_dir) from e  # type: ignore[misc]
-    if final.exists():
-        old = output_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    _move_into_place(tmp, final, output_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}")
     if keep is not None:
         rotate(output_dir, keep, best)
     if world > 1:
         dist.barrier()
     return final
+
+
+def _write_parts(
+    tmp: Path,
+    rank: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    training_state: dict[str, Any],
+    rank_files: dict[str, Any] | None,
+) -> None:
+    """This rank's ``rank_files`` in ``tmp``; rank 0 also writes the model, tokenizer and training states."""
+    for name, obj in (rank_files or {}).items():
+        torch.save(obj, tmp / name)
+        _fsync_file(tmp / name)
+    if rank == 0:
+        with quiet_progress_bars():
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        states = {"scheduler": scheduler.state_dict()}
+        if optimizer is not None:
+            states["optimizer"] = optimizer.state_dict()
+        torch.save(states, tmp / "optimizer.pt")
+        torch.save(training_state, tmp / "trainer_state.pt")
+
+
+def _move_into_place(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the written folder ``tmp`` to ``final``; a folder already there goes aside to ``old``, then away."""
+    if final.exists():
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _write_error(error: BaseException, what: str, folder: Path) -> CheckpointError | None:

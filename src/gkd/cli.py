@@ -15,7 +15,8 @@ freely with gkd's ``key=value`` overrides and ``--config FILE`` (repeatable); TR
 meaning (``gkd.config.trl_keys``). Later keys win, the command line wins over the config files. ``--help`` lists every
 key, generated from ``gkd.config``.
 
-Errors the user can fix are printed as one line (exit code 2); ``--debug`` shows the traceback.
+This module is the parser, its help and the dispatch; what each command does is :mod:`gkd.commands`. Errors the
+user can fix are printed as one line (exit code 2); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,19 +25,26 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
-import math
 import os
 import re
 import shutil
 import sys
 import textwrap
-import threading
-import time
 import typing
-from pathlib import Path
 from typing import Any
 
+from gkd.commands import (
+    cmd_demo,
+    cmd_diagnose,
+    cmd_distill,
+    cmd_eval,
+    cmd_experiment,
+    cmd_generate,
+    cmd_prepare,
+    cmd_serve_teacher,
+)
+from gkd.commands import generated_record as generated_record  # moved to gkd.commands; still importable here
+from gkd.commands import watch_launcher as watch_launcher
 from gkd.errors import ConfigError, GKDError
 from gkd.io import quiet_libraries
 from gkd.trl_compat import same_key
@@ -305,315 +313,6 @@ def config_from_argv(argv: list[str]):
     return run_config(args.config, extra, sft=args.command == "sft")
 
 
-def watch_launcher(interval: float = 1.0) -> threading.Thread | None:
-    """Under a launcher (torchrun / accelerate launch: ``LOCAL_RANK`` set), stop this worker when the launcher
-    dies: a ``kill -9`` of torchrun otherwise leaves the workers training on, and a resumed run would share
-    ``output_dir`` with them. A daemon thread polls the parent's pid; the checkpoints already written are complete
-    (written atomically), so the run resumes from the last one."""
-    if "LOCAL_RANK" not in os.environ:
-        return None
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent:  # re-parented: the launcher is gone
-                print(
-                    f"error: the launcher (pid {parent}) is gone; this worker stops (resume with "
-                    "resume_from_checkpoint=latest)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                os._exit(2)
-                return  # (only reached where os._exit is replaced, in tests)
-
-    thread = threading.Thread(target=watch, name="gkd-launcher-watch", daemon=True)
-    thread.start()
-    return thread
-
-
-def _cmd_distill(args: argparse.Namespace, sft: bool = False) -> int:
-    from gkd.trainer import GKDTrainer
-
-    cfg = run_config(args.config, args.overrides, sft=sft)
-    watch_launcher()
-    result = GKDTrainer(cfg).train()
-    loss = result.final_loss if math.isfinite(result.final_loss) else None  # strict JSON has no NaN
-    status = "already_finished" if result.already_finished else "finished"
-    if int(os.environ.get("RANK", "0")) != 0:  # one result line for a multi-process run
-        return 0
-    print(
-        json.dumps(
-            {"step": result.step, "final_loss": loss, "output_dir": str(result.output_dir), "status": status}
-        )
-    )
-    return 0
-
-
-def _check_sampling_args(args: argparse.Namespace) -> None:
-    """The same range checks (and one-line errors) ``gkd distill`` gives for these keys."""
-    checks = [
-        (args.max_new_tokens > 0, "--max-new-tokens", "a positive integer", args.max_new_tokens),
-        (args.max_prompt_length > 0, "--max-prompt-length", "a positive integer", args.max_prompt_length),
-        (args.batch_size > 0, "--batch-size", "a positive integer", args.batch_size),
-        (
-            math.isfinite(args.temperature) and args.temperature >= 0,
-            "--temperature",
-            ">= 0 (0: greedy)",
-            args.temperature,
-        ),
-        (
-            args.max_samples is None or args.max_samples > 0,
-            "--max-samples",
-            "a positive integer",
-            args.max_samples,
-        ),
-    ]
-    if hasattr(args, "top_p"):
-        checks += [
-            (0.0 < args.top_p <= 1.0, "--top-p", "in (0, 1]", args.top_p),
-            (args.top_k >= 0, "--top-k", ">= 0 (0 disables top-k)", args.top_k),
-            (args.num_samples > 0, "--num-samples", "a positive integer", args.num_samples),
-        ]
-    for ok, flag, allowed, value in checks:
-        if not ok:
-            raise GKDError(f"{flag} must be {allowed}, got {value}")
-
-
-def _load_for_inference(args: argparse.Namespace):
-    """Tokenizer, model (on ``--device`` in ``--dtype``) and tokenized records of ``gkd generate`` / ``gkd eval``.
-    The records are read and checked before the model loads."""
-    import torch
-
-    from gkd.build import resolve_dtype
-    from gkd.data import load_records, tokenize_records
-    from gkd.models import load_config, load_model, load_tokenizer
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise GKDError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
-    tok = load_tokenizer(args.model, chat_template_path=args.chat_template_path)
-    seq2seq = bool(getattr(load_config(args.model), "is_encoder_decoder", False))
-    records, _ = load_records(args.dataset, args.split, split_key="--split")
-    if args.max_samples:
-        records = records[: args.max_samples]
-    data = tokenize_records(
-        records,
-        tok,
-        max_prompt_length=args.max_prompt_length,
-        max_completion_length=1 << 20,
-        source=f"dataset '{args.dataset}'",
-        seq2seq=seq2seq,
-        apply_chat_template=args.apply_chat_template,
-    )
-    dtype = resolve_dtype(args.dtype, device)  # auto: bfloat16 on a GPU that has it, else float32
-    model = load_model(args.model, what="model", dtype=dtype).to(device)
-    return tok, model, data
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from gkd.evaluation import generate_texts
-    from gkd.sampling import local_sampler
-
-    _check_sampling_args(args)
-    target = Path(os.path.expanduser(args.out))
-    if target.is_dir():
-        raise GKDError(
-            f"--out '{args.out}' is a folder; give a file name for the JSONL, e.g. --out {target / 'generations.jsonl'}"
-        )
-    tok, model, data = _load_for_inference(args)
-    from gkd.io import atomic_open
-
-    sampler = local_sampler("auto")
-    out = Path(args.out)
-    with atomic_open(out) as fh:
-        for k in range(args.num_samples):
-            texts = generate_texts(
-                model,
-                tok,
-                data,
-                max_new_tokens=args.max_new_tokens,
-                greedy=args.greedy,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                batch_size=args.batch_size,
-                seed=args.seed + k,
-                sampler=sampler,
-            )
-            for ex, text in zip(data.examples, texts):
-                fh.write(json.dumps({**generated_record(ex.record, text), "sample": k}) + "\n")
-    print(f"wrote {len(data) * args.num_samples} completions to {out}")
-    return 0
-
-
-def generated_record(record: dict, text: str) -> dict:
-    """A training record whose target is ``text``: what ``gkd generate`` writes for each sample.
-
-    Fed back to ``gkd sft`` / ``gkd distill`` it trains on the generation, whatever the source format was: a
-    ``messages`` conversation gets the generation as its final assistant turn (replacing the original answer), a
-    conversational prompt list gets it as the assistant completion, a text prompt as ``completion``. The source's
-    reference answers are not carried over (they are not references of the generation).
-    """
-    if "messages" in record:
-        msgs = list(record["messages"])
-        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-            msgs = msgs[:-1]
-        return {"messages": [*msgs, {"role": "assistant", "content": text}]}
-    prompt = record.get("prompt")
-    if isinstance(prompt, list):
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]}
-    return {"prompt": prompt, "completion": text}
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from gkd.evaluation import evaluate, flatten
-    from gkd.sampling import local_sampler
-    from gkd.scoring import check_metric_name, check_records
-
-    _check_sampling_args(args)
-    check_metric_name(args.metric, key="--metric")
-    tok, model, data = _load_for_inference(args)
-    check_records(args.metric, [e.record for e in data.examples], key="--metric")
-    results = evaluate(
-        model,
-        tok,
-        data,
-        args.metric,
-        max_new_tokens=args.max_new_tokens,
-        sampled={} if args.greedy_only else {"sample": args.temperature},
-        seeds=(args.seed,),
-        batch_size=args.batch_size,
-        sampler=local_sampler("auto"),
-        tokenize=args.tokenize,
-    )
-    print(json.dumps(flatten(results), indent=2))
-    return 0
-
-
-def _cmd_diagnose(args: argparse.Namespace) -> int:
-    """gkd diagnose: everything is checked (flags, metric name, paths, records, tokenizers) before a model loads."""
-    import torch
-
-    from gkd.build import resolve_dtype
-    from gkd.data import load_records
-    from gkd.diagnose import diagnose, format_report
-    from gkd.io import atomic_open
-    from gkd.models import load_model, load_tokenizer
-    from gkd.scoring import load_reward
-
-    if (
-        args.metric is not None
-    ):  # a metric / task name, or module:function (imported now, to fail before loading)
-        try:
-            load_reward(args.metric, key="--metric")
-        except ConfigError as e:
-            raise ConfigError(
-                str(e).replace(f"reward '{args.metric}'", f"--metric '{args.metric}'", 1)
-            ) from e
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise GKDError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
-    records, _ = load_records(args.dataset, args.split, split_key="--split")
-    tok = load_tokenizer(args.student, "student tokenizer", chat_template_path=args.chat_template_path)
-    # gkd distill's rule: a teacher folder without tokenizer files uses the student's; one with them (or a hub id)
-    # must have the student's vocabulary (models.check_teacher_student, one line)
-    folder = Path(os.path.expanduser(args.teacher))
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
-    bare = folder.is_dir() and not any((folder / f).exists() for f in files)
-    teacher_tok = None if bare else load_tokenizer(args.teacher, "teacher tokenizer")
-    if teacher_tok is not None and tok.get_vocab() != teacher_tok.get_vocab():
-        raise GKDError(
-            "teacher and student tokenizers differ (different vocabularies); gkd diagnose compares distributions "
-            "token by token, so use a teacher and student that share a tokenizer"
-        )
-    dtype = resolve_dtype(args.dtype, device)
-    student = load_model(args.student, what="student", dtype=dtype).to(device)
-    teacher = load_model(args.teacher, what="teacher", dtype=dtype).to(device)
-    result = diagnose(
-        teacher,
-        student,
-        tok,
-        records,
-        args.metric,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        off_track=args.off_track,
-        max_prompt_length=args.max_prompt_length,
-        apply_chat_template=args.apply_chat_template,
-        teacher_tokenizer=teacher_tok,
-    )
-    result["settings"].update(teacher=args.teacher, student=args.student, dataset=args.dataset)
-    if args.out:  # written before the report is printed: a closed pipe on stdout does not lose it
-        out = Path(args.out) / "diagnose.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(out) as fh:
-            fh.write(json.dumps(result, indent=2) + "\n")
-    print(format_report(result))
-    if args.out:
-        print(f"wrote {out}")
-    return 0
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from gkd.experiments.common import prepare_task
-
-    if args.n_train <= 0 or args.n_eval <= 0:
-        raise GKDError(f"--n-train and --n-eval must be positive, got {args.n_train} and {args.n_eval}")
-    paths = prepare_task(
-        args.task, Path(args.out), n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, force=args.force
-    )
-    for k, v in paths.items():
-        print(f"{k}: {v}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from gkd.experiments.demo import run_demo, train_demo_teacher
-
-    if args.train_teacher:
-        train_demo_teacher()
-        return 0
-    run_demo(
-        output_dir=Path(args.output_dir),
-        quick=args.quick,
-        seeds=args.seeds,
-        workers=args.workers,
-        retrain_teacher=args.retrain_teacher,
-    )
-    return 0
-
-
-def _cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from gkd.serve import serve_teacher
-
-    return serve_teacher(
-        args.model,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        device=args.device,
-        api_key=args.api_key,
-        max_batch_tokens=args.max_batch_tokens,
-        served_model_name=args.served_model_name,
-    )
-
-
-def _cmd_experiment(args: argparse.Namespace) -> int:
-    from gkd.experiments import run_experiment
-
-    out = Path(args.output_dir) if args.output_dir else None
-    run_experiment(args.name, output_dir=out, quick=args.quick, workers=args.workers)
-    return 0
-
-
 def _version() -> str:
     from gkd import __version__
 
@@ -621,13 +320,22 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gkd`` parser: its options, then one parser per command, in the order ``gkd --help`` lists them."""
     parser = argparse.ArgumentParser(
         prog="gkd", description="On-policy distillation of language models (GKD)."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--version", action="version", version=f"gkd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
+    _add_training_commands(sub)
+    _add_inference_commands(sub)
+    _add_diagnose_command(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    """gkd distill and gkd sft: config files and keys; their ``--help`` ends with every config key."""
     for name, short, what in (
         (
             "distill",
@@ -652,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.config_defaults = SFT_DEFAULTS if name == "sft" else None
         _add_config_args(p)
 
+
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    """gkd generate and gkd eval: a model, a dataset, the sampling settings."""
     for name in ("generate", "eval"):
         p = sub.add_parser(
             name, help="sample completions to JSONL" if name == "generate" else "score a model"
@@ -696,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="bleu/rouge tokenisation: standard (sacrebleu 13a, rouge-score) or whitespace (task names: always)",
             )
 
+
+def _add_diagnose_command(sub: argparse._SubParsersAction) -> None:
+    """gkd diagnose: a teacher, a student, a dataset and the measurement's settings."""
     p = sub.add_parser(
         "diagnose",
         help="will on-policy data help? divergence on dataset vs student prefixes, off-track and recovery rates",
@@ -732,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template-path", default=None, help="a Jinja chat template file or tokenizer folder"
     )
 
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """gkd prepare, demo, serve-teacher and experiment."""
     p = sub.add_parser("prepare", help="write a built-in task's data, tokenizer and tiny models")
     p.add_argument("task")
     p.add_argument("--out", required=True)
@@ -776,7 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -788,15 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_libraries()
     handlers = {
-        "distill": _cmd_distill,
-        "sft": lambda a: _cmd_distill(a, sft=True),
-        "generate": _cmd_generate,
-        "eval": _cmd_eval,
-        "prepare": _cmd_prepare,
-        "diagnose": _cmd_diagnose,
-        "demo": _cmd_demo,
-        "experiment": _cmd_experiment,
-        "serve-teacher": _cmd_serve_teacher,
+        "distill": lambda a: cmd_distill(run_config(a.config, a.overrides)),
+        "sft": lambda a: cmd_distill(run_config(a.config, a.overrides, sft=True)),
+        "generate": cmd_generate,
+        "eval": cmd_eval,
+        "prepare": cmd_prepare,
+        "diagnose": cmd_diagnose,
+        "demo": cmd_demo,
+        "experiment": cmd_experiment,
+        "serve-teacher": cmd_serve_teacher,
     }
     try:
         return handlers[args.command](args)

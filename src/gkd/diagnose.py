@@ -21,18 +21,20 @@ student back from where its samples go wrong. :func:`diagnose` measures both, fo
 Samples come from a :class:`gkd.sampling.Sampler` (default: the local ``auto`` sampler; it must sample both models,
 so an in-process one), one ``torch.Generator`` seeded with ``seed`` per run: ``(seed, batch_size)`` fix them, as in
 ``gkd eval``.
+
+The console report of a result, :func:`format_report`, is :mod:`gkd.diagnose_report` (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gkd.data import TokenizedDataset, pad_left, pad_right, tokenize_records
+from gkd.diagnose_report import format_report
 from gkd.divergences import forward_kl, log_probs, reverse_kl
 from gkd.errors import ConfigError
 from gkd.models import check_teacher_student, eval_mode, is_seq2seq, score_positions, unwrap
@@ -392,16 +394,7 @@ def diagnose(
     (optional) must have the tokenizer's vocabulary. Returns a JSON-ready dict: ``settings``, ``divergence``,
     ``by_position``, ``scores``, ``off_track``, ``recovery``, ``reading``, ``notes`` (docs/diagnose.md).
     """
-    checks = [
-        (num_prompts > 0, "--num-prompts", "a positive integer", num_prompts),
-        (max_new_tokens > 0, "--max-new-tokens", "a positive integer", max_new_tokens),
-        (batch_size > 0, "--batch-size", "a positive integer", batch_size),
-        (math.isfinite(temperature) and temperature > 0, "--temperature", "> 0", temperature),
-        (0.0 < off_track < 1.0, "--off-track", "in (0, 1)", off_track),
-    ]
-    for ok, flag, allowed, value in checks:
-        if not ok:
-            raise ConfigError(f"{flag} must be {allowed}, got {value}")
+    _check_settings(num_prompts, max_new_tokens, batch_size, temperature, off_track)
     vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
     reward = None
     if metric is not None:
@@ -409,18 +402,9 @@ def diagnose(
 
         reward = load_reward(metric, "--metric")
     seq2seq = is_seq2seq(student)
-    if isinstance(records, TokenizedDataset):
-        examples = list(records.examples)[:num_prompts]
-    else:
-        examples = tokenize_records(
-            list(records)[:num_prompts],
-            tokenizer,
-            max_prompt_length=max_prompt_length,
-            max_completion_length=max_new_tokens,
-            source="the diagnose dataset",
-            seq2seq=seq2seq,
-            apply_chat_template=apply_chat_template,
-        ).examples
+    examples = _examples(
+        records, tokenizer, num_prompts, max_new_tokens, max_prompt_length, seq2seq, apply_chat_template
+    )
     recs = [e.record for e in examples]
     if metric is not None:
         check_records(metric, recs, "--metric", as_reward=True)
@@ -429,22 +413,11 @@ def diagnose(
     probe = _Probe(
         ss, ts, tokenizer, sampler, vocab, temperature, seed, batch_size, reward, metric, recs, off_track
     )
-    prompts, everyone, notes = [e.prompt for e in examples], range(len(examples)), []
+    prompts, notes = [e.prompt for e in examples], []
     with eval_mode(teacher), eval_mode(student):
         sampler.sync(ss)
         samples = probe.sample(0, prompts, False, max_new_tokens)
-        with_data = [i for i, e in enumerate(examples) if e.completion]
-        sources = {}
-        if with_data:
-            sources["dataset"] = probe.force(
-                [prompts[i] for i in with_data], [examples[i].completion for i in with_data]
-            )
-            if len(with_data) < len(examples):
-                notes.append(
-                    f"{len(examples) - len(with_data)} prompt-only records are left out of the dataset side"
-                )
-        else:
-            notes.append("the records are prompt-only: divergence on dataset prefixes is skipped")
+        sources = _dataset_side(probe, examples, notes)
         sources["student"] = probe.force(prompts, samples)
         # where distillation takes the student: the teacher's own samples, scored by both models
         teacher_samples = probe.sample(1, prompts, False, max_new_tokens)
@@ -455,134 +428,124 @@ def diagnose(
         ]
         scores = None
         if reward is not None:
-            scores = {
-                "metric": metric,
-                "student_sample": probe.score(everyone, samples),
-                "student_greedy": probe.score(everyone, probe.sample(0, prompts, True, max_new_tokens)),
-                "teacher_sample": probe.score(everyone, teacher_samples),
-            }
+            scores = _scores(probe, prompts, samples, teacher_samples, max_new_tokens)
         recovery = _recover(probe, prompts, samples, first_off, max_new_tokens, seq2seq, notes)
-    n_tok = sum(len(r["teacher_logprob"]) for r in sources["student"])
-    off_tok = sum(sum(lp < lt for lp in r["teacher_logprob"]) for r in sources["student"])
-    firsts = sorted(f + 1 for f in first_off if f >= 0)
     settings = {"metric": metric, "num_prompts": len(examples), "max_new_tokens": max_new_tokens}
     settings.update(temperature=temperature, seed=seed, batch_size=batch_size, off_track=off_track)
     result: dict[str, Any] = {
         "settings": settings,
-        "divergence": {
-            name: {
-                "sequences": len(rows),
-                "tokens": sum(len(r["forward_kl"]) for r in rows),
-                **{k: _mean([x for r in rows for x in r[k]]) for k in _STATS},
-            }
-            for name, rows in sources.items()
-        },
+        "divergence": _divergence(sources, first_off),
         "by_position": _by_position(sources, first_off, lt),
         "scores": scores,
-        "off_track": {
-            "threshold": off_track,
-            "sequences": len(samples),
-            "sequences_off_track": len(firsts),
-            "sequence_rate": _pct([f >= 0 for f in first_off]),
-            "tokens": n_tok,
-            "tokens_off_track": off_tok,
-            "token_rate": 100.0 * off_tok / n_tok if n_tok else None,
-            "first_position_mean": _mean(firsts),
-            "first_position_median": firsts[len(firsts) // 2] if firsts else None,
-        },
+        "off_track": _off_track(sources["student"], first_off, off_track, len(samples)),
         "recovery": recovery,
         "notes": notes,
     }
-    result["divergence"].setdefault("dataset", None)
+    result["reading"] = reading(result)
+    return result
+
+
+def _check_settings(
+    num_prompts: int, max_new_tokens: int, batch_size: int, temperature: float, off_track: float
+) -> None:
+    """The settings' ranges, each error naming its ``gkd diagnose`` flag."""
+    checks = [
+        (num_prompts > 0, "--num-prompts", "a positive integer", num_prompts),
+        (max_new_tokens > 0, "--max-new-tokens", "a positive integer", max_new_tokens),
+        (batch_size > 0, "--batch-size", "a positive integer", batch_size),
+        (math.isfinite(temperature) and temperature > 0, "--temperature", "> 0", temperature),
+        (0.0 < off_track < 1.0, "--off-track", "in (0, 1)", off_track),
+    ]
+    for ok, flag, allowed, value in checks:
+        if not ok:
+            raise ConfigError(f"{flag} must be {allowed}, got {value}")
+
+
+def _examples(
+    records: Sequence[dict] | TokenizedDataset,
+    tokenizer: Any,
+    num_prompts: int,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    seq2seq: bool,
+    apply_chat_template: bool,
+) -> list[Any]:
+    """The first ``num_prompts`` examples of ``records`` (tokenized here unless they already are)."""
+    if isinstance(records, TokenizedDataset):
+        return list(records.examples)[:num_prompts]
+    return tokenize_records(
+        list(records)[:num_prompts],
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_new_tokens,
+        source="the diagnose dataset",
+        seq2seq=seq2seq,
+        apply_chat_template=apply_chat_template,
+    ).examples
+
+
+def _dataset_side(probe: _Probe, examples: list[Any], notes: list[str]) -> dict[str, list[dict]]:
+    """``{"dataset": ...}``: both models forced on the dataset's completions (empty for prompt-only records)."""
+    with_data = [i for i, e in enumerate(examples) if e.completion]
+    if not with_data:
+        notes.append("the records are prompt-only: divergence on dataset prefixes is skipped")
+        return {}
+    if len(with_data) < len(examples):
+        notes.append(f"{len(examples) - len(with_data)} prompt-only records are left out of the dataset side")
+    return {
+        "dataset": probe.force(
+            [examples[i].prompt for i in with_data], [examples[i].completion for i in with_data]
+        )
+    }
+
+
+def _scores(probe: _Probe, prompts, samples, teacher_samples, max_new: int) -> dict[str, Any]:
+    """The metric (% per example) of the student's samples, its greedy output and the teacher's samples."""
+    everyone = range(len(prompts))
+    return {
+        "metric": probe.metric,
+        "student_sample": probe.score(everyone, samples),
+        "student_greedy": probe.score(everyone, probe.sample(0, prompts, True, max_new)),
+        "teacher_sample": probe.score(everyone, teacher_samples),
+    }
+
+
+def _divergence(sources: dict[str, list[dict]], first_off: list[int]) -> dict[str, Any]:
+    """Each source's mean statistics over its positions; the student's also over its on-track positions."""
+    divergence: dict[str, Any] = {
+        name: {
+            "sequences": len(rows),
+            "tokens": sum(len(r["forward_kl"]) for r in rows),
+            **{k: _mean([x for r in rows for x in r[k]]) for k in _STATS},
+        }
+        for name, rows in sources.items()
+    }
+    divergence.setdefault("dataset", None)
     # the student's states reached by valid steps: its positions up to and including the first off-track token
     cut = [f + 1 if f >= 0 else None for f in first_off]
-    student_div = result["divergence"]["student"]
+    student_div = divergence["student"]
     for key in ("forward_kl", "error_mass"):
         student_div[f"{key}_on_track"] = _mean(
             [x for r, c in zip(sources["student"], cut) for x in r[key][:c]]
         )
     student_div["tokens_on_track"] = sum(len(r["forward_kl"][:c]) for r, c in zip(sources["student"], cut))
-    result["reading"] = reading(result)
-    return result
+    return divergence
 
 
-def format_report(result: dict[str, Any], max_rows: int = 16) -> str:
-    """The console report of a :func:`diagnose` result: plain lines of at most 100 columns (positions are grouped
-    into at most ``max_rows`` rows; the JSON has every one)."""
-
-    def f(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    lines = ["divergence (mean over completion positions; P teacher, Q student)"]
-    lines.append(
-        f"  {'prefixes':<10}{'seqs':>6}{'tokens':>8}{'KL(P|Q)':>10}{'KL(Q|P)':>10}{'NLL argmax':>12}"
-    )
-    for name in ("dataset", "student"):
-        d = result["divergence"].get(name)
-        if d is None:
-            lines.append(f"  {name:<10}  skipped (prompt-only records)")
-            continue
-        stats = "".join(f"{f(d[k]):>{w}}" for k, w in zip(_STATS, (10, 10, 12)))
-        lines.append(f"  {name:<10}{d['sequences']:>6}{d['tokens']:>8}{stats}")
-    st = result["divergence"]["student"]
-    if st.get("forward_kl_on_track") is not None:
-        lines.append(
-            f"  {'on-track':<10}{'':>6}{st['tokens_on_track']:>8}{f(st['forward_kl_on_track']):>10}"
-            "   (student positions up to its first off-track token)"
-        )
-        ds, te = result["divergence"].get("dataset"), result["divergence"].get("teacher")
-        e_data = f"{100 * ds['error_mass']:.1f}%" if ds and ds.get("error_mass") is not None else "-"
-        e_teacher = f"{100 * te['error_mass']:.1f}%" if te and te.get("error_mass") is not None else "-"
-        lines.append(
-            "  student error mass (its probability of tokens the teacher calls off-track), by prefixes:"
-        )
-        lines.append(
-            f"    dataset {e_data}; its own on-track {100 * st['error_mass_on_track']:.1f}%; its own, all "
-            f"{100 * st['error_mass']:.1f}%; the teacher's samples {e_teacher}"
-        )
-    table = result["by_position"]
-    step = max(1, math.ceil(len(table) / max_rows))
-    lines.append(
-        "by position: KL(P|Q) and sequences per source; off-track tokens; samples first off-track there"
-    )
-    lines.append(f"  {'pos':<8}{'dataset':>10}{'n':>6}{'student':>10}{'n':>6}{'off':>6}{'first':>7}")
-    for start in range(0, len(table), step):
-        chunk, cells = table[start : start + step], []
-        for name in ("dataset", "student"):
-            n = sum(r.get(name, {}).get("count", 0) for r in chunk)
-            tot = sum(r[name]["forward_kl"] * r[name]["count"] for r in chunk if r.get(name, {}).get("count"))
-            cells += [f"{f(tot / n if n else None):>10}", f"{n:>6}"]
-        pos = f"{chunk[0]['position']}" + (f"-{chunk[-1]['position']}" if len(chunk) > 1 else "")
-        counts = (
-            f"{sum(r['off_track_tokens'] for r in chunk):>6}{sum(r['first_off_track'] for r in chunk):>7}"
-        )
-        lines.append(f"  {pos:<8}{''.join(cells)}{counts}")
-    if result["scores"] is not None:
-        s = result["scores"]
-        lines.append(
-            f"{s['metric']} (% per example): student sample {f(s['student_sample'], '.1f')}, "
-            f"student greedy {f(s['student_greedy'], '.1f')}, teacher sample {f(s['teacher_sample'], '.1f')}"
-        )
-    o = result["off_track"]
-    lines.append(
-        f"off-track (teacher prob < {o['threshold']:g}): {o['sequences_off_track']}/{o['sequences']} samples "
-        f"({f(o['sequence_rate'], '.1f')}%), {o['tokens_off_track']}/{o['tokens']} tokens ({f(o['token_rate'], '.2f')}%)"
-    )
-    lines.append(f"  first off-track token at position {f(o['first_position_mean'], '.1f')} on average")
-    r = result["recovery"]
-    unit, spec = (
-        ("mean per-example metric, %", ".1f")
-        if r["kind"] == "recovery_rate"
-        else ("teacher log-prob/token", ".3f")
-    )
-    if r["prompts"] and r["kind"] != "skipped":
-        lines.append(f"recovery of the {r['prompts']} off-track prefixes ({unit}):")
-        for who in ("student", "teacher"):
-            greedy, sampled = f(r.get(f"{who}_greedy"), spec), f(r.get(f"{who}_sample"), spec)
-            lines.append(f"  {who:<8} greedy {greedy:>8}   sampled {sampled:>8}")
-    lines += [f"note: {note}" for note in result["notes"]]
-    lines.append(f"reading [{result['reading']['verdict']}]:")
-    lines += textwrap.wrap(
-        result["reading"]["text"], 96, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
-    )
-    return "\n".join(lines)
+def _off_track(student: list[dict], first_off: list[int], off_track: float, sequences: int) -> dict[str, Any]:
+    """How many of the student's samples and tokens are off-track, and where a sample first goes off-track."""
+    lt = math.log(off_track)
+    n_tok = sum(len(r["teacher_logprob"]) for r in student)
+    off_tok = sum(sum(lp < lt for lp in r["teacher_logprob"]) for r in student)
+    firsts = sorted(f + 1 for f in first_off if f >= 0)
+    return {
+        "threshold": off_track,
+        "sequences": sequences,
+        "sequences_off_track": len(firsts),
+        "sequence_rate": _pct([f >= 0 for f in first_off]),
+        "tokens": n_tok,
+        "tokens_off_track": off_tok,
+        "token_rate": 100.0 * off_tok / n_tok if n_tok else None,
+        "first_position_mean": _mean(firsts),
+        "first_position_median": firsts[len(firsts) // 2] if firsts else None,
+    }

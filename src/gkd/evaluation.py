@@ -10,6 +10,7 @@ given ``(sampler, seed, batch_size)`` always yields the same completions.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from gkd.data import TokenizedDataset
@@ -74,14 +75,7 @@ def evaluate(
                                for t in temperatures}, seeds=[seed * 1000 + k for k in range(samples)],
                                batch_size=500)
     """
-    if isinstance(scorer, str):
-        text_tokenize = tokenize or DEFAULT_TOKENIZE
-        score: ScoreFn = resolve_scorer(scorer, tokenize=text_tokenize)
-        # self-BLEU of a task name's (or task metric's) samples: the tasks' token text, as the experiments score it
-        diversity_tokenize = TASK_TOKENIZE if get_scorer(scorer).task is not None else text_tokenize
-    else:
-        score = scorer
-        diversity_tokenize = tokenize or "whitespace"
+    score, diversity_tokenize = _score_fn(scorer, tokenize)
     if sampled is None:
         sampled = {"sample": 1.0}
     seeds = list(seeds)
@@ -104,19 +98,41 @@ def evaluate(
         preds = generate_texts(model, tokenizer, dataset, greedy=True, **common)
         out["greedy"] = dict(score(records, preds))
     for mode, temperature in sampled.items():
-        runs = []
-        scores: dict[str, float] = {}
-        for seed in seeds:
-            preds = generate_texts(
-                model, tokenizer, dataset, greedy=False, temperature=temperature, seed=seed, **common
-            )
-            runs.append(preds)
-            for key, value in score(records, preds).items():
-                scores[key] = scores.get(key, 0.0) + value / len(seeds)
-        if len(seeds) > 1:
-            scores["self_bleu"] = self_bleu([list(s) for s in zip(*runs)], tokenize=diversity_tokenize)
-        out[mode] = scores
+        sample = partial(
+            generate_texts, model, tokenizer, dataset, greedy=False, temperature=temperature, **common
+        )
+        out[mode] = _sampled_scores(sample, score, records, seeds, diversity_tokenize)
     return out
+
+
+def _score_fn(scorer: str | ScoreFn, tokenize: str | None) -> tuple[ScoreFn, str]:
+    """The scoring function of ``scorer`` and how self-BLEU tokenises its samples (see :func:`evaluate`)."""
+    if not isinstance(scorer, str):
+        return scorer, tokenize or "whitespace"
+    text_tokenize = tokenize or DEFAULT_TOKENIZE
+    score = resolve_scorer(scorer, tokenize=text_tokenize)
+    # self-BLEU of a task name's (or task metric's) samples: the tasks' token text, as the experiments score it
+    return score, TASK_TOKENIZE if get_scorer(scorer).task is not None else text_tokenize
+
+
+def _sampled_scores(
+    sample: Callable[..., list[str]],
+    score: ScoreFn,
+    records: list[dict],
+    seeds: list[int],
+    diversity_tokenize: str,
+) -> dict[str, float]:
+    """One sampled mode: each metric's mean over the seeds' samples, and self-BLEU with two or more seeds."""
+    runs = []
+    scores: dict[str, float] = {}
+    for seed in seeds:
+        preds = sample(seed=seed)
+        runs.append(preds)
+        for key, value in score(records, preds).items():
+            scores[key] = scores.get(key, 0.0) + value / len(seeds)
+    if len(seeds) > 1:
+        scores["self_bleu"] = self_bleu([list(s) for s in zip(*runs)], tokenize=diversity_tokenize)
+    return scores
 
 
 def flatten(results: Mapping[str, Mapping[str, float]], prefix: str = "") -> dict[str, float]:

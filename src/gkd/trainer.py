@@ -238,26 +238,7 @@ class GKDTrainer:
         plan = run.plan
         t_begin = time.perf_counter()
         if st.step >= plan.max_steps:
-            length, knob = (
-                (f"max_steps={plan.max_steps}", "max_steps")
-                if cfg.max_steps > 0
-                else (
-                    f"num_train_epochs={cfg.num_train_epochs:g}: {plan.max_steps} steps",
-                    "num_train_epochs",
-                )
-            )
-            self.log(
-                f"nothing to do: the run is already at step {st.step} ({length}); raise {knob} to train further"
-            )
-            return TrainResult(
-                st.step,
-                st.last_loss,
-                st.skipped_steps,
-                run.output_dir,
-                0.0,
-                already_finished=True,
-                metrics={"train_runtime": 0.0, "epoch": st.step / plan.steps_per_epoch},
-            )
+            return self._already_finished()
         if cfg.push_to_hub:  # the token and the repo, before hours of training
             self._created_repo = (cfg.hub_model_id, final_model.hub_repo(run, cfg, before_training=True))
         self.log(banner(run))
@@ -282,43 +263,70 @@ class GKDTrainer:
                     raise KeyboardInterrupt
         except KeyboardInterrupt as e:
             progress.close()
-            if self._checkpoints:
-                saved = f"checkpoint saved to {self.save()}. Resume with resume_from_checkpoint=latest"
-            else:
-                saved = "no checkpoint written (save_strategy: no), so the run cannot be resumed"
-            if isinstance(
-                e, GKDError
-            ):  # e.g. the served teacher stopped answering: an error (exit 2), not Ctrl-C
-                raise TrainingError(f"{e}; stopped at step {st.step}; {saved}") from None
-            raise TrainingInterrupted(f"interrupted at step {st.step}; {saved}") from None
+            raise self._stopped(e) from None
         finally:
             progress.close()
             interrupted.restore()
-        evaluated = False
-        if plan.evaluate and self._best is not None:  # the last evaluation may be the best: before the save
-            self._evaluate_and_track()
-            evaluated = True
-        if self._checkpoints:
-            self.save()
-        if cfg.load_best_model_at_end:
-            final_model.load_best(run, st, self._best, self.log)
-        if cfg.lora is not None and cfg.lora.save_merged and run.dist.is_main:
-            self.log(
-                f"LoRA adapter merged into the base model: {save_merged(run.student, run.tokenizer, run.output_dir / 'merged')}"
-            )
-        final = self.save_model()
-        if plan.evaluate and not evaluated:
-            self.evaluate()
-        self.tracker.close()
+        final = self._finish()
         wall = time.perf_counter() - t_begin
-        self.log(
-            f"done: {st.step} steps in {wall:.1f}s, final loss {st.last_loss:.4f}; model saved to {final}"
-        )
+        done = f"done: {st.step} steps in {wall:.1f}s, final loss {st.last_loss:.4f}; model saved to {final}"
+        self.log(done)
         if cfg.push_to_hub:
             self.push_to_hub()
         result = TrainResult.of_run(run, cfg, st, wall, trained=st.step - first_step, losses=losses)
         st.log_history.append({**result.metrics, "step": st.step})
         return result
+
+    def _already_finished(self) -> TrainResult:
+        """The result of a run already at its last step, saying which key trains further; nothing is trained."""
+        run, cfg, st = self.setup(), self.cfg, self.state
+        plan = run.plan
+        length, knob = (
+            (f"max_steps={plan.max_steps}", "max_steps")
+            if cfg.max_steps > 0
+            else (f"num_train_epochs={cfg.num_train_epochs:g}: {plan.max_steps} steps", "num_train_epochs")
+        )
+        self.log(
+            f"nothing to do: the run is already at step {st.step} ({length}); raise {knob} to train further"
+        )
+        return TrainResult(
+            st.step,
+            st.last_loss,
+            st.skipped_steps,
+            run.output_dir,
+            0.0,
+            already_finished=True,
+            metrics={"train_runtime": 0.0, "epoch": st.step / plan.steps_per_epoch},
+        )
+
+    def _stopped(self, e: KeyboardInterrupt) -> GKDError:
+        """The one-line error of a run stopped mid-way (Ctrl-C, SIGTERM or an error), after its checkpoint."""
+        if self._checkpoints:
+            saved = f"checkpoint saved to {self.save()}. Resume with resume_from_checkpoint=latest"
+        else:
+            saved = "no checkpoint written (save_strategy: no), so the run cannot be resumed"
+        if isinstance(e, GKDError):  # e.g. the served teacher stopped answering: an error (exit 2)
+            return TrainingError(f"{e}; stopped at step {self.state.step}; {saved}")
+        return TrainingInterrupted(f"interrupted at step {self.state.step}; {saved}")
+
+    def _finish(self) -> Path:
+        """After the last step: the last evaluation, checkpoint and final model; returns the final model's folder."""
+        run, cfg, st = self.setup(), self.cfg, self.state
+        evaluated = run.plan.evaluate and self._best is not None
+        if evaluated:  # the last evaluation may be the best: before the save
+            self._evaluate_and_track()
+        if self._checkpoints:
+            self.save()
+        if cfg.load_best_model_at_end:
+            final_model.load_best(run, st, self._best, self.log)
+        if cfg.lora is not None and cfg.lora.save_merged and run.dist.is_main:
+            merged = save_merged(run.student, run.tokenizer, run.output_dir / "merged")
+            self.log(f"LoRA adapter merged into the base model: {merged}")
+        final = self.save_model()
+        if run.plan.evaluate and not evaluated:
+            self.evaluate()
+        self.tracker.close()
+        return final
 
     def _history(self, record: dict[str, Any]) -> dict[str, Any]:
         """A logged step's record as a ``log_history`` entry: transformers' names (``learning_rate``, ``epoch``)

@@ -130,6 +130,23 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     warnings to print (keys accepted but ignored)."""
     out = dict(data)
     notes: list[str] = []
+    _synonyms(out)
+    _init_kwargs_dtypes(out)
+    _sharding(out, notes)
+    _peft(out, notes)
+    _eval_split(out)
+    mode = out.pop("vllm_mode", None)
+    if mode not in (None, "colocate"):
+        raise ConfigError(
+            f"config key 'vllm_mode: {mode}': gkd's vLLM rollouts (rollout_backend: vllm) run colocated in the "
+            "training process; a vLLM server is not supported: set vllm_mode: colocate or drop the key"
+        )
+    _ignored(out, notes)
+    return out, notes
+
+
+def _synonyms(out: dict[str, Any]) -> None:
+    """Other trainers' names of gkd's keys, renamed (``disable_tqdm`` negated into ``progress``)."""
     for alias, key in _SYNONYMS.items():
         if alias in out:
             if key in out:
@@ -138,7 +155,10 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             if alias == "disable_tqdm" and as_bool(value) is not None:
                 value = not as_bool(value)
             out[key] = value
-    # the dtype inside TRL's model_init_kwargs / teacher_model_init_kwargs is gkd's student_dtype / teacher_dtype
+
+
+def _init_kwargs_dtypes(out: dict[str, Any]) -> None:
+    """The dtype inside TRL's (teacher_)model_init_kwargs becomes gkd's student_dtype / teacher_dtype."""
     for kwargs_key, dtype_key in (
         ("model_init_kwargs", "student_dtype"),
         ("teacher_model_init_kwargs", "teacher_dtype"),
@@ -153,7 +173,10 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                     f"config keys '{kwargs_key}.dtype' ({value}) and '{dtype_key}' ({out[dtype_key]}) disagree; give one"
                 )
             out[dtype_key], out[kwargs_key] = value, kwargs
-    # deepspeed / fsdp: never a silent single-process run
+
+
+def _sharding(out: dict[str, Any], notes: list[str]) -> None:
+    """deepspeed refused (never a silent single-process run); TRL's ``fsdp: full_shard`` turns on FSDP2."""
     if out.get("deepspeed"):
         have = importlib.util.find_spec("deepspeed") is not None
         why = (
@@ -165,7 +188,6 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             f"config key 'deepspeed': {why}; train with accelerate's DDP (accelerate launch) or drop the key"
         )
     out.pop("deepspeed", None)
-    # fsdp: TRL's "full_shard [auto_wrap]" (or a list of them, or gkd's true/false) -> FSDP2 (gkd.fsdp)
     fsdp = out.pop("fsdp", None)
     if out.pop("fsdp_config", None):  # gkd wraps every decoder layer and the root itself
         notes.append(
@@ -184,7 +206,10 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         fsdp = "full_shard" in options
     if fsdp is not None:
         out["fsdp"] = fsdp
-    # LoRA the TRL way: use_peft switches it on, lora_* set it
+
+
+def _peft(out: dict[str, Any], notes: list[str]) -> None:
+    """LoRA the TRL way: ``use_peft`` switches it on, ``lora_*`` set it (ignored, with a warning, when off)."""
     raw_peft = out.pop("use_peft", False)
     use_peft = False if raw_peft is None else as_bool(raw_peft)
     if use_peft is None:
@@ -200,7 +225,10 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             f"config key{'s' if len(given) > 1 else ''} {names} {'are' if len(given) > 1 else 'is'} ignored: LoRA is "
             "off (as in TRL, set use_peft: true to train a LoRA adapter)"
         )
-    # TRL's example script evaluates on the dataset's test split whenever eval_strategy is not "no"
+
+
+def _eval_split(out: dict[str, Any]) -> None:
+    """TRL's example script evaluates on the dataset's test split whenever eval_strategy is not "no"."""
     if out.get("eval_strategy") in ("steps", "epoch") and not out.get("eval_dataset") and out.get("dataset"):
         if os.path.isfile(os.path.expanduser(str(out["dataset"]))):
             raise ConfigError(
@@ -210,12 +238,10 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             )
         out["eval_dataset"] = out["dataset"]
         out.setdefault("eval_split", "test")
-    mode = out.pop("vllm_mode", None)
-    if mode not in (None, "colocate"):
-        raise ConfigError(
-            f"config key 'vllm_mode: {mode}': gkd's vLLM rollouts (rollout_backend: vllm) run colocated in the "
-            "training process; a vLLM server is not supported: set vllm_mode: colocate or drop the key"
-        )
+
+
+def _ignored(out: dict[str, Any], notes: list[str]) -> None:
+    """:data:`IGNORED_KEYS` dropped, each named in a warning when it asks for something gkd does not do."""
     for key in [k for k in out if k in IGNORED_KEYS]:
         value = out.pop(key)
         quiet, why = IGNORED_KEYS[key]
@@ -223,7 +249,6 @@ def from_trl(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             value = as_bool(value)  # read as HfArgumentParser reads a flag: --packing no
         if value not in quiet:
             notes.append(f"config key '{key}: {value}' is ignored: {why}")
-    return out, notes
 
 
 def trl_keys() -> dict[str, str]:

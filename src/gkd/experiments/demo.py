@@ -385,59 +385,15 @@ def table_text(summary: dict[str, Any]) -> str:
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
+    """REPORT.md: the setting, the methods, the paired comparisons, the finding, matched temperatures, the mechanism."""
     s = summary["settings"]
     m = summary["metric"]
     n = len(summary["seeds"])
-    rows = [
-        "| method | divergence | λ | lr (chosen on validation) | greedy | T=1 sample | item F1 (T=1) | s/run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, e in summary["methods"].items():
-        r = e["recipe"]
-        sel = r.get("lr_selection") or {}
-        grid = ", ".join(f"{k}: {v:.1f}" for k, v in sel.items())
-        f1 = e["secondary"]["sample"].get("item_f1", float("nan"))
-        rows.append(
-            f"| {name} | {r['divergence']} | {r['lmbda']:g} | {r['learning_rate']:g}{f' ({grid})' if grid else ''} | "
-            f"{e['greedy']['mean']:.1f} ± {e['greedy']['se']:.1f} | {e['sample']['mean']:.1f} ± {e['sample']['se']:.1f} | "
-            f"{f1:.1f} | {e['wall_s']:.1f} |"
-        )
-    comp = [
-        "| comparison | knob | Δ T=1 sample [95 % CI] | p | Δ greedy [95 % CI] | p |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in summary["comparisons"]:
-        comp.append(
-            f"| {c['name']} (`{c['method']}` − `{c['control']}`) | {c['knob']} | {fmt_ci(c['sample'])} | "
-            f"{c['sample']['p']:.3g} | {fmt_ci(c['greedy'])} | {c['greedy']['p']:.3g} |"
-        )
-    temps = list(next(iter(summary["methods"].values()))["by_temperature"])
-    matched = [
-        "| comparison | " + " | ".join(f"Δ at T={t} [95 % CI]" for t in temps) + " |",
-        "|---|" + "---|" * len(temps),
-    ]
-    for c in summary["comparisons"]:
-        matched.append(f"| {c['name']} | " + " | ".join(fmt_ci(c["by_temperature"][t]) for t in temps) + " |")
-    per_t = [
-        "| method | " + " | ".join(f"T={t}" for t in temps) + " | best T |",
-        "|---|" + "---|" * (len(temps) + 1),
-    ]
-    for name, e in summary["methods"].items():
-        bt = e["by_temperature"]
-        best = max(bt, key=lambda t: bt[t][0])
-        per_t.append(
-            f"| {name} | " + " | ".join(f"{bt[t][0]:.1f} ± {bt[t][1]:.1f}" for t in temps) + f" | {best} |"
-        )
+    rows = _method_table(summary)
+    comp = _comparison_table(summary)
+    per_t, matched = _temperature_tables(summary)
     verdict = _verdict(summary)
-    mech = [
-        "| student | error mass: dataset prefixes | its own on-track prefixes | the teacher's samples | samples off-track | diagnose reading |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, e in (summary.get("mechanism") or {}).items():
-        mech.append(
-            f"| {name} | {100 * e['error_mass_dataset']:.1f} % | {100 * e['error_mass_own_on_track']:.1f} % | "
-            f"{100 * e['error_mass_teacher_prefixes']:.1f} % | {e['off_track_rate']:.1f} % | {e['reading']} |"
-        )
+    mech = _mechanism_table(summary)
     return "\n".join(
         [
             "# gkd demo report",
@@ -479,6 +435,75 @@ def report_markdown(summary: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _method_table(summary: dict[str, Any]) -> list[str]:
+    """One row per method: its recipe, the learning rate chosen on validation, its scores and time."""
+    rows = [
+        "| method | divergence | λ | lr (chosen on validation) | greedy | T=1 sample | item F1 (T=1) | s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary["methods"].items():
+        r = e["recipe"]
+        sel = r.get("lr_selection") or {}
+        grid = ", ".join(f"{k}: {v:.1f}" for k, v in sel.items())
+        f1 = e["secondary"]["sample"].get("item_f1", float("nan"))
+        rows.append(
+            f"| {name} | {r['divergence']} | {r['lmbda']:g} | {r['learning_rate']:g}{f' ({grid})' if grid else ''} | "
+            f"{e['greedy']['mean']:.1f} ± {e['greedy']['se']:.1f} | {e['sample']['mean']:.1f} ± {e['sample']['se']:.1f} | "
+            f"{f1:.1f} | {e['wall_s']:.1f} |"
+        )
+    return rows
+
+
+def _comparison_table(summary: dict[str, Any]) -> list[str]:
+    """One row per comparison: the paired difference, its 95 % interval and p, at T=1 and greedily."""
+    comp = [
+        "| comparison | knob | Δ T=1 sample [95 % CI] | p | Δ greedy [95 % CI] | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in summary["comparisons"]:
+        comp.append(
+            f"| {c['name']} (`{c['method']}` − `{c['control']}`) | {c['knob']} | {fmt_ci(c['sample'])} | "
+            f"{c['sample']['p']:.3g} | {fmt_ci(c['greedy'])} | {c['greedy']['p']:.3g} |"
+        )
+    return comp
+
+
+def _temperature_tables(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Each method's score at every sampling temperature, and each comparison's difference at matched temperatures."""
+    temps = list(next(iter(summary["methods"].values()))["by_temperature"])
+    matched = [
+        "| comparison | " + " | ".join(f"Δ at T={t} [95 % CI]" for t in temps) + " |",
+        "|---|" + "---|" * len(temps),
+    ]
+    for c in summary["comparisons"]:
+        matched.append(f"| {c['name']} | " + " | ".join(fmt_ci(c["by_temperature"][t]) for t in temps) + " |")
+    per_t = [
+        "| method | " + " | ".join(f"T={t}" for t in temps) + " | best T |",
+        "|---|" + "---|" * (len(temps) + 1),
+    ]
+    for name, e in summary["methods"].items():
+        bt = e["by_temperature"]
+        best = max(bt, key=lambda t: bt[t][0])
+        per_t.append(
+            f"| {name} | " + " | ".join(f"{bt[t][0]:.1f} ± {bt[t][1]:.1f}" for t in temps) + f" | {best} |"
+        )
+    return per_t, matched
+
+
+def _mechanism_table(summary: dict[str, Any]) -> list[str]:
+    """One row per diagnosed student: its error mass on each kind of prefix, its off-track rate, the reading."""
+    mech = [
+        "| student | error mass: dataset prefixes | its own on-track prefixes | the teacher's samples | samples off-track | diagnose reading |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in (summary.get("mechanism") or {}).items():
+        mech.append(
+            f"| {name} | {100 * e['error_mass_dataset']:.1f} % | {100 * e['error_mass_own_on_track']:.1f} % | "
+            f"{100 * e['error_mass_teacher_prefixes']:.1f} % | {e['off_track_rate']:.1f} % | {e['reading']} |"
+        )
+    return mech
 
 
 def plot_results(summary: dict[str, Any], path: Path) -> None:

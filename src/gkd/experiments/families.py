@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,7 @@ def _pfmt(a: list[float], b: list[float]) -> str:
 
 
 def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
+    """Run family ``name`` (and its variants) into ``output_dir``: results.json, report.md, results.png."""
     spec = load_family(name)
     where = f"{name}.yaml"
     recipes = named_recipes()
@@ -149,17 +152,16 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     evaluation = spec.get("eval", {})
     temps = tuple(evaluation.get("temperatures", [1.0]))
     samples = int(evaluation.get("samples", 1))
-    results = run_study(
-        ws,
-        s,
-        runs,
+    # every study of the family (and of its variants) runs with the same workers, console and evaluation
+    study = partial(
+        run_study,
         workers=workers,
         say=say,
         console=con.console,
-        label=name,
         eval_temperatures=temps,
         eval_samples=samples,
     )
+    results = study(ws, s, runs, label=name)
     summary: dict[str, Any] = {
         "experiment": name,
         "task": s.task,
@@ -171,35 +173,46 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
         "variants": {},
     }
     for vname, (vspec, vruns) in variants.items():
-        vwhere = f"{where} variant '{vname}'"
-        vs = StudySettings.from_mapping(vspec.get("settings") or {}, vwhere, base=s)
-        if quick:  # a quick run keeps the family's tiny settings (and another start's seed)
-            vs = replace(s, start_seed=vs.start_seed)
-        vroot = (
-            Path(vspec.get("workspace", out / f"workspace-{vname}"))
-            if not quick
-            else out / f"workspace-{vname}"
-        )
-        vws = build_workspace(vroot, vs, say)
-        vres = run_study(
-            vws,
-            vs,
-            vruns,
-            workers=workers,
-            say=say,
-            console=con.console,
-            label=f"{name}/{vname}",
-            eval_temperatures=temps,
-            eval_samples=samples,
-        )
-        summary["variants"][vname] = {
-            "settings": dict(vs.__dict__),
-            "teacher": vws.teacher_scores,
-            "start": vws.start_scores,
-            "runs": _aggregate(vres, list(vruns)),
-        }
+        summary["variants"][vname] = _run_variant(name, vname, vspec, vruns, s, quick, out, study, say)
     summary["wall_s"] = time.perf_counter() - t0
     summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
+    _write_outputs(name, summary, out, quick, say)
+    return summary
+
+
+def _run_variant(
+    name: str,
+    vname: str,
+    vspec: dict[str, Any],
+    vruns: dict[str, Recipe],
+    s: StudySettings,
+    quick: bool,
+    out: Path,
+    study: Callable[..., list[dict[str, Any]]],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Variant ``vname`` of family ``name``: its settings over the family's, its own workspace, its runs studied."""
+    vwhere = f"{name}.yaml variant '{vname}'"
+    vs = StudySettings.from_mapping(vspec.get("settings") or {}, vwhere, base=s)
+    if quick:  # a quick run keeps the family's tiny settings (and another start's seed)
+        vs = replace(s, start_seed=vs.start_seed)
+    vroot = (
+        Path(vspec.get("workspace", out / f"workspace-{vname}")) if not quick else out / f"workspace-{vname}"
+    )
+    vws = build_workspace(vroot, vs, say)
+    vres = study(vws, vs, vruns, label=f"{name}/{vname}")
+    return {
+        "settings": dict(vs.__dict__),
+        "teacher": vws.teacher_scores,
+        "start": vws.start_scores,
+        "runs": _aggregate(vres, list(vruns)),
+    }
+
+
+def _write_outputs(
+    name: str, summary: dict[str, Any], out: Path, quick: bool, say: Callable[[str], None]
+) -> None:
+    """A family's results.json, report.md (printed too) and results.png."""
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     report = REPORTS[name](summary)
     if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
@@ -213,7 +226,6 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     say(
         f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'results.png'} ({summary['wall_s']:.0f}s)"
     )
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
