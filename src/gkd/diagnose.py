@@ -35,7 +35,8 @@ import torch
 from gkd.data import TokenizedDataset, pad_left, pad_right, tokenize_records
 from gkd.divergences import forward_kl, log_probs, reverse_kl
 from gkd.errors import ConfigError
-from gkd.models import check_teacher_student, eval_mode, is_seq2seq, score_positions, unwrap
+from gkd.forward import is_seq2seq, score_positions, unwrap
+from gkd.models import check_teacher_student, eval_mode
 from gkd.sampling import Sampler, SamplingParams, eos_ids, local_sampler
 
 __all__ = [
