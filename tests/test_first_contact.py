@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from userland import run_cli
 
-import gkd.build
+import gkd.loading
 
 
 def _distill(world, tmp_path: Path, *extra: str, family: str = "llama", fmt: str = "prompt_completion", **kw):
@@ -43,7 +43,7 @@ def no_model_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(gkd.build, "load_model", refuse)
+    monkeypatch.setattr(gkd.loading, "load_model", refuse)
 
 
 def _metrics(run: Path) -> list[dict]:
