@@ -31,7 +31,6 @@ from gkd.errors import ConfigError
 from gkd.forward import StudentForward, fused_head_unsupported_reason, unwrap
 from gkd.inputs import (  # noqa: F401  (re-exported: gkd.build's names before gkd.inputs existed)
     Inputs,
-    check_inputs,
     load_dataset,
     model_configs,
     read_inputs,
@@ -71,8 +70,7 @@ def build_run(
     sampler: Sampler | None = None,
     log: Callable[[str], None] = print,
 ) -> Run:
-    """Check the inputs, load the models and data, build every component of the run: in the order of the module
-    docstring, each stage before the slower one after it."""
+    """Check the inputs, load the models, build every component of the run: in the module docstring's order."""
     preflight.check_paths(
         cfg,
         have_student=student is not None,
@@ -255,6 +253,7 @@ def teacher_outputs(
 
 
 teacher_data = teacher_outputs  # the earlier name
+check_inputs = read_inputs  # the earlier name (it reads the inputs as well as checking them)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from gkd.errors import ConfigError
 from gkd.forward import unwrap
 from gkd.models import load_config, load_tokenizer
 
-__all__ = ["Inputs", "check_inputs", "load_dataset", "model_configs", "read_inputs", "tokenizer_kwargs"]
+__all__ = ["Inputs", "load_dataset", "model_configs", "read_inputs", "tokenizer_kwargs"]
 
 
 @dataclass
@@ -204,6 +204,3 @@ def load_dataset(
             f"{cfg.effective_max_completion_length} tokens and were truncated"
         )
     return data
-
-
-check_inputs = read_inputs  # the earlier name (it reads the inputs as well as checking them)
