@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
+from tiny import TINY  # noqa: E402
+
 # Qwen2-0.5B / Qwen2-1.5B shapes (their config.json files), random weights
 QWEN_VOCAB, QWEN_TOKENIZER = 151_936, 151_665
 STUDENT = dict(
@@ -55,14 +57,8 @@ TEACHER = dict(
     intermediate_size=8960,
     tie_word_embeddings=True,
 )
-TOY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    tie_word_embeddings=True,
-)
+# --dry-run: the student has the sizes of the tests' tiny Qwen2 teacher (tests/tiny.py); the teacher twice its width
+TOY = {k: v for k, v in TINY["qwen2_teacher"].items() if k not in ("architecture", "max_position_embeddings")}
 
 
 def _say(msg: str) -> None:

@@ -6,12 +6,11 @@ Run as a script (``torch.distributed.run``) this file is also the worker of the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import two_processes
 
 from gkd.data import (
     ArrowTokenizedDataset,
@@ -228,29 +227,8 @@ def test_a_prompt_stream_is_seeded_and_resumes_by_skipping_the_drawn_prompts(tmp
 def test_two_processes_each_tokenise_only_their_shard(model_dir, tmp_path):
     out = tmp_path / "dist"
     out.mkdir()
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
-    }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29547",
-            __file__,
-            str(model_dir),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = two_processes(
+        __file__, model_dir, out, port=29547, env={"HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from gkd.models import load_tokenizer

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import two_processes
 
 
 @pytest.mark.slow
 def test_two_processes_take_the_same_lambda_decisions_and_end_identical(model_dir, tmp_path):
     out = tmp_path / "dist"
     out.mkdir()
-    script = Path(__file__).with_name("dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            str(script),
-            str(model_dir),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = two_processes(Path(__file__).with_name("dist_worker.py"), model_dir, out, port=29533)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())

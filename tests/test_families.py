@@ -22,16 +22,7 @@ from gkd.trainer import GKDTrainer
 SMALL = {"max_position_embeddings": 128}
 FAMILIES = {
     "llama": {**TINY["llama_student"], **SMALL},
-    "qwen2": dict(
-        architecture="qwen2",
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        tie_word_embeddings=True,
-        **SMALL,
-    ),
+    "qwen2": {**TINY["qwen2_student"], **SMALL},
     "qwen3": dict(
         architecture="qwen3",
         hidden_size=16,
@@ -76,7 +67,7 @@ FAMILIES = {
         original_max_position_embeddings=128,
         **SMALL,
     ),
-    "gpt2": dict(architecture="gpt2", n_embd=16, n_layer=1, n_head=2, n_positions=128),
+    "gpt2": {**TINY["gpt2_student"], "n_positions": 128},
     "t5": dict(TINY["t5"]),
 }
 CAUSAL = [f for f in FAMILIES if f != "t5"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from userland import run_cli
 
-import gkd.build
+import gkd.loading
 
 
 def _distill(world, tmp_path: Path, *extra: str, family: str = "llama", fmt: str = "prompt_completion", **kw):
@@ -43,7 +43,7 @@ def no_model_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(gkd.build, "load_model", refuse)
+    monkeypatch.setattr(gkd.loading, "load_model", refuse)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -986,7 +986,7 @@ def no_network(monkeypatch, tmp_path):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    monkeypatch.setattr(gkd.io, "HUB_PROBES", {})
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
@@ -1013,7 +1013,7 @@ def test_C8_a_hub_id_without_a_network_fails_in_seconds(override, world, tmp_pat
 def test_C8_hf_hub_offline_is_honoured(world, tmp_path, monkeypatch):
     import gkd.io
 
-    monkeypatch.setattr(gkd.io, "_HUB_PROBE", {})
+    monkeypatch.setattr(gkd.io, "HUB_PROBES", {})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     t0 = time.perf_counter()

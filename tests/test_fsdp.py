@@ -10,15 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import two_processes
 
 from gkd.errors import CheckpointError
 
@@ -36,23 +35,7 @@ def _torchrun(
     model_dir: Path, out: Path, *args: str, port: int, check: bool = True
 ) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-    ]
-    proc = subprocess.run(
-        [*launch, str(WORKER), str(model_dir), str(out), "train", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = two_processes(WORKER, model_dir, out, "train", *args, port=port)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny import TINY
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -39,14 +40,9 @@ COMMON = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-DECODER = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+# the sizes of the tests' tiny teachers (Qwen2-style: grouped-query attention), as config-class arguments
+DECODER = {k: v for k, v in TINY["qwen2_teacher"].items() if k not in ("architecture", "tie_word_embeddings")}
+GPT2 = {k: v for k, v in TINY["gpt2_teacher"].items() if k != "architecture"}
 
 
 def build(kind: str, seed: int = 0) -> torch.nn.Module:
@@ -64,7 +60,7 @@ def build(kind: str, seed: int = 0) -> torch.nn.Module:
     elif kind == "qwen3":  # q/k RMSNorm, explicit head_dim
         model = Qwen3ForCausalLM(Qwen3Config(**DECODER, **COMMON, head_dim=16))
     elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **COMMON)
+        cfg = GPT2Config(**GPT2, **COMMON)
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)
@@ -539,12 +535,7 @@ def test_generate_ids_never_emits_padding_rows(tokenizer, records):
 
     real = len(tokenizer)
     spec = {
-        "architecture": "qwen2",
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "intermediate_size": 32,
+        **TINY["qwen2_student"],
         "max_position_embeddings": 256,
         "tie_word_embeddings": False,
         "vocab_size": real + 8,

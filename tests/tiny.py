@@ -1,5 +1,8 @@
 """Tiny models built from transformers config classes (never downloaded) and a test run's base config.
 
+``TINY`` is the tests' one table of tiny models (:func:`gkd.models.build_model` specs): a test that needs another
+size or context length overrides the entry's keys (``{**TINY["qwen2_student"], "max_position_embeddings": 512}``).
+
 A plain module (no pytest), so ``benchmarks/gpu_check.py`` can build the same runs on a machine without pytest.
 """
 
@@ -24,6 +27,30 @@ TINY = {
         "max_position_embeddings": 64,
         "tie_word_embeddings": True,
     },
+    # Qwen2-style (grouped-query attention, q/k/v bias)
+    "qwen2_teacher": {
+        "architecture": "qwen2",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    "qwen2_student": {
+        "architecture": "qwen2",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    # GPT-2: learned absolute positions (a hard context limit), a fused q/k/v projection
+    "gpt2_teacher": {"architecture": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "gpt2_student": {"architecture": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64},
     "t5": {
         "architecture": "t5",
         "d_model": 16,

@@ -25,34 +25,11 @@ FAMILIES = {
     "llama": ({**TINY["llama_student"]}, {**TINY["llama_teacher"]}),
     # Qwen2.5-style: the head has padding rows beyond the tokenizer (vocab_size > len(tokenizer)), q/k/v bias
     "qwen2": (
-        {
-            "architecture": "qwen2",
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "intermediate_size": 32,
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-            "pad_rows": 8,
-        },
-        {
-            "architecture": "qwen2",
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-            "pad_rows": 8,
-        },
+        {**TINY["qwen2_student"], "max_position_embeddings": 512, "pad_rows": 8},
+        {**TINY["qwen2_teacher"], "max_position_embeddings": 512, "pad_rows": 8},
     ),
     # GPT-2 with a short context (learned absolute positions: a hard limit)
-    "gpt2": (
-        {"architecture": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64},
-        {"architecture": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
-    ),
+    "gpt2": (TINY["gpt2_student"], TINY["gpt2_teacher"]),
     "t5": ({**TINY["t5"]}, {**TINY["t5"], "d_model": 32}),
 }
 

@@ -37,7 +37,8 @@ from gkd.data import TokenizedDataset, pad_left, pad_right, tokenize_records
 from gkd.diagnose_report import format_report
 from gkd.divergences import forward_kl, log_probs, reverse_kl
 from gkd.errors import ConfigError
-from gkd.models import check_teacher_student, eval_mode, is_seq2seq, score_positions, unwrap
+from gkd.forward import is_seq2seq, score_positions, unwrap
+from gkd.models import check_teacher_student, eval_mode
 from gkd.sampling import Sampler, SamplingParams, eos_ids, local_sampler
 
 __all__ = [

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from gkd.errors import ConfigError
-from gkd.models import StudentForward, fused_head_supported, head_of, is_seq2seq, score_positions
+from gkd.forward import StudentForward, fused_head_supported, head_of, is_seq2seq, score_positions
 from gkd.outputs import ScoringOutput
 
 __all__ = [

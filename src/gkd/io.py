@@ -100,7 +100,9 @@ def missing_local_path(path: str) -> bool:
     return cannot_be_hub_id(path) or ("/" in path and bool(first) and os.path.isdir(first))
 
 
-_HUB_PROBE: dict[str, str | None] = {}
+# What hub_offline_reason found for each hub endpoint (None: reachable), probed once per process; public so that a
+# test that takes the network away can start from an empty one.
+HUB_PROBES: dict[str, str | None] = {}
 
 
 def hub_offline_reason(timeout: float = 3.0) -> str | None:
@@ -114,17 +116,17 @@ def hub_offline_reason(timeout: float = 3.0) -> str | None:
     from urllib.parse import urlparse
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if endpoint not in _HUB_PROBE:
+    if endpoint not in HUB_PROBES:
         import socket
 
         url = urlparse(endpoint)
         host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-            _HUB_PROBE[endpoint] = None
+            HUB_PROBES[endpoint] = None
         except OSError as e:
-            _HUB_PROBE[endpoint] = f"the hub ({host}) cannot be reached ({e.strerror or type(e).__name__})"
-    return _HUB_PROBE[endpoint]
+            HUB_PROBES[endpoint] = f"the hub ({host}) cannot be reached ({e.strerror or type(e).__name__})"
+    return HUB_PROBES[endpoint]
 
 
 def hub_kwargs(path: str) -> dict[str, Any]:

@@ -275,7 +275,7 @@ class TeacherServer:
     @torch.no_grad()
     def run_batch(self, jobs: list[_Job]) -> list[list[dict[str, Any]]]:
         """One forward pass over every sequence of ``jobs``; the choices of each job."""
-        from gkd.models import fused_head_supported, head_of, unwrap
+        from gkd.forward import fused_head_supported, head_of, unwrap
 
         seqs = [s for j in jobs for s in j.seqs]
         device = self.device
@@ -496,7 +496,8 @@ def serve_teacher(
         import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("gkd serve-teacher needs fastapi and uvicorn: pip install 'gkd[serve]'") from None
-    from gkd.models import is_seq2seq, load_model, load_tokenizer
+    from gkd.forward import is_seq2seq
+    from gkd.models import load_model, load_tokenizer
 
     if max_batch_tokens <= 0:
         raise ConfigError(f"--max-batch-tokens must be positive, got {max_batch_tokens}")

@@ -30,9 +30,9 @@ from torch import nn
 
 from gkd.data import Batch, Example, TokenizedDataset, collate
 from gkd.divergences import log_probs
+from gkd.forward import score_positions
 from gkd.io import atomic_write, fingerprint, write_jsonl
 from gkd.losses import DEFAULT_CHUNK_ELEMENTS
-from gkd.models import score_positions
 from gkd.outputs import ScoringOutput, TeacherTopK, TeacherView
 from gkd.sampling import LocalSampler, Sampler, generate_ids, local_sampler
 

@@ -235,7 +235,7 @@ class ServedTeacher:
     @torch.no_grad()
     def student_top(self, batch: Batch) -> torch.Tensor:
         """The student's top ``student_topk`` token ids at the batch's valid positions ``[N, k]``."""
-        from gkd.models import score_positions
+        from gkd.forward import score_positions
 
         assert self.student is not None
         out = score_positions(

@@ -48,7 +48,8 @@ from torch import nn
 
 from gkd.data import Batch, TokenizedDataset, collate
 from gkd.errors import ConfigError
-from gkd.models import eval_mode, unwrap
+from gkd.forward import unwrap
+from gkd.models import eval_mode
 from gkd.sampling.local import LOCAL_BACKENDS, LocalSampler, local_sampler
 from gkd.sampling.params import Rollout, SamplingParams
 from gkd.sampling.vllm import VLLMSampler

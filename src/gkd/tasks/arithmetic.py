@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from gkd import metrics as M
-from gkd.tasks.base import Task
+from gkd.tasks.base import TASK_STUDENT, TASK_TEACHER, Task
 
 MARKER = "####"
 PLUS, EQUALS, SEP = "+", "=", ";"
@@ -239,23 +239,7 @@ class ArithmeticCoT(Task):
         return n + 1 + len(str(self.n_terms * top))  # "#### answer"
 
     def teacher_model_config(self) -> dict:
-        return {
-            "architecture": "llama",
-            "hidden_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "intermediate_size": 512,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": 64,
-        }
+        return {**TASK_TEACHER, "vocab_size": self.vocab_size}
 
     def student_model_config(self) -> dict:
-        return {
-            "architecture": "llama",
-            "hidden_size": 48,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": 64,
-        }
+        return {**TASK_STUDENT, "vocab_size": self.vocab_size}

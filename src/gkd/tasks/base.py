@@ -49,6 +49,25 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
+# The teacher and student that arithmetic and translation share (:func:`gkd.models.build_model` specs; each task adds
+# its vocabulary size). The tasks' measured results depend on these sizes.
+TASK_TEACHER = {
+    "architecture": "llama",
+    "hidden_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 64,
+}
+TASK_STUDENT = {
+    "architecture": "llama",
+    "hidden_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+}
+
 
 def split_of(key: str, test_fraction: float = 0.1, validation_fraction: float = 0.1) -> str:
     """The split a prompt key belongs to: a stable hash (blake2b, not Python's salted ``hash``) mapped to [0, 1)."""

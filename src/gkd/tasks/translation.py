@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass, field
 
 from gkd import metrics as M
-from gkd.tasks.base import Task
+from gkd.tasks.base import TASK_STUDENT, TASK_TEACHER, Task
 
 __all__ = ["SyntheticTranslation", "agreement", "agreement_score"]
 
@@ -230,26 +230,10 @@ class SyntheticTranslation(Task):
         return 2 * (3 + self.max_adjectives) + 4 + 2  # NP NP [det noun -ri postp] verb agree
 
     def teacher_model_config(self) -> dict:
-        return {
-            "architecture": "llama",
-            "hidden_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "intermediate_size": 512,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": 64,
-        }
+        return {**TASK_TEACHER, "vocab_size": self.vocab_size}
 
     def student_model_config(self) -> dict:
-        return {
-            "architecture": "llama",
-            "hidden_size": 48,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": 64,
-        }
+        return {**TASK_STUDENT, "vocab_size": self.vocab_size}
 
 
 def _agreement(prediction: str, refs: list[str]) -> float:
