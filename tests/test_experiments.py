@@ -378,10 +378,10 @@ def test_cached_datasets_are_read_again_when_their_file_changes(tmp_path):
     path = tmp_path / "data.jsonl"
     records = task.generate("train", 3, 0)
     write_jsonl(path, records[:2])
-    first = study._dataset(str(path), tok, 8)
-    assert study._dataset(str(path), tok, 8) is first  # cached while the file is unchanged
+    first = study.cached_dataset(str(path), tok, 8)
+    assert study.cached_dataset(str(path), tok, 8) is first  # cached while the file is unchanged
     write_jsonl(path, records)
-    assert len(study._dataset(str(path), tok, 8)) == 3
+    assert len(study.cached_dataset(str(path), tok, 8)) == 3
 
 
 def test_train_teacher_refuses_when_the_package_folder_is_not_writable(tmp_path, monkeypatch, capsys):

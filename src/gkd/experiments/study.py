@@ -472,7 +472,8 @@ def _cached(key: Any, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-def _dataset(path: str, tokenizer: Any, max_completion: int) -> Any:
+def cached_dataset(path: str, tokenizer: Any, max_completion: int) -> Any:
+    """The JSONL file at ``path`` tokenized once per process, read again when the file changes."""
     from gkd.data import tokenize_records
 
     def make() -> Any:
@@ -532,8 +533,8 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
     )
     tok = _cached(("tok", _stamp(job.start)), lambda: load_tokenizer(job.start))
     cfg = GKDConfig(**job.config)
-    train = _dataset(job.train, tok, cfg.effective_max_completion_length)
-    test = _dataset(job.test, tok, cfg.effective_max_completion_length)
+    train = cached_dataset(job.train, tok, cfg.effective_max_completion_length)
+    test = cached_dataset(job.test, tok, cfg.effective_max_completion_length)
     student = load_model(job.start, what="student")
     teacher = None
     if cfg.needs_teacher and job.teacher is not None:
@@ -682,10 +683,10 @@ def build_workspace(
     data = root / "data"
     tok = task.build_tokenizer(str(data / "tokenizer"))
     train_path, test_path = _workspace_data(root, task, s, say)
-    train_ds = _dataset(str(train_path), tok, s.max_new_tokens)
-    test_ds = _dataset(str(test_path), tok, s.max_new_tokens)
+    train_ds = cached_dataset(str(train_path), tok, s.max_new_tokens)
+    test_ds = cached_dataset(str(test_path), tok, s.max_new_tokens)
     teacher_train = root / "data" / "teacher-train.jsonl"
-    teacher_ds = _dataset(str(teacher_train), tok, s.max_new_tokens) if s.teacher_task_params else train_ds
+    teacher_ds = cached_dataset(str(teacher_train), tok, s.max_new_tokens) if s.teacher_task_params else train_ds
     teacher_dir = _workspace_teacher(root, task, tok, teacher_ds, s, say, retrain_teacher)
     teacher = load_model(str(teacher_dir), what="teacher")
     start_dir = _workspace_start(root, task, tok, train_ds, s, say)
