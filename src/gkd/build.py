@@ -220,6 +220,8 @@ def teacher_outputs(
     steps use them, and the teacher's top-k cache over it when ``teacher_cache: topk``."""
     train_data = inputs.train_data
     teacher_name = str(cfg.teacher_model_name_or_path or "teacher")
+    if teacher_name == "self":  # a copy of the starting student: name what it is a copy of
+        teacher_name = f"self:{cfg.model_name_or_path}"
     if cfg.seq_kd and cfg.off_policy_possible:
         assert models.teacher_model is not None
         train_data = seqkd_dataset(

@@ -79,7 +79,9 @@ class GKDConfig:
     model_name_or_path: str | None = None
     """The student: a local folder or hub id of an AutoModelForCausalLM or AutoModelForSeq2SeqLM."""
     teacher_model_name_or_path: str | None = None
-    """The teacher (same tokenizer as the student). Not needed for ``divergence: nll`` (SFT)."""
+    """The teacher (same tokenizer as the student). Not needed for ``divergence: nll`` (SFT). ``self``: a frozen copy
+    of the starting student (``model_name_or_path``, or the model object given; self-distillation), usually with
+    ``teacher_prompt_field`` so that the teacher knows what the student does not."""
     tokenizer_name_or_path: str | None = None
     """Defaults to the student's folder."""
     teacher_url: str | None = None
@@ -154,6 +156,19 @@ class GKDConfig:
     prompt). Conversational records (``messages``, or ``prompt`` as a list of messages) always use it."""
     chat_template_path: str | None = None
     """A Jinja chat template file (or a tokenizer folder whose template to use) for the student's tokenizer."""
+    teacher_prompt_field: str | None = None
+    """The name of a record field whose text only the teacher sees, in front of the prompt (privileged information:
+    a hint, the solution, a document; context distillation, on-policy self-distillation). Chat prompts: in front of
+    the last user turn's content; plain prompts: in front of the prompt text (a blank line between). Every record
+    needs the field, a string. The student (training, rollouts, evaluation) never sees it."""
+    teacher_system_prompt: str | None = None
+    """A system message only the teacher sees: chat prompts get it as a system turn first (in front of the record's
+    own system turn, a blank line between); plain prompts get it as text in front (a blank line between)."""
+    teacher_chat_template: str | None = None
+    """A Jinja chat template file (or a tokenizer folder, e.g. the teacher's own) the teacher's view of chat prompts
+    is rendered with; null: the student's template (the run's tokenizer)."""
+    teacher_chat_template_kwargs: dict[str, Any] | None = None
+    """Template variables for rendering the teacher's view of chat prompts, e.g. ``{enable_thinking: false}``."""
     dataset_adapter: str | None = None
     """Read ``dataset`` through a built-in adapter of a public benchmark's field layout: gsm8k, xsum or wmt14
     (``gkd.tasks.adapters``); the records get prompt, completion and references."""

@@ -166,6 +166,7 @@ def validate(cfg: Any) -> None:
             _check(ok(value), key, allowed, value)
     _check_objective(cfg)
     _check_teacher_source(cfg)
+    _check_teacher_view(cfg)
     _check_precision(cfg)
     _check_rl(cfg)
     _check_names(cfg)
@@ -236,6 +237,38 @@ def _check_teacher_source(cfg: Any) -> None:
         raise ConfigError(
             "config keys 'teacher_url' and 'teacher_model_name_or_path' both name the teacher; give one (the served "
             "teacher, or the local one)"
+        )
+
+
+_TEACHER_VIEW_KEYS = (
+    "teacher_prompt_field",
+    "teacher_system_prompt",
+    "teacher_chat_template",
+    "teacher_chat_template_kwargs",
+)
+
+
+def _check_teacher_view(cfg: Any) -> None:
+    """The teacher's own view of the prompt (``teacher_prompt_field`` and friends) and ``teacher: self``."""
+    for key in ("teacher_prompt_field", "teacher_chat_template"):
+        value = getattr(cfg, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"config key '{key}' is empty; give a value or null")
+    given = [k for k in _TEACHER_VIEW_KEYS if getattr(cfg, k)]
+    if given and cfg.divergence == "nll":
+        raise ConfigError(
+            f"config key '{given[0]}' shapes the teacher's prompt, but divergence nll trains without a teacher; "
+            f"unset {given[0]} or choose a distillation divergence"
+        )
+    if cfg.teacher_prompt_field is not None and cfg.dataset_adapter is not None:
+        raise ConfigError(
+            "config key 'teacher_prompt_field' cannot be used with dataset_adapter yet (the adapter keeps only "
+            "prompt, completion and references); write the records as prompt/completion plus your field, or unset "
+            "teacher_prompt_field"
+        )
+    if cfg.teacher_model_name_or_path == "self" and cfg.model_name_or_path == "self":
+        raise ConfigError(
+            "config key 'model_name_or_path' cannot be 'self'; only the teacher can be the student"
         )
 
 

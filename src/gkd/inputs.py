@@ -21,11 +21,13 @@ from gkd import checkpoint as ckpt
 from gkd import preflight
 from gkd.config import GKDConfig
 from gkd.data import (
+    TeacherPrompt,
     TokenizedDataset,
     check_apply_chat_template,
     load_records,
     load_with_datasets,
     process_position,
+    read_chat_template,
     read_with_datasets,
     tokenize_records,
     with_chat_template,
@@ -34,7 +36,7 @@ from gkd.errors import ConfigError
 from gkd.forward import unwrap
 from gkd.models import load_config, load_tokenizer
 
-__all__ = ["Inputs", "load_dataset", "model_configs", "read_inputs", "tokenizer_kwargs"]
+__all__ = ["Inputs", "load_dataset", "model_configs", "read_inputs", "teacher_prompt_of", "tokenizer_kwargs"]
 
 
 @dataclass
@@ -90,7 +92,15 @@ def read_inputs(
     preflight.check_backend(cfg, configs["student"])
     seq2seq = bool(getattr(configs["student"], "is_encoder_decoder", False))
     train = train_dataset or load_dataset(
-        cfg, train_records, cfg.dataset, cfg.dataset_split, "train", tokenizer, seq2seq, log
+        cfg,
+        train_records,
+        cfg.dataset,
+        cfg.dataset_split,
+        "train",
+        tokenizer,
+        seq2seq,
+        log,
+        teacher_prompt_of(cfg),
     )
     evaluation = eval_dataset
     if evaluation is None and (eval_records is not None or cfg.eval_dataset is not None):
@@ -103,6 +113,29 @@ def read_inputs(
     return Inputs(tokenizer, resume_dir, train, evaluation)
 
 
+def teacher_prompt_of(cfg: GKDConfig) -> TeacherPrompt | None:
+    """The teacher's own view of the training prompts (``teacher_prompt_field``, ``teacher_system_prompt``,
+    ``teacher_chat_template`` read, ``teacher_chat_template_kwargs``), or None when it is the student's (then the
+    examples carry nothing extra). Only the training data gets it: evaluation and rollouts use the student's
+    prompt."""
+    if (
+        cfg.teacher_prompt_field is None
+        and cfg.teacher_system_prompt is None
+        and cfg.teacher_chat_template is None
+        and not cfg.teacher_chat_template_kwargs
+    ) or not cfg.needs_teacher:
+        return None
+    template = None
+    if cfg.teacher_chat_template is not None:
+        template = read_chat_template(cfg.teacher_chat_template, "teacher_chat_template")
+    return TeacherPrompt(
+        field=cfg.teacher_prompt_field,
+        system_prompt=cfg.teacher_system_prompt,
+        chat_template=template,
+        chat_template_kwargs=dict(cfg.teacher_chat_template_kwargs or {}) or None,
+    )
+
+
 def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module | None) -> dict[str, Any]:
     """The student's (and teacher's) transformers configs, read without loading weights."""
     out: dict[str, Any] = {}
@@ -113,6 +146,8 @@ def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module 
     if cfg.needs_teacher:
         if teacher is not None:
             out["teacher"] = unwrap(teacher).config
+        elif cfg.teacher_model_name_or_path == "self":  # a frozen copy of the starting student
+            out["teacher"] = out["student"]
         elif cfg.teacher_model_name_or_path is not None or not cfg.teacher_url:  # not a served teacher
             out["teacher"] = load_config(cfg.teacher_model_name_or_path, "teacher")  # type: ignore[arg-type]
     return out
@@ -153,12 +188,14 @@ def load_dataset(
     tokenizer: Any,
     seq2seq: bool,
     log: Callable[[str], None],
+    teacher_prompt: TeacherPrompt | None = None,
 ) -> TokenizedDataset:
     """Records (given, or read from ``spec``) tokenized, with what was skipped or truncated reported.
 
     With ``dataset_adapter`` the records (read or given) are in a benchmark's own layout and are mapped to
     prompt/completion/references first (:mod:`gkd.tasks.adapters`); a hub name gets the benchmark's config
-    (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set.
+    (``openai/gsm8k`` -> ``main``) unless ``dataset_config_name`` is set. ``teacher_prompt``: each example also gets
+    the teacher's own prompt (:func:`teacher_prompt_of`).
     """
     from gkd.tasks.adapters import HUB_CONFIGS, adapt_records
 
@@ -174,7 +211,7 @@ def load_dataset(
         if what == "train" and read_with_datasets(cfg, spec, process_position()[1]):
             adapt = None if adapter is None else functools.partial(adapt_records, adapter)
             return load_with_datasets(
-                cfg, spec, split, config_name, split_key, tokenizer, seq2seq, log, adapt
+                cfg, spec, split, config_name, split_key, tokenizer, seq2seq, log, adapt, teacher_prompt
             )
         records, skipped = load_records(spec, split, config_name, cfg.skip_bad_lines, split_key=split_key)
         source = f"dataset '{spec}'"
@@ -188,6 +225,7 @@ def load_dataset(
         source=source,
         seq2seq=seq2seq,
         apply_chat_template=cfg.apply_chat_template,
+        teacher_prompt=teacher_prompt,
     )
     data.skipped_lines = skipped
     if skipped:

@@ -30,6 +30,7 @@ __all__ = [
     "init_kwargs",
     "load_models",
     "load_reference",
+    "load_self_teacher",
     "load_student",
     "resolve_dtype",
     "student_load_dtype",
@@ -56,6 +57,8 @@ def load_models(
     """Student (trainable, on ``device``), frozen teacher and reference, and the vocabulary they are compared on."""
     tokenizer = inputs.tokenizer
     given_student = student
+    if cfg.needs_teacher and teacher is None and cfg.teacher_model_name_or_path == "self":
+        teacher = load_self_teacher(cfg, given_student, device)  # before the student is resumed or wrapped
     student = load_student(cfg, given_student, inputs.resume_dir, device)
     teacher_view = None
     vocab = len(tokenizer)
@@ -152,6 +155,23 @@ def load_reference(cfg: GKDConfig, given: nn.Module | None) -> nn.Module:
         cfg.model_name_or_path,  # type: ignore[arg-type]
         what="student",
         dtype=student_load_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+        init_kwargs=init_kwargs(cfg, teacher=False),
+    )
+
+
+def load_self_teacher(cfg: GKDConfig, given: nn.Module | None, device: Any) -> nn.Module:
+    """``teacher_model_name_or_path: self``: a frozen copy of the STARTING student (self-distillation), in
+    ``teacher_dtype``: the model object given (copied before it trains, is resumed or gets an adapter), else
+    ``model_name_or_path`` loaded again (a resumed run's teacher is still the start, not the checkpoint)."""
+    dtype = resolve_dtype(cfg.teacher_dtype, device)
+    if given is not None:
+        teacher = copy.deepcopy(unwrap(given))
+        return teacher.to(dtype=getattr(torch, dtype))
+    return load_model(
+        cfg.model_name_or_path,  # type: ignore[arg-type]
+        what="teacher (self: the starting student)",
+        dtype=dtype,
         attn_implementation=cfg.attn_implementation,
         init_kwargs=init_kwargs(cfg, teacher=False),
     )

@@ -11,7 +11,9 @@ One interface, every kind of teacher. The step asks ``teacher.view(batch)`` and 
     Reference        the initial student of an RL run (the KL-to-initial term): a ``Teacher`` under its own name
 
 A view is computed without gradients, on the batch's device, at the batch's valid positions in row-major order
-(the loss's order). A teacher kind must implement ``view`` and expose ``vocab``; it need not run a model.
+(the loss's order). A teacher scores the completion after its own prompt when the batch carries one
+(``batch.teacher_prompt_ids``: ``teacher_prompt_field``, ``teacher_system_prompt``, ``teacher_chat_template``);
+the completion is the same tokens, so its positions are the student's. The reference scores the student's prompt. A teacher kind must implement ``view`` and expose ``vocab``; it need not run a model.
 
 SeqKD replaces the fixed dataset's targets with the teacher's own samples. They are generated **once** for the whole
 dataset and cached on disk (``output_dir/seqkd-<fingerprint>.jsonl``), not per step; a rerun or a resumed run reads
@@ -58,7 +60,10 @@ class TeacherSource(Protocol):
 
 
 class Teacher:
-    """A frozen model that scores (prompt, completion) batches."""
+    """A frozen model that scores (prompt, completion) batches: the completions after the teacher's own prompts
+    when the batch has them (``own_prompt``), else after the student's."""
+
+    own_prompt = True
 
     def __init__(self, model: nn.Module, vocab: int, fused: bool = True) -> None:
         self.model = model.eval()
@@ -76,10 +81,13 @@ class Teacher:
     @torch.no_grad()
     def score(self, batch: Batch) -> ScoringOutput:
         """The model's scores at the batch's valid completion positions."""
+        prompt_ids, prompt_mask = (
+            batch.teacher_prompt() if self.own_prompt else (batch.prompt_ids, batch.prompt_mask)
+        )
         return score_positions(
             self.model,
-            batch.prompt_ids,
-            batch.prompt_mask,
+            prompt_ids,
+            prompt_mask,
             batch.completion_ids,
             batch.completion_mask,
             vocab=self.vocab,
@@ -91,7 +99,10 @@ class Teacher:
         return self.score(batch)
 
 
-Reference = Teacher  # the initial student of an RL run: frozen, scored like a teacher, under its own name
+class Reference(Teacher):
+    """The initial student of an RL run: frozen, scored like a teacher, but always after the student's prompt."""
+
+    own_prompt = False
 
 
 class CachedTeacher:
@@ -147,6 +158,7 @@ def seqkd_dataset(
 
     The cache key covers the prompts, ``teacher_name``, the sampling settings and the seed, not which local backend
     sampled (caches written before samplers existed stay valid); any other sampler adds its class name to the key.
+    The teacher samples after its own prompt where an example has one (the key then covers it).
     """
     in_process_for_vllm = sampler is None and backend == "vllm"
     if sampler is None:
@@ -161,7 +173,15 @@ def seqkd_dataset(
     }
     if not isinstance(sampler, LocalSampler):
         settings["sampler"] = type(sampler).__qualname__
-    key = fingerprint([e.prompt for e in dataset.examples], settings)
+    own = any(e.teacher_prompt is not None for e in dataset.examples)
+    prompts = [e.prompt if e.teacher_prompt is None else e.teacher_prompt for e in dataset.examples]
+    key = fingerprint(prompts, settings)
+    if own:  # the teacher writes its targets after its own prompts
+        dataset_for_teacher = replace(
+            dataset, examples=[Example(p, e.completion, e.record) for p, e in zip(prompts, dataset.examples)]
+        )
+    else:
+        dataset_for_teacher = dataset
     path = cache_dir / f"seqkd-{key}.jsonl"
     eos = tokenizer.eos_token_id
     completions: list[list[int]] | None = None
@@ -177,7 +197,7 @@ def seqkd_dataset(
         ids = generate_ids(
             teacher,
             tokenizer,
-            dataset,
+            dataset_for_teacher,
             max_new_tokens=max_new_tokens,
             greedy=False,
             temperature=temperature,
@@ -189,7 +209,9 @@ def seqkd_dataset(
         )
         completions = [[*t, eos][:max_new_tokens] for t in ids]
         write_jsonl(path, completions)
-    examples = [Example(e.prompt, c, e.record) for e, c in zip(dataset.examples, completions)]
+    examples = [
+        Example(e.prompt, c, e.record, e.teacher_prompt) for e, c in zip(dataset.examples, completions)
+    ]
     return replace(dataset, examples=examples)
 
 
@@ -261,9 +283,15 @@ def build_topk_cache(
     """Run the teacher once over the dataset's completions and keep its top-k log-probs (cached on disk).
 
     The cache is returned on the teacher's device (where the loss runs), whether it was built or read from disk.
+    It holds the teacher's scores after its own prompts where the examples have them (the key covers them).
     """
     key = fingerprint(
-        [[e.prompt, e.completion] for e in dataset.examples],
+        [
+            [e.prompt, e.completion]
+            if e.teacher_prompt is None
+            else [e.prompt, e.completion, e.teacher_prompt]
+            for e in dataset.examples
+        ],
         {"teacher": teacher_name, "k": k, "T": temperature},
     )
     path = cache_dir / f"teacher-top{k}-{key}.safetensors"

@@ -265,8 +265,9 @@ class ServedTeacher:
         """The teacher's support (``M`` ids + log-probs) at the batch's valid completion positions, in the loss's
         row-major order, on the batch's device."""
         device = batch.completion_ids.device
-        pm, cm = batch.prompt_mask.bool().cpu(), batch.completion_mask.bool().cpu()
-        p_ids, c_ids = batch.prompt_ids.cpu(), batch.completion_ids.cpu()
+        t_ids, t_mask = batch.teacher_prompt()  # the teacher's own prompts where the batch has them
+        pm, cm = t_mask.bool().cpu(), batch.completion_mask.bool().cpu()
+        p_ids, c_ids = t_ids.cpu(), batch.completion_ids.cpu()
         rows = [(p_ids[b][pm[b]].tolist(), c_ids[b][cm[b]].tolist()) for b in range(p_ids.shape[0])]
         rows = [(p, c) for p, c in rows if c]
         extra_all = None

@@ -58,11 +58,13 @@ from gkd.data.records import (
 )
 from gkd.data.tokenize import (
     Example,
+    TeacherPrompt,
     TokenizedDataset,
     check_apply_chat_template,
     message_text,
     read_chat_template,
     split_record,
+    teacher_prompt_text,
     tokenize_records,
     with_chat_template,
 )
@@ -77,6 +79,7 @@ __all__ = [
     "Example",
     "PromptStream",
     "StreamingDataset",
+    "TeacherPrompt",
     "TokenizedDataset",
     "check_apply_chat_template",
     "check_streaming",
@@ -95,6 +98,7 @@ __all__ = [
     "read_jsonl",
     "read_with_datasets",
     "split_record",
+    "teacher_prompt_text",
     "tokenize_dataset",
     "tokenize_records",
     "tokenizer_fingerprint",

@@ -20,6 +20,7 @@ import torch
 from gkd.data.records import _datasets_error, _missing_local, _quiet_datasets, _split_files
 from gkd.data.tokenize import (
     Example,
+    TeacherPrompt,
     TokenizedDataset,
     _all_truncated_error,
     _tokenize_rows,
@@ -50,7 +51,15 @@ COMPLETION_IDS = "_gkd_completion_ids"
 _TRUNC_PROMPT = "_gkd_prompt_truncated"
 _TRUNC_COMPLETION = "_gkd_completion_truncated"
 _PROMPT_TOKENS = "_gkd_prompt_tokens"
-_GKD_COLUMNS = (PROMPT_IDS, COMPLETION_IDS, _TRUNC_PROMPT, _TRUNC_COMPLETION, _PROMPT_TOKENS)
+_TEACHER_PROMPT_IDS = "_gkd_teacher_prompt_ids"  # written only with a teacher_prompt setting
+_GKD_COLUMNS = (
+    PROMPT_IDS,
+    COMPLETION_IDS,
+    _TRUNC_PROMPT,
+    _TRUNC_COMPLETION,
+    _PROMPT_TOKENS,
+    _TEACHER_PROMPT_IDS,
+)
 _MAP_VERSION = 1  # bump when _tokenize_rows changes what it writes: old datasets caches are then not read
 
 
@@ -165,7 +174,8 @@ def map_tokenize(
         names = sorted({k for r in records for k in r})
         out = {k: [r.get(k) for r in records] for k in names}
     rows = _tokenize_rows(records, tokenizer, indices=rows_index, **settings)
-    for name, col in zip(_GKD_COLUMNS, zip(*rows) if rows else [()] * len(_GKD_COLUMNS)):
+    names = _GKD_COLUMNS if settings.get("teacher_prompt") is not None else _GKD_COLUMNS[:-1]
+    for name, col in zip(names, zip(*rows) if rows else [()] * len(_GKD_COLUMNS)):
         out[name] = list(col)
     return out
 
@@ -183,7 +193,9 @@ class ArrowExamples(Sequence):
     @staticmethod
     def _example(row: dict) -> Example:
         record = {k: v for k, v in row.items() if k not in _GKD_COLUMNS}
-        return Example(list(row[PROMPT_IDS]), _ids(row[COMPLETION_IDS]), record)
+        return Example(
+            list(row[PROMPT_IDS]), _ids(row[COMPLETION_IDS]), record, _ids(row.get(_TEACHER_PROMPT_IDS))
+        )
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
@@ -244,6 +256,7 @@ def tokenize_dataset(
     source: str = "dataset",
     seq2seq: bool = False,
     apply_chat_template: bool = False,
+    teacher_prompt: TeacherPrompt | None = None,
     adapter: str | None = None,
     adapt: Callable[[list[dict], str], list[dict]] | None = None,
     num_proc: int | None = None,
@@ -275,6 +288,8 @@ def tokenize_dataset(
         "seq2seq": seq2seq,
         "apply_chat_template": apply_chat_template,
     }
+    if teacher_prompt is not None:  # (absent otherwise: the cache key of a run without one is unchanged)
+        settings["teacher_prompt"] = teacher_prompt
     offset, stride = (rank, world) if sharded else (0, 1)
     key = fingerprint(
         _MAP_VERSION, ds._fingerprint, tokenizer_fingerprint(tokenizer), settings, adapter, offset, stride
@@ -332,6 +347,7 @@ class StreamingDataset(TokenizedDataset):
         source: str = "dataset",
         seq2seq: bool = False,
         apply_chat_template: bool = False,
+        teacher_prompt: TeacherPrompt | None = None,
         adapter: str | None = None,
         adapt: Callable[[list[dict], str], list[dict]] | None = None,
     ) -> None:
@@ -347,6 +363,8 @@ class StreamingDataset(TokenizedDataset):
             "seq2seq": seq2seq,
             "apply_chat_template": apply_chat_template,
         }
+        if teacher_prompt is not None:
+            self.settings["teacher_prompt"] = teacher_prompt
 
     @property
     def has_targets(self) -> bool:
@@ -431,6 +449,7 @@ def load_with_datasets(
     seq2seq: bool,
     log: Any = print,
     adapt: Callable[[list[dict], str], list[dict]] | None = None,
+    teacher_prompt: TeacherPrompt | None = None,
 ) -> TokenizedDataset:
     """The training data (config key ``dataset``) through ``datasets``: streamed (:class:`gkd.data.StreamingDataset`), or tokenised with
     ``map`` (cached, ``dataset_num_proc``), each process its own shard unless the teacher's SeqKD targets or
@@ -443,6 +462,7 @@ def load_with_datasets(
         "source": source,
         "seq2seq": seq2seq,
         "apply_chat_template": cfg.apply_chat_template,
+        "teacher_prompt": teacher_prompt,
     }
     if cfg.dataset_streaming:
         check_streaming(cfg)

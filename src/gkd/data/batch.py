@@ -23,7 +23,11 @@ __all__ = ["Batch", "BatchStream", "PromptStream", "collate", "make_stream", "pa
 
 @dataclass
 class Batch:
-    """Left-padded prompts and right-padded completions. Valid completion tokens include the EOS."""
+    """Left-padded prompts and right-padded completions. Valid completion tokens include the EOS.
+
+    ``teacher_prompt_ids`` / ``teacher_prompt_mask`` (left-padded, their own width): the teacher's own prompts
+    (:class:`gkd.data.TeacherPrompt`), each row the student's prompt where that example has none; None when no
+    example of the batch has one. Only the teacher reads them; the student and its rollouts read ``prompt_ids``."""
 
     prompt_ids: torch.Tensor  # [B, P]
     prompt_mask: torch.Tensor  # [B, P] bool
@@ -32,6 +36,15 @@ class Batch:
     records: list[dict]
     on_policy: bool = False
     indices: list[int] | None = None  # positions of the examples in their dataset (for per-example caches)
+    teacher_prompt_ids: torch.Tensor | None = None  # [B, P'] the teacher's own prompts, or None
+    teacher_prompt_mask: torch.Tensor | None = None  # [B, P'] bool
+
+    def teacher_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts the teacher scores the completions after: its own, else the student's."""
+        if self.teacher_prompt_ids is None:
+            return self.prompt_ids, self.prompt_mask
+        assert self.teacher_prompt_mask is not None
+        return self.teacher_prompt_ids, self.teacher_prompt_mask
 
     @property
     def size(self) -> int:
@@ -49,6 +62,8 @@ class Batch:
             self.records,
             self.on_policy,
             self.indices,
+            None if self.teacher_prompt_ids is None else self.teacher_prompt_ids.to(device),
+            None if self.teacher_prompt_mask is None else self.teacher_prompt_mask.to(device),
         )
 
     def repeat(self, n: int) -> Batch:
@@ -63,6 +78,8 @@ class Batch:
             [r for r in self.records for _ in range(n)],
             self.on_policy,
             None if self.indices is None else [i for i in self.indices for _ in range(n)],
+            None if self.teacher_prompt_ids is None else self.teacher_prompt_ids.repeat_interleave(n, 0),
+            None if self.teacher_prompt_mask is None else self.teacher_prompt_mask.repeat_interleave(n, 0),
         )
 
 
@@ -91,7 +108,12 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 def collate(examples: list[Example], pad_id: int, indices: list[int] | None = None) -> Batch:
     p_ids, p_mask = pad_left([e.prompt for e in examples], pad_id)
     c_ids, c_mask = pad_right([e.completion or [] for e in examples], pad_id)
-    return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples], indices=indices)
+    t_ids = t_mask = None
+    if any(e.teacher_prompt is not None for e in examples):
+        t_ids, t_mask = pad_left(
+            [e.prompt if e.teacher_prompt is None else e.teacher_prompt for e in examples], pad_id
+        )
+    return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples], False, indices, t_ids, t_mask)
 
 
 class _StreamBase:

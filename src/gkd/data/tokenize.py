@@ -20,11 +20,13 @@ from gkd.io import missing_local_path
 
 __all__ = [
     "Example",
+    "TeacherPrompt",
     "TokenizedDataset",
     "check_apply_chat_template",
     "message_text",
     "read_chat_template",
     "split_record",
+    "teacher_prompt_text",
     "tokenize_records",
     "with_chat_template",
 ]
@@ -32,11 +34,38 @@ __all__ = [
 
 @dataclass
 class Example:
-    """One tokenized record. ``completion`` is None for prompt-only records."""
+    """One tokenized record. ``completion`` is None for prompt-only records. ``teacher_prompt`` is the teacher's own
+    prompt ids (:class:`TeacherPrompt`), None when the teacher sees the student's prompt."""
 
     prompt: list[int]
     completion: list[int] | None
     record: dict[str, Any] = field(repr=False)
+    teacher_prompt: list[int] | None = None
+
+
+@dataclass
+class TeacherPrompt:
+    """How the teacher's own view of a record's prompt is built (config keys ``teacher_prompt_field``,
+    ``teacher_system_prompt``, ``teacher_chat_template``, ``teacher_chat_template_kwargs``); the student's prompt is
+    never changed.
+
+    Chat prompts (``messages``, a list ``prompt``, or a plain prompt with ``apply_chat_template``) are rendered again
+    for the teacher: ``system_prompt`` as a system turn first (merged in front of a system turn the record has), the
+    ``field``'s text in front of the last user turn's content (a blank line between), with ``chat_template`` (Jinja
+    text; None: the tokenizer's own) and ``chat_template_kwargs`` (template variables, e.g. ``enable_thinking``).
+    Plain-text prompts get ``system_prompt``, the field's text and the prompt joined by blank lines."""
+
+    field: str | None = None
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:  # the datasets cache key (gkd.io.fingerprint) reads it: stable, every setting
+        return "TeacherPrompt" + json.dumps(
+            [self.field, self.system_prompt, self.chat_template, self.chat_template_kwargs],
+            sort_keys=True,
+            default=str,
+        )
 
 
 @dataclass
@@ -126,9 +155,12 @@ def _conversational(
     return text, "\n".join(message_text(m.get("content")) for m in completion), True
 
 
-def _render(tokenizer: Any, msgs: list[dict], key: str, index: int, source: str) -> str:
+def _render(
+    tokenizer: Any, msgs: list[dict], key: str, index: int, source: str, extra: dict[str, Any] | None = None
+) -> str:
     """The chat template over ``msgs`` with the generation prompt (a final assistant turn is continued instead, as
-    TRL does for a prefilled answer); a template that fails names the record."""
+    TRL does for a prefilled answer); a template that fails names the record. ``extra``: more
+    ``apply_chat_template`` arguments (the teacher's template and its variables)."""
     prefill = msgs[-1].get("role") == "assistant"
     try:
         return tokenizer.apply_chat_template(
@@ -136,10 +168,69 @@ def _render(tokenizer: Any, msgs: list[dict], key: str, index: int, source: str)
             tokenize=False,
             add_generation_prompt=not prefill,
             **({"continue_final_message": True} if prefill else {}),
+            **(extra or {}),
         )
     except Exception as e:  # jinja2 errors, raise_exception() in templates, bad content types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{source} record {index}: the chat template failed on its '{key}': {first}") from e
+
+
+def teacher_prompt_text(
+    record: dict,
+    tokenizer: Any,
+    view: TeacherPrompt,
+    index: int,
+    source: str,
+    apply_chat_template: bool = False,
+) -> tuple[str, bool]:
+    """(the teacher's prompt text, already holds special tokens?) of a record that :func:`split_record` accepted
+    (see :class:`TeacherPrompt`); a missing or non-string field is a one-line ``DataError`` naming the record."""
+    extra_text = None
+    if view.field is not None:
+        extra_text = record.get(view.field)
+        if extra_text is None:
+            keys = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
+            raise DataError(
+                f"{source} record {index} has no '{view.field}' field (config key 'teacher_prompt_field'; keys: "
+                f"{keys}); give every record the teacher's text, or unset teacher_prompt_field"
+            )
+        if not isinstance(extra_text, str):
+            raise DataError(
+                f"{source} record {index}: '{view.field}' (config key 'teacher_prompt_field') must be a string, "
+                f"got {type(extra_text).__name__}"
+            )
+    if record.get("messages") is not None:
+        msgs = list(record["messages"])
+        if msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+    elif isinstance(record.get("prompt"), list):
+        msgs = list(record["prompt"])
+    elif apply_chat_template:
+        msgs = [{"role": "user", "content": record["prompt"]}]
+    else:
+        parts = [view.system_prompt, extra_text, record["prompt"]]
+        return "\n\n".join(p for p in parts if p), False
+    if extra_text:
+        users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+        if users:
+            m = msgs[users[-1]]
+            msgs[users[-1]] = {**m, "content": extra_text + "\n\n" + message_text(m.get("content"))}
+        else:
+            at = next((i for i, m in enumerate(msgs) if m.get("role") != "system"), len(msgs))
+            msgs.insert(at, {"role": "user", "content": extra_text})
+    if view.system_prompt:
+        if msgs and msgs[0].get("role") == "system":
+            first = message_text(msgs[0].get("content"))
+            msgs[0] = {**msgs[0], "content": view.system_prompt + ("\n\n" + first if first else "")}
+        else:
+            msgs.insert(0, {"role": "system", "content": view.system_prompt})
+    extra: dict[str, Any] = dict(view.chat_template_kwargs or {})
+    if view.chat_template is not None:
+        extra["chat_template"] = view.chat_template
+    else:
+        _check_chat_template(tokenizer, source)
+    key = "messages" if record.get("messages") is not None else "prompt"
+    return _render(tokenizer, msgs, key, index, source, extra), True
 
 
 def message_text(content: Any) -> str:
@@ -187,14 +278,15 @@ def check_apply_chat_template(tokenizer: Any) -> None:
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
 
 
-def read_chat_template(spec: str) -> str:
+def read_chat_template(spec: str, key_name: str = "chat_template_path") -> str:
     """The Jinja chat template of ``spec``: a template file (``.jinja``, ``.j2``, ``.txt``, ...), or a tokenizer
     folder (its ``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json`` / ``chat_template.json``),
-    or a hub tokenizer id (TRL's ``chat_template_path``). A bad path is a one-line ``ConfigError``."""
-    key = "config key 'chat_template_path'"
+    or a hub tokenizer id (TRL's ``chat_template_path``). A bad path is a one-line ``ConfigError`` naming the config
+    key ``key_name``."""
+    key = f"config key '{key_name}'"
     path = Path(os.path.expanduser(spec))
     if path.is_file() and path.name in ("tokenizer_config.json", "chat_template.json"):
-        return _template_of_folder(path.parent, spec)
+        return _template_of_folder(path.parent, spec, key)
     if path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -204,7 +296,7 @@ def read_chat_template(spec: str) -> str:
             raise ConfigError(f"{key}: '{spec}' is empty; give a Jinja chat template file")
         return text
     if path.is_dir():
-        return _template_of_folder(path, spec)
+        return _template_of_folder(path, spec, key)
     if spec.endswith((*_TEMPLATE_SUFFIXES, ".json")) or missing_local_path(spec):
         raise ConfigError(
             f"{key}: '{spec}' does not exist (looked for {path.absolute()}); give a Jinja template file or a "
@@ -224,8 +316,7 @@ def read_chat_template(spec: str) -> str:
     return template
 
 
-def _template_of_folder(folder: Path, spec: str) -> str:
-    key = "config key 'chat_template_path'"
+def _template_of_folder(folder: Path, spec: str, key: str = "config key 'chat_template_path'") -> str:
     for name in ("chat_template.jinja", "chat_template.j2"):
         if (folder / name).is_file():
             return (folder / name).read_text(encoding="utf-8")
@@ -296,27 +387,46 @@ def _tokenize_rows(
     source: str,
     seq2seq: bool,
     apply_chat_template: bool,
-) -> list[tuple[list[int], list[int] | None, bool, bool, int]]:
+    teacher_prompt: TeacherPrompt | None = None,
+) -> list[tuple[list[int], list[int] | None, bool, bool, int, list[int] | None]]:
     """(prompt ids, completion ids or None, prompt truncated?, completion truncated?, prompt tokens before
-    truncation) of each record; ``indices`` are the records' positions in their dataset (named in errors). The one
-    tokenisation of gkd: the list path and the ``datasets.map`` path both call it, so they give the same ids."""
+    truncation, the teacher's own prompt ids or None) of each record; ``indices`` are the records' positions in their
+    dataset (named in errors). The one tokenisation of gkd: the list path and the ``datasets.map`` path both call it,
+    so they give the same ids. The teacher's prompt (``teacher_prompt``) is None where it equals the student's."""
     eos = tokenizer.eos_token_id
     where = range(len(records)) if indices is None else indices
     parts = [split_record(rec, tokenizer, i, source, apply_chat_template) for i, rec in zip(where, records)]
     prompt_ids = _batch_tokenize(tokenizer, [p for p, _, _ in parts], [not t for _, _, t in parts])
     completions = [c for _, c, _ in parts if c is not None]
     completion_ids = iter(_batch_tokenize(tokenizer, completions, [False] * len(completions)))
-    out = []
-    for (_, completion, _), p_ids in zip(parts, prompt_ids):
-        raw = len(p_ids)
-        trunc_p = trunc_c = False
+    teacher_ids: list[list[int] | None] = [None] * len(records)
+    if teacher_prompt is not None:
+        views = [
+            teacher_prompt_text(rec, tokenizer, teacher_prompt, i, source, apply_chat_template)
+            for i, rec in zip(where, records)
+        ]
+        teacher_ids = list(_batch_tokenize(tokenizer, [t for t, _ in views], [not s for _, s in views]))
+
+    def fit(p_ids: list[int]) -> tuple[list[int], bool]:
+        trunc = False
         if seq2seq and (not p_ids or p_ids[-1] != eos):
             p_ids = [*p_ids, eos]  # T5-style encoders expect an EOS at the end of the input
         if len(p_ids) > max_prompt_length:
             p_ids = p_ids[-max_prompt_length:]
-            trunc_p = True
+            trunc = True
         if not p_ids:
             p_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
+        return p_ids, trunc
+
+    out = []
+    for (_, completion, _), p_ids, t_ids in zip(parts, prompt_ids, teacher_ids):
+        raw = len(p_ids)
+        trunc_c = False
+        p_ids, trunc_p = fit(p_ids)
+        if t_ids is not None:
+            t_ids = fit(t_ids)[0]
+            if t_ids == p_ids:  # the teacher's view is the student's: nothing extra is kept
+                t_ids = None
         c_ids = None
         if completion is not None:
             c_ids = next(completion_ids)
@@ -325,7 +435,7 @@ def _tokenize_rows(
             if len(c_ids) > max_completion_length:
                 c_ids = c_ids[:max_completion_length]
                 trunc_c = True
-        out.append((p_ids, c_ids, trunc_p, trunc_c, raw))
+        out.append((p_ids, c_ids, trunc_p, trunc_c, raw, t_ids))
     return out
 
 
@@ -345,11 +455,14 @@ def tokenize_records(
     source: str = "dataset",
     seq2seq: bool = False,
     apply_chat_template: bool = False,
+    teacher_prompt: TeacherPrompt | None = None,
 ) -> TokenizedDataset:
     """Tokenize prompt and completion separately; completions end with EOS (appended if missing).
 
     ``apply_chat_template`` also renders plain-string prompts with the chat template, as one user turn (chat records
     always use it). Rendered prompts are tokenized without adding special tokens (the template writes them).
+    ``teacher_prompt`` also gives each example the teacher's own prompt (:class:`TeacherPrompt`; the teacher's
+    prompt is truncated from the left at ``max_prompt_length`` too).
     """
     if not records:
         raise DataError(f"{source} is empty; it needs at least one record")
@@ -363,8 +476,9 @@ def tokenize_records(
         source=source,
         seq2seq=seq2seq,
         apply_chat_template=apply_chat_template,
+        teacher_prompt=teacher_prompt,
     )
-    examples = [Example(p, c, rec) for rec, (p, c, _, _, _) in zip(records, rows)]
+    examples = [Example(p, c, rec, t) for rec, (p, c, _, _, _, t) in zip(records, rows)]
     trunc_p = sum(r[2] for r in rows)
     trunc_c = sum(r[3] for r in rows)
     if trunc_p == len(records):

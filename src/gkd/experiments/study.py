@@ -686,7 +686,9 @@ def build_workspace(
     train_ds = cached_dataset(str(train_path), tok, s.max_new_tokens)
     test_ds = cached_dataset(str(test_path), tok, s.max_new_tokens)
     teacher_train = root / "data" / "teacher-train.jsonl"
-    teacher_ds = cached_dataset(str(teacher_train), tok, s.max_new_tokens) if s.teacher_task_params else train_ds
+    teacher_ds = (
+        cached_dataset(str(teacher_train), tok, s.max_new_tokens) if s.teacher_task_params else train_ds
+    )
     teacher_dir = _workspace_teacher(root, task, tok, teacher_ds, s, say, retrain_teacher)
     teacher = load_model(str(teacher_dir), what="teacher")
     start_dir = _workspace_start(root, task, tok, train_ds, s, say)
