@@ -252,7 +252,7 @@ def test_served_teacher_sends_the_teachers_prompt(tokenizer, records):
     )
     served = ServedTeacher("http://127.0.0.1:1", vocab=len(tokenizer), overlap=False)
     sent = []
-    served._fetch = lambda rows, extra, device: sent.extend(rows)  # type: ignore[method-assign]
+    served.fetch = lambda rows, extra, device: sent.extend(rows)  # type: ignore[method-assign]
     served.topk(collate(seen.examples, 0))
     assert sent == [(e.teacher_prompt, e.completion) for e in seen.examples]
 

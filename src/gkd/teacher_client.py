@@ -274,14 +274,16 @@ class ServedTeacher:
         if self.gkd is not None and self.student_topk > 0 and self.student is not None:
             extra_all = self.student_top(batch).tolist()
         if not self.overlap:
-            return self._fetch(rows, extra_all, device)
+            return self.fetch(rows, extra_all, device)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gkd-teacher-request")
-        return PendingTopK(future=self._pool.submit(self._fetch, rows, extra_all, device))
+        return PendingTopK(future=self._pool.submit(self.fetch, rows, extra_all, device))
 
-    def _fetch(
+    def fetch(
         self, rows: list[tuple[list[int], list[int]]], extra_all: list[list[int]] | None, device: torch.device
     ) -> TeacherTopK:
+        """The server's answer for ``rows`` (the teacher's prompt ids, the completion ids), in requests of bounded
+        size: the support of every valid position, in row-major order, on ``device``."""
         m = self.support
         ids_out: list[list[int]] = []
         lp_out: list[list[float]] = []
