@@ -213,3 +213,106 @@ def test_generate_ids_draws_every_batch_from_one_seeded_generator(tokenizer, dat
             toks = [t for t, keep in zip(row, mask) if keep]
             expected.append(toks[:-1] if toks and toks[-1] == tokenizer.eos_token_id else toks)
     assert ids == expected
+
+
+# --------------------------------------------------------------------------------------------------- few-shot
+
+
+def test_with_fewshot_text_and_chat(tmp_path):
+    import json
+
+    from gkd.evaluation import load_fewshot, with_fewshot
+
+    shots_file = tmp_path / "shots.jsonl"
+    shots_file.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Q: 1+1?\nA:", "completion": " 2. The answer is 2."},
+                {
+                    "messages": [
+                        {"role": "user", "content": "Q: 2+3?\nA:"},
+                        {"role": "assistant", "content": " 5"},
+                    ]
+                },
+                {"prompt": "Q: unused\nA:", "completion": " 0"},
+            ]
+        )
+    )
+    shots = load_fewshot(str(shots_file), 2)
+    assert shots == [("Q: 1+1?\nA:", " 2. The answer is 2."), ("Q: 2+3?\nA:", " 5")]
+    text = {"prompt": "Q: 4+4?\nA:", "completion": " 8", "references": ["8"]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Q: 4+4?"},
+            {"role": "assistant", "content": "8"},
+        ]
+    }
+    out_text, out_chat = with_fewshot([text, chat], shots)
+    assert out_text == {
+        "prompt": "Q: 1+1?\nA: 2. The answer is 2.\n\nQ: 2+3?\nA: 5\n\nQ: 4+4?\nA:",
+        "completion": " 8",
+        "references": ["8"],
+    }
+    assert [m["content"] for m in out_chat["messages"]] == [
+        "Be brief.",
+        "Q: 1+1?\nA:",
+        " 2. The answer is 2.",
+        "Q: 2+3?\nA:",
+        " 5",
+        "Q: 4+4?",
+        "8",
+    ]
+    assert [m["role"] for m in out_chat["messages"]] == [
+        "system", "user", "assistant", "user", "assistant", "user", "assistant"
+    ]  # fmt: skip
+    assert len(load_fewshot(str(shots_file))) == 3  # k = None: all
+
+
+def test_fewshot_bad_input(tmp_path):
+    import json
+
+    from gkd.errors import DataError
+    from gkd.evaluation import load_fewshot
+
+    f = tmp_path / "shots.jsonl"
+    f.write_text(
+        json.dumps({"prompt": "Q", "completion": "A"}) + "\n" + json.dumps({"prompt": "only a prompt"})
+    )
+    with pytest.raises(DataError, match="has 2 examples, fewer than the 3"):
+        load_fewshot(str(f), 3)
+    with pytest.raises(DataError, match="example 1 has no target"):
+        load_fewshot(str(f), 2)
+
+
+def test_cli_fewshot_flags_are_checked(capsys, tmp_path):
+    from gkd.cli import main
+
+    base = ["eval", "--model", "none", "--dataset", str(tmp_path / "d.jsonl"), "--metric", "gsm8k_answer"]
+    assert main([*base, "--fewshot-k", "2"]) == 2
+    assert "--fewshot-k needs --fewshot-file" in capsys.readouterr().err
+    assert main([*base, "--fewshot-file", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_fewshot_config_keys_shape_only_the_eval_data(tokenizer, tmp_path):
+    import json
+
+    from gkd.config import GKDConfig
+    from gkd.errors import ConfigError as CE
+    from gkd.inputs import load_dataset
+
+    f = tmp_path / "shots.jsonl"
+    f.write_text(json.dumps({"prompt": "a b ", "completion": "c"}) + "\n")
+    cfg = GKDConfig(eval_fewshot_file=str(f), eval_fewshot_k=1)
+    recs = [{"prompt": "d e", "completion": "f"}]
+    logged = []
+    ev = load_dataset(cfg, recs, None, "validation", "eval", tokenizer, False, logged.append)
+    tr = load_dataset(cfg, recs, None, "train", "train", tokenizer, False, logged.append)
+    assert ev.examples[0].record["prompt"] == "a b c\n\nd e"
+    assert tr.examples[0].record["prompt"] == "d e"
+    assert logged == [f"eval: 1-shot prompts from {f}"]
+    with pytest.raises(CE, match="eval_fewshot_k"):
+        GKDConfig(eval_fewshot_k=0)

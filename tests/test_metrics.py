@@ -9,12 +9,17 @@ from gkd.metrics import (
     NoReferenceError,
     bleu,
     bleu_score,
+    chrf,
+    chrf_score,
     exact_match,
     exact_match_score,
     extract_final_answer,
+    extract_gsm8k_answer,
     final_answer,
     final_answer_score,
     get_metric,
+    gsm8k_answer,
+    gsm8k_answer_score,
     prompt_text_of,
     references_of,
     rouge1,
@@ -34,9 +39,19 @@ def rec(completion: str, *references: str) -> dict:
 
 
 def test_registry():
-    assert set(METRICS) == {"exact_match", "final_answer", "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(METRICS) == {
+        "exact_match",
+        "final_answer",
+        "bleu",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+        "chrf",
+        "gsm8k_answer",
+    }
     assert get_metric("bleu") is bleu
-    with pytest.raises(ValueError, match="valid metrics: bleu, exact_match"):
+    with pytest.raises(ValueError, match="valid metrics: bleu, chrf, exact_match"):
         get_metric("nope")
 
 
@@ -295,3 +310,72 @@ def test_unknown_tokenisation_is_an_error():
         rouge1(["a"], [rec("a")], tokenize="standard", tokenizer="whitespace")
     with pytest.raises(Exception, match="bad"):
         bleu(["a"], [rec("a")], tokenize="bad")
+
+
+# --------------------------------------------------------------------------------------------------- paper metrics
+
+
+def test_rouge_use_stemmer_hand_computed():
+    # standard tokens: pred [the, cats, were, running], ref [the, cat, was, running]
+    # unstemmed: unigrams shared {the, running} = 2/4 each way -> F 50; no bigram shared -> 0
+    # stemmed (Porter, tokens > 3 chars): pred [the, cat, were, run], ref [the, cat, was, run]
+    #   unigrams {the, cat, run} = 3/4 -> 75; bigrams (the cat) 1 of 3 each way -> 100/3
+    r = rec("the cat was running")
+    pred = ["the cats were running"]
+    assert rouge1(pred, [r], "standard") == pytest.approx(50.0)
+    assert rouge1(pred, [r], "standard", use_stemmer=True) == pytest.approx(75.0)
+    assert rouge2(pred, [r], "standard") == pytest.approx(0.0)
+    assert rouge2(pred, [r], "standard", use_stemmer=True) == pytest.approx(100 / 3)
+    # whitespace mode stems with the same rule, and keeps case
+    assert rouge1(pred, [r], "whitespace", use_stemmer=True) == pytest.approx(75.0)
+    assert rouge1(["The cats"], [rec("the cat")], "whitespace", use_stemmer=True) == pytest.approx(50.0)
+    assert rouge2_score(r, pred[0], "standard", use_stemmer=True) == pytest.approx(1 / 3)
+    # rougeL: LCS the..cat..run = 3 of 4 stemmed, the..running = 2 of 4 unstemmed
+    assert rougeL(pred, [r], "standard", use_stemmer=True) == pytest.approx(75.0)
+    assert rougeL(pred, [r], "standard") == pytest.approx(50.0)
+
+
+def test_stemmed_names_in_the_vocabulary():
+    from gkd.scoring import get_scorer, resolve_scorer
+
+    r = rec("the cat was running")
+    assert resolve_scorer("rouge2_stemmed")([r], ["the cats were running"]) == {
+        "rouge2_stemmed": pytest.approx(100 / 3)
+    }
+    assert get_scorer("rouge1_stemmed").example(r, "the cats were running") == pytest.approx(0.75)
+
+
+def test_chrf_hand_computed():
+    # "ab" vs "abc": character 1-grams P 2/2, R 2/3; 2-grams P 1/1 ("ab"), R 1/2 (ab, bc); no longer n-grams in the
+    # hypothesis, so the averages run over orders 1-2: P = 1, R = 7/12; chrF2 = 5PR / (4P + R) = (35/12)/(55/12) = 7/11
+    assert chrf(["ab"], [rec("abc")]) == pytest.approx(700 / 11)
+    assert chrf_score(rec("abc"), "ab") == pytest.approx(7 / 11)
+    assert chrf(["abc"], [rec("xyz", "abc")]) == pytest.approx(100.0)  # best reference
+    with pytest.raises(NoReferenceError):
+        chrf(["a"], [{"prompt": "p"}])
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+        ("#### $1,200.", "1200"),
+        ("#### 9 0", "90"),  # the arithmetic task's one digit per token
+        ("3 + 4 = 7. The answer is $1,200.", "1200"),
+        ("So the final answer is: -3.5, not 9", "-3.5"),
+        ("the answer is 8 #### 9", "9"),  # #### wins
+        ("5 apples and 7 pears", "7"),  # last number
+        ("no number here", None),
+    ],
+)
+def test_extract_gsm8k_answer(text, answer):
+    assert extract_gsm8k_answer(text) == answer
+
+
+def test_gsm8k_answer_hand_computed():
+    records = [rec("She has 3 + 4 = 7.\n#### 7"), rec("#### 1,000"), rec("#### 12"), rec("#### 5")]
+    preds = ["3 plus 4 is 7. The answer is 7.0", "1000", "#### 13", "I do not know"]
+    # 7.0 = 7 (numeric), 1000 = 1,000, 13 != 12, no number -> 2 of 4
+    assert gsm8k_answer(preds, records) == pytest.approx(50.0)
+    assert gsm8k_answer_score(records[0], preds[0]) == 1.0
+    assert gsm8k_answer_score(records[2], preds[2]) == 0.0

@@ -20,7 +20,21 @@ from gkd.scoring import (
 )
 from gkd.tasks import TASKS, get_task
 
-GENERIC = ["exact_match", "final_answer", "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"]
+GENERIC = [
+    "exact_match",
+    "final_answer",
+    "bleu",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "rouge1_stemmed",
+    "rouge2_stemmed",
+    "rougeL_stemmed",
+    "rougeLsum_stemmed",
+    "chrf",
+    "gsm8k_answer",
+]
 TASK_METRICS = ["set_match", "item_f1", "faithfulness", "dup_rate", "chain_valid", "agreement"]
 FORMATS = ["prompt_completion", "messages", "conversational", "prompt_only_with_references"]
 SYSTEM = {"role": "system", "content": "answer briefly"}

@@ -391,6 +391,17 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--chat-template-path", default=None, help="a Jinja chat template file or tokenizer folder"
         )
+        p.add_argument(
+            "--fewshot-file",
+            default=None,
+            help="worked examples (records with a prompt and a target) put before every prompt (docs/config.md)",
+        )
+        p.add_argument(
+            "--fewshot-k",
+            type=int,
+            default=None,
+            help="use the first K examples of --fewshot-file (default: all)",
+        )
         if name == "generate":
             p.add_argument("--out", required=True)
             p.add_argument("--greedy", action="store_true")

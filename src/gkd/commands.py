@@ -121,6 +121,15 @@ def _load_for_inference(args: argparse.Namespace):
     from gkd.data import load_records, tokenize_records
     from gkd.models import load_config, load_model, load_tokenizer
 
+    shots = []
+    if args.fewshot_k is not None and args.fewshot_file is None:
+        raise GKDError("--fewshot-k needs --fewshot-file")
+    if args.fewshot_k is not None and args.fewshot_k <= 0:
+        raise GKDError(f"--fewshot-k must be a positive integer, got {args.fewshot_k}")
+    if args.fewshot_file is not None:
+        from gkd.evaluation import load_fewshot
+
+        shots = load_fewshot(args.fewshot_file, args.fewshot_k, key="--fewshot-file")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +140,10 @@ def _load_for_inference(args: argparse.Namespace):
     records, _ = load_records(args.dataset, args.split, split_key="--split")
     if args.max_samples:
         records = records[: args.max_samples]
+    if shots:
+        from gkd.evaluation import with_fewshot
+
+        records = with_fewshot(records, shots)
     data = tokenize_records(
         records,
         tok,

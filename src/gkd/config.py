@@ -302,6 +302,12 @@ class GKDConfig:
     """A metric name from ``gkd.metrics`` or a built-in task name (its headline metric)."""
     eval_max_samples: int = 256
     eval_batch_size: int = 64
+    eval_fewshot_file: str | None = None
+    """A file of worked examples (any dataset format with a prompt and a target) put in front of every evaluation
+    prompt (:func:`gkd.evaluation.with_fewshot`): a text prompt gets ``prompt + target + "\\n\\n"`` per shot, a
+    conversation a user and an assistant turn per shot. Training data is never changed."""
+    eval_fewshot_k: int | None = None
+    """How many of ``eval_fewshot_file``'s examples (the first k; null: all)."""
     eval_tokenize: Literal["standard", "whitespace"] = "standard"
     """How ``eval_metric: bleu`` / ``rouge*`` tokenise text: ``standard`` = sacrebleu's 13a and rouge-score's
     default tokenizer (real text); ``whitespace`` = split on spaces (the built-in tasks' token text, which their

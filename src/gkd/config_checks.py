@@ -140,6 +140,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "eval_max_samples": (lambda v: v > 0, _POSITIVE),
     "eval_batch_size": (lambda v: v > 0, _POSITIVE),
+    "eval_fewshot_k": (lambda v: v > 0, "a positive integer or null (every example of eval_fewshot_file)"),
     "save_total_limit": (lambda v: v > 0, "a positive integer or null"),
     "num_threads": (lambda v: v > 0, _POSITIVE),
     "loss_chunk_size": (lambda v: v > 0, _POSITIVE),

@@ -13,13 +13,23 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from gkd.data import TokenizedDataset
-from gkd.metrics import self_bleu
+from gkd.data import TokenizedDataset, load_records
+from gkd.errors import DataError
+from gkd.metrics import prompt_text_of, self_bleu, target_of
 from gkd.models import unwrap
 from gkd.sampling import LocalSampler, Sampler, eos_ids, generate_ids
 from gkd.scoring import DEFAULT_TOKENIZE, TASK_TOKENIZE, get_scorer, resolve_scorer
 
-__all__ = ["eos_ids", "evaluate", "flatten", "generate_ids", "generate_texts"]
+__all__ = [
+    "FEWSHOT_SEPARATOR",
+    "eos_ids",
+    "evaluate",
+    "flatten",
+    "generate_ids",
+    "generate_texts",
+    "load_fewshot",
+    "with_fewshot",
+]
 
 ScoreFn = Callable[[list[dict], list[str]], dict[str, float]]
 
@@ -138,3 +148,67 @@ def _sampled_scores(
 def flatten(results: Mapping[str, Mapping[str, float]], prefix: str = "") -> dict[str, float]:
     """``{mode: {metric: v}}`` -> ``{f"{prefix}{mode}/{metric}": v}``, in order (e.g. ``prefix="eval/"``)."""
     return {f"{prefix}{mode}/{k}": v for mode, scores in results.items() for k, v in scores.items()}
+
+
+# --------------------------------------------------------------------------------------------------- few-shot
+
+FEWSHOT_SEPARATOR = "\n\n"
+"""What follows each shot of a text prompt: a blank line."""
+
+
+def load_fewshot(path: str, k: int | None = None, key: str = "eval_fewshot_file") -> list[tuple[str, str]]:
+    """The first ``k`` (default: all) examples of a few-shot file as ``(prompt, target)`` pairs.
+
+    The file is any dataset gkd reads (JSONL, JSON, CSV, Parquet) of records with a prompt and a target in any
+    training format (``prompt``/``completion``, ``messages`` ending with an assistant turn, ...). A file with fewer
+    than ``k`` examples, or an example without a target, is a one-line :class:`DataError` naming ``key``.
+    """
+    records, _ = load_records(path, "train", split_key=key)
+    if k is not None and len(records) < k:
+        raise DataError(f"{key} '{path}' has {len(records)} examples, fewer than the {k} asked for")
+    shots = []
+    for i, rec in enumerate(records[:k] if k is not None else records):
+        target = target_of({kk: v for kk, v in rec.items() if v is not None})
+        try:
+            prompt = prompt_text_of(rec)
+        except ValueError as e:
+            raise DataError(f"{key} '{path}' example {i}: {e}") from None
+        if target is None:
+            raise DataError(
+                f"{key} '{path}' example {i} has no target (a completion or a final assistant turn); "
+                "each shot needs its worked answer"
+            )
+        shots.append((prompt, target))
+    return shots
+
+
+def with_fewshot(records: Sequence[dict], shots: Sequence[tuple[str, str]]) -> list[dict]:
+    """``records`` with the ``shots`` (``(prompt, target)`` pairs) in front of each prompt.
+
+    * a text prompt (``{"prompt": str, ...}``) becomes ``shot_prompt + shot_target + "\\n\\n"`` for every shot,
+      then the record's own prompt: each shot is written exactly as the model sees a prompt followed by its
+      completion (so give the shots the prompt/answer layout of the data, e.g. ``"Question: ...\\nAnswer:"`` and
+      ``" ... #### 72"``);
+    * a conversation (``messages``, or a conversational ``prompt``) gets each shot as a user turn and an assistant
+      turn, after a leading system message and before the record's own turns (the chat template does the rest).
+
+    The target, ``references`` and every other field are kept, so metrics score exactly as without shots.
+    """
+    if not shots:
+        return list(records)
+    text = "".join(p + t + FEWSHOT_SEPARATOR for p, t in shots)
+    turns = [
+        m for p, t in shots for m in ({"role": "user", "content": p}, {"role": "assistant", "content": t})
+    ]
+    out = []
+    for rec in records:
+        field = "messages" if rec.get("messages") is not None else "prompt"
+        value = rec.get(field)
+        if isinstance(value, str):
+            out.append({**rec, field: text + value})
+        elif isinstance(value, list):
+            lead = [m for m in value[:1] if isinstance(m, dict) and m.get("role") == "system"]
+            out.append({**rec, field: [*lead, *turns, *value[len(lead) :]]})
+        else:
+            out.append(rec)  # no prompt: tokenisation reports it
+    return out

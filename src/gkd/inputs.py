@@ -217,6 +217,12 @@ def load_dataset(
         source = f"dataset '{spec}'"
     if adapter is not None:
         records = adapt_records(adapter, records, source)
+    if what == "eval" and cfg.eval_fewshot_file is not None:
+        from gkd.evaluation import load_fewshot, with_fewshot
+
+        shots = load_fewshot(cfg.eval_fewshot_file, cfg.eval_fewshot_k)
+        records = with_fewshot(records, shots)
+        log(f"eval: {len(shots)}-shot prompts from {cfg.eval_fewshot_file}")
     data = tokenize_records(
         records,
         tokenizer,

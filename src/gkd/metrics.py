@@ -60,12 +60,17 @@ __all__ = [
     "bleu",
     "bleu_score",
     "check_inputs",
+    "chrf",
+    "chrf_score",
     "exact_match",
     "exact_match_score",
     "extract_final_answer",
+    "extract_gsm8k_answer",
     "final_answer",
     "final_answer_score",
     "get_metric",
+    "gsm8k_answer",
+    "gsm8k_answer_score",
     "normalize_whitespace",
     "prompt_text_of",
     "references_of",
@@ -284,6 +289,73 @@ def final_answer(predictions: list[str], records: list[dict], marker: str = "###
     return 100.0 * hits / len(predictions)
 
 
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_THE_ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
+
+
+def _clean_number(text: str) -> str:
+    """``text`` with ``$``, thousands commas and whitespace removed and a trailing ``.`` dropped."""
+    return _ANSWER_JUNK.sub("", text).rstrip(".")
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The answer of a GSM8K-style solution, or ``None`` when ``text`` has no number at all.
+
+    In order: (1) what follows the *last* ``####`` (its first line, as :func:`extract_final_answer`; the number in
+    it when there is one); (2) the first number after the last "The answer is" / "The final answer is" (any case);
+    (3) the last number in the text. Numbers lose ``$``, thousands commas and a trailing ``.``; a leading ``-`` is
+    kept. ``"... so 3 + 4 = 7. The answer is $1,200."`` gives ``"1200"``; ``"5 apples and 7 pears"`` gives ``"7"``.
+    """
+    marked = extract_final_answer(text, "####")
+    if marked is not None:
+        found = _NUMBER.search(marked)
+        if found:
+            return _clean_number(found.group())
+        if marked:
+            return marked
+    said = list(_THE_ANSWER_IS.finditer(text))
+    if said:
+        found = _NUMBER.search(text, said[-1].end())
+        if found:
+            return _clean_number(found.group())
+    numbers = _NUMBER.findall(text)
+    return _clean_number(numbers[-1]) if numbers else None
+
+
+def _gsm8k_or_text(text: str) -> str:
+    """:func:`extract_gsm8k_answer`, or the whitespace-normalised text when it holds no number."""
+    answer = extract_gsm8k_answer(text)
+    return normalize_whitespace(text) if answer is None else answer
+
+
+def _gsm8k_answer(prediction: str, refs: list[str]) -> float:
+    got = _gsm8k_or_text(prediction)
+    if not got:
+        return 0.0
+    return float(any(_same_answer(got, _gsm8k_or_text(ref)) for ref in refs))
+
+
+def gsm8k_answer_score(record: dict, prediction: str) -> float:
+    """1.0 if the prediction's GSM8K answer (:func:`extract_gsm8k_answer`) equals the reference's, else 0.0."""
+    return _gsm8k_answer(prediction, require_references(record))
+
+
+def gsm8k_answer(predictions: list[str], records: list[dict]) -> float:
+    """Percent of predictions whose answer equals the reference's, both taken by :func:`extract_gsm8k_answer`
+    (``####``, else "The answer is ...", else the last number); numbers compare numerically (``7.0`` = ``7``).
+
+    Unlike :func:`final_answer`, a prediction without ``####`` is not wrong by construction: chain-of-thought
+    outputs in the few-shot style ("... The answer is 7.") and bare numbers are scored too. Any of the record's
+    references may match. A text without any number (a non-numeric answer) is compared whole, after whitespace
+    normalisation.
+    """
+    check_inputs(predictions, records)
+    hits = 0.0
+    for i, (pred, rec) in enumerate(zip(predictions, records)):
+        hits += _gsm8k_answer(pred, require_references(rec, i))
+    return 100.0 * hits / len(predictions)
+
+
 # --------------------------------------------------------------------------------------------------- tokenisation
 
 TOKENIZE_MODES = ("standard", "whitespace")
@@ -349,6 +421,40 @@ def bleu_score(record: dict, prediction: str, tokenize: str = "whitespace") -> f
     return _clamp(_bleu_metric(tokenize, True).sentence_score(prediction, refs).score) / 100.0
 
 
+_CHRF: dict[str, Any] = {}
+
+
+def _chrf_metric() -> Any:
+    """A cached sacrebleu ``CHRF`` with its defaults: character 6-grams, no word n-grams, beta 2 (chrF2)."""
+    if "chrf" not in _CHRF:
+        from sacrebleu.metrics import CHRF
+
+        _CHRF["chrf"] = CHRF()
+    return _CHRF["chrf"]
+
+
+def chrf(predictions: list[str], records: list[dict]) -> float:
+    """Corpus chrF (sacrebleu's ``CHRF()``: character n-grams up to 6, beta = 2, whitespace ignored), against all
+    references of each record (sacrebleu keeps, per sentence, the reference with the best chrF).
+
+    Character n-grams need no tokenisation, so chrF takes no ``tokenize``. The statistics are summed over the
+    corpus before the F-score is taken (sacrebleu's corpus chrF, as WMT reports it), so it is not the mean of
+    :func:`chrf_score`.
+    """
+    check_inputs(predictions, records)
+    refs = [require_references(rec, i) for i, rec in enumerate(records)]
+    n_streams = max(len(r) for r in refs)
+    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n_streams)]
+    return _clamp(_chrf_metric().corpus_score(list(predictions), streams).score)
+
+
+def chrf_score(record: dict, prediction: str) -> float:
+    """Sentence chrF in [0, 1], best over the record's references (equals :func:`chrf` of a one-record corpus
+    divided by 100)."""
+    refs = require_references(record)
+    return _clamp(_chrf_metric().sentence_score(prediction, refs).score) / 100.0
+
+
 def self_bleu(samples_per_input: list[list[str]], tokenize: str = "whitespace") -> float:
     """Self-BLEU diversity: sentence BLEU of each sample against the *other* samples of the same input, averaged.
 
@@ -375,27 +481,41 @@ def self_bleu(samples_per_input: list[list[str]], tokenize: str = "whitespace") 
 
 
 class _WhitespaceTokenizer:
-    """rouge-score tokenizer that keeps the task's tokens verbatim (no lower-casing, no punctuation stripping)."""
+    """rouge-score tokenizer that keeps the task's tokens verbatim (no lower-casing, no punctuation stripping);
+    with ``use_stemmer``, tokens longer than 3 characters are Porter-stemmed (rouge-score's own rule)."""
+
+    def __init__(self, use_stemmer: bool = False):
+        if use_stemmer:
+            from nltk.stem import porter
+
+            self._stemmer: Any = porter.PorterStemmer()
+        else:
+            self._stemmer = None
 
     def tokenize(self, text: str) -> list[str]:
-        return text.split()
+        tokens = text.split()
+        if self._stemmer is None:
+            return tokens
+        return [self._stemmer.stem(t) if len(t) > 3 else t for t in tokens]
 
 
-_SCORERS: dict[tuple[str, str], Any] = {}
+_SCORERS: dict[tuple[str, str, bool], Any] = {}
 
 
-def _scorer(rouge_type: str, tokenize: str) -> Any:
-    """A cached ``rouge_score.rouge_scorer.RougeScorer`` for one ROUGE type and tokenisation (``standard``: the
-    package's default tokenizer without stemming; ``whitespace``: tokens as written)."""
+def _scorer(rouge_type: str, tokenize: str, use_stemmer: bool = False) -> Any:
+    """A cached ``rouge_score.rouge_scorer.RougeScorer`` for one ROUGE type, tokenisation (``standard``: the
+    package's default tokenizer; ``whitespace``: tokens as written) and stemming choice (``use_stemmer``: Porter
+    stemming of tokens longer than 3 characters, rouge-score's ``use_stemmer=True``)."""
     from rouge_score import rouge_scorer
 
     mode = _rouge_tokenize(tokenize, None)
-    key = (rouge_type, mode)
+    key = (rouge_type, mode, bool(use_stemmer))
     if key not in _SCORERS:
         if mode == "whitespace":
-            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type], tokenizer=_WhitespaceTokenizer())
+            tok = _WhitespaceTokenizer(use_stemmer)
+            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type], tokenizer=tok)
         else:
-            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type])
+            _SCORERS[key] = rouge_scorer.RougeScorer([rouge_type], use_stemmer=bool(use_stemmer))
     return _SCORERS[key]
 
 
@@ -403,83 +523,130 @@ def _best_rouge(scorer: Any, rouge_type: str, prediction: str, refs: list[str]) 
     return max(scorer.score(ref, prediction)[rouge_type].fmeasure for ref in refs)
 
 
-def _rouge(rouge_type: str, predictions: list[str], records: list[dict], tokenize: str) -> float:
+def _rouge(
+    rouge_type: str, predictions: list[str], records: list[dict], tokenize: str, use_stemmer: bool = False
+) -> float:
     check_inputs(predictions, records)
-    scorer = _scorer(rouge_type, tokenize)
+    scorer = _scorer(rouge_type, tokenize, use_stemmer)
     total = 0.0
     for i, (pred, rec) in enumerate(zip(predictions, records)):
         total += _best_rouge(scorer, rouge_type, pred, require_references(rec, i))
     return 100.0 * total / len(predictions)
 
 
-def _rouge_example(rouge_type: str, record: dict, prediction: str, tokenize: str) -> float:
-    return _best_rouge(_scorer(rouge_type, tokenize), rouge_type, prediction, require_references(record))
+def _rouge_example(
+    rouge_type: str, record: dict, prediction: str, tokenize: str, use_stemmer: bool = False
+) -> float:
+    scorer = _scorer(rouge_type, tokenize, use_stemmer)
+    return _best_rouge(scorer, rouge_type, prediction, require_references(record))
 
 
 def rouge1_score(
-    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+    record: dict,
+    prediction: str,
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-1 F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rouge1`)."""
-    return _rouge_example("rouge1", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge_example("rouge1", record, prediction, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rouge2_score(
-    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+    record: dict,
+    prediction: str,
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-2 F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rouge2`)."""
-    return _rouge_example("rouge2", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge_example("rouge2", record, prediction, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rougeL_score(
-    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+    record: dict,
+    prediction: str,
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-L F1 in [0, 1], best over the record's references (same tokenisation and cached scorer as :func:`rougeL`)."""
-    return _rouge_example("rougeL", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge_example("rougeL", record, prediction, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rougeLsum_score(
-    record: dict, prediction: str, tokenize: str | None = None, *, tokenizer: str | None = None
+    record: dict,
+    prediction: str,
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-Lsum F1 in [0, 1], best over the record's references (as :func:`rougeLsum`)."""
-    return _rouge_example("rougeLsum", record, prediction, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge_example("rougeLsum", record, prediction, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rouge1(
-    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+    predictions: list[str],
+    records: list[dict],
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-1 F1 (unigram overlap, rouge-score), best over each record's references, averaged over records.
 
     ``tokenize``: ``"whitespace"`` (default: tokens as written) or ``"standard"`` (rouge-score's default tokenizer:
-    lower-cased, punctuation dropped, no stemming); ``tokenizer=`` is the older name (``"default"`` = standard).
+    lower-cased, punctuation dropped); ``tokenizer=`` is the older name (``"default"`` = standard).
+    ``use_stemmer``: Porter-stem tokens longer than 3 characters before matching (rouge-score's ``use_stemmer=True``,
+    what XSum / CNN-DM papers report; ``cats`` and ``cat`` then match). Off by default.
     """
-    return _rouge("rouge1", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge("rouge1", predictions, records, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rouge2(
-    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+    predictions: list[str],
+    records: list[dict],
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-2 F1 (rouge-score), best over each record's references, averaged over records.
 
     Texts with fewer than two tokens have no bigrams and score 0. ``tokenize`` as in :func:`rouge1`.
     """
-    return _rouge("rouge2", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge("rouge2", predictions, records, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rougeL(
-    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+    predictions: list[str],
+    records: list[dict],
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-L F1 (longest common subsequence), best over each record's references, averaged over records.
     ``tokenize`` as in :func:`rouge1`."""
-    return _rouge("rougeL", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge("rougeL", predictions, records, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 def rougeLsum(
-    predictions: list[str], records: list[dict], tokenize: str | None = None, *, tokenizer: str | None = None
+    predictions: list[str],
+    records: list[dict],
+    tokenize: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    use_stemmer: bool = False,
 ) -> float:
     """ROUGE-Lsum F1 (summary-level LCS: texts are split into sentences on newlines, the union LCS of each reference
     sentence is counted), best over each record's references, averaged over records. ``tokenize`` as in
     :func:`rouge1`. Without newlines it equals :func:`rougeL`."""
-    return _rouge("rougeLsum", predictions, records, _rouge_tokenize(tokenize, tokenizer))
+    return _rouge("rougeLsum", predictions, records, _rouge_tokenize(tokenize, tokenizer), use_stemmer)
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -492,6 +659,8 @@ METRICS: dict[str, Metric] = {
     "rouge2": rouge2,
     "rougeL": rougeL,
     "rougeLsum": rougeLsum,
+    "chrf": chrf,
+    "gsm8k_answer": gsm8k_answer,
 }
 
 

@@ -3,7 +3,10 @@
 Every name below can be used as ``eval_metric`` (``gkd eval --metric``) and as ``reward``:
 
 * **metrics** (:mod:`gkd.metrics`): ``exact_match``, ``final_answer``, ``bleu``, ``rouge1``, ``rouge2``, ``rougeL``,
-  ``rougeLsum``;
+  ``rougeLsum``, their stemmed variants ``rouge1_stemmed``, ``rouge2_stemmed``, ``rougeL_stemmed``,
+  ``rougeLsum_stemmed`` (rouge-score's ``use_stemmer=True``: Porter stemming of tokens longer than 3 characters, as
+  XSum / CNN-DM papers report ROUGE), ``chrf`` (sacrebleu chrF2) and ``gsm8k_answer`` (the GSM8K answer: after
+  ``####``, else after "The answer is", else the last number);
 * **task metrics**, every metric a built-in task exposes through ``Task.metric_fns`` (``set_match``, ``item_f1``,
   ``faithfulness``, ``dup_rate``, ``chain_valid``, ``agreement``); a task metric that has the name of a generic
   metric (summarization's paraphrase-aware ``rouge2``) is reached through its task name only;
@@ -94,10 +97,21 @@ _GENERIC: dict[str, tuple[CorpusFn, ExampleFn]] = {
     "rouge2": (M.rouge2, M.rouge2_score),
     "rougeL": (M.rougeL, M.rougeL_score),
     "rougeLsum": (M.rougeLsum, M.rougeLsum_score),
+    **{
+        f"{r}_stemmed": (
+            functools.partial(getattr(M, r), use_stemmer=True),
+            functools.partial(getattr(M, f"{r}_score"), use_stemmer=True),
+        )
+        for r in ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    },
+    "chrf": (M.chrf, M.chrf_score),
+    "gsm8k_answer": (M.gsm8k_answer, M.gsm8k_answer_score),
 }
 
-# the generic metrics that tokenise text, and so take ``tokenize``
-_TEXT_METRICS = frozenset({"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"})
+# the generic metrics that tokenise text, and so take ``tokenize`` (chrF counts characters: it has no tokenisation)
+_TEXT_METRICS = frozenset(
+    {"bleu", *(f"{r}{s}" for r in ("rouge1", "rouge2", "rougeL", "rougeLsum") for s in ("", "_stemmed"))}
+)
 
 TOKENIZE_MODES = M.TOKENIZE_MODES
 DEFAULT_TOKENIZE = "standard"
