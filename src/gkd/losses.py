@@ -67,6 +67,7 @@ __all__ = [
     "Workspace",
     "chunked_divergence_loss",
     "chunked_loss",
+    "default_chunk",
     "logits_loss",
     "topk_tail",
 ]
@@ -120,7 +121,8 @@ def _resolve_temperature(divergence: Divergence | None, temperature: float) -> f
     return float(bound)
 
 
-def _default_chunk(vocab: int) -> int:
+def default_chunk(vocab: int) -> int:
+    """Positions per ``[chunk, vocab]`` block: about ``DEFAULT_CHUNK_ELEMENTS`` logits, at least 16 rows."""
     return max(16, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
 
 
@@ -180,7 +182,7 @@ def chunked_loss(
         teacher_head=teacher_head,
         teacher_logits=teacher_logits,
         teacher_topk=teacher_topk,
-        chunk_size=chunk_size or _default_chunk(student_head.size),
+        chunk_size=chunk_size or default_chunk(student_head.size),
         stats=stats,
         workspace=workspace,
     )

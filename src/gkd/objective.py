@@ -31,7 +31,7 @@ from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
 from gkd.errors import ModelError
-from gkd.losses import DEFAULT_CHUNK_ELEMENTS, LossTerms, Workspace, chunked_loss, logits_loss
+from gkd.losses import LossTerms, Workspace, chunked_loss, default_chunk, logits_loss
 from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns
 
@@ -235,9 +235,7 @@ def _target_logprobs(out: ScoringOutput, y: torch.Tensor) -> torch.Tensor:
     """``log p(y_n)`` at each of the ``N`` positions (float32), in chunks of rows: never ``[N, V]`` logits at once."""
     rows = out.hidden if out.hidden is not None else out.logits
     assert rows is not None
-    chunk = max(
-        16, DEFAULT_CHUNK_ELEMENTS // max(out.head.size if out.head is not None else rows.shape[-1], 1)
-    )
+    chunk = default_chunk(out.head.size if out.head is not None else rows.shape[-1])
     parts = []
     for a in range(0, rows.shape[0], chunk):
         z = out.head.logits(rows[a : a + chunk]) if out.hidden is not None else rows[a : a + chunk]  # type: ignore[union-attr]

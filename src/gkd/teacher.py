@@ -34,7 +34,7 @@ from gkd.data import Batch, Example, TokenizedDataset, collate
 from gkd.divergences import log_probs
 from gkd.forward import score_positions
 from gkd.io import atomic_write, fingerprint, write_jsonl
-from gkd.losses import DEFAULT_CHUNK_ELEMENTS
+from gkd.losses import default_chunk
 from gkd.outputs import ScoringOutput, TeacherTopK, TeacherView
 from gkd.sampling import LocalSampler, Sampler, generate_ids, local_sampler
 
@@ -301,7 +301,7 @@ def build_topk_cache(
     log(f"teacher cache: top-{k} log-probs for {len(dataset)} examples (once; cached at {path})")
     k = min(k, teacher.vocab)
     ids_parts, lp_parts, lengths = [], [], []
-    chunk = max(16, DEFAULT_CHUNK_ELEMENTS // max(teacher.vocab, 1))  # positions per [chunk, vocab] block
+    chunk = default_chunk(teacher.vocab)  # positions per [chunk, vocab] block
     for start in range(0, len(dataset), batch_size):
         batch = collate(dataset.examples[start : start + batch_size], pad_id).to(device)
         out = teacher.score(batch)
