@@ -420,3 +420,37 @@ def test_examples_hold_teacher_prompts_as_a_field():
     e = Example([1], [2], {})
     assert e.teacher_prompt is None
     assert TokenizedDataset([e]).examples[0].teacher_prompt is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["teacher", "self"])
+def test_teacher_view_under_two_processes(model_dir, records, tmp_path, teacher):
+    """``teacher_prompt_field`` (with a trained teacher, and with ``self``) under DDP: both ranks take the same λ
+    decisions and the same all-reduced gradient norms, and the hint changes what the run learns (a run without it,
+    same seed, ends with other gradient norms)."""
+    from launch import two_processes
+
+    data = tmp_path / "hinted.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in with_hint(records)))
+    worker = Path(__file__).with_name("dist_worker.py")
+    norms = {}
+    for name, extra in (("hint", ["teacher_prompt_field=hint"]), ("plain", [])):
+        out = tmp_path / name
+        out.mkdir()
+        teacher_path = "self" if teacher == "self" else str(model_dir / "teacher")
+        args = [
+            "train",
+            f"dataset={data}",
+            f"teacher_model_name_or_path={teacher_path}",
+            "max_steps=4",
+            *extra,
+        ]
+        port = 29561 + (teacher == "self") * 2 + (name == "plain")
+        proc = two_processes(worker, model_dir, out, *args, port=port)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r0, r1 = (json.loads((out / f"train-rank{r}.json").read_text()) for r in (0, 1))
+        assert r0["world"] == r1["world"] == 2
+        assert r0["flags"] == r1["flags"]
+        assert r0["norms"] == pytest.approx(r1["norms"], rel=1e-6)
+        norms[name] = r0["norms"]
+    assert norms["hint"] != pytest.approx(norms["plain"], rel=1e-4)
