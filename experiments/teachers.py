@@ -44,9 +44,9 @@ D24 = {
     "intermediate_size": 64,
     "max_position_embeddings": 40,
 }
-# the instruction family's student (RESULTS section 9) and a 2-layer d64 teacher
+# the instruction family's student (RESULTS section 9); with two layers, the context row's teachers
 D48 = {**D24, "hidden_size": 48, "intermediate_size": 128}
-D64x2 = {**D24, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 192}
+D48x2 = {**D48, "num_hidden_layers": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,16 +240,17 @@ def context(ws: Path, seeds: int, workers: int, quick: bool) -> str:
     """(b) Context distillation on the summarization task (salient set, randomly ordered targets).
 
     The privileged field ``hint`` holds the answer's items in alphabetical order: a teacher that reads it only has to
-    copy, in any order. Teachers: two 1-layer d24 Llamas with the same initialisation and recipe (SFT, 6,000 steps,
+    copy, in any order. Teachers: two 2-layer d48 Llamas with the same initialisation and recipe (SFT, 3,000 steps,
     lr 2e-3 cosine, batch 64), one trained on the plain prompts, one on ``hint + prompt`` (exactly the teacher's view
-    that ``teacher_prompt_field: hint`` renders). Start: a d24 student SFT'd for 1,000 steps (lr 3e-3) on the plain
+    that ``teacher_prompt_field: hint`` renders). (A 1-layer d24 teacher trained so did not use the hint: 91.0 greedy
+    against 92.7 without it.) Start: a d24 student SFT'd for 1,000 steps (lr 3e-3) on the plain
     prompts. Methods, 500 steps each from the start (lr 1e-3, linear decay to 0, batch 64): ``sft`` (continued SFT on
     the ground truth), ``distill_plain`` (on-policy reverse KL, λ = 1, from the plain teacher) and ``distill_hint``
     (the same, from the hint teacher with ``teacher_prompt_field: hint``). The student never sees the hint: its data,
     rollouts and test prompts are the plain prompts. Metric: ``set_match`` on 1,000 test prompts.
     """
     n_train, n_test = (2000, 100) if quick else (50000, 1000)
-    t_steps, s_steps, m_steps = (40, 20, 10) if quick else (6000, 1000, 500)
+    t_steps, s_steps, m_steps = (40, 20, 10) if quick else (3000, 1000, 500)
     task = prepare("summarization", ws, n_train, n_test)
     data = ws / "data"
     data.mkdir(exist_ok=True)
@@ -277,7 +278,7 @@ def context(ws: Path, seeds: int, workers: int, quick: bool) -> str:
     say = print
     say(f"context: teachers and start ({t_steps} / {s_steps} SFT steps) ...")
     t0 = time.perf_counter()
-    t_init = init_model(D24, tok, models / "teacher-init", seed=1234)
+    t_init = init_model(D48x2, tok, models / "teacher-init", seed=1234)
     s_init = init_model(D24, tok, models / "student-init", seed=4321)
     teacher_plain, teacher_hint, start = parallel(
         [
@@ -376,6 +377,267 @@ def context(ws: Path, seeds: int, workers: int, quick: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (c) two routed specialists
+# ---------------------------------------------------------------------------------------------------------------
+
+PART = {
+    "A": ("upper", "lower", "upper early"),  # instructions by case (and one pair)
+    "B": ("early", "late", "lower late"),  # instructions by half of the alphabet (and the other pair)
+}
+
+
+def specialists(ws: Path, seeds: int, workers: int, quick: bool) -> str:
+    """(c) Two specialists routed per record into one student, on the instruction mixture.
+
+    The instruction task's six held-in instructions are split in two parts: A (``upper``, ``lower``, ``upper
+    early``) and B (``early``, ``late``, ``lower late``). Specialist A is the task's teacher size (2-layer d96
+    Llama) SFT'd for 2,000 steps (lr 2e-3 cosine, batch 64) on part A's records only, specialist B the same on part
+    B's. Start: a 1-layer d48 student SFT'd for 2,000 steps (lr 3e-3) on the whole mixture. Methods, 300 steps each
+    from the start (lr 1e-3, linear decay, batch 64): ``sft`` (continued SFT on the mixture), ``routed`` (on-policy
+    reverse KL, λ = 1, with ``teachers: [A, B]`` and each record's ``teacher`` field naming its part's specialist)
+    and ``unrouted`` (the same two teachers without the field: each record gets the average of both teachers'
+    losses, half of it from the specialist that never saw its instruction). Metric: ``set_match`` on each part's
+    test prompts (the held-out instructions of the task are left out).
+    """
+    n_train, n_test = (2000, 200) if quick else (50000, 2000)
+    t_steps, s_steps, m_steps = (40, 20, 10) if quick else (2000, 2000, 300)
+    task = prepare("instructions", ws, n_train, n_test)
+    from gkd.tasks.instructions import instruction_of
+
+    part_of = {i: name for name, instrs in PART.items() for i in instrs}
+    data = ws / "data"
+    data.mkdir(exist_ok=True)
+    records = [r for r in read_jsonl(task / "train.jsonl") if instruction_of(r) in part_of]
+    routed = write_jsonl(
+        data / "train_routed.jsonl", [{**r, "teacher": part_of[instruction_of(r)]} for r in records]
+    )
+    mixture = write_jsonl(data / "train.jsonl", records)
+    part_train = {
+        p: write_jsonl(data / f"train_{p}.jsonl", [r for r in records if part_of[instruction_of(r)] == p])
+        for p in PART
+    }
+    test = [r for r in read_jsonl(task / "test.jsonl") if instruction_of(r) in part_of]
+    part_test = {
+        p: write_jsonl(data / f"test_{p}.jsonl", [r for r in test if part_of[instruction_of(r)] == p])
+        for p in PART
+    }
+    tok = task / "tokenizer"
+    models = ws / "models"
+    from gkd.tasks.instructions import InstructionMixture
+
+    teacher_spec = InstructionMixture().teacher_model_config()
+    print(f"specialists: two specialists and the start ({t_steps} / {s_steps} SFT steps) ...")
+    t_init = init_model(teacher_spec, tok, models / "teacher-init", seed=1234)
+    s_init = init_model(D48, tok, models / "student-init", seed=4321)
+    spec_a, spec_b, start = parallel(
+        [
+            *(
+                (
+                    lambda p=p: train(
+                        "sft",
+                        {
+                            "model_name_or_path": t_init,
+                            "dataset": part_train[p],
+                            "max_new_tokens": 9,
+                            **sft_recipe(t_steps, 2e-3, 1234),
+                        },
+                        models / f"specialist_{p}",
+                    )
+                )
+                for p in PART
+            ),
+            lambda: train(
+                "sft",
+                {
+                    "model_name_or_path": s_init,
+                    "dataset": mixture,
+                    "max_new_tokens": 9,
+                    **sft_recipe(s_steps, 3e-3, 4321),
+                },
+                models / "start",
+            ),
+        ],
+        workers,
+    )
+    specs = {"A": spec_a, "B": spec_b}
+    ref = {}
+    for who, model in (("specialist_A", spec_a), ("specialist_B", spec_b), ("start", start)):
+        ref[who] = {
+            p: evaluate(model, part_test[p], "instructions", 9, models / f"{who}.{p}.eval.json") for p in PART
+        }
+    teachers = [{"name": p, "model_name_or_path": str(specs[p]), "weight": 1.0} for p in PART]
+    methods = {
+        "sft": ("sft", {"dataset": mixture}),
+        "routed": ("distill", {"dataset": routed, "teachers": teachers}),
+        "unrouted": ("distill", {"dataset": mixture, "teachers": teachers}),
+    }
+    jobs = []
+    for seed in range(seeds):
+        for name, (kind, cfg) in methods.items():
+            out = ws / "runs" / f"{name}-seed{seed}"
+            full = {"model_name_or_path": start, "max_new_tokens": 9, **cfg}
+            if kind == "distill":
+                full.update(divergence="reverse_kl", lmbda=1.0)
+            full.update(method_recipe(m_steps, 1e-3, seed))
+
+            def job(kind=kind, full=full, out=out) -> dict:
+                t = time.perf_counter()
+                model = train(kind, full, out)
+                scores = {
+                    p: evaluate(
+                        model, part_test[p], "instructions", 9, out.parent / f"{out.name}.{p}.eval.json"
+                    )
+                    for p in PART
+                }
+                return {**scores, "seconds": time.perf_counter() - t}
+
+            jobs.append((name, seed, job))
+    print(f"specialists: {len(jobs)} runs ...")
+    results = parallel([j for _, _, j in jobs], workers)
+    by = {name: [r for (n, _, _), r in zip(jobs, results) if n == name] for name in methods}
+    texts = []
+    for p in PART:
+        texts.append(
+            report(
+                f"(c) part {p} ({', '.join(PART[p])}): specialist {p}, the other specialist and the students",
+                {who: scores[p] for who, scores in ref.items()},
+                {name: [{**r[p], "seconds": r["seconds"]} for r in runs] for name, runs in by.items()},
+                [("routed", "sft"), ("routed", "unrouted")],
+                "set_match",
+            )
+        )
+        own = ref[f"specialist_{p}"]
+        gap = [
+            f"{m}: routed − specialist {p} {statistics.fmean(r[p][f'{m}/set_match'] for r in by['routed']) - own[f'{m}/set_match']:+.1f}"
+            for m in ("greedy", "sample")
+        ]
+        texts.append(
+            "Gap to the specialist on its part (mean over seeds; the specialist is one model): "
+            + "; ".join(gap)
+        )
+    return "\n\n".join(texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) a teacher with another tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bpe_tokenizer(texts: list[str], like: Path, out: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE trained on ``texts`` whose merges cross spaces (no regex pre-split), so its tokens span
+    several of the word-level student's tokens (``"Ġa"``, ``"ĠaĠb"``, ...): another segmentation, not only other
+    ids. Special tokens and chat template as ``like``'s."""
+    if (out / "tokenizer.json").exists():
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    base = AutoTokenizer.from_pretrained(str(like))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = [base.pad_token, base.eos_token, base.unk_token]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=base.pad_token, eos_token=base.eos_token, unk_token=base.unk_token
+    )
+    tok.chat_template = base.chat_template
+    tok.save_pretrained(out)
+    return out
+
+
+def tokenizer(ws: Path, seeds: int, workers: int, quick: bool) -> str:
+    """(a) A teacher with another tokenizer, in the context row's workspace (run ``context`` first).
+
+    The student and the same-tokenizer teacher are (b)'s: the d24 start, ``teacher_plain`` and its
+    ``distill_plain`` runs. The other teacher has the same architecture and recipe (SFT, 3,000 steps, lr 2e-3
+    cosine, batch 64, seed 1234) but its own tokenizer: a byte-level BPE with 400 tokens trained on the task's
+    text, whose merges cross the spaces between the student's words (``bpe_tokenizer``): a genuinely different
+    segmentation, aligned by gkd through character offsets (docs/teachers.md). ``distill_bpe``: (b)'s
+    ``distill_plain`` recipe (on-policy reverse KL, λ = 1, 500 steps) with the BPE teacher. Controls: the same
+    recipe with the same-tokenizer teacher (``distill_plain``), and continued SFT.
+    """
+    n_train, n_test = (2000, 100) if quick else (50000, 1000)
+    t_steps, m_steps = (40, 10) if quick else (3000, 500)
+    task = prepare("summarization", ws, n_train, n_test)
+    models = ws / "models"
+    start, teacher_plain = models / "start", models / "teacher_plain"
+    if not (start / "final_model.json").exists():
+        raise SystemExit(f"run `python experiments/teachers.py context --out {ws}` first (the shared start)")
+    records = read_jsonl(ws / "data" / "train.jsonl")
+    texts = [f"{r['prompt']} {r['completion']}" for r in records[:20000]]
+    bpe = bpe_tokenizer(texts, task / "tokenizer", models / "bpe-tokenizer")
+    from transformers import AutoTokenizer
+
+    bt = AutoTokenizer.from_pretrained(str(bpe))
+    example = records[0]["prompt"]
+    print(f"tokenizer: BPE of {len(bt)} tokens; {example!r} -> {bt.tokenize(example)}")
+    t_init = init_model(D48x2, bpe, models / "teacher-bpe-init", seed=1234)
+    teacher_bpe = train(
+        "sft",
+        {
+            "model_name_or_path": t_init,
+            "dataset": ws / "data" / "train.jsonl",
+            "max_new_tokens": 8,
+            **sft_recipe(t_steps, 2e-3, 1234),
+        },
+        models / "teacher_bpe",
+    )
+    ref = {
+        "teacher_plain (student's tokenizer)": evaluate(
+            teacher_plain, task / "test.jsonl", "summarization", 8, models / "teacher_plain.eval.json"
+        ),
+        "teacher_bpe (BPE tokenizer)": evaluate(
+            teacher_bpe, task / "test.jsonl", "summarization", 16, models / "teacher_bpe.eval.json"
+        ),
+        "start": evaluate(start, task / "test.jsonl", "summarization", 8, models / "start.eval.json"),
+    }
+    jobs = []
+    for seed in range(seeds):
+        out = ws / "runs" / f"distill_bpe-seed{seed}"
+        full = {
+            "model_name_or_path": start,
+            "max_new_tokens": 8,
+            "dataset": ws / "data" / "train.jsonl",
+            "teacher_model_name_or_path": teacher_bpe,
+            "divergence": "reverse_kl",
+            "lmbda": 1.0,
+            **method_recipe(m_steps, 1e-3, seed),
+        }
+
+        def job(full=full, out=out) -> dict:
+            t = time.perf_counter()
+            model = train("distill", full, out)
+            scores = evaluate(
+                model, task / "test.jsonl", "summarization", 8, out.parent / f"{out.name}.eval.json"
+            )
+            return {**scores, "seconds": time.perf_counter() - t}
+
+        jobs.append(job)
+    bpe_runs = parallel(jobs, workers)
+    by = {"distill_bpe": bpe_runs}
+    for name in ("distill_plain", "sft"):
+        by[name] = []
+        for seed in range(seeds):
+            path = ws / "runs" / f"{name}-seed{seed}.eval.json"
+            if not path.exists():
+                raise SystemExit(
+                    f"{path} is missing: run `python experiments/teachers.py context --out {ws}` first"
+                )
+            by[name].append({**json.loads(path.read_text()), "seconds": float("nan")})
+    return report(
+        "(a) a teacher with another tokenizer: summarization, a byte-level BPE teacher and a word-level student",
+        ref,
+        by,
+        [("distill_bpe", "distill_plain"), ("distill_bpe", "sft")],
+        "set_match",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -418,7 +680,7 @@ def report(
     return "\n".join(lines)
 
 
-ROWS = {"context": context}
+ROWS = {"context": context, "specialists": specialists, "tokenizer": tokenizer}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,7 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="default: runs/experiments/teachers-ROW")
     args = parser.parse_args(argv)
-    ws = args.out or ROOT / "runs" / "experiments" / f"teachers-{args.row}{'-quick' if args.quick else ''}"
+    ws = (
+        args.out or ROOT / "runs" / "experiments" / f"teachers-{args.row}{'-quick' if args.quick else ''}"
+    ).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     random.seed(0)
     text = ROWS[args.row](ws, args.seeds, args.workers, args.quick)
