@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import base_config, make_model
 
 from gkd.data import tokenize_records
 from gkd.errors import ConfigError, DataError
@@ -313,3 +313,33 @@ def test_config_keys_are_checked():
     for key, value in (("eval_num_beams", 0), ("eval_bootstrap", -1), ("eval_length_penalty", float("nan"))):
         with pytest.raises(ConfigError, match=key):
             GKDConfig(**{key: value})
+
+
+def test_in_training_evaluation_takes_beams_bootstrap_and_multiple_choice(
+    tokenizer, records, eval_records, tmp_path
+):
+    from gkd.trainer import GKDTrainer
+
+    def trainer(name, metric, evals, **keys):
+        cfg = base_config(
+            output_dir=str(tmp_path / name), max_steps=1, eval_metric=metric, eval_max_samples=4, **keys
+        )
+        student, teacher = (
+            make_model(k, tokenizer, seed=s) for k, s in (("llama_student", 1), ("llama_teacher", 0))
+        )
+        return GKDTrainer(
+            cfg,
+            student=student,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            train_records=records,
+            eval_records=evals,
+        )
+
+    out = trainer("beam", "rouge2", eval_records, eval_num_beams=2, eval_bootstrap=20).evaluate()
+    assert {"eval/beam/rouge2", "eval/beam/rouge2_ci_low", "eval/sample/rouge2_ci_high"} <= set(out)
+    assert not any(k.startswith("eval/greedy/") for k in out)
+    assert out["eval/beam/rouge2_ci_low"] <= out["eval/beam/rouge2"] <= out["eval/beam/rouge2_ci_high"]
+
+    out = trainer("mc", "mc_accuracy", MC_RECORDS).evaluate()
+    assert set(out) == {"step", "eval/mc/mc_accuracy", "eval/mc/mc_accuracy_norm"}

@@ -136,12 +136,7 @@ def evaluate(
     records = [e.record for e in dataset.examples]
     if isinstance(scorer, str) and is_mc_metric(scorer):
         lls = choice_loglikelihoods(model, tokenizer, dataset, batch_size=batch_size)
-        scores = mc_accuracy(records, lls)
-        scores = {scorer: scores[scorer], **scores}  # the named metric first
-        if bootstrap:
-            per = mc_correct(records, lls)
-            scores = intervals(scores, mean_values={k: 100.0 * v for k, v in per.items()})
-        return {"mc": scores}
+        return {"mc": _mc_scores(scorer, records, lls, intervals if bootstrap else None)}
     score, diversity_tokenize = _score_fn(scorer, tokenize)
     example = _mean_example_fn(scorer, tokenize)
     if sampled is None:
@@ -190,6 +185,18 @@ def evaluate(
         if len(runs) > 1:
             out[mode]["self_bleu"] = self_bleu([list(s) for s in zip(*runs)], tokenize=diversity_tokenize)
     return out
+
+
+def _mc_scores(
+    name: str, records: list[dict], lls: list[list[float]], intervals: Callable[..., dict[str, float]] | None
+) -> dict[str, float]:
+    """Both multiple-choice accuracies (``name`` first), with bootstrap intervals over per-example correctness."""
+    scores = mc_accuracy(records, lls)
+    scores = {name: scores[name], **scores}
+    if intervals is None:
+        return scores
+    per = mc_correct(records, lls)
+    return intervals(scores, mean_values={k: 100.0 * v for k, v in per.items()})
 
 
 def _check_options(num_beams: int, length_penalty: float, bootstrap: int, n: int) -> None:
