@@ -343,3 +343,24 @@ def test_in_training_evaluation_takes_beams_bootstrap_and_multiple_choice(
 
     out = trainer("mc", "mc_accuracy", MC_RECORDS).evaluate()
     assert set(out) == {"step", "eval/mc/mc_accuracy", "eval/mc/mc_accuracy_norm"}
+
+
+def test_bleu_from_summed_statistics_equals_corpus_bleu():
+    """The BLEU bootstrap scores resamples from per-example statistics: the same number as corpus BLEU."""
+    from gkd.metrics import bleu_from_statistics, bleu_statistics
+
+    records = [
+        {
+            "prompt": "x",
+            "completion": "The cat sat on the mat.",
+            "references": ["A cat was sitting on the mat."],
+        },
+        {"prompt": "y", "completion": "Hello, world! How are you today?"},
+        {"prompt": "z", "completion": "one two three four five"},
+    ]
+    preds = ["The cat is on the mat.", "Hello world, how are you today?", "one two three four five six"]
+    for tokenize in ("standard", "whitespace"):
+        stats = np.array(bleu_statistics(preds, records, tokenize))
+        for rows in ([0, 1, 2], [2, 2, 0], [1, 1, 1]):
+            want = bleu([preds[i] for i in rows], [records[i] for i in rows], tokenize)
+            assert bleu_from_statistics(stats[rows].sum(0)) == pytest.approx(want, abs=1e-9)

@@ -27,6 +27,8 @@ import torch
 from gkd.data import TokenizedDataset, collate, load_records
 from gkd.errors import ConfigError, DataError
 from gkd.metrics import (
+    bleu_from_statistics,
+    bleu_statistics,
     bootstrap_ci,
     bootstrap_ci_of,
     choices_of,
@@ -118,7 +120,9 @@ def evaluate(
       interval over ``N`` resamples of the examples drawn from ``bootstrap_seed``, as ``<metric>_ci_low`` and
       ``<metric>_ci_high`` right after it. A sampled mode resamples the same examples in each seed's samples.
       Metrics that are means of per-example values (exact match, ROUGE, answers, multiple choice) resample those
-      values; any other metric (BLEU, chrF, task metrics, a callable) is recomputed on each resample (slower).
+      values; ``bleu`` is recomputed on each resample from the examples' pooled n-gram statistics
+      (:func:`gkd.metrics.bleu_statistics`); any other metric (chrF, task metrics, a callable) is scored from the
+      text again on each resample (slower).
 
     :func:`flatten` turns the result into ``{"greedy/<metric>": value, ...}`` keys. The callers map onto it as::
 
@@ -138,7 +142,7 @@ def evaluate(
         lls = choice_loglikelihoods(model, tokenizer, dataset, batch_size=batch_size)
         return {"mc": _mc_scores(scorer, records, lls, intervals if bootstrap else None)}
     score, diversity_tokenize = _score_fn(scorer, tokenize)
-    example = _mean_example_fn(scorer, tokenize)
+    fast = _fast_resampling(scorer, tokenize)
     if sampled is None:
         sampled = {"sample": 1.0}
     seeds = list(seeds)
@@ -159,7 +163,7 @@ def evaluate(
         _scored_runs,
         score=score,
         records=records,
-        example=example,
+        fast=fast,
         intervals=intervals if bootstrap else None,
     )
     out: dict[str, dict[str, float]] = {}
@@ -223,12 +227,25 @@ def _score_fn(scorer: str | ScoreFn, tokenize: str | None) -> tuple[ScoreFn, str
     return score, TASK_TOKENIZE if get_scorer(scorer).task is not None else text_tokenize
 
 
-def _mean_example_fn(scorer: str | ScoreFn, tokenize: str | None) -> Callable[[dict, str], float] | None:
-    """The per-example function (in [0, 1]) of a scorer name whose corpus value is the mean of it, else None."""
-    if not isinstance(scorer, str) or scorer not in MEAN_METRICS:
+RowsFn = Callable[[list[dict], list[str]], np.ndarray]
+
+
+def _fast_resampling(scorer: str | ScoreFn, tokenize: str | None) -> tuple[str, RowsFn] | None:
+    """How a scorer name's bootstrap resamples are scored without recomputing the metric from text:
+
+    * ``("mean", rows)``: the metric is the mean of per-example values (``rows``: one value per example, percent);
+    * ``("bleu", rows)``: corpus BLEU from the summed per-example sufficient statistics (``rows``: ``[n, 10]``);
+    * ``None``: anything else (chrF, task names and metrics, callables) is recomputed on each resample.
+    """
+    if not isinstance(scorer, str):
         return None
-    entry = get_scorer(scorer, tokenize=tokenize or DEFAULT_TOKENIZE)
-    return None if entry.kind != "metric" else entry.example
+    text_tokenize = tokenize or DEFAULT_TOKENIZE
+    if scorer == "bleu":
+        return "bleu", lambda recs, preds: np.array(bleu_statistics(preds, recs, text_tokenize))
+    if scorer not in MEAN_METRICS or get_scorer(scorer).kind != "metric":
+        return None
+    example = get_scorer(scorer, tokenize=text_tokenize).example
+    return "mean", lambda recs, preds: np.array([100.0 * example(r, p) for r, p in zip(recs, preds)])
 
 
 def _scored_runs(
@@ -236,7 +253,7 @@ def _scored_runs(
     *,
     score: ScoreFn,
     records: list[dict],
-    example: Callable[[dict, str], float] | None,
+    fast: tuple[str, RowsFn] | None,
     intervals: Callable[..., dict[str, float]] | None,
 ) -> dict[str, float]:
     """One mode: each metric's mean over the runs (one run per seed), with bootstrap intervals when asked."""
@@ -246,10 +263,15 @@ def _scored_runs(
             scores[key] = scores.get(key, 0.0) + value / len(runs)
     if intervals is None:
         return scores
-    if example is not None and len(scores) == 1:  # a mean metric: resample its per-example values
-        (name,) = scores
-        per = np.mean([[100.0 * example(r, p) for r, p in zip(records, preds)] for preds in runs], axis=0)
-        return intervals(scores, mean_values={name: per})
+    if fast is not None and len(scores) == 1:  # per-example rows, computed once
+        (name,), (kind, rows) = scores, fast
+        arrays = [rows(records, preds) for preds in runs]
+        if kind == "mean":
+            return intervals(scores, mean_values={name: np.mean(arrays, axis=0)})
+        return intervals(
+            scores,
+            statistic=lambda idx: [float(np.mean([bleu_from_statistics(a[idx].sum(0)) for a in arrays]))],
+        )
 
     def statistic(indices: np.ndarray) -> list[float]:
         sub = [records[i] for i in indices]

@@ -7,8 +7,8 @@ for the same ``(n, n_resamples, seed)``:
 * :func:`bootstrap_ci`: for a metric that is the mean of per-example values (exact match, ROUGE, multiple-choice
   accuracy): the resampled means, computed at once (fast);
 * :func:`bootstrap_ci_of`: for any metric, recomputed on each resample from the resampled example indices (corpus
-  BLEU and chrF pool n-gram statistics over the corpus, so they must be recomputed; slow for large
-  ``n_resamples``).
+  BLEU and chrF pool n-gram statistics over the corpus, so they must be recomputed: BLEU cheaply from
+  :func:`gkd.metrics.bleu_statistics`, anything else from the text, slow for large ``n_resamples``).
 """
 
 from __future__ import annotations
