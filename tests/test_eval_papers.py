@@ -364,3 +364,23 @@ def test_bleu_from_summed_statistics_equals_corpus_bleu():
         for rows in ([0, 1, 2], [2, 2, 0], [1, 1, 1]):
             want = bleu([preds[i] for i in rows], [records[i] for i in rows], tokenize)
             assert bleu_from_statistics(stats[rows].sum(0)) == pytest.approx(want, abs=1e-9)
+
+
+def test_encoder_decoder_choices_and_beams(tokenizer):
+    """T5: the prompt goes to the encoder, each choice is scored as the decoder's labels."""
+    model = make_model("t5", tokenizer, seed=0)
+    data = tokenize_records(
+        MC_RECORDS, tokenizer, max_prompt_length=64, max_completion_length=8, seq2seq=True
+    )
+    got = choice_loglikelihoods(model, tokenizer, data, batch_size=4)
+    for ex, lls in zip(data.examples, got):
+        for choice, ll in zip(ex.record["choices"], lls):
+            labels = torch.tensor([tokenizer(" " + choice, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ex.prompt]), labels=labels).logits[0]
+            hand = float(torch.log_softmax(logits.float(), -1).gather(-1, labels[0][:, None]).sum())
+            assert ll == pytest.approx(hand, abs=1e-4)
+    kw = {"num_beams": 2, "max_new_tokens": 4}
+    assert beam_search_texts(model, tokenizer, data, batch_size=4, **kw) == beam_search_texts(
+        model, tokenizer, data, batch_size=1, **kw
+    )

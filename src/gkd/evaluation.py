@@ -429,12 +429,12 @@ def _continuation_logprobs(
         ids, mask = padded(seqs, 0), padded([[1] * len(s) for s in seqs], 0)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # position t predicts token t + 1
         starts = [len(p) - 1 for p in prompts]
-    logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     out = []
     for row, (start, cont) in enumerate(zip(starts, conts)):
-        positions = torch.arange(start, start + len(cont), device=device)
+        # only the continuation's positions go to float32 (not the whole [batch, length, vocab] logits)
+        logp = torch.log_softmax(logits[row, start : start + len(cont), :vocab].float(), dim=-1)
         targets = torch.tensor(cont, device=device)
-        out.append(float(logp[row, positions, targets].sum()))
+        out.append(float(logp.gather(-1, targets[:, None]).sum()))
     return out
 
 
