@@ -425,9 +425,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                 "--num-beams",
                 type=int,
                 default=1,
+                metavar="N",
                 help="beam search with N beams instead of greedy decoding (reported as beam/<metric>)",
             )
-            p.add_argument("--length-penalty", type=float, default=1.0, help="beam search's length penalty")
+            p.add_argument(
+                "--length-penalty", type=float, default=1.0, metavar="P", help="beam search's length penalty"
+            )
             p.add_argument(
                 "--bootstrap",
                 type=int,

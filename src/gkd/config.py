@@ -299,7 +299,8 @@ class GKDConfig:
     greater_is_better: bool | None = None
     """Whether a larger ``metric_for_best_model`` is better (default: false for names containing ``loss``)."""
     eval_metric: str | None = None
-    """A metric name from ``gkd.metrics`` or a built-in task name (its headline metric)."""
+    """A metric name from ``gkd.metrics``, a built-in task name (its headline metric), or ``mc_accuracy`` /
+    ``mc_accuracy_norm`` for multiple-choice eval records (``choices`` + ``answer``, scored by log-likelihood)."""
     eval_max_samples: int = 256
     eval_batch_size: int = 64
     eval_fewshot_file: str | None = None
