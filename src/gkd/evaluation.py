@@ -136,11 +136,15 @@ def evaluate(
                                batch_size=500)
     """
     _check_options(num_beams, length_penalty, bootstrap, len(dataset))
-    intervals = partial(_with_intervals, n=len(dataset), n_resamples=bootstrap, seed=bootstrap_seed)
+    intervals = (
+        partial(_with_intervals, n=len(dataset), n_resamples=bootstrap, seed=bootstrap_seed)
+        if bootstrap
+        else None
+    )
     records = [e.record for e in dataset.examples]
     if isinstance(scorer, str) and is_mc_metric(scorer):
         lls = choice_loglikelihoods(model, tokenizer, dataset, batch_size=batch_size)
-        return {"mc": _mc_scores(scorer, records, lls, intervals if bootstrap else None)}
+        return {"mc": _mc_scores(scorer, records, lls, intervals)}
     score, diversity_tokenize = _score_fn(scorer, tokenize)
     fast = _fast_resampling(scorer, tokenize)
     if sampled is None:
@@ -159,25 +163,13 @@ def evaluate(
         "sync": False,
     }
     sampler.sync(unwrap(model))
-    scored = partial(
-        _scored_runs,
-        score=score,
-        records=records,
-        fast=fast,
-        intervals=intervals if bootstrap else None,
-    )
+    scored = partial(_scored_runs, score=score, records=records, fast=fast, intervals=intervals)
     out: dict[str, dict[str, float]] = {}
     if greedy and num_beams > 1:
-        preds = beam_search_texts(
-            model,
-            tokenizer,
-            dataset,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+        beams = {"num_beams": num_beams, "length_penalty": length_penalty, "batch_size": batch_size}
+        out["beam"] = scored(
+            [beam_search_texts(model, tokenizer, dataset, max_new_tokens=max_new_tokens, **beams)]
         )
-        out["beam"] = scored([preds])
     elif greedy:
         out["greedy"] = scored([generate_texts(model, tokenizer, dataset, greedy=True, **common)])
     for mode, temperature in sampled.items():
