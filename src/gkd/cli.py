@@ -409,13 +409,34 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--top-p", type=float, default=1.0)
             p.add_argument("--num-samples", type=int, default=1)
         else:
-            p.add_argument("--metric", required=True, help="a metric name or a built-in task name")
+            p.add_argument(
+                "--metric",
+                required=True,
+                help="a metric name, a built-in task name, or mc_accuracy (multiple-choice records: no generation)",
+            )
             p.add_argument("--greedy-only", action="store_true")
             p.add_argument(
                 "--tokenize",
                 default="standard",
                 choices=["standard", "whitespace"],
                 help="bleu/rouge tokenisation: standard (sacrebleu 13a, rouge-score) or whitespace (task names: always)",
+            )
+            p.add_argument(
+                "--num-beams",
+                type=int,
+                default=1,
+                metavar="N",
+                help="beam search with N beams instead of greedy decoding (reported as beam/<metric>)",
+            )
+            p.add_argument(
+                "--length-penalty", type=float, default=1.0, metavar="P", help="beam search's length penalty"
+            )
+            p.add_argument(
+                "--bootstrap",
+                type=int,
+                default=0,
+                metavar="N",
+                help="95%% bootstrap intervals from N resamples of the examples (<metric>_ci_low/_ci_high)",
             )
 
 

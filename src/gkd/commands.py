@@ -218,6 +218,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_sampling_args(args)
     check_metric_name(args.metric, key="--metric")
+    if args.num_beams < 1:
+        raise GKDError(f"--num-beams must be a positive integer (1: greedy decoding), got {args.num_beams}")
+    if args.bootstrap < 0:
+        raise GKDError(
+            f"--bootstrap must be a number of resamples >= 0 (0: no intervals), got {args.bootstrap}"
+        )
     tok, model, data = _load_for_inference(args)
     check_records(args.metric, [e.record for e in data.examples], key="--metric")
     results = evaluate(
@@ -231,6 +237,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         sampler=local_sampler("auto"),
         tokenize=args.tokenize,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        bootstrap=args.bootstrap,
+        bootstrap_seed=args.seed,
     )
     print(json.dumps(flatten(results), indent=2))
     return 0

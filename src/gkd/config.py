@@ -299,7 +299,8 @@ class GKDConfig:
     greater_is_better: bool | None = None
     """Whether a larger ``metric_for_best_model`` is better (default: false for names containing ``loss``)."""
     eval_metric: str | None = None
-    """A metric name from ``gkd.metrics`` or a built-in task name (its headline metric)."""
+    """A metric name from ``gkd.metrics``, a built-in task name (its headline metric), or ``mc_accuracy`` /
+    ``mc_accuracy_norm`` for multiple-choice eval records (``choices`` + ``answer``, scored by log-likelihood)."""
     eval_max_samples: int = 256
     eval_batch_size: int = 64
     eval_fewshot_file: str | None = None
@@ -312,6 +313,15 @@ class GKDConfig:
     """How ``eval_metric: bleu`` / ``rouge*`` tokenise text: ``standard`` = sacrebleu's 13a and rouge-score's
     default tokenizer (real text); ``whitespace`` = split on spaces (the built-in tasks' token text, which their
     task metrics use regardless)."""
+    eval_num_beams: int = 1
+    """Beam search with this many beams instead of greedy decoding in evaluation (1: greedy). Its scores are the
+    mode ``beam`` (``eval/beam/<metric>``; ``metric_for_best_model: beam/<metric>``) in place of ``greedy``."""
+    eval_length_penalty: float = 1.0
+    """Beam search's length penalty (transformers'): a beam's score is its log-probability / length ** penalty."""
+    eval_bootstrap: int = 0
+    """Bootstrap resamples of the eval examples for 95 % percentile intervals of every eval metric, logged as
+    ``<metric>_ci_low`` / ``<metric>_ci_high`` (0: none; drawn from ``seed``). BLEU, chrF and task metrics are
+    recomputed on every resample: keep it modest (e.g. 200-1000)."""
     report_to: list[str] = field(default_factory=list)
     """Trackers, through accelerate: tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab
     (a name or a list; ``all``: every installed one; ``none``: none). Local tracker files go to

@@ -10,6 +10,9 @@ Every name below can be used as ``eval_metric`` (``gkd eval --metric``) and as `
 * **task metrics**, every metric a built-in task exposes through ``Task.metric_fns`` (``set_match``, ``item_f1``,
   ``faithfulness``, ``dup_rate``, ``chain_valid``, ``agreement``); a task metric that has the name of a generic
   metric (summarization's paraphrase-aware ``rouge2``) is reached through its task name only;
+* **multiple-choice metrics** ``mc_accuracy`` and ``mc_accuracy_norm`` (:mod:`gkd.metrics.choices`): eval metrics
+  only, scored from the log-likelihood of each record's ``choices`` (no generation, :func:`gkd.evaluation.evaluate`
+  reports both); not rewards, and not in the :class:`MetricEntry` registry (:data:`MC_METRICS`);
 * **task names** (``summarization``, ``arithmetic``, ``translation``): as an eval metric, all the task's metrics,
   headline first (exactly :meth:`gkd.tasks.Task.score`); as a reward, the task's headline metric.
 
@@ -45,6 +48,8 @@ from gkd.errors import ConfigError, DataError
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "MC_METRICS",
+    "MEAN_METRICS",
     "TOKENIZE_MODES",
     "BuiltinReward",
     "MetricEntry",
@@ -55,6 +60,7 @@ __all__ = [
     "check_reward_name",
     "check_tokenize",
     "get_scorer",
+    "is_mc_metric",
     "load_reward",
     "names",
     "resolve_scorer",
@@ -112,6 +118,20 @@ _GENERIC: dict[str, tuple[CorpusFn, ExampleFn]] = {
 _TEXT_METRICS = frozenset(
     {"bleu", *(f"{r}{s}" for r in ("rouge1", "rouge2", "rougeL", "rougeLsum") for s in ("", "_stemmed"))}
 )
+
+# the generic metrics whose corpus value is the mean of the per-example values (times 100): their bootstrap intervals
+# resample per-example values; any other metric is recomputed on each resample (BLEU and chrF pool n-gram counts)
+MEAN_METRICS = frozenset(
+    {"exact_match", "final_answer", "gsm8k_answer", *(r for r in _TEXT_METRICS if r.startswith("rouge"))}
+)
+
+MC_METRICS = M.MC_METRICS
+
+
+def is_mc_metric(name: object) -> bool:
+    """Whether ``name`` is a multiple-choice (log-likelihood) eval metric: scored from ``choices``, not generations."""
+    return name in MC_METRICS
+
 
 TOKENIZE_MODES = M.TOKENIZE_MODES
 DEFAULT_TOKENIZE = "standard"
@@ -206,11 +226,14 @@ def names(kind: str | None = None) -> list[str]:
 def _valid_list(reward: bool = False) -> str:
     tasks = "tasks (their headline metric)" if reward else "tasks (all their metrics)"
     groups = [("metrics", "metric"), ("task metrics", "task_metric"), (tasks, "task")]
-    return "; ".join(f"{label}: {', '.join(names(kind))}" for label, kind in groups)
+    listed = [f"{label}: {', '.join(names(kind))}" for label, kind in groups]
+    if not reward:
+        listed.insert(1, f"multiple choice: {', '.join(MC_METRICS)}")
+    return "; ".join(listed)
 
 
 def _suggest(value: str) -> str:
-    close = difflib.get_close_matches(value, names(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(value, [*names(), *MC_METRICS], n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -218,7 +241,7 @@ def check_metric_name(name: object, key: str = "eval_metric") -> str:
     """``name`` if it is a metric, task metric or task name; else a one-line :class:`ConfigError`."""
     if not isinstance(name, str):
         raise ConfigError(f"config key '{key}' must be a metric name (a string), got {type(name).__name__}")
-    if name not in _registry():
+    if name not in _registry() and not is_mc_metric(name):
         raise ConfigError(
             f"config key '{key}' must be a metric or task name, got {name!r}{_suggest(name)} (valid {_valid_list()})"
         )
@@ -237,6 +260,11 @@ def check_reward_name(spec: object, key: str = "reward") -> str:
         )
     if spec in _registry():
         return spec
+    if is_mc_metric(spec):
+        raise ConfigError(
+            f"config key '{key}': '{spec}' is a multiple-choice eval metric (log-likelihood of given choices), not a "
+            "reward of generated text; use a metric or task name"
+        )
     if ":" in spec:
         module_name, _, fn_name = spec.partition(":")
         if module_name.strip() and fn_name.strip():
@@ -251,7 +279,12 @@ def check_reward_name(spec: object, key: str = "reward") -> str:
 def get_scorer(name: str, key: str = "eval_metric", *, tokenize: str = DEFAULT_TOKENIZE) -> MetricEntry:
     """The :class:`MetricEntry` entry of a name (a one-line :class:`ConfigError` naming ``key`` if unknown); a text
     metric (``bleu``, ``rouge*``) scores with ``tokenize``, task names and task metrics ignore it."""
-    entry = _registry()[check_metric_name(name, key)]
+    if is_mc_metric(check_metric_name(name, key)):
+        raise ConfigError(
+            f"{key} '{name}' scores the log-likelihood of each record's choices, not generated text: evaluate it "
+            "with gkd.evaluation.evaluate (gkd eval), which computes the log-likelihoods"
+        )
+    entry = _registry()[name]
     if entry.kind == "metric" and name in _TEXT_METRICS:
         return _generic(name, check_tokenize(tokenize))
     return entry
@@ -306,6 +339,13 @@ def check_records(
         check_reward_name(name, key)
         if name not in _registry():
             return  # module:function
+    if is_mc_metric(check_metric_name(name, key)):
+        for i, rec in enumerate(itertools.islice(records, CHECK_RECORDS)):
+            try:
+                M.answer_index(rec, i)  # choices and answer
+            except DataError as e:
+                raise DataError(f"{key} '{name}': {e}") from None
+        return
     entry = get_scorer(name, key)
     sample = list(itertools.islice(records, CHECK_RECORDS))
     needs_refs = entry.reward_needs_references if as_reward else entry.needs_references

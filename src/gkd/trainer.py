@@ -387,6 +387,10 @@ class GKDTrainer:
             batch_size=cfg.eval_batch_size,
             sampler=run.sampler,
             tokenize=cfg.eval_tokenize,
+            num_beams=cfg.eval_num_beams,
+            length_penalty=cfg.eval_length_penalty,
+            bootstrap=cfg.eval_bootstrap,
+            bootstrap_seed=cfg.seed,
         )
         out: dict[str, float] = {"step": self.state.step, **flatten(scores, prefix="eval/")}
         self.tracker.log(out)

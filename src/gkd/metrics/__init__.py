@@ -34,6 +34,10 @@ Tokenisation. BLEU and ROUGE take ``tokenize`` (:data:`TOKENIZE_MODES`):
 :func:`bleu` also takes any sacrebleu tokenizer name (``"13a"``, ``"none"``, ``"intl"``, ``"zh"``, ...) and the ROUGE
 functions ``"default"`` (= standard); ``tokenizer=`` is the ROUGE functions' older name for ``tokenize``.
 
+Multiple choice (:mod:`gkd.metrics.choices`): records with ``choices`` and ``answer`` are scored from the choices'
+log-likelihoods, not from generated text (:func:`mc_accuracy`, :func:`mc_correct`); confidence intervals over the
+examples are in :mod:`gkd.metrics.bootstrap` (:func:`bootstrap_ci`, :func:`bootstrap_ci_of`).
+
 Diversity is not a per-record metric, so it lives outside the registry: :func:`self_bleu` takes several samples per
 input and returns 100 when the samples of each input are identical, lower when they differ.
 """
@@ -52,10 +56,14 @@ from gkd.metrics.answers import (
     gsm8k_answer,
     gsm8k_answer_score,
 )
+from gkd.metrics.bootstrap import CONFIDENCE, bootstrap_ci, bootstrap_ci_of
+from gkd.metrics.choices import MC_METRICS, answer_index, choices_of, mc_accuracy, mc_correct
 from gkd.metrics.overlap import (
     TOKENIZE_MODES,
     bleu,
+    bleu_from_statistics,
     bleu_score,
+    bleu_statistics,
     chrf,
     chrf_score,
     rouge1,
@@ -82,13 +90,21 @@ from gkd.metrics.records import (
 Metric = Callable[[list[str], list[dict]], float]
 
 __all__ = [
+    "CONFIDENCE",
+    "MC_METRICS",
     "METRICS",
     "TOKENIZE_MODES",
     "Metric",
     "NoReferenceError",
+    "answer_index",
     "bleu",
+    "bleu_from_statistics",
     "bleu_score",
+    "bleu_statistics",
+    "bootstrap_ci",
+    "bootstrap_ci_of",
     "check_inputs",
+    "choices_of",
     "chrf",
     "chrf_score",
     "exact_match",
@@ -100,6 +116,8 @@ __all__ = [
     "get_metric",
     "gsm8k_answer",
     "gsm8k_answer_score",
+    "mc_accuracy",
+    "mc_correct",
     "normalize_whitespace",
     "prompt_text_of",
     "references_of",

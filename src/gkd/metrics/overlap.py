@@ -73,6 +73,33 @@ def bleu_score(record: dict, prediction: str, tokenize: str = "whitespace") -> f
     return _clamp(_bleu_metric(tokenize, True).sentence_score(prediction, refs).score) / 100.0
 
 
+def bleu_statistics(
+    predictions: list[str], records: list[dict], tokenize: str = "whitespace"
+) -> list[list[int]]:
+    """Each example's BLEU sufficient statistics, ``[sys_len, ref_len, correct_1..4, total_1..4]`` (sacrebleu's).
+
+    Corpus BLEU pools these over the corpus: :func:`bleu_from_statistics` of their column sums equals
+    :func:`bleu` of the same examples, so a resample of the corpus (bootstrap intervals) is scored without
+    tokenising again. ``tokenize`` as in :func:`bleu`.
+    """
+    check_inputs(predictions, records)
+    metric = _bleu_metric(tokenize, True)  # a segment's counts do not depend on the effective order
+    out = []
+    for i, (pred, rec) in enumerate(zip(predictions, records)):
+        seg = metric.sentence_score(pred, require_references(rec, i))
+        out.append([seg.sys_len, seg.ref_len, *seg.counts, *seg.totals])
+    return out
+
+
+def bleu_from_statistics(stats: Any) -> float:
+    """Corpus BLEU-4 (percent) from summed :func:`bleu_statistics` (10 numbers), with corpus BLEU's smoothing."""
+    from sacrebleu.metrics import BLEU
+
+    stats = [int(v) for v in stats]
+    score = BLEU.compute_bleu(stats[2:6], stats[6:10], stats[0], stats[1], smooth_method="exp")
+    return _clamp(score.score)
+
+
 _CHRF: dict[str, Any] = {}
 
 

@@ -67,6 +67,7 @@ from gkd.sampling.params import Rollout, SamplingParams, _to_rollout
 __all__ = [
     "LOCAL_BACKENDS",
     "LocalSampler",
+    "beam_generate",
     "local_sampler",
     "sample_completions",
     "sample_generate",
@@ -255,6 +256,48 @@ def sample_generate(
                 )
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     # Decoder-only models return prompt + completion; encoder-decoder models the decoder start token + completion.
+    if getattr(model.config, "is_encoder_decoder", False):
+        completion = sequences[:, 1:]
+    else:
+        completion = sequences[:, input_ids.shape[1] :]
+    return _to_rollout(completion, p.eos_token_ids, p.pad_token_id)
+
+
+def beam_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    p: SamplingParams,
+    num_beams: int,
+    length_penalty: float = 1.0,
+) -> Rollout:
+    """Beam search (``model.generate(num_beams=..., do_sample=False)``): each prompt's most likely beam.
+
+    Deterministic, so no generator. ``length_penalty`` is transformers': a finished beam's score is its summed
+    log-probability divided by ``length ** length_penalty`` (> 0 favours longer completions). Only ``p``'s
+    ``max_new_tokens``, EOS / pad ids and ``vocab_size`` apply (padding rows of the head are suppressed); the
+    model's own generation defaults are left out, as in :func:`sample_generate`.
+    """
+    from transformers import GenerationConfig
+
+    rows = _output_rows(model)
+    padding_rows = {}
+    if p.vocab_size is not None and rows is not None and p.vocab_size < rows:
+        padding_rows["suppress_tokens"] = list(range(p.vocab_size, rows))
+    request = GenerationConfig(
+        max_new_tokens=p.max_new_tokens,
+        do_sample=False,
+        num_beams=num_beams,
+        num_return_sequences=1,
+        length_penalty=length_penalty,
+        eos_token_id=list(p.eos_token_ids) or None,
+        pad_token_id=p.pad_token_id,
+        use_cache=True,
+        **padding_rows,
+    )
+    with torch.no_grad(), _neutral_generation_defaults(model):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=request)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
     if getattr(model.config, "is_encoder_decoder", False):
         completion = sequences[:, 1:]
     else:
