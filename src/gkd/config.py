@@ -47,6 +47,7 @@ __all__ = [
     "GKDConfig",
     "LoraConfig",
     "Plan",
+    "TeacherSpec",
     "load_config",
     "parse_overrides",
     "parse_value",
@@ -71,6 +72,17 @@ class LoraConfig:
     model folder that any tool loads (gkd's own eval/generate/teacher loading also reads adapter checkpoints)."""
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One entry of ``teachers``: its name (in the records' ``teacher_field`` and the logs), where it comes from (a
+    local model, ``self``, or a served ``teacher_url``) and its weight for records that name no teacher."""
+
+    name: str
+    model_name_or_path: str | None
+    teacher_url: str | None
+    weight: float
+
+
 @dataclass
 class GKDConfig:
     """All settings of a gkd run. See ``docs/config.md`` for every key explained."""
@@ -88,6 +100,13 @@ class GKDConfig:
     """A served teacher instead of ``teacher_model_name_or_path``: the base URL of a vLLM OpenAI-compatible server
     (``vllm serve TEACHER``) or of ``gkd serve-teacher``, e.g. ``http://127.0.0.1:8000``. The loss then runs on the
     served support: the actual token, the teacher's top ``teacher_topk`` and a tail bucket."""
+    teachers: list[dict[str, Any]] | None = None
+    """Several teachers at once, instead of ``teacher_model_name_or_path`` / ``teacher_url``: a list of
+    ``{name, model_name_or_path | teacher_url, weight}`` (``model_name_or_path: self`` is the starting student; local
+    and served teachers mix). A record whose ``teacher_field`` names a teacher is distilled from that teacher only;
+    a record without it from every teacher, each term weighted by ``weight / sum of weights`` (weight default 1)."""
+    teacher_field: str = "teacher"
+    """With ``teachers``: the record field that names the teacher of that record (absent or null: all teachers)."""
     teacher_topk: int = 20
     """Teacher log-probs per position fetched from ``teacher_url`` (vLLM's ``prompt_logprobs``)."""
     teacher_student_topk: int = 0
@@ -428,6 +447,18 @@ class GKDConfig:
         if spec is None:
             return {}
         return {param: getattr(self, key) for param, key in spec.config_keys.items()}
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        """The ``teachers`` entries (validated) as :class:`TeacherSpec` s, weights filled in; [] without ``teachers``."""
+        return [
+            TeacherSpec(
+                name=str(t["name"]),
+                model_name_or_path=t.get("model_name_or_path"),
+                teacher_url=t.get("teacher_url"),
+                weight=float(t.get("weight", 1.0)),
+            )
+            for t in self.teachers or []
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
