@@ -296,3 +296,50 @@ def test_gkd_distill_with_two_routed_teachers_logs_each_teachers_loss(model_dir,
         parts = r["teacher/a/loss"] + r["teacher/b/loss"]
         assert math.isfinite(parts) and r["loss"] == pytest.approx(parts, rel=1e-6)
         assert "teacher/a/forward_kl" in r and "teacher/b/forward_kl" in r and "forward_kl" in r
+
+
+def test_a_served_teacher_mixes_with_a_local_one(model_dir, two, tmp_path, tokenizer):
+    """Teacher b served over HTTP (gkd serve-teacher at full top-k: the local teacher's loss up to rounding)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    from gkd.models import load_model, load_tokenizer
+    from gkd.serve import TeacherServer, make_server
+
+    path = str(two / "teacher_b")
+    server = TeacherServer(load_model(path, what="teacher"), load_tokenizer(path), model_name="b")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = make_server(server, host="127.0.0.1", port=port)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if uv.started:
+                break
+            time.sleep(0.05)
+        served = _teachers(model_dir, two, 3, 1)
+        served[1] = {"name": "b", "teacher_url": f"http://127.0.0.1:{port}", "weight": 1}
+        kw = {"lmbda": 0.5, "teacher_topk": len(tokenizer)}
+        mixed = build_run(_config(model_dir, tmp_path / "m", two / "routed.jsonl", teachers=served, **kw))
+        local = build_run(
+            _config(
+                model_dir,
+                tmp_path / "l",
+                two / "routed.jsonl",
+                teachers=_teachers(model_dir, two, 3, 1),
+                **kw,
+            )
+        )
+        got = [gkd_step(mixed, s) for s in range(2)]
+        want = [gkd_step(local, s) for s in range(2)]
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4)
+    for g, w in zip(got, want):
+        assert g["teacher_loss"] == pytest.approx(w["teacher_loss"], rel=1e-4)
