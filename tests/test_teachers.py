@@ -270,6 +270,23 @@ def test_a_record_naming_an_unknown_teacher_fails_before_any_weights_load(
         build_run(cfg)
 
 
+def test_self_can_be_one_of_the_teachers(model_dir, two, tmp_path):
+    teachers = [{"name": "a", "model_name_or_path": "self"}, _teachers(model_dir, two)[1]]
+    run = build_run(_config(model_dir, tmp_path / "r", two / "routed.jsonl", teachers=teachers, lmbda=0.0))
+    me = run.teacher.teachers["a"].model
+    start = {n: p.detach().clone() for n, p in run.student.named_parameters()}
+    assert all(torch.equal(p, start[n]) for n, p in me.named_parameters())  # a frozen copy of the start
+    gkd_step(run, 0)
+    assert any(not torch.equal(p, start[n]) for n, p in run.student.named_parameters())
+    assert all(torch.equal(p, start[n]) for n, p in me.named_parameters())
+
+
+def test_a_served_teacher_entry_is_checked_like_teacher_url(model_dir, two, tmp_path):
+    teachers = [_teachers(model_dir, two)[0], {"name": "b", "teacher_url": "127.0.0.1:8000"}]
+    with pytest.raises(ConfigError, match="'teacher_url' must be an http:// or https:// URL"):
+        build_run(_config(model_dir, tmp_path / "r", two / "routed.jsonl", teachers=teachers))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------------------------
