@@ -25,7 +25,8 @@ from typing import Any, Literal
 from gkd.config_checks import LR_SCHEDULERS as LR_SCHEDULERS
 from gkd.config_checks import OPTIMIZERS as OPTIMIZERS
 from gkd.config_checks import REPORT_TO as REPORT_TO
-from gkd.config_checks import field_types, validate
+from gkd.config_checks import TeacherSpec as TeacherSpec
+from gkd.config_checks import field_types, teacher_specs, validate
 from gkd.config_files import PRESETS_DIR as PRESETS_DIR
 from gkd.config_files import (
     build,
@@ -70,17 +71,6 @@ class LoraConfig:
     save_merged: bool = False
     """At the end of the run also write ``output_dir/merged``: the adapter merged into the base model, a plain
     model folder that any tool loads (gkd's own eval/generate/teacher loading also reads adapter checkpoints)."""
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One entry of ``teachers``: its name (in the records' ``teacher_field`` and the logs), where it comes from (a
-    local model, ``self``, or a served ``teacher_url``) and its weight for records that name no teacher."""
-
-    name: str
-    model_name_or_path: str | None
-    teacher_url: str | None
-    weight: float
 
 
 @dataclass
@@ -450,15 +440,7 @@ class GKDConfig:
 
     def teacher_specs(self) -> list[TeacherSpec]:
         """The ``teachers`` entries (validated) as :class:`TeacherSpec` s, weights filled in; [] without ``teachers``."""
-        return [
-            TeacherSpec(
-                name=str(t["name"]),
-                model_name_or_path=t.get("model_name_or_path"),
-                teacher_url=t.get("teacher_url"),
-                weight=float(t.get("weight", 1.0)),
-            )
-            for t in self.teachers or []
-        ]
+        return teacher_specs(self.teachers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -569,6 +551,7 @@ assert GKDConfig.max_new_tokens == _DEFAULT_MAX_NEW_TOKENS
 RESUME_KEYS = (
     "model_name_or_path",
     "teacher_model_name_or_path",
+    "teachers",
     "lora",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",

@@ -20,7 +20,17 @@ from typing import Any, Literal
 from gkd.divergences import DIVERGENCES, validate_divergence_params
 from gkd.errors import ConfigError
 
-__all__ = ["LR_SCHEDULERS", "OPTIMIZERS", "REPORT_TO", "describe", "field_types", "type_ok", "validate"]
+__all__ = [
+    "LR_SCHEDULERS",
+    "OPTIMIZERS",
+    "REPORT_TO",
+    "TeacherSpec",
+    "describe",
+    "field_types",
+    "teacher_specs",
+    "type_ok",
+    "validate",
+]
 
 
 def type_ok(value: Any, annotation: Any) -> bool:
@@ -240,6 +250,27 @@ def _check_teacher_source(cfg: Any) -> None:
             "config keys 'teacher_url' and 'teacher_model_name_or_path' both name the teacher; give one (the served "
             "teacher, or the local one)"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """One entry of ``teachers``: its name (in the records' ``teacher_field`` and the logs), where it comes from (a
+    local model, ``self``, or a served ``teacher_url``) and its weight for records that name no teacher."""
+
+    name: str
+    model_name_or_path: str | None
+    teacher_url: str | None
+    weight: float
+
+
+def teacher_specs(teachers: list[dict[str, Any]] | None) -> list[TeacherSpec]:
+    """The (validated) ``teachers`` entries as :class:`TeacherSpec` s, weight 1 where none is given."""
+    return [
+        TeacherSpec(
+            str(t["name"]), t.get("model_name_or_path"), t.get("teacher_url"), float(t.get("weight", 1.0))
+        )
+        for t in teachers or []
+    ]
 
 
 _TEACHER_KEYS = ("name", "model_name_or_path", "teacher_url", "weight")

@@ -16,7 +16,9 @@ model. The step hands it the student's scores ``p_s`` (:class:`gkd.outputs.Scori
 ``p_t`` (a ``ScoringOutput``, or a :class:`gkd.outputs.TeacherTopK` from the top-k cache or a served teacher: see
 :mod:`gkd.teacher`); :meth:`Objective.loss` turns them into the micro-batch's loss. What is not on the fused (hidden
 states + head, chunked) path: seq2seq students and heads with a logit transform use full logits. The discounted-RKL
-returns are formed from the same ``p_s`` and ``p_t`` (no second forward pass of either model).
+returns are formed from the same ``p_s`` and ``p_t`` (no second forward pass of either model). Several teachers
+(``teachers``, :mod:`gkd.teachers`) hand a ``RoutedView``: each teacher's term on its rows' positions, weighted per
+position (:meth:`Objective.routed_loss`).
 """
 
 from __future__ import annotations
