@@ -143,9 +143,8 @@ def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module 
         out["student"] = unwrap(student).config
     else:
         out["student"] = load_config(cfg.model_name_or_path, "student")  # type: ignore[arg-type]
-    if (
-        cfg.needs_teacher and cfg.teachers
-    ):  # several teachers: each local one's config (served ones have none here)
+    if cfg.needs_teacher and cfg.teachers:
+        # several teachers: each local one's config (a served one's is not read here)
         for spec in cfg.teacher_specs():
             if spec.model_name_or_path == "self":
                 out[f"teacher {spec.name}"] = out["student"]
