@@ -25,7 +25,8 @@ from typing import Any, Literal
 from gkd.config_checks import LR_SCHEDULERS as LR_SCHEDULERS
 from gkd.config_checks import OPTIMIZERS as OPTIMIZERS
 from gkd.config_checks import REPORT_TO as REPORT_TO
-from gkd.config_checks import field_types, validate
+from gkd.config_checks import TeacherSpec as TeacherSpec
+from gkd.config_checks import field_types, teacher_specs, validate
 from gkd.config_files import PRESETS_DIR as PRESETS_DIR
 from gkd.config_files import (
     build,
@@ -47,6 +48,7 @@ __all__ = [
     "GKDConfig",
     "LoraConfig",
     "Plan",
+    "TeacherSpec",
     "load_config",
     "parse_overrides",
     "parse_value",
@@ -88,6 +90,13 @@ class GKDConfig:
     """A served teacher instead of ``teacher_model_name_or_path``: the base URL of a vLLM OpenAI-compatible server
     (``vllm serve TEACHER``) or of ``gkd serve-teacher``, e.g. ``http://127.0.0.1:8000``. The loss then runs on the
     served support: the actual token, the teacher's top ``teacher_topk`` and a tail bucket."""
+    teachers: list[dict[str, Any]] | None = None
+    """Several teachers at once, instead of ``teacher_model_name_or_path`` / ``teacher_url``: a list of
+    ``{name, model_name_or_path | teacher_url, weight}`` (``model_name_or_path: self`` is the starting student; local
+    and served teachers mix). A record whose ``teacher_field`` names a teacher is distilled from that teacher only;
+    a record without it from every teacher, each term weighted by ``weight / sum of weights`` (weight default 1)."""
+    teacher_field: str = "teacher"
+    """With ``teachers``: the record field that names the teacher of that record (absent or null: all teachers)."""
     teacher_topk: int = 20
     """Teacher log-probs per position fetched from ``teacher_url`` (vLLM's ``prompt_logprobs``)."""
     teacher_student_topk: int = 0
@@ -439,6 +448,10 @@ class GKDConfig:
             return {}
         return {param: getattr(self, key) for param, key in spec.config_keys.items()}
 
+    def teacher_specs(self) -> list[TeacherSpec]:
+        """The ``teachers`` entries (validated) as :class:`TeacherSpec` s, weights filled in; [] without ``teachers``."""
+        return teacher_specs(self.teachers)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -548,6 +561,7 @@ assert GKDConfig.max_new_tokens == _DEFAULT_MAX_NEW_TOKENS
 RESUME_KEYS = (
     "model_name_or_path",
     "teacher_model_name_or_path",
+    "teachers",
     "lora",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",

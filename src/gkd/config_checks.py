@@ -20,7 +20,17 @@ from typing import Any, Literal
 from gkd.divergences import DIVERGENCES, validate_divergence_params
 from gkd.errors import ConfigError
 
-__all__ = ["LR_SCHEDULERS", "OPTIMIZERS", "REPORT_TO", "describe", "field_types", "type_ok", "validate"]
+__all__ = [
+    "LR_SCHEDULERS",
+    "OPTIMIZERS",
+    "REPORT_TO",
+    "TeacherSpec",
+    "describe",
+    "field_types",
+    "teacher_specs",
+    "type_ok",
+    "validate",
+]
 
 
 def type_ok(value: Any, annotation: Any) -> bool:
@@ -170,6 +180,7 @@ def validate(cfg: Any) -> None:
             _check(ok(value), key, allowed, value)
     _check_objective(cfg)
     _check_teacher_source(cfg)
+    _check_teachers(cfg)
     _check_teacher_view(cfg)
     _check_precision(cfg)
     _check_rl(cfg)
@@ -241,6 +252,119 @@ def _check_teacher_source(cfg: Any) -> None:
         raise ConfigError(
             "config keys 'teacher_url' and 'teacher_model_name_or_path' both name the teacher; give one (the served "
             "teacher, or the local one)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """One entry of ``teachers``: its name (in the records' ``teacher_field`` and the logs), where it comes from (a
+    local model, ``self``, or a served ``teacher_url``) and its weight for records that name no teacher."""
+
+    name: str
+    model_name_or_path: str | None
+    teacher_url: str | None
+    weight: float
+
+
+def teacher_specs(teachers: list[dict[str, Any]] | None) -> list[TeacherSpec]:
+    """The (validated) ``teachers`` entries as :class:`TeacherSpec` s, weight 1 where none is given."""
+    return [
+        TeacherSpec(
+            str(t["name"]), t.get("model_name_or_path"), t.get("teacher_url"), float(t.get("weight", 1.0))
+        )
+        for t in teachers or []
+    ]
+
+
+_TEACHER_KEYS = ("name", "model_name_or_path", "teacher_url", "weight")
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_teachers(cfg: Any) -> None:
+    """``teachers``: a list of ``{name, model_name_or_path | teacher_url, weight}`` entries, the run's only source of
+    teachers, with what several teachers cannot do yet."""
+    if not cfg.teacher_field.strip():
+        raise ConfigError(
+            "config key 'teacher_field' is empty; give the record field that names a record's teacher"
+        )
+    if cfg.teachers is None:
+        return
+    if not cfg.teachers:
+        raise ConfigError("config key 'teachers' is an empty list; give at least one teacher, or null")
+    for key in ("teacher_model_name_or_path", "teacher_url"):
+        if getattr(cfg, key) is not None:
+            raise ConfigError(
+                f"config keys 'teachers' and '{key}' both name the teacher; give one (move it into teachers as "
+                f"{{name: ..., {'model_name_or_path' if key != 'teacher_url' else 'teacher_url'}: ...}})"
+            )
+    seen: set[str] = set()
+    for i, entry in enumerate(cfg.teachers):
+        where = f"config key 'teachers' entry {i + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{where} must be a mapping {{name, model_name_or_path | teacher_url, weight}}, got {entry!r}"
+            )
+        for key in entry:
+            if key not in _TEACHER_KEYS:
+                close = difflib.get_close_matches(str(key), _TEACHER_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"{where} has an unknown key '{key}'{hint}; allowed: {', '.join(_TEACHER_KEYS)}"
+                )
+        name = entry.get("name")
+        if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where} needs a 'name' of letters, digits, '_', '.' or '-' (it names the teacher in the records "
+                f"and the logs), got {name!r}"
+            )
+        if name in seen:
+            raise ConfigError(f"config key 'teachers' names '{name}' twice; give every teacher its own name")
+        seen.add(name)
+        sources = [k for k in ("model_name_or_path", "teacher_url") if entry.get(k) is not None]
+        if len(sources) != 1:
+            said = (
+                "both model_name_or_path and teacher_url"
+                if sources
+                else "neither model_name_or_path nor teacher_url"
+            )
+            raise ConfigError(
+                f"teacher '{name}' ({where}) gives {said}; give one (a local model, self, or a served URL)"
+            )
+        if not isinstance(entry[sources[0]], str) or not entry[sources[0]].strip():
+            raise ConfigError(
+                f"teacher '{name}': '{sources[0]}' must be a non-empty string, got {entry[sources[0]]!r}"
+            )
+        weight = entry.get("weight", 1.0)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise ConfigError(f"teacher '{name}': 'weight' must be a finite number >= 0, got {weight!r}")
+    if all(float(t.get("weight", 1.0)) == 0 for t in cfg.teachers):
+        raise ConfigError(
+            "config key 'teachers': every weight is 0, so records that name no teacher would have none; give at "
+            "least one teacher a weight > 0"
+        )
+    _check_several_teachers(cfg)
+
+
+def _check_several_teachers(cfg: Any) -> None:
+    """What a run with ``teachers`` cannot do yet: one loss term per teacher needs a per-position divergence."""
+    unsupported = []
+    if cfg.divergence == "nll":
+        unsupported.append("divergence: nll (it trains without a teacher)")
+    if cfg.seq_kd:
+        unsupported.append("seq_kd (which teacher would write the targets?)")
+    if cfg.teacher_cache == "topk":
+        unsupported.append("teacher_cache: topk")
+    if cfg.rkl_discount > 0:
+        unsupported.append("rkl_discount > 0")
+    if unsupported:
+        raise ConfigError(
+            f"config key 'teachers' cannot be used with {', '.join(unsupported)} yet; use one teacher "
+            "(teacher_model_name_or_path or teacher_url) for that"
         )
 
 

@@ -143,7 +143,14 @@ def model_configs(cfg: GKDConfig, student: nn.Module | None, teacher: nn.Module 
         out["student"] = unwrap(student).config
     else:
         out["student"] = load_config(cfg.model_name_or_path, "student")  # type: ignore[arg-type]
-    if cfg.needs_teacher:
+    if cfg.needs_teacher and cfg.teachers:
+        # several teachers: each local one's config (a served one's is not read here)
+        for spec in cfg.teacher_specs():
+            if spec.model_name_or_path == "self":
+                out[f"teacher {spec.name}"] = out["student"]
+            elif spec.model_name_or_path is not None:
+                out[f"teacher {spec.name}"] = load_config(spec.model_name_or_path, f"teacher {spec.name}")
+    elif cfg.needs_teacher:
         if teacher is not None:
             out["teacher"] = unwrap(teacher).config
         elif cfg.teacher_model_name_or_path == "self":  # a frozen copy of the starting student

@@ -8,6 +8,7 @@ compared on, and the RL reference (the initial student). Step 2 of :func:`gkd.bu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from gkd.config import GKDConfig
-from gkd.errors import ConfigError
+from gkd.errors import ConfigError, ModelError
 from gkd.forward import is_seq2seq, unwrap
 from gkd.inputs import Inputs
 from gkd.models import apply_lora, check_teacher_student, disable_dropout, load_model, load_tokenizer
@@ -32,6 +33,7 @@ __all__ = [
     "load_reference",
     "load_self_teacher",
     "load_student",
+    "load_teachers",
     "resolve_dtype",
     "student_load_dtype",
 ]
@@ -52,14 +54,32 @@ class Models:
 
 
 def load_models(
-    cfg: GKDConfig, inputs: Inputs, student: nn.Module | None, teacher: nn.Module | None, device: Any
+    cfg: GKDConfig,
+    inputs: Inputs,
+    student: nn.Module | None,
+    teacher: nn.Module | None,
+    device: Any,
+    *,
+    student_loaded: bool = False,
 ) -> Models:
-    """Student (trainable, on ``device``), frozen teacher and reference, and the vocabulary they are compared on."""
+    """Student (trainable, on ``device``), frozen teacher and reference, and the vocabulary they are compared on.
+    ``student_loaded``: ``student`` is already the run's student (:func:`load_teachers` loads each of several
+    teachers through here): only the teacher is loaded, and no reference."""
     tokenizer = inputs.tokenizer
     given_student = student
+    if cfg.teachers and cfg.needs_teacher:  # several teachers, each loaded by this path (load_teachers)
+        from gkd.teachers import RoutedTeachers
+
+        self_copy = load_self_teacher(cfg, given_student, device) if _has_self(cfg) else None
+        student = load_student(cfg, given_student, inputs.resume_dir, device)
+        views, vocab = load_teachers(cfg, inputs, student, self_copy, device)
+        routed = RoutedTeachers(views, {t.name: t.weight for t in cfg.teacher_specs()}, cfg.teacher_field)
+        reference = _reference(cfg, given_student, vocab, device)
+        return Models(student, None, routed, reference, vocab, eos_ids(student, tokenizer))  # type: ignore[arg-type]
     if cfg.needs_teacher and teacher is None and cfg.teacher_model_name_or_path == "self":
         teacher = load_self_teacher(cfg, given_student, device)  # before the student is resumed or wrapped
-    student = load_student(cfg, given_student, inputs.resume_dir, device)
+    if not student_loaded:
+        student = load_student(cfg, given_student, inputs.resume_dir, device)
     teacher_view = None
     vocab = len(tokenizer)
     if cfg.needs_teacher and teacher is None and cfg.teacher_url and cfg.teacher_model_name_or_path is None:
@@ -87,11 +107,48 @@ def load_models(
         vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
         teacher.to(device)
         teacher_view = Teacher(teacher, vocab)
-    reference = None
+    reference = None if student_loaded else _reference(cfg, given_student, vocab, device)
+    return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))  # type: ignore[arg-type]
+
+
+def load_teachers(
+    cfg: GKDConfig, inputs: Inputs, student: nn.Module, self_copy: nn.Module | None, device: Any
+) -> tuple[dict[str, Any], int]:
+    """Each entry of ``teachers``, loaded once through the single-teacher path of :func:`load_models` (a copy of
+    the config naming that teacher alone, with the student already loaded): per name its view (a local
+    :class:`gkd.teacher.Teacher` or a ``ServedTeacher``), and the vocabulary they are compared on with the student.
+    ``self_copy`` is the frozen starting student, for an entry ``model_name_or_path: self``."""
+    views: dict[str, Any] = {}
+    vocabs: dict[str, int] = {}
+    for spec in cfg.teacher_specs():
+        one = dataclasses.replace(
+            cfg,
+            teachers=None,
+            teacher_model_name_or_path=spec.model_name_or_path,
+            teacher_url=spec.teacher_url,
+        )
+        given = self_copy if spec.model_name_or_path == "self" else None
+        loaded = load_models(one, inputs, student, given, device, student_loaded=True)
+        views[spec.name], vocabs[spec.name] = loaded.teacher, loaded.vocab
+    if len(set(vocabs.values())) > 1:
+        sizes = ", ".join(f"{name}: {v}" for name, v in vocabs.items())
+        raise ModelError(
+            f"the teachers are compared with the student on different vocabularies ({sizes}); use teachers whose "
+            "heads cover the student's tokenizer alike"
+        )
+    return views, next(iter(vocabs.values()))
+
+
+def _has_self(cfg: GKDConfig) -> bool:
+    return any(t.model_name_or_path == "self" for t in cfg.teacher_specs())
+
+
+def _reference(cfg: GKDConfig, given_student: nn.Module | None, vocab: int, device: Any) -> Teacher | None:
+    """The RL reference (the initial student) when the run needs one."""
     if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
         initial = given_student if cfg.model_name_or_path is None else None
-        reference = Reference(load_reference(cfg, initial).to(device), vocab)
-    return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))
+        return Reference(load_reference(cfg, initial).to(device), vocab)
+    return None
 
 
 def load_student(cfg: GKDConfig, given: nn.Module | None, resume_dir: Path | None, device: Any) -> nn.Module:

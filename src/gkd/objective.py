@@ -16,12 +16,15 @@ model. The step hands it the student's scores ``p_s`` (:class:`gkd.outputs.Scori
 ``p_t`` (a ``ScoringOutput``, or a :class:`gkd.outputs.TeacherTopK` from the top-k cache or a served teacher: see
 :mod:`gkd.teacher`); :meth:`Objective.loss` turns them into the micro-batch's loss. What is not on the fused (hidden
 states + head, chunked) path: seq2seq students and heads with a logit transform use full logits. The discounted-RKL
-returns are formed from the same ``p_s`` and ``p_t`` (no second forward pass of either model).
+returns are formed from the same ``p_s`` and ``p_t`` (no second forward pass of either model). Several teachers
+(``teachers``, :mod:`gkd.teachers`) hand a ``RoutedView``: each teacher's term on its rows' positions, weighted per
+position (:meth:`Objective.routed_loss`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,7 @@ from gkd.errors import ModelError
 from gkd.losses import LossTerms, Workspace, chunked_loss, default_chunk, logits_loss
 from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns
+from gkd.teachers import RoutedView
 
 __all__ = ["Objective"]
 
@@ -126,10 +130,14 @@ class Objective:
         *,
         advantages: torch.Tensor | None = None,
         stats: dict[str, list] | None = None,
+        teacher_losses: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """The micro-batch's loss from the student's scores ``p_s`` and the teacher's view ``p_t``, already divided
         by the step-wide ``denominator``; ``stats`` (a dict of lists) collects per-position diagnostics (forward /
-        reverse KL, entropy, top-1 agreement)."""
+        reverse KL, entropy, top-1 agreement). With several teachers (``p_t`` a :class:`gkd.teachers.RoutedView`)
+        see :meth:`routed_loss`; ``teacher_losses`` then gathers each teacher's term by name."""
+        if isinstance(p_t, RoutedView):
+            return self.routed_loss(batch, p_s, p_t, denominator, advantages, stats, teacher_losses)
         terms = self.terms(batch, denominator, advantages)
         if self.mode == "discounted_rkl":  # G_t from the scores already computed: no second forward pass
             returns = self.discounted_rkl_returns(batch, p_s, p_t)
@@ -143,6 +151,66 @@ class Objective:
             for k, v in chunk_stats.items():
                 stats[k].append(v.detach().float().cpu())
         return loss
+
+    def routed_loss(
+        self,
+        batch: Batch,
+        p_s: ScoringOutput,
+        p_t: RoutedView,
+        denominator: float,
+        advantages: torch.Tensor | None,
+        stats: dict[str, list] | None,
+        teacher_losses: dict[str, float] | None,
+    ) -> torch.Tensor:
+        """Several teachers: at each position ``Σ_i r_i · D(p_Ti ‖ p_S)`` (the teacher terms' weights times each
+        teacher's per-position weight ``r_i``), plus the terms that read no teacher, once.
+
+        Each teacher's term runs on the student's positions of that teacher's rows only. When one teacher covers the
+        whole batch with weight 1 (one teacher, or every row routed to it) this is :meth:`loss` with that teacher's
+        view, bit for bit (with a reward's policy-gradient term the terms are summed separately, equal up to float
+        rounding). ``stats`` gets each teacher's diagnostics as ``teacher/NAME/KEY`` and, under the plain
+        keys, their ``r_i``-weighted sum per position; ``teacher_losses[NAME]`` adds each teacher's term."""
+        if self.mode == "discounted_rkl":
+            raise ModelError("rkl_discount > 0 needs one teacher; drop rkl_discount or use one teacher")
+        if len(p_t.parts) == 1 and p_t.parts[0].everything and advantages is None:
+            part = p_t.parts[0]
+            own: dict[str, list] | None = defaultdict(list) if stats is not None else None
+            loss = self.loss(batch, p_s, part.view, denominator, advantages=advantages, stats=own)
+            if stats is not None and own is not None:
+                for key, values in own.items():
+                    stats[key] += values
+                    stats[f"teacher/{part.name}/{key}"] += values
+            if teacher_losses is not None:  # no other term (no reward): the teacher's term is the whole loss
+                teacher_losses[part.name] = teacher_losses.get(part.name, 0.0) + float(loss.detach())
+            return loss
+        terms = self.terms(batch, denominator, advantages)
+        targets = batch.completion_ids[batch.completion_mask]
+        loss: torch.Tensor | float = 0.0
+        if terms.logp_weight is not None:  # nll / policy-gradient terms: no teacher in them
+            loss = self.from_outputs(p_s, None, LossTerms(logp_weight=terms.logp_weight), targets, None)
+        combined: dict[str, torch.Tensor] = {}
+        n = int(targets.numel())
+        for part in p_t.parts:
+            pos = part.positions
+            mine = LossTerms(
+                divergence=None if terms.divergence is None else terms.divergence[pos] * part.weight,
+                sampled_rkl=None if terms.sampled_rkl is None else terms.sampled_rkl[pos] * part.weight,
+            )
+            part_stats: dict[str, torch.Tensor] | None = {} if stats is not None else None
+            term = self.from_outputs(_positions(p_s, pos), part.view, mine, targets[pos], part_stats)
+            loss = loss + term
+            if teacher_losses is not None:
+                teacher_losses[part.name] = teacher_losses.get(part.name, 0.0) + float(term.detach())
+            if stats is not None and part_stats:
+                for key, value in part_stats.items():
+                    value = value.detach().float()
+                    stats[f"teacher/{part.name}/{key}"].append(value.cpu())
+                    total = combined.setdefault(key, torch.zeros(n, device=value.device))
+                    total[pos] += part.weight.to(value.device) * value
+        if stats is not None:
+            for key, value in combined.items():  # Σ_i r_i · stat_i: r_i sums to 1 at every position
+                stats[key].append(value.cpu())
+        return loss if isinstance(loss, torch.Tensor) else _zero_loss(p_s)
 
     def kl_to_initial_term(
         self,
@@ -241,6 +309,22 @@ def _target_logprobs(out: ScoringOutput, y: torch.Tensor) -> torch.Tensor:
         z = out.head.logits(rows[a : a + chunk]) if out.hidden is not None else rows[a : a + chunk]  # type: ignore[union-attr]
         parts.append(torch.log_softmax(z.float(), -1).gather(-1, y[a : a + chunk, None]).squeeze(-1))
     return torch.cat(parts) if parts else torch.zeros(0, device=y.device)
+
+
+def _positions(out: ScoringOutput, positions: torch.Tensor) -> ScoringOutput:
+    """The scores at a subset of the valid positions (``positions``: ``[N]`` bool), in the same order."""
+    return ScoringOutput(
+        None if out.hidden is None else out.hidden[positions],
+        out.head,
+        None if out.logits is None else out.logits[positions],
+    )
+
+
+def _zero_loss(out: ScoringOutput) -> torch.Tensor:
+    """A zero loss still attached to the student's graph (a micro-batch no term reads)."""
+    rows = out.hidden if out.hidden is not None else out.logits
+    assert rows is not None
+    return rows.sum() * 0.0
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

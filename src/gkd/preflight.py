@@ -8,12 +8,14 @@ without a trainer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gkd.config import GKDConfig
 from gkd.data import TokenizedDataset
 from gkd.errors import ConfigError, DataError
 from gkd.sampling.fast import fast_backend_config_reason
+from gkd.teachers import check_routes
 
 __all__ = [
     "check_backend",
@@ -29,7 +31,15 @@ def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_
     """The keys a run cannot start without (objects given from Python stand in for paths)."""
     if not have_student and cfg.model_name_or_path is None:
         raise ConfigError("config key 'model_name_or_path' (the student) is required")
-    if (
+    if cfg.teachers and have_teacher:
+        raise ConfigError(
+            "config key 'teachers' names the teachers, and a teacher model object was given too; give one of them"
+        )
+    if cfg.teachers and cfg.needs_teacher:  # several teachers: each served one checked as teacher_url is
+        for spec in cfg.teacher_specs():
+            if spec.teacher_url is not None:
+                check_served_teacher(cfg, spec.teacher_url)
+    elif (
         cfg.needs_teacher
         and not have_teacher
         and cfg.teacher_model_name_or_path is None
@@ -46,9 +56,10 @@ def check_paths(cfg: GKDConfig, *, have_student: bool, have_teacher: bool, have_
     check_names(cfg)
 
 
-def check_served_teacher(cfg: GKDConfig) -> None:
-    """What a served teacher (``teacher_url``: top-k log-probs over HTTP, no logits, no sampling) cannot do yet."""
-    url = str(cfg.teacher_url)
+def check_served_teacher(cfg: GKDConfig, url: str | None = None) -> None:
+    """What a served teacher (``teacher_url``, or ``url`` of an entry of ``teachers``: top-k log-probs over HTTP, no
+    logits, no sampling) cannot do yet."""
+    url = str(url or cfg.teacher_url)
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"config key 'teacher_url' must be an http:// or https:// URL, got '{url}'")
     unsupported = []
@@ -105,6 +116,11 @@ def check_data(cfg: GKDConfig, train: TokenizedDataset, evaluation: TokenizedDat
         )
     if cfg.reward is not None and ":" not in cfg.reward:
         check_records(cfg.reward, [e.record for e in train.examples], "reward")
+    if cfg.teachers and cfg.needs_teacher and isinstance(getattr(train, "examples", None), Sequence):
+        # several teachers: every record names a known one, or none (a streamed dataset is checked per batch)
+        check_routes(
+            (e.record for e in train.examples), cfg.teacher_field, [t.name for t in cfg.teacher_specs()]
+        )
 
 
 def _longest(data: TokenizedDataset | None) -> tuple[int, int]:

@@ -167,6 +167,8 @@ def log_record(raw: dict[str, Any], lr: float, wall: float, skipped_steps: int) 
         cat = torch.cat(parts) if parts else torch.zeros(0)
         if cat.numel():
             record[k] = float(cat.mean())
+    for name, value in (raw.get("teacher_loss") or {}).items():  # several teachers: each one's loss term
+        record[f"teacher/{name}/loss"] = value
     if raw["rl"]:
         r, a = torch.cat(raw["rl"]["reward"]), torch.cat(raw["rl"]["advantage"])
         record.update(

@@ -34,6 +34,7 @@ from gkd.data import Batch
 from gkd.rl import score_samples
 from gkd.run import Coin, Run, Timer
 from gkd.sampling import sample_batch
+from gkd.teachers import RoutedTeachers
 
 __all__ = ["Coin", "gkd_step", "lmbda_at", "optimizer_step", "student_samples"]
 
@@ -62,6 +63,8 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
 
     total = 0.0
     finite_loss = True
+    # several teachers (gkd.teachers): each one's loss term, by name (every name on every rank: they are summed)
+    teacher_losses = {n: 0.0 for n in run.teacher.names} if isinstance(run.teacher, RoutedTeachers) else None
     for i, (batch, adv) in enumerate(zip(batches, advantages)):
         last = i == len(batches) - 1  # DDP all-reduces gradients once, after the last micro-batch
         with contextlib.nullcontext() if last else run.accelerator.no_sync(run.student_forward):
@@ -76,7 +79,9 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
                 )
             # Σ w·D(p_T ‖ p_S) and the config's other terms, already divided by the step-wide denominator
             with timer("loss"):
-                loss = run.objective.loss(batch, p_s, p_t, denominator, advantages=adv, stats=stats)
+                loss = run.objective.loss(
+                    batch, p_s, p_t, denominator, advantages=adv, stats=stats, teacher_losses=teacher_losses
+                )
                 if run.reference is not None and run.objective.uses_reference(stats is not None):
                     p_ref = run.reference.view(batch)  # RL: KL to the initial student, a term or only logged
                     loss = loss + run.objective.kl_to_initial_term(batch, p_s, p_ref, denominator, stats)
@@ -101,6 +106,7 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
         "nonfinite": nonfinite,  # None, or what was not finite (the step was skipped)
         "empty_batch": sum(b.num_tokens() for b in batches) == 0,
         "stats": stats,
+        "teacher_loss": {n: run.dist.sum(v) for n, v in (teacher_losses or {}).items()},
         "rl": rl,
         "times": dict(timer.seconds),
     }
