@@ -508,10 +508,13 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
 
     p = sub.add_parser(
-        "study", help="compare distillation methods on your own models and data, paired by seed (docs/studies.md)"
+        "study",
+        help="compare distillation methods on your own models and data, paired by seed (docs/studies.md)",
     )
     p.add_argument("file", help="the study file (YAML): teacher, student, data, metric, methods, seeds, ...")
-    p.add_argument("--out", default=None, help="output folder (default: the file's output_dir, else runs/study-NAME)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the file's output_dir, else runs/study-NAME)"
+    )
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
 
 

@@ -60,9 +60,8 @@ __all__ = [
     "job_config",
     "job_cost",
     "job_key",
-    "metric_scorer",
-    "score_modes",
     "mean_se",
+    "metric_scorer",
     "named_recipes",
     "paired",
     "paired_ci",
@@ -71,6 +70,7 @@ __all__ = [
     "run_jobs",
     "run_logged",
     "run_study",
+    "score_modes",
     "select_learning_rates",
     "selection_score",
     "seqkd_targets",
@@ -532,7 +532,9 @@ def score_modes(temperatures: tuple[float, ...]) -> dict[str, float]:
     return {("greedy" if t == 0 else f"T={t:g}"): float(t) for t in temperatures}
 
 
-def metric_scorer(metric: str, tokenize: str = "standard") -> Callable[[list[dict], list[str]], dict[str, float]]:
+def metric_scorer(
+    metric: str, tokenize: str = "standard"
+) -> Callable[[list[dict], list[str]], dict[str, float]]:
     """The scoring function of a study's ``metric``: a name of :mod:`gkd.scoring` (:func:`gkd.scoring.resolve_scorer`),
     or ``module:function`` taking ``(prompts, completions, records)`` and returning one score in [0, 1] per completion
     (a reward's signature, :func:`gkd.scoring.load_reward`), reported as ``{metric: 100 × mean}``."""
@@ -1027,7 +1029,13 @@ def select_learning_rates(
             f"learning rates: {len(jobs)} selection runs ({len(grid)} rates × {len(jobs) // len(grid)} methods) on {s.n_validation} validation prompts ..."
         )
     results = run_logged(
-        jobs, ws.task.metric, label + " lr", ws.root / "runs" / label / "lr_select.jsonl", workers, say, console
+        jobs,
+        ws.task.metric,
+        label + " lr",
+        ws.root / "runs" / label / "lr_select.jsonl",
+        workers,
+        say,
+        console,
     )
     metric = ws.task.metric
     chosen: dict[str, dict[str, Any]] = {name: {"lr": lr, "scores": {}} for name, lr in fixed.items()}

@@ -95,13 +95,25 @@ def _tokens(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def _sentence(name: str, base: str, mode: str, ci: dict[str, Any], metric: str) -> str:
+_TOKEN_KEYS = ("student_tokens", "teacher_tokens", "rollout_tokens")
+
+
+def _ratio(a: float, b: float) -> str:
+    """``a`` as a multiple of ``b`` (``-`` when ``b`` is 0: e.g. teacher tokens of a baseline without a teacher)."""
+    return f"{a / b:.2f}×" if b > 0 else ("-" if a == 0 else f"{_tokens(a)} (vs 0)")
+
+
+def _sentence(name: str, base: str, mode: str, ci: dict[str, Any], metric: str, wall: str) -> str:
+    """One comparison in words: the difference, its interval, whether the interval excludes 0, the cost."""
     where = f"at {_mode_title(mode)}"
     d = f"{ci['mean']:+.2f} {metric} (95 % CI [{ci['lo']:+.2f}, {ci['hi']:+.2f}], p = {ci['p']:.3g}, n = {ci['n']})"
+    cost = f"at {wall} {base}'s wall time per run"
     if ci["excludes_zero"]:
         side = "higher" if ci["mean"] > 0 else "lower"
-        return f"- {name} − {base} {where}: {d}. The interval excludes 0: {name} scores {side} than {base}."
-    return f"- {name} − {base} {where}: {d}. The interval includes 0: no difference is shown at these seeds."
+        verdict = f"the interval excludes 0: {name} scores {side} than {base}"
+    else:
+        verdict = f"the interval includes 0: no difference is shown at {ci['n']} seeds"
+    return f"- {name} − {base} {where}: {d}; {verdict}, {cost}."
 
 
 def report_md(summary: dict[str, Any]) -> str:
@@ -127,27 +139,37 @@ def report_md(summary: dict[str, Any]) -> str:
     for name, e in methods.items():
         c = e["cost"]
         cells = [f"{e['scores'][x]['mean']:.2f} ± {e['scores'][x]['se']:.2f}" for x in modes]
-        costs = [f"{c['wall_s']:.1f}", *(_tokens(c[k]) for k in ("rollout_tokens", "student_tokens", "teacher_tokens"))]
+        costs = [
+            f"{c['wall_s']:.1f}",
+            *(_tokens(c[k]) for k in ("rollout_tokens", "student_tokens", "teacher_tokens")),
+        ]
         lines.append(f"| {name} | {e['lr']:g} | " + " | ".join(cells + costs) + " |")
     lines += [
         "",
-        f"## Paired differences against {base} (mean ± SE [95 % t-interval], two-sided p of a paired t-test)",
+        f"## Paired differences against {base}: gain beside cost",
         "",
-        "| method | " + " | ".join(f"Δ {_mode_title(x)}" for x in modes) + " | p | wall time vs " + base + " |",
-        "|---|" + "---|" * len(modes) + "---|---|",
+        f"Δ is the mean over seeds of (method − {base}) on the same seed, ± its SE, with the t-based 95 % interval"
+        " and the two-sided p-value of a paired t-test; `*` marks an interval that excludes 0. Cost is the method's"
+        f" mean per run divided by {base}'s.",
+        "",
+        f"| method | temperature | Δ {m} | p | wall time | student tokens | teacher tokens | rollout tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base_wall = methods[base]["cost"]["wall_s"]
     sentences = []
     for name, e in methods.items():
         if name == base:
             continue
         vs = e["vs_baseline"]
-        cells = [fmt_ci(vs[x], 2) + ("*" if vs[x]["excludes_zero"] else "") for x in modes]
-        ps = ", ".join(f"{vs[x]['p']:.3g}" for x in modes)
-        ratio = f"{e['cost']['wall_s'] / base_wall:.2f}×" if base_wall > 0 else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ps} | {ratio} |")
-        sentences += [_sentence(name, base, x, vs[x], m) for x in modes]
-    lines += ["", "`*`: the 95 % interval excludes 0.", "", *sentences]
+        ratios = [_ratio(e["cost"][k], methods[base]["cost"][k]) for k in ("wall_s", *_TOKEN_KEYS)]
+        for x in modes:
+            star = "*" if vs[x]["excludes_zero"] else ""
+            lines.append(
+                f"| {name} | {_mode_title(x)} | {fmt_ci(vs[x], 2)}{star} | {vs[x]['p']:.3g} | "
+                + " | ".join(ratios)
+                + " |"
+            )
+            sentences.append(_sentence(name, base, x, vs[x], m, ratios[0]))
+    lines += ["", *sentences]
     chosen = {n: e["lr_choice"] for n, e in methods.items() if "lr_choice" in e}
     if chosen:
         lines += [
@@ -186,7 +208,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{m} (mean, 95 % CI over {len(summary['seeds'])} seeds)")
     ax.legend(fontsize=8)
     for mode in modes:
-        pts = [(methods[n]["cost"]["wall_s"], methods[n]["vs_baseline"][mode], n) for n in names if n != summary["baseline"]]
+        pts = [
+            (methods[n]["cost"]["wall_s"], methods[n]["vs_baseline"][mode], n)
+            for n in names
+            if n != summary["baseline"]
+        ]
         bx.errorbar(
             [p[0] for p in pts],
             [p[1]["mean"] for p in pts],

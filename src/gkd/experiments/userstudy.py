@@ -156,16 +156,22 @@ def _metric(value: Any, where: str) -> str:
 
 def _methods(value: Any, where: str) -> dict[str, Recipe]:
     if not isinstance(value, Mapping) or not value:
-        raise ConfigError(f"{where}: methods must be a non-empty mapping of name: {{preset: NAME, KEY: VALUE}}")
+        raise ConfigError(
+            f"{where}: methods must be a non-empty mapping of name: {{preset: NAME, KEY: VALUE}}"
+        )
     out = {}
     for name, spec in value.items():
         if not isinstance(spec, Mapping) or "preset" not in spec:
-            raise ConfigError(f"{where}: method '{name}' must be {{preset: NAME, KEY: VALUE, ...}}, got {spec!r}")
+            raise ConfigError(
+                f"{where}: method '{name}' must be {{preset: NAME, KEY: VALUE, ...}}, got {spec!r}"
+            )
         config = {k: v for k, v in spec.items() if k != "preset"}
         for key in _OWNED:
             if key in config:
                 raise ConfigError(f"{where}: method '{name}': the study sets {key} for every run; remove it")
-        out[str(name)] = Recipe.parse({"preset": spec["preset"], "config": config}, f"{where}: method '{name}'")
+        out[str(name)] = Recipe.parse(
+            {"preset": spec["preset"], "config": config}, f"{where}: method '{name}'"
+        )
     return out
 
 
@@ -225,7 +231,9 @@ def load_study_file(path: str | Path) -> StudyFile:
         baseline=str(raw["baseline"]),
         common=_common(raw["common"], where),
         seeds=_seeds(raw.get("seeds", 3), where),
-        eval_temperatures=_numbers(raw.get("eval_temperatures", [0, 1]), "eval_temperatures", where, positive=False),
+        eval_temperatures=_numbers(
+            raw.get("eval_temperatures", [0, 1]), "eval_temperatures", where, positive=False
+        ),
         lr_grid=_numbers(raw["lr_grid"], "lr_grid", where, positive=True) if raw.get("lr_grid") else None,
         validation_fraction=float(fraction),
         train_split=str(raw.get("train_split", "train")),
@@ -325,7 +333,9 @@ def study_jobs(
             lr = (lrs or {}).get(name)
             sub = f"{name}-lr{lr:g}" if folder != "runs" and lr is not None else name
             run_dir = out / folder / f"seed{seed}" / sub
-            cfg = _checked(_run_config(sf, recipe, seed, run_dir, lr), f"study file '{sf.path}': method '{name}'")
+            cfg = _checked(
+                _run_config(sf, recipe, seed, run_dir, lr), f"study file '{sf.path}': method '{name}'"
+            )
             jobs.append(
                 Job(
                     name=name,
@@ -353,7 +363,9 @@ def _choose_learning_rates(
     jobs = [
         job
         for lr in grid
-        for job in study_jobs(sf, out, files, [SELECT_SEED], {n: lr for n in sf.methods}, test="validation", folder="lr_select")
+        for job in study_jobs(
+            sf, out, files, [SELECT_SEED], {n: lr for n in sf.methods}, test="validation", folder="lr_select"
+        )
         if "learning_rate" not in sf.methods[job.name].config
     ]
     say(f"learning rates: {len(jobs)} runs on {files['validation'].name} (held out of the training data) ...")
@@ -362,7 +374,9 @@ def _choose_learning_rates(
     chosen: dict[str, dict[str, Any]] = {}
     for job, r in zip(jobs, results):
         score = sum(mode[metric] for mode in r["scores"].values()) / len(r["scores"])
-        chosen.setdefault(job.name, {"lr": None, "scores": {}})["scores"][f"{job.config['learning_rate']:g}"] = score
+        chosen.setdefault(job.name, {"lr": None, "scores": {}})["scores"][
+            f"{job.config['learning_rate']:g}"
+        ] = score
     for entry in chosen.values():
         entry["lr"] = float(max(entry["scores"], key=lambda lr: (entry["scores"][lr], -float(lr))))
     for name, recipe in sf.methods.items():
