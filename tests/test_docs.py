@@ -104,7 +104,9 @@ def _provide(value: str, role: str, cwd: Path, world) -> None:
         fmt = "messages_prompt_only" if "prompt" in value else "prompt_completion"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(world.data(fmt), target)
-    elif role == "held_out" and value.endswith(".jsonl"):  # a study's evaluation records (not its training data)
+    elif role == "held_out" and value.endswith(
+        ".jsonl"
+    ):  # a study's evaluation records (not its training data)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(world.data("prompt_completion", "test"), target)
 
@@ -132,7 +134,12 @@ def _provide_for_command(cmd: str, cwd: Path, world) -> None:
             _provide(value, ROLES[key], cwd, world)
 
 
-STUDY_ROLES = {"teacher": "teacher", "student": "student", "train_dataset": "dataset", "eval_dataset": "held_out"}
+STUDY_ROLES = {
+    "teacher": "teacher",
+    "student": "student",
+    "train_dataset": "dataset",
+    "eval_dataset": "held_out",
+}
 
 
 def _provide_study_file(cmd: str, doc: Path, cwd: Path, world) -> None:
@@ -140,7 +147,9 @@ def _provide_study_file(cmd: str, doc: Path, cwd: Path, world) -> None:
     import yaml
 
     name = shlex.split(cmd)[2]
-    text = next((t for lang, t, _ in fenced_blocks(doc) if lang == "yaml" and t.startswith(f"# {name}")), None)
+    text = next(
+        (t for lang, t, _ in fenced_blocks(doc) if lang == "yaml" and t.startswith(f"# {name}")), None
+    )
     assert text is not None, f"`{cmd}`: {doc.name} has no yaml block starting with '# {name}'"
     text = re.sub(r"\bmax_steps: \d+", f"max_steps: {STEP_CAP}", text)
     text = re.sub(r"^seeds: \d+", "seeds: 2", text, flags=re.M)

@@ -12,6 +12,7 @@ from scipy import stats
 from userland import run_cli
 
 from gkd.errors import ConfigError
+from gkd.experiments.study import metric_scorer
 from gkd.experiments.userstudy import load_study_file, run_study_file
 
 METHODS = {
@@ -149,7 +150,8 @@ def test_the_cli_runs_a_study_file_with_a_learning_rate_grid(user_files, tmp_pat
     [
         ({"metrc": "bleu"}, "unknown key 'metrc'; did you mean 'metric'?"),
         ({"baseline": "sfft"}, "baseline 'sfft' is not a method; did you mean 'sft'?"),
-        ({"metric": "rouge"}, "metric"),
+        ({"metric": "rouge"}, "metric 'rouge' is neither a gkd metric or task name nor module:function"),
+        ({"metric": "no_such_module:score"}, "metric 'no_such_module:score': cannot import module"),
         ({"methods": {"sft": {"preset": "sfd"}}, "baseline": "sft"}, "unknown preset 'sfd'"),
         ({"methods": {"sft": {"preset": "sft", "lmbad": 1}}}, "did you mean 'lmbda'?"),
         ({"teacher": "no/such/folder"}, "teacher 'no/such/folder' does not exist"),
@@ -169,3 +171,15 @@ def test_a_bad_study_file_is_one_clear_line(user_files, tmp_path, change, messag
 def test_a_missing_study_file_is_one_clear_line(tmp_path):
     result = run_cli(["study", str(tmp_path / "nope.yaml")])
     assert result.is_clean_error() and "does not exist" in result.err
+
+
+def test_a_module_function_metric_scores_each_completion(tmp_path, monkeypatch):
+    """``metric: module:function`` takes a reward's arguments and is reported as 100 × the mean of its scores."""
+    (tmp_path / "my_metric.py").write_text(
+        "def has_word(prompts, completions, records):\n"
+        "    return [float(r['completion'].split()[0] in c.split()) for c, r in zip(completions, records)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    records = [{"prompt": "a", "completion": "x y"}, {"prompt": "b", "completion": "z"}]
+    scores = metric_scorer("my_metric:has_word")(records, ["x", "w"])
+    assert scores == {"my_metric:has_word": 50.0}

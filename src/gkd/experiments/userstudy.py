@@ -143,15 +143,22 @@ def _seeds(value: Any, where: str) -> list[int]:
 
 
 def _metric(value: Any, where: str) -> str:
-    from gkd.scoring import check_metric_name, load_reward
+    from gkd.scoring import load_reward, names
 
     if isinstance(value, str) and ":" in value:
-        load_reward(value, key="metric")  # imported now: a wrong module fails before anything trains
+        try:  # imported now: a wrong module fails before anything trains
+            load_reward(value, key="metric")
+        except ConfigError as e:
+            raise ConfigError(
+                f"{where}: " + str(e).replace(f"reward '{value}'", f"metric '{value}'", 1)
+            ) from None
         return value
-    try:
-        return check_metric_name(value, key="metric")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e} or module:function") from None
+    if not isinstance(value, str) or value not in names():
+        hint = _did_you_mean(str(value), names()).replace("valid: ", "names: ")
+        raise ConfigError(
+            f"{where}: metric {value!r} is neither a gkd metric or task name nor module:function; {hint}"
+        )
+    return value
 
 
 def _methods(value: Any, where: str) -> dict[str, Recipe]:
@@ -281,7 +288,10 @@ def _data_files(sf: StudyFile, out: Path) -> dict[str, Path]:
         which = "train_dataset" if not train else "eval_dataset"
         raise DataError(f"{which} '{getattr(sf, which)}' has no records")
     if sf.metric in names():
-        check_records(sf.metric, evals, key="metric")
+        try:
+            check_records(sf.metric, evals, key="metric")
+        except DataError as e:
+            raise DataError(f"eval_dataset '{sf.eval_dataset}': {e}") from None
     files = {"eval": _write_records(out / "data", "eval", evals)}
     if sf.lr_grid:
         n_val = max(1, int(len(train) * sf.validation_fraction))
