@@ -125,7 +125,7 @@ def test_a_study_stops_resumes_and_reports_paired_intervals(user_files, tmp_path
             checked += 1
         assert ("excludes 0" in report) or ("includes 0" in report)
     assert checked, "the seeds' differences never varied: nothing to compare an interval with"
-    assert "wall s" in report and "teacher tokens" in report
+    assert "train s" in report and "teacher tokens" in report
     assert (out / "results.png").stat().st_size > 0
 
 

@@ -107,7 +107,7 @@ def _sentence(name: str, base: str, mode: str, ci: dict[str, Any], metric: str, 
     """One comparison in words: the difference, its interval, whether the interval excludes 0, the cost."""
     where = f"at {_mode_title(mode)}"
     d = f"{ci['mean']:+.2f} {metric} (95 % CI [{ci['lo']:+.2f}, {ci['hi']:+.2f}], p = {ci['p']:.3g}, n = {ci['n']})"
-    cost = f"at {wall} {base}'s wall time per run"
+    cost = f"at {wall} {base}'s training time per run"
     if ci["excludes_zero"]:
         side = "higher" if ci["mean"] > 0 else "lower"
         verdict = f"the interval excludes 0: {name} scores {side} than {base}"
@@ -133,14 +133,15 @@ def report_md(summary: dict[str, Any]) -> str:
         "",
         "| method | lr | "
         + " | ".join(_mode_title(x) for x in modes)
-        + " | wall s | rollout tokens | student tokens | teacher tokens |",
-        "|---|---|" + "---|" * len(modes) + "---|---|---|---|",
+        + " | train s | eval s | rollout tokens | student tokens | teacher tokens |",
+        "|---|---|" + "---|" * len(modes) + "---|---|---|---|---|",
     ]
     for name, e in methods.items():
         c = e["cost"]
         cells = [f"{e['scores'][x]['mean']:.2f} ± {e['scores'][x]['se']:.2f}" for x in modes]
         costs = [
-            f"{c['wall_s']:.1f}",
+            f"{c['train_s']:.1f}",
+            f"{c['eval_s']:.1f}",
             *(_tokens(c[k]) for k in ("rollout_tokens", "student_tokens", "teacher_tokens")),
         ]
         lines.append(f"| {name} | {e['lr']:g} | " + " | ".join(cells + costs) + " |")
@@ -152,7 +153,7 @@ def report_md(summary: dict[str, Any]) -> str:
         " and the two-sided p-value of a paired t-test; `*` marks an interval that excludes 0. Cost is the method's"
         f" mean per run divided by {base}'s.",
         "",
-        f"| method | temperature | Δ {m} | p | wall time | student tokens | teacher tokens | rollout tokens |",
+        f"| method | temperature | Δ {m} | p | training time | student tokens | teacher tokens | rollout tokens |",
         "|---|---|---|---|---|---|---|---|",
     ]
     sentences = []
@@ -160,7 +161,7 @@ def report_md(summary: dict[str, Any]) -> str:
         if name == base:
             continue
         vs = e["vs_baseline"]
-        ratios = [_ratio(e["cost"][k], methods[base]["cost"][k]) for k in ("wall_s", *_TOKEN_KEYS)]
+        ratios = [_ratio(e["cost"][k], methods[base]["cost"][k]) for k in ("train_s", *_TOKEN_KEYS)]
         for x in modes:
             star = "*" if vs[x]["excludes_zero"] else ""
             lines.append(
@@ -188,7 +189,7 @@ def report_md(summary: dict[str, Any]) -> str:
 
 def plot(summary: dict[str, Any], path: Path) -> None:
     """results.png: each method's score per temperature with its 95 % interval, and its gain over the baseline
-    against its wall time per run."""
+    against its training time per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +210,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     for mode in modes:
         pts = [
-            (methods[n]["cost"]["wall_s"], methods[n]["vs_baseline"][mode], n)
+            (methods[n]["cost"]["train_s"], methods[n]["vs_baseline"][mode], n)
             for n in names
             if n != summary["baseline"]
         ]
@@ -224,7 +225,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for wall, ci, n in pts:
             bx.annotate(n, (wall, ci["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     bx.axhline(0, color="grey", lw=0.8)
-    bx.set_xlabel("wall time per run (s)")
+    bx.set_xlabel("training time per run (s)")
     bx.set_ylabel(f"Δ {m} vs {summary['baseline']} (paired, 95 % CI)")
     bx.set_title("gain against cost")
     bx.legend(fontsize=8)
