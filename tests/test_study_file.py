@@ -12,7 +12,7 @@ from scipy import stats
 from userland import run_cli
 
 from gkd.errors import ConfigError
-from gkd.experiments.study import metric_scorer
+from gkd.experiments.metric import metric_scorer
 from gkd.experiments.userstudy import load_study_file, run_study_file
 
 METHODS = {

@@ -126,7 +126,7 @@ def _cost_section(summary: dict[str, Any]) -> str:
         (f"{vname}: ", v["runs"]) for vname, v in summary.get("variants", {}).items()
     ]
     rows = [
-        f"| {prefix}{name} | {c['train_s']:.1f} | {c['rollout_tokens']:.0f} | {c['student_tokens']:.0f} | "
+        f"| `{prefix}{name}` | {c['train_s']:.1f} | {c['rollout_tokens']:.0f} | {c['student_tokens']:.0f} | "
         f"{c['teacher_tokens']:.0f} |"
         for prefix, runs in groups
         for name, r in runs.items()

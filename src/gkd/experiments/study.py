@@ -61,7 +61,6 @@ __all__ = [
     "job_cost",
     "job_key",
     "mean_se",
-    "metric_scorer",
     "named_recipes",
     "paired",
     "paired_ci",
@@ -70,7 +69,6 @@ __all__ = [
     "run_jobs",
     "run_logged",
     "run_study",
-    "score_modes",
     "select_learning_rates",
     "selection_score",
     "seqkd_targets",
@@ -527,36 +525,12 @@ def evaluate_model(
     )
 
 
-def score_modes(temperatures: tuple[float, ...]) -> dict[str, float]:
-    """A ``gkd study`` evaluation's modes: ``greedy`` for temperature 0, ``T=<t>`` for each other temperature."""
-    return {("greedy" if t == 0 else f"T={t:g}"): float(t) for t in temperatures}
-
-
-def metric_scorer(
-    metric: str, tokenize: str = "standard"
-) -> Callable[[list[dict], list[str]], dict[str, float]]:
-    """The scoring function of a study's ``metric``: a name of :mod:`gkd.scoring` (:func:`gkd.scoring.resolve_scorer`),
-    or ``module:function`` taking ``(prompts, completions, records)`` and returning one score in [0, 1] per completion
-    (a reward's signature, :func:`gkd.scoring.load_reward`), reported as ``{metric: 100 × mean}``."""
-    from gkd.metrics import prompt_text_of
-    from gkd.scoring import load_reward, names, resolve_scorer
-
-    if metric in names():
-        return resolve_scorer(metric, key="metric", tokenize=tokenize)
-    fn = load_reward(metric, key="metric")
-
-    def score(records: list[dict], predictions: list[str]) -> dict[str, float]:
-        values = list(fn([prompt_text_of(r) for r in records], predictions, records))
-        return {metric: 100.0 * sum(float(v) for v in values) / max(1, len(values))}
-
-    return score
-
-
 def _evaluate_job(job: Job, model: Any, tok: Any, test: Any, cfg: Any) -> dict[str, dict[str, float]]:
     """A job's evaluation: the task's (:func:`evaluate_model`), or with ``job.metric`` the metric's at each of the
     job's temperatures (0 = greedy), one sample per prompt seeded by the job's seed alone, so every method of a
     seed decodes with the same random numbers (common random numbers)."""
     from gkd.evaluation import evaluate
+    from gkd.experiments.metric import metric_scorer, score_modes
 
     if job.metric is None:
         task = _cached(
