@@ -183,3 +183,35 @@ def test_a_module_function_metric_scores_each_completion(tmp_path, monkeypatch):
     records = [{"prompt": "a", "completion": "x y"}, {"prompt": "b", "completion": "z"}]
     scores = metric_scorer("my_metric:has_word")(records, ["x", "w"])
     assert scores == {"my_metric:has_word": 50.0}
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["dataset", "on-policy"])
+def test_the_cost_meter_counts_every_token_of_a_step(llama_pair, tokenizer, records, tmp_path, lmbda):
+    """One step over the whole (4-record) dataset: the student processes every prompt and completion token (its own
+    completions on-policy, which are then also the rollout's), and the teacher scores the same tokens."""
+    from conftest import base_config
+
+    from gkd.data import tokenize_records
+    from gkd.experiments.cost import MeteredTrainer
+
+    student, teacher = llama_pair
+    data = tokenize_records(records[:4], tokenizer, max_prompt_length=64, max_completion_length=8)
+    cfg = base_config(
+        divergence="forward_kl",
+        lmbda=lmbda,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        output_dir=str(tmp_path / "run"),
+    )
+    trainer = MeteredTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_dataset=data)
+    trainer.train()
+    cost = trainer.cost
+    prompts = sum(len(e.prompt) for e in data.examples)
+    if lmbda == 0.0:
+        completions = sum(len(e.completion) for e in data.examples)
+        assert cost["rollout_tokens"] == 0
+    else:  # the student's own completions: 1 to max_new_tokens tokens each
+        completions = cost["rollout_tokens"]
+        assert 4 <= completions <= 4 * 8
+    assert cost["student_tokens"] == prompts + completions
+    assert cost["teacher_tokens"] == prompts + completions and cost["steps"] == 1
