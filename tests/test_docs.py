@@ -4,7 +4,9 @@ Commands are extracted from the fenced blocks, so a command added to the docs is
 to. What the harness changes, and only this: hub ids (``Qwen/...``) and the placeholder files the docs name
 (``my_prompts.jsonl``, ``student/``, ...) are created as tiny local models and small data files in the working folder
 before the command runs (so the command itself is unchanged); step counts are capped (``max_steps=N`` -> 2, with
-``checkpoint-N`` following); ``gkd demo`` / ``gkd experiment`` get ``--quick``. Commands that are the test suite
+``checkpoint-N`` following); ``gkd demo`` / ``gkd experiment`` get ``--quick``. ``gkd study FILE`` runs the doc's
+YAML block that starts with ``# FILE``, written to the working folder with its ``max_steps`` capped the same way and
+at most 2 seeds, its models and data provided like the commands' (``eval_dataset``: the held-out records). Commands that are the test suite
 itself or need another machine are listed in ``NOT_RUN`` with the reason, and a command that is neither run nor
 listed fails the test.
 """
@@ -102,6 +104,11 @@ def _provide(value: str, role: str, cwd: Path, world) -> None:
         fmt = "messages_prompt_only" if "prompt" in value else "prompt_completion"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(world.data(fmt), target)
+    elif role == "held_out" and value.endswith(
+        ".jsonl"
+    ):  # a study's evaluation records (not its training data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(world.data("prompt_completion", "test"), target)
 
 
 ROLES = {
@@ -127,6 +134,31 @@ def _provide_for_command(cmd: str, cwd: Path, world) -> None:
             _provide(value, ROLES[key], cwd, world)
 
 
+STUDY_ROLES = {
+    "teacher": "teacher",
+    "student": "student",
+    "train_dataset": "dataset",
+    "eval_dataset": "held_out",
+}
+
+
+def _provide_study_file(cmd: str, doc: Path, cwd: Path, world) -> None:
+    """``gkd study FILE``: the doc's YAML block headed ``# FILE``, capped (steps, seeds), and its models and data."""
+    import yaml
+
+    name = shlex.split(cmd)[2]
+    text = next(
+        (t for lang, t, _ in fenced_blocks(doc) if lang == "yaml" and t.startswith(f"# {name}")), None
+    )
+    assert text is not None, f"`{cmd}`: {doc.name} has no yaml block starting with '# {name}'"
+    text = re.sub(r"\bmax_steps: \d+", f"max_steps: {STEP_CAP}", text)
+    text = re.sub(r"^seeds: \d+", "seeds: 2", text, flags=re.M)
+    (cwd / name).write_text(text)
+    for key, value in yaml.safe_load(text).items():
+        if key in STUDY_ROLES:
+            _provide(value.rstrip("/"), STUDY_ROLES[key], cwd, world)
+
+
 def _provide_for_python(code: str, cwd: Path, world) -> None:
     for key, value in re.findall(r"(\w+)=\"([^\"]+)\"", code):
         if key in ROLES:
@@ -146,6 +178,9 @@ def test_documented_commands_run_as_written(ident, lang, body, world, tmp_path):
             f"{ident}: `{cmd}` is neither run by this harness nor listed in NOT_RUN"
         )
         _provide_for_command(cmd, tmp_path, world)
+        if cmd.startswith("gkd study "):
+            doc = next(d for d in DOCS if d.name == ident.split(":")[0])
+            _provide_study_file(cmd, doc, tmp_path, world)
         result = run_cli(shlex.split(_cap(cmd))[1:], cwd=tmp_path)
         assert result.code == 0, f"{ident}: `{cmd}`\n{result}"
         assert "Traceback" not in result.err, f"{ident}: `{cmd}`\n{result}"

@@ -50,6 +50,7 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
     assert (out / "results.png").stat().st_size > 1000
     report = (out / "REPORT.md").read_text()
     assert "gkd demo report" in report and "95 %" in report and "no conclusion" in report
+    assert "tokens/run: rollout, student, teacher" in report
     printed = capsys.readouterr().out
     assert "knob: λ" in printed and "smoke run (--quick): no conclusion" in printed
     assert "learning rates chosen on validation" in printed
@@ -78,6 +79,8 @@ def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert summary["experiment"] == name and summary["runs"]
     assert (out / "report.md").read_text().startswith("> smoke run (--quick)")
+    assert "## Cost per run" in (out / "report.md").read_text()  # each run's time and tokens beside the gains
+    assert all(r["_cost"]["steps"] > 0 for r in summary["runs"].values())
     assert (out / "results.png").exists()
 
 

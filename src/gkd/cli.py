@@ -8,6 +8,7 @@
     gkd diagnose --teacher T --student S --dataset D   will on-policy data help here? (docs/diagnose.md)
     gkd demo                                        the built-in end-to-end comparison of distillation methods
     gkd experiment NAME                             the paper's experiment families at toy scale
+    gkd study FILE.yaml                             compare methods on your own models and data (paired seeds)
 
 ``gkd distill`` and ``gkd sft`` take config keys the way TRL's scripts do (TrlParser / HfArgumentParser): ``--key
 value``, ``--key=value``, a bare ``--flag`` (true), ``--key v1 v2`` (a list), dotted keys (``--lora.r 8``), mixed
@@ -42,6 +43,7 @@ from gkd.commands import (
     cmd_generate,
     cmd_prepare,
     cmd_serve_teacher,
+    cmd_study,
 )
 from gkd.commands import generated_record as generated_record  # moved to gkd.commands; still importable here
 from gkd.commands import watch_launcher as watch_launcher
@@ -526,6 +528,16 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
 
+    p = sub.add_parser(
+        "study",
+        help="compare distillation methods on your own models and data, paired by seed (docs/studies.md)",
+    )
+    p.add_argument("file", help="the study file (YAML): teacher, student, data, metric, methods, seeds, ...")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the file's output_dir, else runs/study-NAME)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -544,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "diagnose": cmd_diagnose,
         "demo": cmd_demo,
         "experiment": cmd_experiment,
+        "study": cmd_study,
         "serve-teacher": cmd_serve_teacher,
     }
     try:

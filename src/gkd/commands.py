@@ -364,3 +364,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else None
     run_experiment(args.name, output_dir=out, quick=args.quick, workers=args.workers)
     return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """gkd study FILE.yaml: paired multi-seed comparisons on the user's own models and data (docs/studies.md)."""
+    from gkd.experiments.userstudy import run_study_file
+
+    run_study_file(args.file, output_dir=args.out, workers=args.workers)
+    return 0

@@ -3,7 +3,10 @@
 * :mod:`~gkd.experiments.study`: the machinery both run on (recipes from the packaged presets, workspace, jobs,
   worker pool, resuming, evaluation, statistics);
 * :mod:`~gkd.experiments.demo` and :mod:`~gkd.experiments.families`: their settings, reports and plots;
-* :mod:`~gkd.experiments.common`: task data on disk (``gkd prepare``) and the teacher gkd ships.
+* :mod:`~gkd.experiments.common`: task data on disk (``gkd prepare``) and the teacher gkd ships;
+* :mod:`~gkd.experiments.cost`: each run's cost (wall time, tokens generated and processed), in every study's report;
+* :mod:`~gkd.experiments.userstudy` (``gkd study FILE.yaml``): the same machinery on the user's own models and data,
+  with :mod:`~gkd.experiments.metric` (its metric) and :mod:`~gkd.experiments.userreport` (its outputs).
 """
 
 from __future__ import annotations

@@ -286,6 +286,10 @@ def summarize(
             },
             "steps": rows[0]["steps"],
             "wall_s": sum(r["train_s"] for r in rows) / len(rows),
+            # tokens per run, mean over seeds (gkd.experiments.cost); None for results logged before runs recorded it
+            "cost": {k: sum(r["cost"][k] for r in rows) / len(rows) for k in rows[0]["cost"]}
+            if all(r.get("cost") for r in rows)
+            else None,
         }
         for mode in ("greedy", "sample"):
             vals = [r["scores"][mode][metric] for r in rows]
@@ -440,18 +444,25 @@ def report_markdown(summary: dict[str, Any]) -> str:
 def _method_table(summary: dict[str, Any]) -> list[str]:
     """One row per method: its recipe, the learning rate chosen on validation, its scores and time."""
     rows = [
-        "| method | divergence | λ | lr (chosen on validation) | greedy | T=1 sample | item F1 (T=1) | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | divergence | λ | lr (chosen on validation) | greedy | T=1 sample | item F1 (T=1) | s/run "
+        "| tokens/run: rollout, student, teacher |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary["methods"].items():
         r = e["recipe"]
         sel = r.get("lr_selection") or {}
         grid = ", ".join(f"{k}: {v:.1f}" for k, v in sel.items())
         f1 = e["secondary"]["sample"].get("item_f1", float("nan"))
+        c = e.get("cost")
+        tokens = (
+            f"{c['rollout_tokens'] / 1e3:.0f}k, {c['student_tokens'] / 1e3:.0f}k, {c['teacher_tokens'] / 1e3:.0f}k"
+            if c
+            else "-"
+        )
         rows.append(
             f"| {name} | {r['divergence']} | {r['lmbda']:g} | {r['learning_rate']:g}{f' ({grid})' if grid else ''} | "
             f"{e['greedy']['mean']:.1f} ± {e['greedy']['se']:.1f} | {e['sample']['mean']:.1f} ± {e['sample']['se']:.1f} | "
-            f"{f1:.1f} | {e['wall_s']:.1f} |"
+            f"{f1:.1f} | {e['wall_s']:.1f} | {tokens} |"
         )
     return rows
 

@@ -112,7 +112,42 @@ def _aggregate(results: list[dict[str, Any]], names: list[str]) -> dict[str, dic
         out[name]["_lr"] = rows[0].get("lr")  # type: ignore[assignment]
         out[name]["_lr_selection"] = rows[0].get("lr_selection")  # type: ignore[assignment]
         out[name]["_wall_s"] = sum(r["train_s"] for r in rows) / len(rows)  # type: ignore[assignment]
+        # each run's cost (gkd.experiments.cost), mean over seeds; None for results logged before runs recorded it
+        costs = [r.get("cost") for r in rows]
+        out[name]["_cost"] = (  # type: ignore[assignment]
+            {k: sum(c[k] for c in costs) / len(costs) for k in costs[0]} if all(costs) else None
+        )
     return out
+
+
+def _cost_section(summary: dict[str, Any]) -> str:
+    """The report's last section: each run's cost (mean over seeds) beside the gains above it."""
+    groups = [("", summary["runs"])] + [
+        (f"{vname}: ", v["runs"]) for vname, v in summary.get("variants", {}).items()
+    ]
+    rows = [
+        f"| `{prefix}{name}` | {c['train_s']:.1f} | {c['rollout_tokens']:.0f} | {c['student_tokens']:.0f} | "
+        f"{c['teacher_tokens']:.0f} |"
+        for prefix, runs in groups
+        for name, r in runs.items()
+        if (c := r.get("_cost"))
+    ]
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "## Cost per run (mean over seeds)",
+            "",
+            "Training time, tokens the student generated (rollouts) and tokens the student's and the teacher's forward "
+            "passes processed (prompt + completion).",
+            "",
+            "| run | train s | rollout tokens | student tokens | teacher tokens |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def _fmt(d: dict[str, Any]) -> str:
@@ -214,7 +249,7 @@ def _write_outputs(
 ) -> None:
     """A family's results.json, report.md (printed too) and results.png."""
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    report = REPORTS[name](summary)
+    report = REPORTS[name](summary) + _cost_section(summary)
     if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
         report = "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report
     (out / "report.md").write_text(report)

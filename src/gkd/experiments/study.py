@@ -67,6 +67,7 @@ __all__ = [
     "parse_runs",
     "plan_jobs",
     "run_jobs",
+    "run_logged",
     "run_study",
     "select_learning_rates",
     "selection_score",
@@ -349,6 +350,9 @@ class Job:
     eval_temperatures: tuple[float, ...] = (1.0,)
     eval_samples: int = 1  # samples per prompt at each temperature (>1 adds Self-BLEU)
     cost: float = 1.0  # relative run time, for scheduling
+    # a metric name or module:function scores the evaluation instead of the task (``gkd study``: the user's own
+    # data); its modes are then "greedy" for temperature 0 and "T=<t>" for each other temperature
+    metric: str | None = None
 
 
 def job_config(
@@ -393,6 +397,8 @@ def job_key(job: Job) -> str:
     not run again when a killed study is restarted)."""
     d = asdict(job)
     d.pop("cost")
+    if d["metric"] is None:  # (a task's job keeps the key it had before jobs could name a metric)
+        d.pop("metric")
     for who in ("start", "teacher"):
         if d[who] is not None:
             w = Path(d[who]) / "model.safetensors"
@@ -519,18 +525,58 @@ def evaluate_model(
     )
 
 
-def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one job in this process: train from ``job.start`` and evaluate. Returns scores and timings."""
-    from gkd.config import GKDConfig
-    from gkd.models import load_model, load_tokenizer
+def _evaluate_job(job: Job, model: Any, tok: Any, test: Any, cfg: Any) -> dict[str, dict[str, float]]:
+    """A job's evaluation: the task's (:func:`evaluate_model`), or with ``job.metric`` the metric's at each of the
+    job's temperatures (0 = greedy), one sample per prompt seeded by the job's seed alone, so every method of a
+    seed decodes with the same random numbers (common random numbers)."""
+    from gkd.evaluation import evaluate
+    from gkd.experiments.metric import metric_scorer, score_modes
+
+    if job.metric is None:
+        task = _cached(
+            ("task", job.task, json.dumps(job.task_params, sort_keys=True)),
+            lambda: _get_task(job.task, job.task_params),
+        )
+        return evaluate_model(
+            model,
+            tok,
+            task,
+            test,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=job.seed,
+            temperatures=job.eval_temperatures,
+            samples=job.eval_samples,
+        )
+    modes = score_modes(job.eval_temperatures)
+    return evaluate(
+        model,
+        tok,
+        test,
+        metric_scorer(job.metric, cfg.eval_tokenize),
+        max_new_tokens=cfg.max_new_tokens,
+        greedy="greedy" in modes,
+        sampled={m: t for m, t in modes.items() if t > 0},
+        seeds=[job.seed * 1000 + k for k in range(job.eval_samples)],
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        batch_size=cfg.eval_batch_size,
+    )
+
+
+def _get_task(name: str, params: dict[str, Any]) -> Any:
     from gkd.tasks import get_task
-    from gkd.trainer import GKDTrainer
+
+    return get_task(name, **params)
+
+
+def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one job in this process: train from ``job.start`` and evaluate. Returns scores, timings and ``cost``
+    (wall times and tokens: :class:`gkd.experiments.cost.MeteredTrainer`)."""
+    from gkd.config import GKDConfig
+    from gkd.experiments.cost import MeteredTrainer
+    from gkd.models import load_model, load_tokenizer
 
     t0 = time.perf_counter()
-    task = _cached(
-        ("task", job.task, json.dumps(job.task_params, sort_keys=True)),
-        lambda: get_task(job.task, **job.task_params),
-    )
     tok = _cached(("tok", _stamp(job.start)), lambda: load_tokenizer(job.start))
     cfg = GKDConfig(**job.config)
     train = cached_dataset(job.train, tok, cfg.effective_max_completion_length)
@@ -539,21 +585,13 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
     teacher = None
     if cfg.needs_teacher and job.teacher is not None:
         teacher = _cached(("teacher", _stamp(job.teacher)), lambda: load_model(job.teacher, what="teacher"))
-    trainer = GKDTrainer(
+    trainer = MeteredTrainer(
         cfg, student=student, teacher=teacher, tokenizer=tok, train_dataset=train, log=log or (lambda m: None)
     )
     result = trainer.train()
     t_train = time.perf_counter() - t0
-    scores = evaluate_model(
-        trainer.student,
-        tok,
-        task,
-        test,
-        max_new_tokens=cfg.max_new_tokens,
-        seed=job.seed,
-        temperatures=job.eval_temperatures,
-        samples=job.eval_samples,
-    )
+    scores = _evaluate_job(job, trainer.student, tok, test, cfg)
+    wall = time.perf_counter() - t0
     return {
         "name": job.name,
         "seed": job.seed,
@@ -561,8 +599,9 @@ def train_job(job: Job, log: Callable[[str], None] | None = None) -> dict[str, A
         "lr": cfg.learning_rate,
         "steps": result.step,
         "train_s": t_train,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall,
         "final_loss": result.final_loss,
+        "cost": {"wall_s": wall, "train_s": t_train, "eval_s": wall - t_train, **trainer.cost},
     }
 
 
@@ -963,8 +1002,14 @@ def select_learning_rates(
         say(
             f"learning rates: {len(jobs)} selection runs ({len(grid)} rates × {len(jobs) // len(grid)} methods) on {s.n_validation} validation prompts ..."
         )
-    results = _run_logged(
-        jobs, ws, label + " lr", ws.root / "runs" / label / "lr_select.jsonl", workers, say, console
+    results = run_logged(
+        jobs,
+        ws.task.metric,
+        label + " lr",
+        ws.root / "runs" / label / "lr_select.jsonl",
+        workers,
+        say,
+        console,
     )
     metric = ws.task.metric
     chosen: dict[str, dict[str, Any]] = {name: {"lr": lr, "scores": {}} for name, lr in fixed.items()}
@@ -1016,7 +1061,9 @@ def run_study(
         eval_samples=eval_samples,
         lrs={n: e["lr"] for n, e in selection.items()},
     )
-    results = _run_logged(jobs, ws, label, ws.root / "runs" / label / "results.jsonl", workers, say, console)
+    results = run_logged(
+        jobs, ws.task.metric, label, ws.root / "runs" / label / "results.jsonl", workers, say, console
+    )
     for job, r in zip(jobs, results):
         r["lr"] = job.config["learning_rate"]
         if job.name in selection:
@@ -1024,17 +1071,21 @@ def run_study(
     return results
 
 
-def _run_logged(
+def run_logged(
     jobs: list[Job],
-    ws: Workspace,
+    metric: str,
     label: str,
     log_path: Path,
     workers: int,
     say: Callable[[str], None],
     console: Any,
+    after_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``jobs`` with a progress bar, appending each result to ``log_path`` at once; a restarted run keeps the
-    results whose :func:`job_key` is unchanged and runs only the others. Results in job order."""
+    results whose :func:`job_key` is unchanged and runs only the others. Results in job order.
+
+    ``metric`` is the score each finished run's progress line shows (every evaluation mode's); ``after_result`` is
+    called with each result once it is on disk (an exception there stops the study, as a kill would)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -1046,7 +1097,6 @@ def _run_logged(
 
     if not jobs:
         return []
-    metric = ws.task.metric
     # A restarted study keeps the runs a killed one finished: same job settings and checkpoints -> same key.
     keys = [job_key(j) for j in jobs]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1084,13 +1134,18 @@ def _run_logged(
             r["job_key"] = key_of[(r["name"], r["seed"], r.get("lr"))]
             with log_path.open("a") as fh:  # every finished run is on disk at once
                 fh.write(json.dumps(r) + "\n")
-            g, smp = r["scores"]["greedy"][metric], r["scores"]["sample"][metric]
+            shown = " / ".join(f"{mode[metric]:.1f}" for mode in r["scores"].values() if metric in mode)
             lr = f" lr {r['lr']:g}" if r.get("lr") is not None else ""
-            line = f"{r['name']} seed {r['seed']}{lr}: {g:.1f} / {smp:.1f} ({r['train_s']:.0f}s)"
+            line = f"{r['name']} seed {r['seed']}{lr}: {shown} ({r['train_s']:.0f}s)"
             progress.update(bar, advance=1, last=line)
             if progress.disable:  # a log file gets one line per finished run
                 n = int(progress.tasks[0].completed)
                 say(f"{label} {n}/{len(jobs)}: {line} [{progress.tasks[0].elapsed or 0:.0f}s]")
 
-        fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result))
+        def on_result_then_hook(r: dict[str, Any]) -> None:
+            on_result(r)
+            if after_result is not None:
+                after_result(r)
+
+        fresh = iter(run_jobs(todo, workers=workers, threads=1, on_result=on_result_then_hook))
     return [done[k] if k in done else next(fresh) for k in keys]
