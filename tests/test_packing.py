@@ -15,7 +15,7 @@ from conftest import TINY, base_config
 from test_families import FAMILIES
 from tiny import micro_batch_loss
 
-from gkd.data import pad_left, pad_right
+from gkd.data import pad_left, pad_right, select_rows, token_groups
 from gkd.divergences import DIVERGENCES
 from gkd.errors import ConfigError
 from gkd.forward import packed_forward_on, score_positions, set_packed_forward
@@ -23,7 +23,7 @@ from gkd.models import build_model
 from gkd.objective import Objective
 from gkd.packing import pack_inputs, packing_unsupported_reason
 from gkd.step import gkd_step, student_samples
-from gkd.trainer import GKDTrainer
+from gkd.trainer import GKDTrainer, TrainingInterrupted
 
 CAUSAL = [f for f in FAMILIES if f != "t5"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -237,3 +237,136 @@ def test_packed_forward_true_on_a_seq2seq_student_is_one_line(tokenizer, records
     )
     with pytest.raises(ConfigError, match="packed_forward: true, but encoder-decoder model"):
         t.setup()
+
+
+# --- token-budget micro-batches ------------------------------------------------------------------------------
+
+
+def _cost(batch, packed: bool) -> int:
+    if packed:
+        return int(batch.prompt_mask.sum() + batch.completion_mask.sum())
+    return batch.size * (batch.prompt_ids.shape[1] + batch.completion_ids.shape[1])
+
+
+def _rows(batch, r):
+    p = batch.prompt_ids[r][batch.prompt_mask[r]].tolist()
+    c = batch.completion_ids[r][batch.completion_mask[r]].tolist()
+    t = batch.teacher_prompt()[0][r][batch.teacher_prompt()[1][r]].tolist()
+    return p, c, t, batch.records[r], None if batch.indices is None else batch.indices[r]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_token_groups_fill_micro_batches_by_tokens_and_keep_every_row_once(
+    packed, tokenizer, records, tmp_path
+):
+    data = [{**r, "hint": "Q"} if i % 2 else r for i, r in enumerate(ragged(records, seed=2))]
+    t, _ = _trainer("llama", tokenizer, data, tmp_path, "groups", teacher_prompt_field=None)
+    run = t.run
+    batches = [run.stream.next() for _ in range(3)]
+    want = sorted(str(_rows(b, r)) for b in batches for r in range(b.size))
+    for budget in (1, 30, 60, 10_000):
+        groups = token_groups(batches, budget, packed=packed)
+        picks = [pick for group in groups for pick in group]
+        assert sorted(picks) == sorted((b, r) for b in range(3) for r in range(batches[b].size))
+        regrouped = [select_rows(batches, group, tokenizer.pad_token_id) for group in groups]
+        assert sorted(str(_rows(b, r)) for b in regrouped for r in range(b.size)) == want
+        for b in regrouped:
+            assert b.size == 1 or _cost(b, packed) <= budget
+        if budget == 1:
+            assert len(groups) == sum(b.size for b in batches)  # every row alone
+        if budget == 10_000:
+            assert len(groups) == 1
+
+
+def _recorded_forward(run):
+    """Wrap the run's student forward to record each micro-batch it is handed."""
+    seen, real = [], run.student_forward
+
+    def forward(prompt_ids, prompt_mask, completion_ids, completion_mask):
+        seen.append((prompt_ids.shape, completion_ids.shape, int(prompt_mask.sum() + completion_mask.sum())))
+        return real(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    run.student_forward = forward
+    return seen
+
+
+def _same_records(a: dict, b: dict) -> None:
+    assert a["on_policy"] == b["on_policy"] and a["lmbda"] == b["lmbda"]
+    assert a["completion_tokens"] == b["completion_tokens"] and a["sequences"] == b["sequences"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6)
+    sa, sb = _flat(a["stats"]), _flat(b["stats"])
+    assert sa.keys() == sb.keys()
+    for key in sa:  # the same values, in another order (the log reports their mean)
+        torch.testing.assert_close(sa[key].sort().values, sb[key].sort().values, **TOL)
+    if a["rl"]:
+        for key in ("reward", "advantage"):
+            torch.testing.assert_close(torch.cat(a["rl"][key]), torch.cat(b["rl"][key]))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(lmbda=0.5, divergence="jsd", beta=0.5, gradient_accumulation_steps=2),
+        dict(lmbda=1.0, divergence="reverse_kl", packed_forward=False),
+        dict(lmbda=1.0, divergence="jsd", beta=0.9, alpha=0.5, reward="exact_match", kl_to_initial=0.1),
+        dict(lmbda=0.0, divergence="forward_kl", reduction="sequence", gradient_accumulation_steps=3),
+    ],
+    ids=["lambda+accumulation", "on-policy padded", "rl", "sequence-reduction"],
+)
+def test_steps_by_token_budget_equal_steps_by_sequence_count(case, tokenizer, records, tmp_path):
+    """λ's coin, the step's denominator (counted after the rollout), gradient accumulation and the RL advantages:
+    a run by token budget takes the same steps as one by sequence count, in smaller micro-batches."""
+    data = ragged(records)
+    budget, _ = _trainer("llama", tokenizer, data, tmp_path, "budget", max_tokens_per_batch=40, **case)
+    plain, _ = _trainer("llama", tokenizer, data, tmp_path, "plain", **case)
+    seen = _recorded_forward(budget.run)
+    packed = packed_forward_on(budget.run.student)
+    for step in range(3):
+        _same_records(gkd_step(budget.run, step), gkd_step(plain.run, step))
+    accumulation = case.get("gradient_accumulation_steps", 1)
+    assert len(seen) > 3 * accumulation  # more, smaller micro-batches than the sequence count gives
+    for prompt_shape, completion_shape, real in seen:
+        cost = real if packed else prompt_shape[0] * (prompt_shape[1] + completion_shape[1])
+        assert prompt_shape[0] == 1 or cost <= 40
+    for (n, pa), (_, pb) in zip(budget.run.student.named_parameters(), plain.run.student.named_parameters()):
+        torch.testing.assert_close(pa, pb, **TOL, msg=n)
+
+
+def test_a_run_by_token_budget_resumes_exactly(tokenizer, records, tmp_path):
+    """Micro-batches by token count change nothing a checkpoint holds: the stream draws the same batches, so a run
+    stopped after step 2 and resumed takes step 3 and 4 as the uninterrupted run does."""
+    import json
+
+    data = ragged(records)
+    case = dict(lmbda=0.5, divergence="jsd", max_tokens_per_batch=40, max_steps=4, save_steps=2)
+    full, _ = _trainer("llama", tokenizer, data, tmp_path, "full", **case)
+    full.train()
+    part, _ = _trainer("llama", tokenizer, data, tmp_path, "part", **case)
+    real_step = part.train_step
+
+    def step_then_stop():
+        if part.step == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived during step 3
+        return real_step()
+
+    part.train_step = step_then_stop
+    with pytest.raises(TrainingInterrupted):
+        part.train()
+    resumed, _ = _trainer("llama", tokenizer, data, tmp_path, "part", **case, resume_from_checkpoint="latest")
+    resumed.train()
+
+    def losses(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    assert losses("part") == pytest.approx(losses("full"), rel=1e-6)
+    for (n, pa), (_, pb) in zip(full.run.student.named_parameters(), resumed.run.student.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
+
+
+def test_max_tokens_per_batch_is_checked_before_any_model_loads():
+    with pytest.raises(ConfigError, match="'max_tokens_per_batch' must be a positive integer"):
+        base_config(max_tokens_per_batch=0)
+    with pytest.raises(ConfigError, match="'max_tokens_per_batch' cannot be used with fsdp"):
+        base_config(max_tokens_per_batch=512, fsdp=True)
