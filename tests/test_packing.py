@@ -21,7 +21,7 @@ from gkd.errors import ConfigError
 from gkd.forward import packed_forward_on, score_positions, set_packed_forward
 from gkd.models import build_model
 from gkd.objective import Objective
-from gkd.packing import pack_inputs, packing_unsupported_reason
+from gkd.packing import pack_inputs, packing_probe, packing_unsupported_reason
 from gkd.step import gkd_step, student_samples
 from gkd.trainer import GKDTrainer, TrainingInterrupted
 
@@ -116,6 +116,22 @@ def test_packed_forward_auto_keeps_models_that_cannot_pack_padded(tokenizer):
     llama.config._attn_implementation = "paged|sdpa"
     assert "attention kernel" in packing_unsupported_reason(llama)
     assert set_packed_forward(llama, False) == "packed_forward: false" and not packed_forward_on(llama)
+
+
+def test_the_probe_sees_a_model_whose_attention_crosses_sequences(tokenizer, monkeypatch):
+    """Modelling code shipped with a checkpoint is probed: two packed sequences must give their separate outputs."""
+    from transformers import masking_utils
+
+    model = build_model(dict(TINY["llama_student"]), tokenizer, seed=0)
+    assert packing_probe(model) is None
+    monkeypatch.setattr(
+        masking_utils, "find_packed_sequence_indices", lambda position_ids: None
+    )  # no block mask
+    assert "change with its neighbour" in packing_probe(model)
+    assert "change with its neighbour" in set_packed_forward(model, "auto", probe=True)
+    assert not packed_forward_on(model)
+    with pytest.raises(ConfigError, match="packed_forward: true, but a packed sequence's outputs change"):
+        set_packed_forward(model, True, probe=True)
 
 
 # --- the step: loss, gradients and statistics ----------------------------------------------------------------

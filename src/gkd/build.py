@@ -211,7 +211,7 @@ def packing_notes(cfg: GKDConfig, models: Models) -> list[str]:
             roles[role] = view.model
     packed, notes = [], []
     for role, model in roles.items():  # no probe on a sharded student: its forward is collective
-        reason = set_packed_forward(model, cfg.packed_forward, probe=not cfg.fsdp)
+        reason = set_packed_forward(model, cfg.packed_forward, probe=False if cfg.fsdp else None)
         if reason is None:
             packed.append(role)
         elif cfg.packed_forward is not False:

@@ -216,13 +216,17 @@ def packed_forward_on(model: nn.Module) -> bool:
     return bool(getattr(unwrap(model), "gkd_packed_forward", False))
 
 
-def set_packed_forward(model: nn.Module, mode: bool | str, *, probe: bool = True) -> str | None:
+def set_packed_forward(model: nn.Module, mode: bool | str, *, probe: bool | None = None) -> str | None:
     """Turn packed forwards on for ``model`` where ``mode`` (``packed_forward``: ``"auto"``, ``True`` or
     ``False``) allows it; returns why it stays off (``None`` when on). ``"auto"`` packs where the model supports it
-    (:func:`gkd.packing.packing_unsupported_reason`, and with ``probe`` the numbers agree:
-    :func:`gkd.packing.packing_probe`); ``True`` on a model that cannot pack is a :class:`ConfigError`."""
+    (:func:`gkd.packing.packing_unsupported_reason`); ``True`` on a model that cannot pack is a
+    :class:`ConfigError`. ``probe`` also checks the numbers on two short sequences (:func:`gkd.packing.packing_probe`);
+    ``None``: only for modelling code shipped with a checkpoint (``trust_remote_code``), which gkd's tests do not
+    cover (transformers' own families are held to the padded path by ``tests/test_packing.py``)."""
     m = unwrap(model)
     reason = "packed_forward: false" if mode is False else packing_unsupported_reason(m)
+    if probe is None:
+        probe = not type(m).__module__.startswith("transformers.")
     if reason is None and probe:
         reason = packing_probe(m)
     if mode is True and reason is not None:
