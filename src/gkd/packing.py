@@ -105,7 +105,7 @@ def pack_inputs(
     cols = torch.arange(ids.shape[1], device=device)
     real = torch.cat([pm, cm[:, :-1]], dim=1) & (cols <= p_width - 2 + n[:, None]) & keep[:, None]
     lengths_t = torch.where(keep, p_len + n - 1, 0)
-    lengths = lengths_t.tolist()  # the one host sync: the layout is planned on the CPU
+    lengths = lengths_t.tolist()  # the rows are planned on the host (a few numbers per sequence)
     width = sum(lengths) if one_row else max(lengths)
     row_of, offset_of, used = _first_fit(lengths, width)  # examples left out have length 0
     rows = len(used)
