@@ -13,6 +13,9 @@ What is measured (``--device``: CPU by default, CUDA when asked for and present)
   forward (``gkd.forward.StudentForward``), the JSD(0.5) objective (``gkd.objective.Objective``), backward.
   ``padded``: ``packed_forward: false``; ``packed``: both models packed (``gkd.forward.set_packed_forward``).
   One warm-up micro-batch, then ``--repeats`` passes over all micro-batches; the time is the best repeat.
+* **Token budgets** (``--max-tokens-per-batch N``): the same sequences regrouped into micro-batches of at most N
+  forward tokens (``gkd.data.token_groups``: real tokens for the packed path, rows x padded width for the padded
+  one), as ``max_tokens_per_batch`` regroups a step's sequences.
 * **Real tokens per second**: the sequences' tokens (prompt + completion) over the pass's seconds, the same count
   for both paths, so ``packed_speedup`` is the ratio of the two times.
 * **Peak memory**: each path runs in a child process of its own (same seeds, same data); on CUDA the peak of
@@ -24,6 +27,7 @@ Usage (from the repository root):
     python benchmarks/bench_packing.py                 # 64 sequences, 2 repeats: a few minutes on 2 cores
     python benchmarks/bench_packing.py --quick         # 16 sequences, 1 repeat: a smoke run (~30 s)
     python benchmarks/bench_packing.py --threads 1 --clock cpu   # on a busy machine: process CPU time
+    python benchmarks/bench_packing.py --max-tokens-per-batch 4096   # micro-batches by token count, both paths
 
 It prints one line per path and ends with ``packed_speedup=``, ``peak_mb_padded=``, ``peak_mb_packed=``.
 """
@@ -103,6 +107,11 @@ def child(args: argparse.Namespace) -> None:
     teacher, forward = Teacher(teacher_model, VOCAB), StudentForward(student, VOCAB)
     objective = Objective.from_config(GKDConfig(divergence="jsd", beta=0.5))
     batches = ragged_batches(args.sequences, args.batch_size, args.seed, args.device)
+    if args.max_tokens_per_batch:  # the same sequences regrouped by token count, as max_tokens_per_batch does
+        from gkd.data import select_rows, token_groups
+
+        groups = token_groups(batches, args.max_tokens_per_batch, packed=args.path == "packed")
+        batches = [select_rows(batches, group, 0) for group in groups]
     real = sum(int(b.prompt_mask.sum() + b.completion_mask.sum()) for b in batches)
     padded = sum(b.size * (b.prompt_ids.shape[1] + b.completion_ids.shape[1]) for b in batches)
 
@@ -130,7 +139,17 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         best = min(best, clock() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mb() - base_rss
-    print(json.dumps({"seconds": best, "real_tokens": real, "padded_tokens": padded, "peak_mb": peak}))
+    print(
+        json.dumps(
+            {
+                "seconds": best,
+                "real_tokens": real,
+                "padded_tokens": padded,
+                "peak_mb": peak,
+                "micro_batches": len(batches),
+            }
+        )
+    )
 
 
 def _rss_mb() -> float:
@@ -155,6 +174,11 @@ def main() -> None:
         "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (busy machines)"
     )
     ap.add_argument("--quick", action="store_true", help="16 sequences, 1 repeat")
+    ap.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        help="regroup the micro-batches by token count (max_tokens_per_batch)",
+    )
     ap.add_argument("--path", choices=["padded", "packed"], help=argparse.SUPPRESS)  # a child's path
     args = ap.parse_args()
     if args.quick:
@@ -169,11 +193,12 @@ def main() -> None:
         r = results[path]
         print(
             f"{path:7s} {r['seconds']:8.2f} s  {r['real_tokens'] / r['seconds']:9.0f} real tokens/s  "
-            f"peak {r['peak_mb']:8.1f} MB  ({r['real_tokens']} real of {r['padded_tokens']} padded tokens)"
+            f"peak {r['peak_mb']:8.1f} MB  ({r['real_tokens']} real of {r['padded_tokens']} padded tokens, "
+            f"{r['micro_batches']} micro-batches)"
         )
     print(
         f"device={args.device} attn={args.attn} sequences={args.sequences} batch_size={args.batch_size} "
-        f"threads={args.threads} clock={args.clock}"
+        f"threads={args.threads} clock={args.clock} max_tokens_per_batch={args.max_tokens_per_batch}"
     )
     print(f"packed_speedup={results['padded']['seconds'] / results['packed']['seconds']:.2f}")
     print(f"peak_mb_padded={results['padded']['peak_mb']:.1f}")
