@@ -243,16 +243,19 @@ def test_the_teachers_own_prompt_is_scored_packed(tokenizer, records, tmp_path):
     _same_step(packed, padded, tmp_path)
 
 
-def test_packed_forward_true_on_a_seq2seq_student_is_one_line(tokenizer, records, tmp_path):
-    cfg = base_config(output_dir=str(tmp_path / "t5"), packed_forward=True, divergence="nll")
-    t = GKDTrainer(
-        cfg,
-        student=build_model(dict(TINY["t5"]), tokenizer, seed=0),
-        tokenizer=tokenizer,
-        train_records=records[:16],
-    )
+def test_a_seq2seq_student_stays_padded_and_the_log_says_why(tokenizer, records, tmp_path):
+    def setup(mode):
+        lines: list[str] = []
+        cfg = base_config(output_dir=str(tmp_path / str(mode)), packed_forward=mode, divergence="nll")
+        t5 = build_model(dict(TINY["t5"]), tokenizer, seed=0)
+        GKDTrainer(cfg, student=t5, tokenizer=tokenizer, train_records=records[:16], log=lines.append).setup()
+        return lines
+
+    lines = setup("auto")
+    assert "forwards: the student runs padded (encoder-decoder model" in "\n".join(lines)
+    assert not any(line.startswith("forwards: packed") for line in lines)
     with pytest.raises(ConfigError, match="packed_forward: true, but encoder-decoder model"):
-        t.setup()
+        setup(True)
 
 
 # --- token-budget micro-batches ------------------------------------------------------------------------------
