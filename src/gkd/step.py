@@ -16,7 +16,8 @@ pieces: :func:`student_samples` (the rollout), ``run.teacher.view`` (:mod:`gkd.t
 
 The loss of a step is normalised by the valid completion tokens (or sequences) actually in it, counted over all
 micro-batches and all processes *after* the rollout, so on-policy steps are never normalised by the dataset's
-completion lengths.
+completion lengths. With ``max_tokens_per_batch`` the step's sequences are regrouped after the rollout into
+micro-batches by token count (:func:`by_tokens`): the same sequences and denominator, smaller forwards.
 """
 
 from __future__ import annotations
