@@ -28,7 +28,7 @@ from gkd import preflight
 from gkd.config import GKDConfig, Plan, bf16_weights_warning, training_plan
 from gkd.data import TokenizedDataset, make_stream
 from gkd.errors import ConfigError
-from gkd.forward import StudentForward, fused_head_unsupported_reason, unwrap
+from gkd.forward import StudentForward, fused_head_unsupported_reason, set_packed_forward, unwrap
 from gkd.inputs import (  # noqa: F401  (re-exported: gkd.build's names before gkd.inputs existed)
     Inputs,
     load_dataset,
@@ -98,6 +98,8 @@ def build_run(
     )
     # 2. the models
     models = load_models(cfg, inputs, student, teacher, dist.device)
+    for note in packing_notes(cfg, models):
+        log(note)
     # 3. what the teacher writes: SeqKD targets, the top-k cache
     train_data, topk_cache = teacher_outputs(cfg, inputs, models, output_dir, log)
     # 4. optimisation: AdamW and its schedule, the student's forward pass prepared for the processes (DDP)
@@ -197,6 +199,25 @@ def path_notes(cfg: GKDConfig, student: nn.Module, sampler: Sampler, data: Token
         if reason is None
         else f"loss: from full logits at the completion positions, more memory ({reason})"
     )
+    return notes
+
+
+def packing_notes(cfg: GKDConfig, models: Models) -> list[str]:
+    """Turn packed forwards on for the student, the local teacher and the RL reference as ``packed_forward``
+    says (:func:`gkd.forward.set_packed_forward`); one line per model that stays padded, saying why."""
+    roles = {"student": models.student}
+    for role, view in (("teacher", models.teacher), ("reference", models.reference)):
+        if getattr(view, "model", None) is not None:  # a served teacher has no model here
+            roles[role] = view.model
+    packed, notes = [], []
+    for role, model in roles.items():  # no probe on a sharded student: its forward is collective
+        reason = set_packed_forward(model, cfg.packed_forward, probe=False if cfg.fsdp else None)
+        if reason is None:
+            packed.append(role)
+        elif cfg.packed_forward is not False:
+            notes.append(f"forwards: the {role} runs padded ({reason})")
+    if packed:
+        notes.insert(0, f"forwards: packed, real tokens only, for the {' and '.join(packed)}")
     return notes
 
 

@@ -276,6 +276,16 @@ class GKDConfig:
     teacher_cache: Literal["none", "topk"] = "none"
     """``topk``: store the teacher's top-k log-probs + tail for the fixed dataset once, instead of rerunning it."""
     teacher_cache_topk: int = 64
+    packed_forward: Literal["auto"] | bool = "auto"
+    """Teacher and student forwards on the batch's real tokens only: its sequences end to end, attention kept
+    inside each (``gkd.packing``; TRL's ``padding_free``, for every attention kernel, not flash only). ``auto``:
+    where the model supports it (the log says which models pack, and why not where one does not); ``true``: an
+    error for a model that cannot; ``false``: padded forwards."""
+    max_tokens_per_batch: int | None = None
+    """Micro-batches by token count instead of sequence count: after the rollout, the step's sequences (all
+    ``gradient_accumulation_steps`` batches of them) are sorted by length and regrouped into micro-batches of at
+    most this many forward tokens (real tokens when the forwards pack, else rows x padded width; a longer sequence
+    gets a micro-batch of its own). The step's data, loss and gradient are unchanged: only memory and padding are."""
 
     # --- output, logging, evaluation --------------------------------------------------------------------------
     output_dir: str = "runs/gkd"

@@ -157,6 +157,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_total_limit": (lambda v: v > 0, "a positive integer or null"),
     "num_threads": (lambda v: v > 0, _POSITIVE),
     "loss_chunk_size": (lambda v: v > 0, _POSITIVE),
+    "max_tokens_per_batch": (lambda v: v > 0, "a positive integer or null (micro-batches by sequence count)"),
     "teacher_cache_topk": (lambda v: v > 0, _POSITIVE),
     "teacher_topk": (lambda v: v > 0, _POSITIVE),
     "teacher_student_topk": (lambda v: v >= 0, ">= 0"),
@@ -186,6 +187,11 @@ def validate(cfg: Any) -> None:
     _check_rl(cfg)
     _check_names(cfg)
     _check_schedule(cfg)
+    if cfg.max_tokens_per_batch is not None and cfg.fsdp:
+        raise ConfigError(
+            "config key 'max_tokens_per_batch' cannot be used with fsdp yet (ranks would run different numbers of "
+            "sharded forwards); unset max_tokens_per_batch or fsdp"
+        )
     if cfg.lora is not None:
         _check(cfg.lora.r > 0, "lora.r", _POSITIVE, cfg.lora.r)
         _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", cfg.lora.dropout)

@@ -8,6 +8,11 @@ logit transforms) the logits at those positions. :class:`StudentForward` is the 
 data-parallel wrappers see the student's forward pass. The local teacher, the sharded student (:mod:`gkd.fsdp`),
 the served teacher's client and ``gkd diagnose`` score through the same function; the teacher server applies the
 same head (:func:`head_of`).
+
+Packed forwards (:mod:`gkd.packing`, config key ``packed_forward``): a model that :func:`set_packed_forward`
+turned on runs on the batch's real tokens only, several sequences to a row, and returns the same
+:class:`ScoringOutput` (the outputs at the valid completion positions, in the same order), so the loss never
+knows. A batch that cannot be packed (see :func:`gkd.packing.pack_inputs`) takes the padded path.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gkd.errors import ConfigError
 from gkd.outputs import Head, ScoringOutput
+from gkd.packing import pack_inputs, packing_probe, packing_unsupported_reason, wants_one_row
 
 __all__ = [
     "Scorer",
@@ -25,7 +32,9 @@ __all__ = [
     "fused_head_unsupported_reason",
     "head_of",
     "is_seq2seq",
+    "packed_forward_on",
     "score_positions",
+    "set_packed_forward",
     "unwrap",
 ]
 
@@ -126,6 +135,7 @@ def score_positions(
     *,
     vocab: int | None = None,
     fused: bool = True,
+    packed: bool | None = None,
 ) -> ScoringOutput:
     """Run ``model`` on prompt + completion and return what predicts each valid completion token.
 
@@ -134,8 +144,15 @@ def score_positions(
     With ``fused`` and a supported model, only the base model runs; the head is applied later, in chunks, by the
     loss. Otherwise logits are computed at the valid positions only (``logits_to_keep`` is not needed: hidden
     states are gathered before the head where possible).
+
+    ``packed``: run on the real tokens only (:mod:`gkd.packing`); ``None`` follows the model's setting
+    (:func:`set_packed_forward`, off unless turned on). The outputs are the padded path's, in the same order.
     """
     m = unwrap(model)
+    if packed if packed is not None else packed_forward_on(m):
+        out = _score_packed(model, m, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab, fused)
+        if out is not None:
+            return out
     valid = completion_mask.bool()
     if is_seq2seq(m):
         start = m.config.decoder_start_token_id
@@ -162,6 +179,60 @@ def score_positions(
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     logits = out.logits[:, p - 1 :][valid]
     return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
+
+
+def _score_packed(
+    model: nn.Module,
+    m: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    vocab: int | None,
+    fused: bool,
+) -> ScoringOutput | None:
+    """:func:`score_positions` on the packed batch (``None``: this batch cannot be packed, run it padded)."""
+    if is_seq2seq(m):
+        return None
+    packed = pack_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, one_row=wants_one_row(m))
+    if packed is None:
+        return None
+    # no attention mask: transformers builds the block-diagonal causal mask from the restarting position ids
+    inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+    if fused and fused_head_supported(m):
+        hidden = getattr(m, m.base_model_prefix)(**inputs).last_hidden_state
+        return ScoringOutput(
+            hidden.reshape(-1, hidden.shape[-1])[packed.gather],
+            head_of(m, m.get_output_embeddings(), vocab),
+            None,
+        )
+    logits = model(**inputs).logits
+    logits = logits.reshape(-1, logits.shape[-1])[packed.gather]
+    return ScoringOutput(None, None, logits[:, :vocab] if vocab is not None else logits)
+
+
+def packed_forward_on(model: nn.Module) -> bool:
+    """Does ``model`` score packed by default (:func:`set_packed_forward`)?"""
+    return bool(getattr(unwrap(model), "gkd_packed_forward", False))
+
+
+def set_packed_forward(model: nn.Module, mode: bool | str, *, probe: bool | None = None) -> str | None:
+    """Turn packed forwards on for ``model`` where ``mode`` (``packed_forward``: ``"auto"``, ``True`` or
+    ``False``) allows it; returns why it stays off (``None`` when on). ``"auto"`` packs where the model supports it
+    (:func:`gkd.packing.packing_unsupported_reason`); ``True`` on a model that cannot pack is a
+    :class:`ConfigError`. ``probe`` also checks the numbers on two short sequences (:func:`gkd.packing.packing_probe`);
+    ``None``: only for modelling code shipped with a checkpoint (``trust_remote_code``), which gkd's tests do not
+    cover (transformers' own families are held to the padded path by ``tests/test_packing.py``)."""
+    m = unwrap(model)
+    reason = "packed_forward: false" if mode is False else packing_unsupported_reason(m)
+    if probe is None:
+        probe = not type(m).__module__.startswith("transformers.")
+    if reason is None and probe:
+        reason = packing_probe(m)
+    if mode is True and reason is not None:
+        raise ConfigError(f"packed_forward: true, but {reason}; set packed_forward: auto (or false)")
+    m.gkd_packed_forward = reason is None
+    return reason
 
 
 class StudentForward(nn.Module):

@@ -16,7 +16,8 @@ pieces: :func:`student_samples` (the rollout), ``run.teacher.view`` (:mod:`gkd.t
 
 The loss of a step is normalised by the valid completion tokens (or sequences) actually in it, counted over all
 micro-batches and all processes *after* the rollout, so on-policy steps are never normalised by the dataset's
-completion lengths.
+completion lengths. With ``max_tokens_per_batch`` the step's sequences are regrouped after the rollout into
+micro-batches by token count (:func:`by_tokens`): the same sequences and denominator, smaller forwards.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from typing import Any
 import torch
 
 from gkd import fsdp
-from gkd.data import Batch
+from gkd.data import Batch, select_rows, token_groups
+from gkd.forward import packed_forward_on
 from gkd.rl import score_samples
 from gkd.run import Coin, Run, Timer
 from gkd.sampling import sample_batch
 from gkd.teachers import RoutedTeachers
 
-__all__ = ["Coin", "gkd_step", "lmbda_at", "optimizer_step", "student_samples"]
+__all__ = ["Coin", "by_tokens", "gkd_step", "lmbda_at", "optimizer_step", "student_samples"]
 
 
 def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
@@ -58,6 +60,10 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
             )
             rl["reward"].append(rewards)
             rl["advantage"].append(advantages[i])
+    if (
+        cfg.max_tokens_per_batch is not None
+    ):  # micro-batches by token count, now that the completions are known
+        batches, advantages = by_tokens(run, batches, advantages)
     # after the rollout: the tokens this step really trains on, over every micro-batch and rank
     denominator = run.dist.sum(sum(run.objective.count(b) for b in batches))
 
@@ -110,6 +116,22 @@ def gkd_step(run: Run, step: int, *, log_stats: bool = True) -> dict[str, Any]:
         "rl": rl,
         "times": dict(timer.seconds),
     }
+
+
+def by_tokens(
+    run: Run, batches: list[Batch], advantages: list[torch.Tensor | None]
+) -> tuple[list[Batch], list[torch.Tensor | None]]:
+    """The step's sequences regrouped into micro-batches of at most ``max_tokens_per_batch`` forward tokens
+    (:func:`gkd.data.token_groups`), each row's RL advantage moved with it. The same sequences, so the step's
+    denominator, loss and gradient do not change; only how many rows each forward holds."""
+    packed = packed_forward_on(run.student)
+    groups = token_groups(batches, run.cfg.max_tokens_per_batch, packed=packed)
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    moved = [
+        None if advantages[0] is None else torch.stack([advantages[b][r] for b, r in group])
+        for group in groups
+    ]
+    return [select_rows(batches, group, pad_id) for group in groups], moved
 
 
 def lmbda_at(cfg: Any, step: int) -> float:

@@ -51,6 +51,8 @@ from gkd.data.batch import (
     make_stream,
     pad_left,
     pad_right,
+    select_rows,
+    token_groups,
 )
 from gkd.data.records import (
     load_records,
@@ -97,8 +99,10 @@ __all__ = [
     "read_chat_template",
     "read_jsonl",
     "read_with_datasets",
+    "select_rows",
     "split_record",
     "teacher_prompt_text",
+    "token_groups",
     "tokenize_dataset",
     "tokenize_records",
     "tokenizer_fingerprint",

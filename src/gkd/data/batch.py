@@ -2,7 +2,8 @@
 
 :class:`BatchStream` draws seeded, resumable batches from an indexed dataset (each process its slice, or its
 shard); :class:`PromptStream` draws prompts from a :class:`gkd.data.StreamingDataset`; :func:`make_stream` picks
-the one a dataset needs.
+the one a dataset needs. :func:`token_groups` and :func:`select_rows` regroup a step's sequences into micro-batches
+by token count (``max_tokens_per_batch``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from gkd.data.arrow import StreamingDataset, _stream_examples
 from gkd.data.tokenize import Example, TokenizedDataset
 from gkd.errors import DataError
 
-__all__ = ["Batch", "BatchStream", "PromptStream", "collate", "make_stream", "pad_left", "pad_right"]
+__all__ = [
+    "Batch",
+    "BatchStream",
+    "PromptStream",
+    "collate",
+    "make_stream",
+    "pad_left",
+    "pad_right",
+    "select_rows",
+    "token_groups",
+]
 
 
 @dataclass
@@ -114,6 +125,71 @@ def collate(examples: list[Example], pad_id: int, indices: list[int] | None = No
             [e.prompt if e.teacher_prompt is None else e.teacher_prompt for e in examples], pad_id
         )
     return Batch(p_ids, p_mask, c_ids, c_mask, [e.record for e in examples], False, indices, t_ids, t_mask)
+
+
+def _span(mask: torch.Tensor) -> tuple[int, int]:
+    """The first and one-past-last valid column of a row's mask (0, 0 when none is valid)."""
+    cols = mask.nonzero()
+    return (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+
+
+def token_groups(batches: list[Batch], max_tokens: int, *, packed: bool) -> list[list[tuple[int, int]]]:
+    """The rows of ``batches`` (``(batch, row)`` pairs) regrouped into micro-batches of at most ``max_tokens``
+    forward tokens, longest sequences first so that rows of like length share a micro-batch.
+
+    A micro-batch's tokens are what its forward runs on: with ``packed`` forwards its real tokens (prompt +
+    completion of each row), else rows x (longest prompt + longest completion). A row longer than the budget gets
+    a micro-batch of its own (a sequence is never split). Every row lands in exactly one micro-batch."""
+    rows = []
+    for b, batch in enumerate(batches):
+        p_len, c_end = batch.prompt_mask.sum(1).tolist(), [_span(m)[1] for m in batch.completion_mask]
+        rows += [(p_len[r] + c_end[r], p_len[r], c_end[r], (b, r)) for r in range(batch.size)]
+    rows.sort(key=lambda row: -row[0])  # stable: equal lengths keep the draw order
+    groups: list[list[tuple[int, int]]] = []
+    total = widest_p = widest_c = 0
+    for length, p, c, pick in rows:
+        cost = (
+            total + length
+            if packed
+            else (len(groups[-1]) + 1 if groups else 1) * (max(widest_p, p) + max(widest_c, c))
+        )
+        if not groups or cost > max_tokens:
+            groups.append([])
+            total = widest_p = widest_c = 0
+        groups[-1].append(pick)
+        total, widest_p, widest_c = total + length, max(widest_p, p), max(widest_c, c)
+    return groups
+
+
+def select_rows(batches: list[Batch], picks: list[tuple[int, int]], pad_id: int) -> Batch:
+    """The rows ``picks`` (``(batch, row)`` pairs) of ``batches`` as one batch, padded to their own widths (prompts
+    on the left, completions on the right, as :func:`collate` pads them)."""
+    first = batches[picks[0][0]]
+    device = first.prompt_ids.device
+
+    def stack(
+        pairs: list[tuple[torch.Tensor, torch.Tensor]], left: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        spans = [_span(m) for _, m in pairs]
+        width = max([1 if not left else 0] + [end - start for start, end in spans])
+        ids = torch.full((len(pairs), width), pad_id, dtype=first.prompt_ids.dtype, device=device)
+        mask = torch.zeros((len(pairs), width), dtype=torch.bool, device=device)
+        for k, ((row_ids, row_mask), (start, end)) in enumerate(zip(pairs, spans)):
+            at = slice(width - (end - start), width) if left else slice(0, end - start)
+            ids[k, at], mask[k, at] = row_ids[start:end], row_mask[start:end]
+        return ids, mask
+
+    rows = [(batches[b], r) for b, r in picks]
+    p_ids, p_mask = stack([(b.prompt_ids[r], b.prompt_mask[r]) for b, r in rows], left=True)
+    c_ids, c_mask = stack([(b.completion_ids[r], b.completion_mask[r]) for b, r in rows], left=False)
+    t_ids = t_mask = None
+    if any(b.teacher_prompt_ids is not None for b, _ in rows):
+        t_ids, t_mask = stack(
+            [(b.teacher_prompt()[0][r], b.teacher_prompt()[1][r]) for b, r in rows], left=True
+        )
+    indices = None if any(b.indices is None for b, _ in rows) else [b.indices[r] for b, r in rows]
+    records = [b.records[r] for b, r in rows]
+    return Batch(p_ids, p_mask, c_ids, c_mask, records, first.on_policy, indices, t_ids, t_mask)
 
 
 class _StreamBase:
