@@ -268,18 +268,20 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     Written out with the same elementary ops as the reference module, so float32 results are bit-identical;
     this is also about twice as fast on CPU as ``F.rms_norm``, whose kernel is decomposed into more ops.
     """
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    cast = x.dtype != torch.float32  # float32 input: skip the no-op casts (two dispatcher calls a norm)
+    xf = x.float() if cast else x
+    xf = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # in place on the fresh [N, 1] mean
+    return weight * (xf.to(x.dtype) if cast else xf)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the "rotate half" layout: ``x * cos + cat(-x2, x1) * sin``.
 
-    ``cat(-x2, x1) * sin`` is computed as ``cat(x2, x1) * cat(-sin1, sin2)`` with the sign folded into a
-    precomputed table; ``cat(x2, x1)`` is one ``flip`` of the halves (``roll`` would be two slices and a ``cat``).
+    ``cat(-x2, x1) * sin`` is computed as ``roll(x, d/2) * cat(-sin1, sin2)`` with the sign folded into a
+    precomputed table, which is one kernel instead of three (``roll`` measured faster than a ``flip`` of the
+    halves on CPU).
     """
-    return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * sin_signed
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def _attention(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
