@@ -4,8 +4,11 @@ The decoder step is re-implemented functionally on the weights of the Hugging Fa
 buffers preallocated for the whole rollout (``[B, kv_heads, P + max_new_tokens, head_dim]``), attention is one
 ``scaled_dot_product_attention`` call over a slice of those buffers with a precomputed additive mask, rotary tables
 are computed once by the model's own rotary module (so the checkpoint's rope scaling is honoured), and small models
-get their projections fused into contiguous ``[in, out]`` matrices (oneDNN-packed on the CPU). A decode step is then
-~20 tensor ops per layer plus ~10 to pick the tokens, and no other Python.
+get their projections fused into contiguous ``[in, out]`` matrices (oneDNN-packed on the CPU, with the residual add
+as a post-op of the matmul). A decode step is then ~20 tensor ops per layer plus ~10 to pick the tokens, and no
+other Python. Rows that have emitted an EOS are dropped from the working batch and the K/V buffers once a quarter of
+it has (:data:`COMPACT_FRACTION`), so they stop costing compute; every row still takes its own random draw from the
+generator, so the tokens are exactly those of a loop that keeps every row to the end.
 
 Which models it runs is decided here too (:func:`fast_path_unsupported_reason`, :func:`auto_fast_reason`, and
 :func:`fast_backend_config_reason` from the config alone); :func:`gkd.sampling.local.sample_with` chooses between
