@@ -5,13 +5,19 @@ Shape (the on-policy distillation inner loop on a small student): a Llama-style 
 64 sampled tokens per row. At this size ``generate`` is bound by per-step Python overhead, which is exactly what
 the fast path removes.
 
-EOS is an id outside the vocabulary, so no row ever stops early and both sides produce exactly
-``batch * new_tokens`` tokens. The two contenders alternate, run by run, so drifts in machine load hit both
-equally; the medians are compared. The last line is machine-readable:
+By default EOS is an id outside the vocabulary, so no row ever stops early and both sides produce exactly
+``batch * new_tokens`` tokens. ``--eos-ids N`` makes ids 1..N end a row instead (about N / vocab of the
+probability mass per step on this random model), so rows stop at different steps, as real completions do, and the
+fast loop's dropping of finished rows is measured too; each side then stops when all its rows have stopped. The two
+contenders alternate, run by run, so drifts in machine load hit both equally; the medians are compared. The last
+line is machine-readable:
 
     rollout_speedup_vs_generate=X
 
-Usage: ``PYTHONPATH=src python benchmarks/bench_rollout.py [--runs 7] [--big-vocab]``
+``--fast-only`` times the fast backend alone (last line ``rollout_fast_median_s=X``), for comparing two versions of
+it: run the script under each version's ``PYTHONPATH`` in turn, alternating.
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_rollout.py [--runs 7] [--big-vocab] [--eos-ids 256] [--fast-only]``
 """
 
 from __future__ import annotations
@@ -47,12 +53,22 @@ def time_once(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(vocab: int, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int) -> float:
+def bench(
+    vocab: int,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    runs: int,
+    warmup: int,
+    eos_ids: int = 0,
+    fast_only: bool = False,
+) -> dict[str, float]:
+    """Median seconds per rollout of each contender (``fast``, and ``generate`` unless ``fast_only``)."""
     torch.manual_seed(0)
     model = build_model(vocab)
     input_ids = torch.randint(0, vocab, (batch, prompt_len))
     attention_mask = torch.ones_like(input_ids)
-    never = vocab  # an EOS id that can never be sampled
+    stop = list(range(1, 1 + eos_ids)) or [vocab]  # [vocab]: an EOS id that can never be sampled
     assert fast_path_unsupported_reason(model, prompt_len + new_tokens) is None
 
     def run_generate() -> None:
@@ -66,10 +82,10 @@ def bench(vocab: int, batch: int, prompt_len: int, new_tokens: int, runs: int, w
                 top_k=0,
                 top_p=1.0,
                 use_cache=True,
-                eos_token_id=never,
+                eos_token_id=stop,
                 pad_token_id=0,
             )
-        assert out.shape == (batch, prompt_len + new_tokens)
+        assert out.shape[0] == batch and out.shape[1] <= prompt_len + new_tokens
 
     generator = torch.Generator().manual_seed(0)
 
@@ -79,24 +95,26 @@ def bench(vocab: int, batch: int, prompt_len: int, new_tokens: int, runs: int, w
             input_ids,
             attention_mask,
             max_new_tokens=new_tokens,
-            eos_token_ids=[never],
+            eos_token_ids=stop,
             pad_token_id=0,
             generator=generator,
             backend="fast",
         )
-        assert rollout.completion_ids.shape == (batch, new_tokens)
+        assert rollout.completion_ids.shape[0] == batch and rollout.completion_ids.shape[1] <= new_tokens
 
+    contenders = {"fast": run_fast} if fast_only else {"generate": run_generate, "fast": run_fast}
     for _ in range(warmup):
-        run_generate()
-        run_fast()
-    times: dict[str, list[float]] = {"generate": [], "fast": []}
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(runs):
-        times["generate"].append(time_once(run_generate))
-        times["fast"].append(time_once(run_fast))
+        for name, fn in contenders.items():
+            times[name].append(time_once(fn))
 
     tokens = batch * new_tokens
     print(
         f"\nLlama h256 L4 vocab {vocab}, batch {batch}, prompt {prompt_len}, new {new_tokens}, {runs} runs, "
+        f"{eos_ids or 'no'} EOS ids, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast-path weights: {choose_layout([model])}"
     )
     medians = {}
@@ -107,9 +125,9 @@ def bench(vocab: int, batch: int, prompt_len: int, new_tokens: int, runs: int, w
             f"  {name:9s} median {medians[name]:.3f} s  {tokens / medians[name]:8.0f} tok/s"
             f"  {1e3 * medians[name] / new_tokens:6.2f} ms/step   runs: {runs_txt}"
         )
-    speedup = medians["generate"] / medians["fast"]
-    print(f"  speed-up (generate / fast): {speedup:.2f}x")
-    return speedup
+    if "generate" in medians:
+        print(f"  speed-up (generate / fast): {medians['generate'] / medians['fast']:.2f}x")
+    return medians
 
 
 def main() -> None:
@@ -121,13 +139,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big-vocab", action="store_true", help="also run the vocab 65,536 variant")
+    parser.add_argument("--eos-ids", type=int, default=0, help="ids 1..N end a row (0: no row ever stops)")
+    parser.add_argument("--fast-only", action="store_true", help="time the fast backend alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    speedup = bench(8192, args.batch, args.prompt_len, args.new_tokens, args.runs, args.warmup)
+    shape = (
+        args.batch,
+        args.prompt_len,
+        args.new_tokens,
+        args.runs,
+        args.warmup,
+        args.eos_ids,
+        args.fast_only,
+    )
+    medians = bench(8192, *shape)
     if args.big_vocab:
-        bench(65536, args.batch, args.prompt_len, args.new_tokens, args.runs, args.warmup)
-    print(f"rollout_speedup_vs_generate={speedup:.2f}")
+        bench(65536, *shape)
+    if args.fast_only:
+        print(f"rollout_fast_median_s={medians['fast']:.4f}")
+    else:
+        print(f"rollout_speedup_vs_generate={medians['generate'] / medians['fast']:.2f}")
 
 
 if __name__ == "__main__":

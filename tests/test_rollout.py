@@ -232,6 +232,56 @@ def test_one_step_frequencies_match_the_tempered_distribution(top_k, top_p):
     assert chi_square_ok(counts, probs)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_dropping_finished_rows_samples_exactly_the_same_tokens(kind, top_k, monkeypatch):
+    """Rows that have stopped are dropped from the fast loop's batch; the tokens of the others must not change.
+
+    Each row's random draw is its own (the generator draws for the whole batch whatever is still running), so
+    the rollout equals the one that never drops a row, and also the EOS-free rollout cut at each row's first EOS.
+    """
+    import gkd.sampling.fast as fast
+
+    model = build(kind)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, VOCAB, (6, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[4, :6] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    kw = {"max_new_tokens": 20, "temperature": 1.3, "top_k": top_k, "backend": "fast"}
+
+    def run(eos: list[int], fraction: float) -> Rollout:
+        monkeypatch.setattr(fast, "COMPACT_FRACTION", fraction)  # 0: drop rows as soon as one stops; 2: never
+        monkeypatch.setattr(fast, "COMPACT_MIN_STEPS_LEFT", 1)
+        return sample(model, ids, mask, eos_token_ids=eos, generator=torch.Generator().manual_seed(3), **kw)
+
+    free = run([], 0.0).completion_ids
+    eos = [
+        int(free[0, 2]),
+        int(free[2, 9]),
+    ]  # rows stop at different steps (row 0 by step 2, row 2 by step 9)
+    dropping, keeping = run(eos, 0.0), run(eos, 2.0)
+    lengths = dropping.completion_mask.sum(1)
+    assert (
+        int(lengths.min()) <= 3 and len(set(lengths.tolist())) > 2
+    )  # rows really stopped at different steps
+    assert torch.equal(dropping.completion_ids, keeping.completion_ids)
+    assert torch.equal(dropping.completion_mask, keeping.completion_mask)
+    cut = free[:, : dropping.completion_ids.shape[1]].masked_fill(~dropping.completion_mask, PAD)
+    assert torch.equal(dropping.completion_ids, cut)
+
+
+def test_next_tokens_gives_each_row_its_own_draw_whatever_rows_remain():
+    """``next_tokens`` on a subset of a batch's rows picks what those rows would get with the whole batch."""
+    logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(max_new_tokens=1, eos_token_ids=(), pad_token_id=PAD, top_p=0.9)
+    full = next_tokens(logits, params, torch.Generator().manual_seed(1))
+    rows = torch.tensor([1, 4, 5])
+    part = next_tokens(logits[rows], params, torch.Generator().manual_seed(1), rows=rows, batch_size=8)
+    assert torch.equal(part, full[rows])
+
+
 def test_top_p_excludes_low_probability_tokens():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(4000, 1)
     params = SamplingParams(max_new_tokens=1, eos_token_ids=(), pad_token_id=PAD, top_p=0.7)

@@ -4,8 +4,11 @@ The decoder step is re-implemented functionally on the weights of the Hugging Fa
 buffers preallocated for the whole rollout (``[B, kv_heads, P + max_new_tokens, head_dim]``), attention is one
 ``scaled_dot_product_attention`` call over a slice of those buffers with a precomputed additive mask, rotary tables
 are computed once by the model's own rotary module (so the checkpoint's rope scaling is honoured), and small models
-get their projections fused into contiguous ``[in, out]`` matrices (oneDNN-packed on the CPU). A decode step is then
-~20 tensor ops per layer plus ~10 to pick the tokens, and no other Python.
+get their projections fused into contiguous ``[in, out]`` matrices (oneDNN-packed on the CPU, with the residual add
+as a post-op of the matmul). A decode step is then ~20 tensor ops per layer plus ~10 to pick the tokens, and no
+other Python. Rows that have emitted an EOS are dropped from the working batch and the K/V buffers once a quarter of
+it has (:data:`COMPACT_FRACTION`), so they stop costing compute; every row still takes its own random draw from the
+generator, so the tokens are exactly those of a loop that keeps every row to the end.
 
 Which models it runs is decided here too (:func:`fast_path_unsupported_reason`, :func:`auto_fast_reason`, and
 :func:`fast_backend_config_reason` from the config alone); :func:`gkd.sampling.local.sample_with` chooses between
@@ -21,6 +24,8 @@ from torch import nn
 from gkd.sampling.params import Rollout, SamplingParams, _to_rollout, next_tokens
 
 __all__ = [
+    "COMPACT_FRACTION",
+    "COMPACT_MIN_STEPS_LEFT",
     "COPY_MAX_BYTES",
     "FAST_VALIDATED_DEVICES",
     "GPT2_FAMILY",
@@ -266,16 +271,18 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     Written out with the same elementary ops as the reference module, so float32 results are bit-identical;
     this is also about twice as fast on CPU as ``F.rms_norm``, whose kernel is decomposed into more ops.
     """
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    cast = x.dtype != torch.float32  # float32 input: skip the no-op casts (two dispatcher calls a norm)
+    xf = x.float() if cast else x
+    xf = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # in place on the fresh [N, 1] mean
+    return weight * (xf.to(x.dtype) if cast else xf)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the "rotate half" layout: ``x * cos + cat(-x2, x1) * sin``.
 
     ``cat(-x2, x1) * sin`` is computed as ``roll(x, d/2) * cat(-sin1, sin2)`` with the sign folded into a
-    precomputed table, which is one kernel instead of three.
+    precomputed table, which is one kernel instead of three (``roll`` measured faster than a ``flip`` of the
+    halves on CPU).
     """
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
@@ -312,10 +319,15 @@ class _Projection:
         else:
             self.weight = weight.t()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias``, plus ``residual`` when given. oneDNN adds the residual as a post-op of the
+        matmul (one kernel and no extra output tensor; the same float32 sum as adding afterwards)."""
         if self.layout == "onednn":
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        out = torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        return out if residual is None else residual + out
 
 
 def _projections(linears: list[nn.Linear], layout: str, batch: int) -> list[_Projection]:
@@ -330,10 +342,13 @@ def _projections(linears: list[nn.Linear], layout: str, batch: int) -> list[_Pro
     return [_Projection(weight, bias, layout, batch)]
 
 
-def _project(x: torch.Tensor, projections: list[_Projection]) -> torch.Tensor:
+def _project(
+    x: torch.Tensor, projections: list[_Projection], residual: torch.Tensor | None = None
+) -> torch.Tensor:
     if len(projections) == 1:
-        return projections[0](x)
-    return torch.cat([proj(x) for proj in projections], dim=-1)
+        return projections[0](x, residual)
+    out = torch.cat([proj(x) for proj in projections], dim=-1)
+    return out if residual is None else residual + out
 
 
 def choose_layout(modules: list[nn.Module]) -> str:
@@ -425,6 +440,11 @@ class _LlamaDecoder:
             "down": _projections([mlp.down_proj], layout, batch),
         }
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the current rows) of the K/V buffers: finished rows are dropped."""
+        self.k_cache = [c.index_select(0, rows) for c in self.k_cache]
+        self.v_cache = [c.index_select(0, rows) for c in self.v_cache]
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         batch, steps = ids.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
@@ -445,10 +465,10 @@ class _LlamaDecoder:
             a = _attention(
                 q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end], mask, w["scale"], self.gqa
             )
-            x = x + _project(a.transpose(1, 2).reshape(batch * steps, nh * hd), w["o"])
+            x = _project(a.transpose(1, 2).reshape(batch * steps, nh * hd), w["o"], residual=x)
             h = _rms_norm(x, *w["ln2"])
             gate, up = _project(h, w["gate_up"]).chunk(2, dim=-1)
-            x = x + _project(w["act"](gate) * up, w["down"])
+            x = _project(w["act"](gate) * up, w["down"], residual=x)
         h = _rms_norm(x.view(batch, steps, -1)[:, -1], *self.norm)
         return _project(h, self.lm_head).float()
 
@@ -487,6 +507,11 @@ class _GPT2Decoder:
         self.k_cache = [self.wte.new_zeros(shape) for _ in self.blocks]
         self.v_cache = [self.wte.new_zeros(shape) for _ in self.blocks]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the current rows) of the K/V buffers: finished rows are dropped."""
+        self.k_cache = [c.index_select(0, rows) for c in self.k_cache]
+        self.v_cache = [c.index_select(0, rows) for c in self.v_cache]
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         batch, steps = ids.shape
         nh, hd = self.n_heads, self.head_dim
@@ -501,9 +526,9 @@ class _GPT2Decoder:
             a = _attention(
                 qkv[:, :nh], self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end], mask, w["scale"], False
             )
-            x = x + w["proj"](a.transpose(1, 2).reshape(batch * steps, nh * hd))
+            x = w["proj"](a.transpose(1, 2).reshape(batch * steps, nh * hd), residual=x)
             h = F.layer_norm(x, width, *w["ln2"])
-            x = x + w["fc_proj"](w["act"](w["fc"](h)))
+            x = w["fc_proj"](w["act"](w["fc"](h)), residual=x)
         h = F.layer_norm(x.view(batch, steps, -1)[:, -1], width, *self.ln_f)
         return self.lm_head(h).float()
 
@@ -512,6 +537,13 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
     )
+
+
+# Finished rows are dropped from the working batch (:func:`_decode`) once at least this fraction of it has finished
+# (and at least one row) while at least COMPACT_MIN_STEPS_LEFT steps remain: dropping copies every K/V buffer once,
+# which only pays off if it saves several steps' worth of compute on the dropped rows. > 1 never drops.
+COMPACT_FRACTION = 0.25
+COMPACT_MIN_STEPS_LEFT = 4
 
 
 def sample_fast(
@@ -543,23 +575,61 @@ def sample_fast(
         step_mask = _additive_mask(key_ok[:, None, None, :], decoder.dtype)  # [B, 1, 1, L], sliced per step
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits = decoder(input_ids, positions, 0, prefill_mask)
-
         next_pos = attention_mask.long().sum(-1, keepdim=True)  # [B, 1] position of the first new token
-        tokens = torch.full((batch, p.max_new_tokens), p.pad_token_id, dtype=torch.long, device=device)
-        eos = torch.tensor(p.eos_token_ids, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        # Asking "all finished?" synchronises with the device; on GPUs only ask every few steps.
-        check_every = 1 if device.type == "cpu" else 8
-        for t in range(p.max_new_tokens):
-            tok = next_tokens(logits, p, generator)
-            if len(eos):
-                tok = tok.masked_fill(finished, p.pad_token_id)
-                finished |= torch.isin(tok, eos)
-            tokens[:, t] = tok
-            if t + 1 == p.max_new_tokens or (
-                len(eos) and (t + 1) % check_every == 0 and bool(finished.all())
-            ):
-                break
-            end = prompt_len + t + 1
-            logits = decoder(tok[:, None], next_pos + t, prompt_len + t, step_mask[..., :end])
+        tokens = _decode(decoder, logits, step_mask, next_pos, prompt_len, p, generator)
     return _to_rollout(tokens.clone(), p.eos_token_ids, p.pad_token_id)
+
+
+def _decode(
+    decoder: _LlamaDecoder | _GPT2Decoder,
+    logits: torch.Tensor,
+    step_mask: torch.Tensor,
+    next_pos: torch.Tensor,
+    prompt_len: int,
+    p: SamplingParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The decode loop after prefill: sample a token per row, feed it back, until every row has stopped.
+
+    Rows that have emitted an EOS are dropped from the working tensors and K/V buffers once enough of them have
+    (``COMPACT_FRACTION``), so they stop costing compute; ``rows`` maps working rows to batch rows, and the
+    generator still draws for every batch row (:func:`~gkd.sampling.params.next_tokens`), so the tokens are
+    exactly those of a loop that never drops a row. Returns the sampled tokens [B, max_new_tokens].
+    """
+    batch, device = logits.shape[0], logits.device
+    tokens = torch.full((batch, p.max_new_tokens), p.pad_token_id, dtype=torch.long, device=device)
+    eos = torch.tensor(p.eos_token_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # per working row
+    rows = None  # batch rows of the working rows once some were dropped (None: all of them, in order)
+    # Asking "how many finished?" synchronises with the device; on GPUs only ask every few steps.
+    check_every = 1 if device.type == "cpu" else 8
+    for t in range(p.max_new_tokens):
+        tok = next_tokens(logits, p, generator, rows=rows, batch_size=batch)
+        if len(eos):
+            tok = tok.masked_fill(finished, p.pad_token_id)
+            finished |= torch.isin(tok, eos)
+        if rows is None:
+            tokens[:, t] = tok
+        else:
+            tokens[rows, t] = tok
+        left = p.max_new_tokens - t - 1
+        if left == 0:
+            break
+        if len(eos) and (t + 1) % check_every == 0:
+            working = finished.shape[0]
+            done = int(finished.sum())
+            if done == working:
+                break
+            if done >= max(1.0, COMPACT_FRACTION * working) and left >= COMPACT_MIN_STEPS_LEFT:
+                alive = (~finished).nonzero().squeeze(-1)
+                decoder.keep(alive)
+                rows = alive if rows is None else rows[alive]
+                tok, finished, step_mask, next_pos = (
+                    tok[alive],
+                    finished[alive],
+                    step_mask[alive],
+                    next_pos[alive],
+                )
+        end = prompt_len + t + 1
+        logits = decoder(tok[:, None], next_pos + t, prompt_len + t, step_mask[..., :end])
+    return tokens

@@ -66,8 +66,20 @@ class SamplingParams:
 # Choosing the next token (shared by the fast path; mirrors what generate's logits processors do)
 
 
-def next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    generator: torch.Generator | None,
+    *,
+    rows: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Pick one token per row from ``logits`` [B, V] (float32). Returns [B] long.
+
+    ``rows`` (with ``batch_size``): the logits are these rows of a batch of ``batch_size`` rows, the others
+    having stopped. The generator still draws one number for every row of the whole batch and each row takes its
+    own, so a row's tokens do not depend on which other rows are still being decoded (the fast loop drops finished
+    rows and must sample exactly what it would have sampled without dropping them).
 
     Same semantics as generate's temperature -> top-k -> top-p chain: top-k keeps exactly ``k`` tokens (via
     ``topk``, which also hands top-p its tokens already sorted); top-p keeps a token while the probability of
@@ -89,11 +101,16 @@ def next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
             probs, ids = torch.sort(probs, dim=-1, descending=True)
         mass_before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(mass_before >= p.top_p, 0.0)
-    choice = _draw(probs, generator)
+    choice = _draw(probs, generator, rows, batch_size)
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(
+    weights: torch.Tensor,
+    generator: torch.Generator | None,
+    rows: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """One index per row with probability proportional to ``weights`` [B, V] (inverse-CDF sampling).
 
     One uniform number per row is compared against the float64 cumulative sum: tokens of weight 0 occupy an
@@ -101,7 +118,11 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     exponential-race sampling, which draw (and take logs of) a random number per vocabulary entry.
     """
     cdf = weights.cumsum(-1, dtype=torch.float64)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
+    drawn = cdf.shape[0] if batch_size is None else batch_size  # one number per row of the whole batch
+    u = torch.rand(drawn, 1, dtype=torch.float64, device=cdf.device, generator=generator)
+    if rows is not None:
+        u = u[rows]
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
 
 
