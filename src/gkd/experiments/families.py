@@ -44,19 +44,29 @@ from gkd.experiments.study import (
     t_interval,
 )
 
-__all__ = ["load_family", "run"]
+__all__ = ["cost_section", "family_path", "load_family", "run"]
 
 _SECTIONS = ("settings", "workspace", "runs", "variants", "eval", "workspace_of")
 
 
-def load_family(name: str) -> dict[str, Any]:
-    """The family's YAML file as read (its runs are parsed by :func:`run`). ``workspace_of: OTHER`` takes the
-    workspace and settings of family OTHER, so the two share its data, teacher and starting student."""
+def family_path(name: str | Path) -> Path:
+    """A packaged family's YAML (``configs/experiments/NAME.yaml``), or ``name`` itself when it is a ``.yaml`` path
+    (an investigation's own family file, e.g. the repository's ``experiments/translation_lambda.yaml``)."""
+    if str(name).endswith((".yaml", ".yml")):
+        return Path(name)
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def load_family(name: str | Path) -> dict[str, Any]:
+    """The family's YAML file as read (its runs are parsed by :func:`run`): a packaged family by name, or a family
+    file by path. ``workspace_of: OTHER`` takes the workspace and settings of packaged family OTHER, so the two
+    share its data, teacher and starting student."""
     from gkd.config import read_yaml
 
-    path = CONFIG_DIR / f"{name}.yaml"
+    path = family_path(name)
     if not path.exists():
-        raise ConfigError(f"experiment config '{path}' is missing; reinstall gkd")
+        fix = "reinstall gkd" if path.parent == CONFIG_DIR else "check the path"
+        raise ConfigError(f"experiment config '{path}' is missing; {fix}")
     spec = read_yaml(path)
     for key in spec:
         if key not in _SECTIONS:
@@ -120,7 +130,7 @@ def _aggregate(results: list[dict[str, Any]], names: list[str]) -> dict[str, dic
     return out
 
 
-def _cost_section(summary: dict[str, Any]) -> str:
+def cost_section(summary: dict[str, Any]) -> str:
     """The report's last section: each run's cost (mean over seeds) beside the gains above it."""
     groups = [("", summary["runs"])] + [
         (f"{vname}: ", v["runs"]) for vname, v in summary.get("variants", {}).items()
@@ -160,10 +170,29 @@ def _pfmt(a: list[float], b: list[float]) -> str:
     return fmt_ci(ci) + ("*" if excludes_zero(ci) else "")
 
 
-def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """Run family ``name`` (and its variants) into ``output_dir``: results.json, report.md, results.png."""
-    spec = load_family(name)
-    where = f"{name}.yaml"
+Report = Callable[[dict[str, Any]], str]
+Plot = Callable[[dict[str, Any], Path], None]
+
+
+def run(
+    name: str,
+    *,
+    output_dir: Path,
+    quick: bool = False,
+    workers: int | None = None,
+    family_file: Path | None = None,
+    report: Report | None = None,
+    plot: Plot | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run family ``name`` (and its variants) into ``output_dir``: results.json, report.md, results.png.
+
+    A packaged family uses its packaged YAML, report and plot. An investigation outside the package (a script in
+    the repository's ``experiments/``) passes its own ``family_file``, ``report``, ``plot`` and ``command`` (the
+    command line its report names); the cost section is appended to every report.
+    """
+    spec = load_family(family_file or name)
+    where = (family_file or family_path(name)).name
     recipes = named_recipes()
     runs: dict[str, Recipe] = parse_runs(spec.get("runs"), where, recipes)
     variants: dict[str, tuple[dict[str, Any], dict[str, Recipe]]] = {}
@@ -210,8 +239,8 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     for vname, (vspec, vruns) in variants.items():
         summary["variants"][vname] = _run_variant(name, vname, vspec, vruns, s, quick, out, study, say)
     summary["wall_s"] = time.perf_counter() - t0
-    summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
-    _write_outputs(name, summary, out, quick, say)
+    summary["command"] = (command or f"gkd experiment {name}") + (" --quick" if quick else "")
+    _write_outputs(summary, out, quick, say, report or REPORTS[name], plot or PLOTS[name])
     return summary
 
 
@@ -245,16 +274,21 @@ def _run_variant(
 
 
 def _write_outputs(
-    name: str, summary: dict[str, Any], out: Path, quick: bool, say: Callable[[str], None]
+    summary: dict[str, Any],
+    out: Path,
+    quick: bool,
+    say: Callable[[str], None],
+    write_report: Report,
+    plot: Plot,
 ) -> None:
     """A family's results.json, report.md (printed too) and results.png."""
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    report = REPORTS[name](summary) + _cost_section(summary)
+    report = write_report(summary) + cost_section(summary)
     if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
         report = "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report
     (out / "report.md").write_text(report)
     try:
-        PLOTS[name](summary, out / "results.png")
+        plot(summary, out / "results.png")
     except Exception as e:  # a plot must never lose the results
         say(f"warning: plot failed ({e})")
     print(report)
@@ -1032,9 +1066,3 @@ def _report_translation_methods(summary: dict[str, Any]) -> str:
 REPORTS["translation_methods"] = _report_translation_methods
 PLOTS["translation_methods"] = lambda summary, path: _bars(summary, path, summary["metric"])
 PLOTS["self_distillation"] = lambda summary, path: _bars(summary, path, summary["metric"])
-
-# the investigation of the reversed λ order on translation lives in its own module
-from gkd.experiments import translation_lambda as _translation_lambda  # noqa: E402
-
-REPORTS["translation_lambda"] = _translation_lambda.report
-PLOTS["translation_lambda"] = _translation_lambda.plot
