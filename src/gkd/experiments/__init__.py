@@ -54,6 +54,8 @@ def run_experiment(
     from gkd.experiments import families
 
     out = output_dir or Path("runs") / f"experiment-{name}"
+    if families.is_study_file(name):  # a study file: gkd study's code on the built-in task
+        return families.run_study_family(name, output_dir=out, quick=quick, workers=workers)
     return families.run(name, output_dir=out, quick=quick, workers=workers)
 
 

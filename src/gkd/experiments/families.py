@@ -44,7 +44,7 @@ from gkd.experiments.study import (
     t_interval,
 )
 
-__all__ = ["cost_section", "family_path", "load_family", "run"]
+__all__ = ["cost_section", "family_path", "is_study_file", "load_family", "run", "run_study_family"]
 
 _SECTIONS = ("settings", "workspace", "runs", "variants", "eval", "workspace_of")
 
@@ -55,6 +55,78 @@ def family_path(name: str | Path) -> Path:
     if str(name).endswith((".yaml", ".yml")):
         return Path(name)
     return CONFIG_DIR / f"{name}.yaml"
+
+
+def is_study_file(name: str | Path) -> bool:
+    """Whether family ``name`` is a study file (``gkd study``'s format: ``methods:``, a built-in ``task:``), which
+    :func:`run_study_family` runs through the same code as ``gkd study``, rather than a family file (``runs:``)."""
+    from gkd.config import read_yaml
+
+    path = family_path(name)
+    return path.exists() and "methods" in read_yaml(path)
+
+
+def run_study_family(
+    name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None
+) -> dict[str, Any]:
+    """``gkd experiment NAME`` for a family that is a study file: ``gkd study`` on the packaged file (its built-in
+    task's workspace, jobs, resume and the generic report). ``quick`` runs it with tiny models and a few steps in
+    ``output_dir``. The file that runs is a copy in ``output_dir`` (``NAME.yaml``, with ``--quick``'s settings)."""
+    from gkd.config import read_yaml
+    from gkd.experiments.userstudy import run_study_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = family_path(name)
+    spec = read_yaml(path)
+    if quick:
+        spec = _quick_study(spec, out)
+    spec["output_dir"] = str(out)
+    target = out / f"{name}.yaml"
+    target.write_text(json.dumps(spec, indent=2) + "\n")  # JSON is YAML: the file as it runs
+    summary = run_study_file(target, out, workers=workers or (1 if quick else None))
+    if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
+        report = out / "report.md"
+        report.write_text(
+            "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report.read_text()
+        )
+    return summary
+
+
+def _quick_study(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A study file's smoke-run form: the families' tiny ``--quick`` settings, a workspace of its own in ``out``."""
+    tiny = _settings({**spec.get("task_settings", {}), "task": spec["task"]}, True, "quick")
+    keep = (
+        "n_train",
+        "n_test",
+        "teacher_steps",
+        "start_steps",
+        "batch_size",
+        "teacher",
+        "student",
+        "n_validation",
+    )
+    settings = {
+        **spec.get("task_settings", {}),
+        **{k: getattr(tiny, k) for k in keep},
+        "shipped_teacher": None,
+    }
+    common = {
+        **spec["common"],
+        "max_steps": tiny.method_steps,
+        "per_device_train_batch_size": tiny.batch_size,
+    }
+    common["warmup_steps"] = 0
+    quick = {
+        **spec,
+        "task_settings": settings,
+        "workspace": str(out / "workspace"),
+        "seeds": 2,
+        "common": common,
+    }
+    if spec.get("lr_grid"):
+        quick["lr_grid"] = tiny.lr_grid
+    return quick
 
 
 def load_family(name: str | Path) -> dict[str, Any]:
@@ -1023,46 +1095,4 @@ def _report_self_distillation(summary: dict[str, Any]) -> str:
 
 
 REPORTS["self_distillation"] = _report_self_distillation
-
-
-def _report_translation_methods(summary: dict[str, Any]) -> str:
-    """Fig. A.15: each method's gain over the start, and GKD's against ImitKD's and f-distill's (paired)."""
-    m = summary["metric"]
-    runs, st = summary["runs"], summary["start"]
-    lines = [
-        f"# translation_methods ({summary['task']}, {m}, mean ± SE over {summary['settings']['seeds']} seeds; gain = "
-        "score − the start's; Δ paired per seed, mean ± SE [95 % t-interval], * = the interval excludes 0)",
-        "",
-        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
-        "",
-        "| run | greedy | gain (greedy) | T=1 | gain (T=1) | Δ gkd_jsd_0.9 − run (greedy) | Δ (T=1) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    gkd = runs.get("gkd_jsd_0.9")
-    for name, r in runs.items():
-        gains = [r[mo][m]["mean"] - st[mo][m] for mo in ("greedy", "sample")]
-        deltas = (
-            [_pfmt(gkd[mo][m]["seeds"], r[mo][m]["seeds"]) for mo in ("greedy", "sample")]
-            if gkd is not None and name != "gkd_jsd_0.9"
-            else ["-", "-"]
-        )
-        lines.append(
-            f"| {name} | {_fmt(r['greedy'][m])} | {gains[0]:+.2f} | {_fmt(r['sample'][m])} | {gains[1]:+.2f} | "
-            f"{deltas[0]} | {deltas[1]} |"
-        )
-    if gkd is not None:
-        g = gkd["greedy"][m]["mean"] - st["greedy"][m]
-        for base in ("imitkd", "f_distill"):
-            if base in runs:
-                b = runs[base]["greedy"][m]["mean"] - st["greedy"][m]
-                ratio = f"{100 * (g / b - 1):+.0f} %" if b > 0 else "n/a (no gain to compare with)"
-                lines.append(
-                    f"\nGKD's greedy gain relative to {base}'s: {ratio} (paper: ImitKD +53 %, f-distill +162 %)"
-                )
-    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
-    return "\n".join(lines)
-
-
-REPORTS["translation_methods"] = _report_translation_methods
-PLOTS["translation_methods"] = lambda summary, path: _bars(summary, path, summary["metric"])
 PLOTS["self_distillation"] = lambda summary, path: _bars(summary, path, summary["metric"])
