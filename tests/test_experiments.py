@@ -233,6 +233,39 @@ def test_a_study_file_family_runs_through_gkd_study(tmp_path):
     assert gain == summary["methods"]["sft"]["scores"]["greedy"]["mean"] - start
 
 
+def test_a_study_file_family_scores_as_its_family_file_did(tmp_path):
+    """The translation_methods study file trains and evaluates exactly as its family file (runs: recipes) did: the
+    same per-seed scores, greedy and at T=1 (quick sizes), so RESULTS.md's numbers stand for the moved command."""
+    from gkd.experiments import families
+
+    runs = {
+        "sft": "{recipe: sft}",
+        "imitkd": "{recipe: imitkd}",
+        "gkd_jsd_0.9": "{recipe: gkd_jsd_0.9}",
+        "offpolicy_jsd_0.9": "{recipe: gkd_jsd_0.9, config: {lmbda: 0.0}}",
+    }
+    family = tmp_path / "family.yaml"
+    family.write_text(
+        "settings: {task: translation, max_new_tokens: 17}\nruns:\n"
+        + "".join(f"  {n}: {r}\n" for n, r in runs.items())
+    )
+    old = families.run(
+        "translation_methods",
+        output_dir=tmp_path / "old",
+        quick=True,
+        workers=1,
+        family_file=family,
+        report=lambda summary: "",
+        plot=lambda summary, path: None,
+    )
+    new = families.run_study_family("translation_methods", output_dir=tmp_path / "new", quick=True, workers=1)
+    assert new["workspace"]["start"] == old["start"]
+    for name in runs:
+        for mode, old_mode in (("greedy", "greedy"), ("T=1", "sample")):
+            seeds = [r["scores"][mode]["bleu"] for r in new["runs"] if r["method"] == name]
+            assert seeds == old["runs"][name][old_mode]["bleu"]["seeds"], (name, mode)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
