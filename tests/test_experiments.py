@@ -4,6 +4,7 @@ the study machinery they share (recipes from the packaged presets, the job plan,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,7 +70,6 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
         "data_efficiency",
         "rl",
         "on_policy",
-        "self_distillation",
     ],
 )
 def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
@@ -197,8 +197,6 @@ def test_summarization_lambda_quick_splits_the_failures(tmp_path):
 def test_a_study_file_family_runs_through_gkd_study(tmp_path):
     """`gkd experiment translation_methods` is a packaged study file on the built-in translation task: gkd study's
     jobs and generic report; the figure's own table (gains over the start) is the repository's script's."""
-    import sys
-
     from gkd.experiments.families import family_path
     from gkd.experiments.userstudy import load_study_file
 
@@ -233,24 +231,42 @@ def test_a_study_file_family_runs_through_gkd_study(tmp_path):
     assert gain == summary["methods"]["sft"]["scores"]["greedy"]["mean"] - start
 
 
-def test_a_study_file_family_scores_as_its_family_file_did(tmp_path):
-    """The translation_methods study file trains and evaluates exactly as its family file (runs: recipes) did: the
-    same per-seed scores, greedy and at T=1 (quick sizes), so RESULTS.md's numbers stand for the moved command."""
+# the runs of the families that became study files, as their family files (runs: recipes) had them
+_FAMILY_FILES = {
+    "translation_methods": (
+        "settings: {task: translation, max_new_tokens: 17}",
+        {
+            "sft": "{recipe: sft}",
+            "supervised_kd": "{recipe: supervised_kd}",
+            "imitkd": "{recipe: imitkd}",
+            "f_distill": "{recipe: f_distill}",
+            "gkd_jsd_0.9": "{recipe: gkd_jsd_0.9}",
+            "offpolicy_jsd_0.9": "{recipe: gkd_jsd_0.9, config: {lmbda: 0.0}}",
+        },
+    ),
+    "self_distillation": (
+        "settings: {task: summarization}",
+        {
+            "sft": "{recipe: sft}",
+            "supervised_kd": "{recipe: supervised_kd}",
+            "offpolicy_reverse_kl": "{recipe: offpolicy_reverse_kl}",
+            "gkd_reverse_kl": "{recipe: gkd_reverse_kl}",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_FAMILY_FILES))
+def test_a_study_file_family_scores_as_its_family_file_did(name, tmp_path):
+    """A family that became a study file trains and evaluates exactly as its family file did: the same per-seed
+    scores, greedy and at T=1 (quick sizes), so RESULTS.md's numbers stand for the moved command."""
     from gkd.experiments import families
 
-    runs = {
-        "sft": "{recipe: sft}",
-        "imitkd": "{recipe: imitkd}",
-        "gkd_jsd_0.9": "{recipe: gkd_jsd_0.9}",
-        "offpolicy_jsd_0.9": "{recipe: gkd_jsd_0.9, config: {lmbda: 0.0}}",
-    }
+    settings, runs = _FAMILY_FILES[name]
     family = tmp_path / "family.yaml"
-    family.write_text(
-        "settings: {task: translation, max_new_tokens: 17}\nruns:\n"
-        + "".join(f"  {n}: {r}\n" for n, r in runs.items())
-    )
+    family.write_text(f"{settings}\nruns:\n" + "".join(f"  {n}: {r}\n" for n, r in runs.items()))
     old = families.run(
-        "translation_methods",
+        name,
         output_dir=tmp_path / "old",
         quick=True,
         workers=1,
@@ -258,12 +274,24 @@ def test_a_study_file_family_scores_as_its_family_file_did(tmp_path):
         report=lambda summary: "",
         plot=lambda summary, path: None,
     )
-    new = families.run_study_family("translation_methods", output_dir=tmp_path / "new", quick=True, workers=1)
-    assert new["workspace"]["start"] == old["start"]
-    for name in runs:
+    new = families.run_study_family(name, output_dir=tmp_path / "new", quick=True, workers=1)
+    assert new["workspace"]["start"] == old["start"] and new["workspace"]["teacher"] == old["teacher"]
+    metric = new["headline"]
+    assert list(new["methods"]) == list(runs)
+    for run in runs:
         for mode, old_mode in (("greedy", "greedy"), ("T=1", "sample")):
-            seeds = [r["scores"][mode]["bleu"] for r in new["runs"] if r["method"] == name]
-            assert seeds == old["runs"][name][old_mode]["bleu"]["seeds"], (name, mode)
+            seeds = [r["scores"][mode][metric] for r in new["runs"] if r["method"] == run]
+            assert seeds == old["runs"][run][old_mode][metric]["seeds"], (run, mode)
+    if name == "self_distillation":  # its figure's script: each method against the teacher, from results.json
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+        import self_distillation
+
+        assert self_distillation.main([str(tmp_path / "new")]) == 0
+        fig = (tmp_path / "new" / "fig_a11.md").read_text()
+        assert "| teacher |" in fig and all(f"| {run} |" in fig for run in runs)
+        teacher = new["workspace"]["teacher"]["greedy"][metric]
+        delta = self_distillation.vs_teacher(new)["sft"]["greedy"]["mean"]
+        assert delta == pytest.approx(new["methods"]["sft"]["scores"]["greedy"]["mean"] - teacher)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,6 @@ from gkd.experiments.study import (
     paired_ci,
     parse_runs,
     run_study,
-    t_interval,
 )
 
 __all__ = ["cost_section", "family_path", "is_study_file", "load_family", "run", "run_study_family"]
@@ -1054,45 +1053,3 @@ def _report_on_policy(summary: dict[str, Any]) -> str:
 
 REPORTS["on_policy"] = _report_on_policy
 PLOTS["on_policy"] = _plot_lambda_grid
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# self_distillation: a student distilled from a teacher of its own size (paper Fig. A.11)
-# ---------------------------------------------------------------------------------------------------------------
-def _report_self_distillation(summary: dict[str, Any]) -> str:
-    m = summary["metric"]
-    t, st = summary["teacher"], summary["start"]
-    lines = [
-        f"# self_distillation ({summary['task']}, teacher and student of the same size; {m} %, mean ± SE over "
-        f"{summary['settings']['seeds']} seeds; Δ vs teacher = the seeds' scores minus the teacher's, mean ± SE "
-        "[95 % t-interval]; * = the interval excludes 0)",
-        "",
-        f"teacher: greedy {t['greedy'][m]:.1f}, T=1 {t['sample'][m]:.1f}; start: greedy {st['greedy'][m]:.1f}, "
-        f"T=1 {st['sample'][m]:.1f}",
-        "",
-        "| run | greedy | T=1 | Δ vs teacher (greedy) | Δ vs teacher (T=1) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in summary["runs"].items():
-        cells = []
-        for mode in ("greedy", "sample"):
-            ci = t_interval([v - t[mode][m] for v in r[mode][m]["seeds"]])
-            cells.append(fmt_ci(ci) + ("*" if excludes_zero(ci) else ""))
-        lines.append(
-            f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {cells[0]} | {cells[1]} |"
-        )
-    runs = summary["runs"]
-    if "gkd_reverse_kl" in runs and "offpolicy_reverse_kl" in runs:
-        a, b = runs["gkd_reverse_kl"], runs["offpolicy_reverse_kl"]
-        lines += [
-            "",
-            "λ at fixed divergence (reverse KL, λ = 1 − λ = 0, paired): greedy "
-            f"{_pfmt(a['greedy'][m]['seeds'], b['greedy'][m]['seeds'])}, T=1 "
-            f"{_pfmt(a['sample'][m]['seeds'], b['sample'][m]['seeds'])}",
-        ]
-    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
-    return "\n".join(lines)
-
-
-REPORTS["self_distillation"] = _report_self_distillation
-PLOTS["self_distillation"] = lambda summary, path: _bars(summary, path, summary["metric"])
