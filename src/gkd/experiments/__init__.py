@@ -7,6 +7,11 @@
 * :mod:`~gkd.experiments.cost`: each run's cost (wall time, tokens generated and processed), in every study's report;
 * :mod:`~gkd.experiments.userstudy` (``gkd study FILE.yaml``): the same machinery on the user's own models and data,
   with :mod:`~gkd.experiments.metric` (its metric) and :mod:`~gkd.experiments.userreport` (its outputs).
+
+A family whose packaged YAML is a study file (``methods:`` and a built-in ``task:``) runs through ``gkd study``'s
+code (:func:`gkd.experiments.families.run_study_family`); its figure-specific tables are scripts in the repository's
+top-level ``experiments/`` folder that read its results.json. One-off investigations (``INVESTIGATIONS``) are such
+scripts entirely.
 """
 
 from __future__ import annotations
