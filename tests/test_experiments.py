@@ -4,6 +4,7 @@ the study machinery they share (recipes from the packaged presets, the job plan,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from gkd.errors import ConfigError, GKDError
 from gkd.experiments import EXPERIMENTS, study
 from gkd.experiments.common import write_jsonl
 from gkd.experiments.demo import DEMO_METHODS, demo_settings
-from gkd.experiments.families import load_family
+from gkd.experiments.families import is_study_file, load_family
 from gkd.experiments.study import Recipe, StudyOptions, StudySettings, job_config, named_recipes, parse_runs
 
 
@@ -69,8 +70,6 @@ def test_demo_quick_writes_results_in_the_schema(tmp_path, capsys):
         "data_efficiency",
         "rl",
         "on_policy",
-        "self_distillation",
-        "translation_methods",
     ],
 )
 def test_experiment_quick_runs_and_writes_outputs(name, tmp_path):
@@ -195,6 +194,131 @@ def test_summarization_lambda_quick_splits_the_failures(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
 
 
+def test_a_study_file_family_runs_through_gkd_study(tmp_path):
+    """`gkd experiment translation_methods` is a packaged study file on the built-in translation task: gkd study's
+    jobs and generic report; the figure's own table (gains over the start) is the repository's script's."""
+    from gkd.experiments.families import family_path
+    from gkd.experiments.userstudy import load_study_file
+
+    assert is_study_file("translation_methods") and not is_study_file("divergences")
+    sf = load_study_file(family_path("translation_methods"))
+    assert sf.task == "translation" and sf.metric == "bleu" and sf.baseline == "gkd_jsd_0.9"
+    # the same workspace and settings as the divergences family (its teacher and start are reused)
+    div = load_family("divergences")
+    assert sf.workspace == div["workspace"]
+    assert {k: getattr(sf.task_settings, k) for k in div["settings"]} == div["settings"]
+
+    out = tmp_path / "tm"
+    assert main(["experiment", "translation_methods", "--quick", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["methods"]) == list(sf.methods) and summary["seeds"] == [0, 1]
+    assert summary["workspace"]["task"] == "translation" and "bleu" in summary["workspace"]["start"]["greedy"]
+    assert set(summary["methods"]["imitkd"]["vs_baseline"]) == {"greedy", "T=1"}
+    text = (out / "report.md").read_text()
+    assert text.startswith("> smoke run (--quick)") and "## Paired differences against gkd_jsd_0.9" in text
+    assert (out / "results.png").exists() and load_study_file(
+        out / "translation_methods.yaml"
+    ).task == "translation"
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import translation_methods  # the figure's script, outside the package
+
+    assert translation_methods.main([str(out)]) == 0
+    fig = (out / "fig_a15.md").read_text()
+    assert all(f"| {name} |" in fig for name in sf.methods) and "relative to imitkd's" in fig
+    start = summary["workspace"]["start"]["greedy"]["bleu"]
+    gain = translation_methods.gains(summary)["sft"]["greedy"]
+    assert gain == summary["methods"]["sft"]["scores"]["greedy"]["mean"] - start
+
+
+# the runs of the families that became study files, as their family files (runs: recipes) had them
+_FAMILY_FILES = {
+    "translation_methods": (
+        "settings: {task: translation, max_new_tokens: 17}",
+        {
+            "sft": "{recipe: sft}",
+            "supervised_kd": "{recipe: supervised_kd}",
+            "imitkd": "{recipe: imitkd}",
+            "f_distill": "{recipe: f_distill}",
+            "gkd_jsd_0.9": "{recipe: gkd_jsd_0.9}",
+            "offpolicy_jsd_0.9": "{recipe: gkd_jsd_0.9, config: {lmbda: 0.0}}",
+        },
+    ),
+    "self_distillation": (
+        "settings: {task: summarization}",
+        {
+            "sft": "{recipe: sft}",
+            "supervised_kd": "{recipe: supervised_kd}",
+            "offpolicy_reverse_kl": "{recipe: offpolicy_reverse_kl}",
+            "gkd_reverse_kl": "{recipe: gkd_reverse_kl}",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_FAMILY_FILES))
+def test_a_study_file_family_scores_as_its_family_file_did(name, tmp_path):
+    """A family that became a study file trains and evaluates exactly as its family file did: the same per-seed
+    scores, greedy and at T=1 (quick sizes), so RESULTS.md's numbers stand for the moved command."""
+    from gkd.experiments import families
+
+    settings, runs = _FAMILY_FILES[name]
+    family = tmp_path / "family.yaml"
+    family.write_text(f"{settings}\nruns:\n" + "".join(f"  {n}: {r}\n" for n, r in runs.items()))
+    old = families.run(
+        name,
+        output_dir=tmp_path / "old",
+        quick=True,
+        workers=1,
+        family_file=family,
+        report=lambda summary: "",
+        plot=lambda summary, path: None,
+    )
+    new = families.run_study_family(name, output_dir=tmp_path / "new", quick=True, workers=1)
+    assert new["workspace"]["start"] == old["start"] and new["workspace"]["teacher"] == old["teacher"]
+    metric = new["headline"]
+    assert list(new["methods"]) == list(runs)
+    for run in runs:
+        for mode, old_mode in (("greedy", "greedy"), ("T=1", "sample")):
+            seeds = [r["scores"][mode][metric] for r in new["runs"] if r["method"] == run]
+            assert seeds == old["runs"][run][old_mode][metric]["seeds"], (run, mode)
+    if name == "self_distillation":  # its figure's script: each method against the teacher, from results.json
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+        import self_distillation
+
+        assert self_distillation.main([str(tmp_path / "new")]) == 0
+        fig = (tmp_path / "new" / "fig_a11.md").read_text()
+        assert "| teacher |" in fig and all(f"| {run} |" in fig for run in runs)
+        teacher = new["workspace"]["teacher"]["greedy"][metric]
+        delta = self_distillation.vs_teacher(new)["sft"]["greedy"]["mean"]
+        assert delta == pytest.approx(new["methods"]["sft"]["scores"]["greedy"]["mean"] - teacher)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            "teacher: models/t\n",
+            "task 'translation' makes the teacher, the student and the data; remove teacher",
+        ),
+        ("task_settings: {n_trian: 5}\n", "unknown key 'n_trian'"),
+    ],
+)
+def test_a_study_files_task_is_checked_in_one_line(tmp_path, extra, message):
+    from gkd.experiments.userstudy import load_study_file
+
+    body = "methods: {a: {preset: sft}}\nbaseline: a\ncommon: {max_steps: 2}\n"
+    (tmp_path / "s.yaml").write_text("task: translation\n" + extra + body)
+    with pytest.raises(ConfigError, match=message):
+        load_study_file(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("task: translaton\n" + body)
+    with pytest.raises(ConfigError, match="unknown task 'translaton'; did you mean 'translation'"):
+        load_study_file(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("teacher: t\nworkspace: w\n" + body)
+    with pytest.raises(ConfigError, match="task_settings and workspace need task:"):
+        load_study_file(tmp_path / "s.yaml")
+
+
 def test_unknown_experiment_is_a_clear_error(capsys):
     assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
@@ -255,6 +379,8 @@ def test_every_recipe_and_family_run_is_a_preset_plus_overrides():
     recipes = named_recipes()
     assert set(DEMO_METHODS) <= set(recipes)
     for name in EXPERIMENTS:
+        if is_study_file(name):  # its methods are checked by gkd study's parser (test below)
+            continue
         spec = load_family(name)
         runs = parse_runs(spec["runs"], name, recipes)
         for vspec in (spec.get("variants") or {}).values():

@@ -1,18 +1,48 @@
-"""`gkd experiment translation_lambda`: the four candidate causes of the reversed λ order on translation (start
-quality, capacity, sampling temperature, step budget), end to end in quick mode, and the real config's design."""
+"""The translation_lambda investigation (the repository's experiments/translation_lambda.py, outside the package):
+the four candidate causes of the reversed λ order on translation (start quality, capacity, sampling temperature, step
+budget), end to end in quick mode through `gkd experiment translation_lambda`, and the real config's design."""
 
 from __future__ import annotations
 
-from gkd.experiments import EXPERIMENTS
+import json
+import sys
+from pathlib import Path
+
+import gkd.experiments
+from gkd.cli import main
+from gkd.experiments import EXPERIMENTS, INVESTIGATIONS, SCRIPTS_DIR
 from gkd.experiments.families import load_family
-from gkd.experiments.translation_lambda import conditions, report
+
+REPO_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(REPO_EXPERIMENTS))
+
+import translation_lambda  # noqa: E402  (the script, from the repository's experiments/ folder)
+from translation_lambda import FAMILY, conditions, report  # noqa: E402
+
+
+def test_the_investigation_lives_outside_the_package():
+    assert "translation_lambda" in INVESTIGATIONS and "translation_lambda" not in EXPERIMENTS
+    assert SCRIPTS_DIR == REPO_EXPERIMENTS  # gkd runs it from this source checkout
+    package = Path(gkd.experiments.__file__).parent
+    assert not (package / "translation_lambda.py").exists()
+    assert not (package.parent / "configs" / "experiments" / "translation_lambda.yaml").exists()
+
+
+def test_outside_a_source_checkout_the_command_says_how_to_run_the_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gkd.experiments, "SCRIPTS_DIR", tmp_path)  # an installed gkd: no experiments/ folder
+    assert main(["experiment", "translation_lambda", "--quick", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "python experiments/translation_lambda.py" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_translation_lambda_quick_reports_the_paired_lambda_difference_per_factor(tmp_path):
-    from gkd.experiments import families
-
     out = tmp_path / "translation_lambda"
-    summary = families.run("translation_lambda", output_dir=out, quick=True, workers=1)
+    assert (
+        main(["experiment", "translation_lambda", "--quick", "--output-dir", str(out), "--workers", "1"]) == 0
+    )
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["command"] == "python experiments/translation_lambda.py --quick"
     assert summary["task"] == "translation" and summary["metric"] == "bleu"
     assert set(summary["runs"]) == {
         "lambda_0",
@@ -51,10 +81,15 @@ def test_translation_lambda_quick_reports_the_paired_lambda_difference_per_facto
     assert "(baseline's)" in text
     assert (out / "results.png").stat().st_size > 1000
 
+    # the report again from results.json alone (the script's --report-only), cost section included
+    (out / "report.md").unlink()
+    assert translation_lambda.main(["--report-only", "--output-dir", str(out)]) == 0
+    again = (out / "report.md").read_text()
+    assert again.startswith(report(summary)) and "## Cost per run" in again
+
 
 def test_the_real_config_changes_one_factor_per_condition():
-    assert "translation_lambda" in EXPERIMENTS
-    spec = load_family("translation_lambda")
+    spec = load_family(FAMILY)
     s = spec["settings"]
     assert s["task"] == "translation" and s["seeds"] >= 3
     runs = spec["runs"]

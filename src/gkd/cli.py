@@ -520,10 +520,15 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per forward and per request")
     p.add_argument("--served-model-name", default=None, help="the model id in /v1/models (default: MODEL)")
 
-    from gkd.experiments import EXPERIMENTS  # a tuple of names: importing it loads nothing heavy
+    from gkd.experiments import (
+        EXPERIMENTS,
+        INVESTIGATIONS,
+    )  # tuples of names: importing them loads nothing heavy
 
     p = sub.add_parser("experiment", help="run one of the paper's experiment families at toy scale")
-    p.add_argument("name", help=", ".join(EXPERIMENTS) + " (RESULTS.md has what each measured)")
+    p.add_argument(
+        "name", help=", ".join(EXPERIMENTS + INVESTIGATIONS) + " (RESULTS.md has what each measured)"
+    )
     p.add_argument("--output-dir", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")

@@ -41,22 +41,103 @@ from gkd.experiments.study import (
     paired_ci,
     parse_runs,
     run_study,
-    t_interval,
 )
 
-__all__ = ["load_family", "run"]
+__all__ = ["cost_section", "family_path", "is_study_file", "load_family", "run", "run_study_family"]
 
 _SECTIONS = ("settings", "workspace", "runs", "variants", "eval", "workspace_of")
 
 
-def load_family(name: str) -> dict[str, Any]:
-    """The family's YAML file as read (its runs are parsed by :func:`run`). ``workspace_of: OTHER`` takes the
-    workspace and settings of family OTHER, so the two share its data, teacher and starting student."""
+def family_path(name: str | Path) -> Path:
+    """A packaged family's YAML (``configs/experiments/NAME.yaml``), or ``name`` itself when it is a ``.yaml`` path
+    (an investigation's own family file, e.g. the repository's ``experiments/translation_lambda.yaml``)."""
+    if str(name).endswith((".yaml", ".yml")):
+        return Path(name)
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def is_study_file(name: str | Path) -> bool:
+    """Whether family ``name`` is a study file (``gkd study``'s format: ``methods:``, a built-in ``task:``), which
+    :func:`run_study_family` runs through the same code as ``gkd study``, rather than a family file (``runs:``)."""
     from gkd.config import read_yaml
 
-    path = CONFIG_DIR / f"{name}.yaml"
+    path = family_path(name)
+    return path.exists() and "methods" in read_yaml(path)
+
+
+def run_study_family(
+    name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None
+) -> dict[str, Any]:
+    """``gkd experiment NAME`` for a family that is a study file: ``gkd study`` on the packaged file (its built-in
+    task's workspace, jobs, resume and the generic report). ``quick`` runs it with tiny models and a few steps in
+    ``output_dir``. The file that runs is a copy in ``output_dir`` (``NAME.yaml``, with ``--quick``'s settings)."""
+    from gkd.config import read_yaml
+    from gkd.experiments.userstudy import run_study_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = family_path(name)
+    spec = read_yaml(path)
+    if quick:
+        spec = _quick_study(spec, out)
+    spec["output_dir"] = str(out)
+    target = out / f"{name}.yaml"
+    target.write_text(json.dumps(spec, indent=2) + "\n")  # JSON is YAML: the file as it runs
+    summary = run_study_file(target, out, workers=workers or (1 if quick else None))
+    if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
+        report = out / "report.md"
+        report.write_text(
+            "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report.read_text()
+        )
+    return summary
+
+
+def _quick_study(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A study file's smoke-run form: the families' tiny ``--quick`` settings, a workspace of its own in ``out``."""
+    tiny = _settings({**spec.get("task_settings", {}), "task": spec["task"]}, True, "quick")
+    keep = (
+        "n_train",
+        "n_test",
+        "teacher_steps",
+        "start_steps",
+        "batch_size",
+        "teacher",
+        "student",
+        "n_validation",
+    )
+    settings = {
+        **spec.get("task_settings", {}),
+        **{k: getattr(tiny, k) for k in keep},
+        "shipped_teacher": None,
+    }
+    common = {
+        **spec["common"],
+        "max_steps": tiny.method_steps,
+        "per_device_train_batch_size": tiny.batch_size,
+    }
+    common["warmup_steps"] = 0
+    quick = {
+        **spec,
+        "task_settings": settings,
+        "workspace": str(out / "workspace"),
+        "seeds": 2,
+        "common": common,
+    }
+    if spec.get("lr_grid"):
+        quick["lr_grid"] = tiny.lr_grid
+    return quick
+
+
+def load_family(name: str | Path) -> dict[str, Any]:
+    """The family's YAML file as read (its runs are parsed by :func:`run`): a packaged family by name, or a family
+    file by path. ``workspace_of: OTHER`` takes the workspace and settings of packaged family OTHER, so the two
+    share its data, teacher and starting student."""
+    from gkd.config import read_yaml
+
+    path = family_path(name)
     if not path.exists():
-        raise ConfigError(f"experiment config '{path}' is missing; reinstall gkd")
+        fix = "reinstall gkd" if path.parent == CONFIG_DIR else "check the path"
+        raise ConfigError(f"experiment config '{path}' is missing; {fix}")
     spec = read_yaml(path)
     for key in spec:
         if key not in _SECTIONS:
@@ -120,7 +201,7 @@ def _aggregate(results: list[dict[str, Any]], names: list[str]) -> dict[str, dic
     return out
 
 
-def _cost_section(summary: dict[str, Any]) -> str:
+def cost_section(summary: dict[str, Any]) -> str:
     """The report's last section: each run's cost (mean over seeds) beside the gains above it."""
     groups = [("", summary["runs"])] + [
         (f"{vname}: ", v["runs"]) for vname, v in summary.get("variants", {}).items()
@@ -160,10 +241,29 @@ def _pfmt(a: list[float], b: list[float]) -> str:
     return fmt_ci(ci) + ("*" if excludes_zero(ci) else "")
 
 
-def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """Run family ``name`` (and its variants) into ``output_dir``: results.json, report.md, results.png."""
-    spec = load_family(name)
-    where = f"{name}.yaml"
+Report = Callable[[dict[str, Any]], str]
+Plot = Callable[[dict[str, Any], Path], None]
+
+
+def run(
+    name: str,
+    *,
+    output_dir: Path,
+    quick: bool = False,
+    workers: int | None = None,
+    family_file: Path | None = None,
+    report: Report | None = None,
+    plot: Plot | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run family ``name`` (and its variants) into ``output_dir``: results.json, report.md, results.png.
+
+    A packaged family uses its packaged YAML, report and plot. An investigation outside the package (a script in
+    the repository's ``experiments/``) passes its own ``family_file``, ``report``, ``plot`` and ``command`` (the
+    command line its report names); the cost section is appended to every report.
+    """
+    spec = load_family(family_file or name)
+    where = (family_file or family_path(name)).name
     recipes = named_recipes()
     runs: dict[str, Recipe] = parse_runs(spec.get("runs"), where, recipes)
     variants: dict[str, tuple[dict[str, Any], dict[str, Recipe]]] = {}
@@ -210,8 +310,8 @@ def run(name: str, *, output_dir: Path, quick: bool = False, workers: int | None
     for vname, (vspec, vruns) in variants.items():
         summary["variants"][vname] = _run_variant(name, vname, vspec, vruns, s, quick, out, study, say)
     summary["wall_s"] = time.perf_counter() - t0
-    summary["command"] = f"gkd experiment {name}" + (" --quick" if quick else "")
-    _write_outputs(name, summary, out, quick, say)
+    summary["command"] = (command or f"gkd experiment {name}") + (" --quick" if quick else "")
+    _write_outputs(summary, out, quick, say, report or REPORTS[name], plot or PLOTS[name])
     return summary
 
 
@@ -245,16 +345,21 @@ def _run_variant(
 
 
 def _write_outputs(
-    name: str, summary: dict[str, Any], out: Path, quick: bool, say: Callable[[str], None]
+    summary: dict[str, Any],
+    out: Path,
+    quick: bool,
+    say: Callable[[str], None],
+    write_report: Report,
+    plot: Plot,
 ) -> None:
     """A family's results.json, report.md (printed too) and results.png."""
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    report = REPORTS[name](summary) + _cost_section(summary)
+    report = write_report(summary) + cost_section(summary)
     if quick:  # tiny models and a few steps: the numbers exercise the code, they support no finding
         report = "> smoke run (--quick): tiny models, a few steps; no conclusion\n\n" + report
     (out / "report.md").write_text(report)
     try:
-        PLOTS[name](summary, out / "results.png")
+        plot(summary, out / "results.png")
     except Exception as e:  # a plot must never lose the results
         say(f"warning: plot failed ({e})")
     print(report)
@@ -948,93 +1053,3 @@ def _report_on_policy(summary: dict[str, Any]) -> str:
 
 REPORTS["on_policy"] = _report_on_policy
 PLOTS["on_policy"] = _plot_lambda_grid
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# self_distillation: a student distilled from a teacher of its own size (paper Fig. A.11)
-# ---------------------------------------------------------------------------------------------------------------
-def _report_self_distillation(summary: dict[str, Any]) -> str:
-    m = summary["metric"]
-    t, st = summary["teacher"], summary["start"]
-    lines = [
-        f"# self_distillation ({summary['task']}, teacher and student of the same size; {m} %, mean ± SE over "
-        f"{summary['settings']['seeds']} seeds; Δ vs teacher = the seeds' scores minus the teacher's, mean ± SE "
-        "[95 % t-interval]; * = the interval excludes 0)",
-        "",
-        f"teacher: greedy {t['greedy'][m]:.1f}, T=1 {t['sample'][m]:.1f}; start: greedy {st['greedy'][m]:.1f}, "
-        f"T=1 {st['sample'][m]:.1f}",
-        "",
-        "| run | greedy | T=1 | Δ vs teacher (greedy) | Δ vs teacher (T=1) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in summary["runs"].items():
-        cells = []
-        for mode in ("greedy", "sample"):
-            ci = t_interval([v - t[mode][m] for v in r[mode][m]["seeds"]])
-            cells.append(fmt_ci(ci) + ("*" if excludes_zero(ci) else ""))
-        lines.append(
-            f"| {name} | {_fmt(r['greedy'][m])} | {_fmt(r['sample'][m])} | {cells[0]} | {cells[1]} |"
-        )
-    runs = summary["runs"]
-    if "gkd_reverse_kl" in runs and "offpolicy_reverse_kl" in runs:
-        a, b = runs["gkd_reverse_kl"], runs["offpolicy_reverse_kl"]
-        lines += [
-            "",
-            "λ at fixed divergence (reverse KL, λ = 1 − λ = 0, paired): greedy "
-            f"{_pfmt(a['greedy'][m]['seeds'], b['greedy'][m]['seeds'])}, T=1 "
-            f"{_pfmt(a['sample'][m]['seeds'], b['sample'][m]['seeds'])}",
-        ]
-    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
-    return "\n".join(lines)
-
-
-REPORTS["self_distillation"] = _report_self_distillation
-
-
-def _report_translation_methods(summary: dict[str, Any]) -> str:
-    """Fig. A.15: each method's gain over the start, and GKD's against ImitKD's and f-distill's (paired)."""
-    m = summary["metric"]
-    runs, st = summary["runs"], summary["start"]
-    lines = [
-        f"# translation_methods ({summary['task']}, {m}, mean ± SE over {summary['settings']['seeds']} seeds; gain = "
-        "score − the start's; Δ paired per seed, mean ± SE [95 % t-interval], * = the interval excludes 0)",
-        "",
-        f"{_ref_line(summary, m)}; T=1: {_ref_line(summary, m, 'sample')}",
-        "",
-        "| run | greedy | gain (greedy) | T=1 | gain (T=1) | Δ gkd_jsd_0.9 − run (greedy) | Δ (T=1) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    gkd = runs.get("gkd_jsd_0.9")
-    for name, r in runs.items():
-        gains = [r[mo][m]["mean"] - st[mo][m] for mo in ("greedy", "sample")]
-        deltas = (
-            [_pfmt(gkd[mo][m]["seeds"], r[mo][m]["seeds"]) for mo in ("greedy", "sample")]
-            if gkd is not None and name != "gkd_jsd_0.9"
-            else ["-", "-"]
-        )
-        lines.append(
-            f"| {name} | {_fmt(r['greedy'][m])} | {gains[0]:+.2f} | {_fmt(r['sample'][m])} | {gains[1]:+.2f} | "
-            f"{deltas[0]} | {deltas[1]} |"
-        )
-    if gkd is not None:
-        g = gkd["greedy"][m]["mean"] - st["greedy"][m]
-        for base in ("imitkd", "f_distill"):
-            if base in runs:
-                b = runs[base]["greedy"][m]["mean"] - st["greedy"][m]
-                ratio = f"{100 * (g / b - 1):+.0f} %" if b > 0 else "n/a (no gain to compare with)"
-                lines.append(
-                    f"\nGKD's greedy gain relative to {base}'s: {ratio} (paper: ImitKD +53 %, f-distill +162 %)"
-                )
-    lines += ["", f"wall time {summary['wall_s']:.0f} s; command `{summary['command']}`", ""]
-    return "\n".join(lines)
-
-
-REPORTS["translation_methods"] = _report_translation_methods
-PLOTS["translation_methods"] = lambda summary, path: _bars(summary, path, summary["metric"])
-PLOTS["self_distillation"] = lambda summary, path: _bars(summary, path, summary["metric"])
-
-# the investigation of the reversed λ order on translation lives in its own module
-from gkd.experiments import translation_lambda as _translation_lambda  # noqa: E402
-
-REPORTS["translation_lambda"] = _translation_lambda.report
-PLOTS["translation_lambda"] = _translation_lambda.plot

@@ -22,6 +22,11 @@ workspace. A file::
     lr_grid: [3e-5, 1e-4, 3e-4]        # optional: each method's rate chosen on a validation split of the train data
     output_dir: runs/my-study          # or --out
 
+Instead of ``teacher``, ``student``, ``train_dataset`` and ``eval_dataset`` a file may name a built-in ``task``
+(``gkd prepare``'s): its data, a teacher and a starting student are then made (or reused) in ``workspace`` with the
+sizes and budgets of ``task_settings`` (:class:`~gkd.experiments.study.StudySettings`), and ``metric`` defaults to the
+task. The paper's families that ``gkd experiment NAME`` runs as study files are such files.
+
 The output folder holds ``results.json`` (every method × seed × temperature and each run's cost), ``report.md`` and
 ``results.png`` (:mod:`gkd.experiments.userreport`), ``results.jsonl`` (one line per finished run: what a restarted
 study keeps) and the runs' folders. Relative paths in the file are relative to the working folder.
@@ -46,6 +51,7 @@ from gkd.experiments.study import (
     Job,
     Recipe,
     StudyConsole,
+    StudySettings,
     _checked,
     _known_keys,
     job_cost,
@@ -72,8 +78,13 @@ STUDY_KEYS = {
     "eval_split": "the split of eval_dataset for a folder or hub dataset (default test)",
     "eval_max_samples": "evaluate on the first N records of eval_dataset (default: all)",
     "output_dir": "the output folder (default runs/study-<file name>; --out wins)",
+    "task": "a built-in task whose data, teacher and start the study makes, instead of teacher/student/datasets",
+    "task_settings": "with task: its workspace's sizes and budgets (n_train, teacher_steps, start_steps, ...)",
+    "workspace": "with task: the folder of its data, teacher and start (default OUT/workspace; reused when equal)",
 }
-_REQUIRED = ("teacher", "student", "train_dataset", "eval_dataset", "metric", "methods", "baseline", "common")
+# the model and data keys a built-in task's workspace provides instead
+_MODEL_KEYS = ("teacher", "student", "train_dataset", "eval_dataset")
+_REQUIRED = (*_MODEL_KEYS, "metric", "methods", "baseline", "common")
 # keys a study sets for each run itself
 _OWNED = ("seed", "output_dir", "model_name_or_path", "teacher_model_name_or_path", "dataset", "eval_dataset")
 
@@ -99,6 +110,10 @@ class StudyFile:
     eval_split: str = "test"
     eval_max_samples: int | None = None
     output_dir: str | None = None
+    # a built-in task instead of the model and data keys (filled from its workspace when the study runs)
+    task: str | None = None
+    task_settings: StudySettings | None = None
+    workspace: str | None = None
 
 
 def _did_you_mean(value: str, valid: list[str]) -> str:
@@ -197,6 +212,25 @@ def _common(value: Any, where: str) -> dict[str, Any]:
     return common
 
 
+def _task(raw: Mapping[str, Any], where: str) -> StudySettings:
+    """A file's ``task:`` and ``task_settings:`` as the workspace's settings; the model and data keys it replaces
+    are refused."""
+    from gkd.tasks import TASKS
+
+    name = raw["task"]
+    if not isinstance(name, str) or name not in TASKS:
+        raise ConfigError(f"{where}: unknown task {name!r}; {_did_you_mean(str(name), sorted(TASKS))}")
+    given = [k for k in _MODEL_KEYS if k in raw]
+    if given:
+        raise ConfigError(
+            f"{where}: task '{name}' makes the teacher, the student and the data; remove {', '.join(given)}"
+        )
+    settings = raw.get("task_settings") or {}
+    if not isinstance(settings, Mapping) or "task" in settings:
+        raise ConfigError(f"{where}: task_settings must be a mapping of workspace settings (without task)")
+    return StudySettings.from_mapping({**settings, "task": name}, where)
+
+
 def load_study_file(path: str | Path) -> StudyFile:
     """Read and check a study file: unknown keys (with a did-you-mean), missing keys and model folders, unknown
     presets, config keys and metrics, a baseline that is not a method: each a one-line :class:`ConfigError`."""
@@ -210,11 +244,16 @@ def load_study_file(path: str | Path) -> StudyFile:
     for key in raw:
         if key not in STUDY_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}'; {_did_you_mean(str(key), list(STUDY_KEYS))}")
+    task = _task(raw, where) if "task" in raw else None
+    if task is not None:  # the workspace provides the models and data; the metric defaults to the task's
+        raw = {**raw, **dict.fromkeys(_MODEL_KEYS, ""), "metric": raw.get("metric", task.task)}
+    elif "task_settings" in raw or "workspace" in raw:
+        raise ConfigError(f"{where}: task_settings and workspace need task: (a built-in task); remove them")
     for key in _REQUIRED:
         if key not in raw:
             raise ConfigError(f"{where}: missing key '{key}' ({STUDY_KEYS[key]})")
     for key in ("train_dataset", "eval_dataset"):
-        if not isinstance(raw[key], str) or not raw[key]:
+        if task is None and (not isinstance(raw[key], str) or not raw[key]):
             raise ConfigError(f"{where}: {key} must be a dataset path or name, got {raw[key]!r}")
     methods = _methods(raw["methods"], where)
     if raw["baseline"] not in methods:
@@ -229,8 +268,8 @@ def load_study_file(path: str | Path) -> StudyFile:
         raise ConfigError(f"{where}: eval_max_samples must be a positive whole number, got {cap!r}")
     return StudyFile(
         path=p,
-        teacher=_model_folder(raw["teacher"], "teacher", where),
-        student=_model_folder(raw["student"], "student", where),
+        teacher=_model_folder(raw["teacher"], "teacher", where) if task is None else "",
+        student=_model_folder(raw["student"], "student", where) if task is None else "",
         train_dataset=raw["train_dataset"],
         eval_dataset=raw["eval_dataset"],
         metric=_metric(raw["metric"], where),
@@ -247,7 +286,28 @@ def load_study_file(path: str | Path) -> StudyFile:
         eval_split=str(raw.get("eval_split", "test")),
         eval_max_samples=cap,
         output_dir=raw.get("output_dir"),
+        task=task.task if task is not None else None,
+        task_settings=task,
+        workspace=raw.get("workspace"),
     )
+
+
+def _task_workspace(sf: StudyFile, out: Path, say: Callable[[str], None]) -> tuple[StudyFile, dict[str, Any]]:
+    """The study file with its task's workspace (made or reused) as teacher, student and data, and what results.json
+    records of it: the folder and the teacher's and start's scores (the task's own evaluation)."""
+    from gkd.experiments.study import build_workspace
+
+    root = Path(sf.workspace) if sf.workspace else out / "workspace"
+    ws = build_workspace(root, sf.task_settings, say)
+    filled = dataclasses.replace(
+        sf,
+        teacher=str(ws.teacher_dir),
+        student=str(ws.start_dir),
+        train_dataset=str(ws.train_path),
+        eval_dataset=str(ws.test_path),
+    )
+    info = {"task": sf.task, "root": str(root), "teacher": ws.teacher_scores, "start": ws.start_scores}
+    return filled, info
 
 
 def headline_metric(metric: str) -> str:
@@ -423,6 +483,9 @@ def run_study_file(
         raise ConfigError(f"--workers must be a positive number, got {workers}")
     torch.set_num_threads(1)  # (runs train in worker processes, or here with one thread as a worker would)
     t0 = time.perf_counter()
+    workspace = None
+    if sf.task is not None:
+        sf, workspace = _task_workspace(sf, out, say)
     files = _data_files(sf, out)
     metric = headline_metric(sf.metric)
 
@@ -437,6 +500,8 @@ def run_study_file(
     )
     results = run(jobs, "study", out / "results.jsonl")
     summary = summarize(sf, results, lr_choice, files)
+    if workspace is not None:
+        summary["workspace"] = workspace
     summary["wall_s"] = time.perf_counter() - t0
     write_outputs(summary, out)
     say(f"wrote {out / 'results.json'}, {out / 'report.md'} and {out / 'results.png'}")

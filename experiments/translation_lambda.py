@@ -1,25 +1,43 @@
-"""``gkd experiment translation_lambda``: which cause, if any, flips the reversed λ order on translation.
+"""Why is the λ order reversed on translation? One investigation, RESULTS.md section 12, run by this script.
+
+    python experiments/translation_lambda.py [--quick] [--workers N] [--output-dir DIR]
+    python experiments/translation_lambda.py --report-only --output-dir DIR   # report.md again from results.json
+    gkd experiment translation_lambda [--quick]                               # the same, from a source checkout
 
 RESULTS.md section 6 found λ=0 > 0.5 > 1 on ``translation`` where the paper (Fig. 6) has λ=1 > 0.5 > 0. The family
-(``configs/experiments/translation_lambda.yaml``) runs JSD(0.1) at λ=0 and λ=1 under four candidate causes, each
+(``translation_lambda.yaml`` beside this script) runs JSD(0.1) at λ=0 and λ=1 under four candidate causes, each
 changed alone against a baseline: the start's quality, the student's capacity, the temperature of the student's
 on-policy samples and the step budget. Run names are ``lambda_X`` or ``lambda_X_TAG``; one *condition* is a
 (workspace, tag) pair, and a condition without its own λ=0 run (λ=0 never samples, so the sampling temperature does
 not change it) borrows its workspace's untagged ``lambda_0``. The report gives, per condition, the gain of each λ over
 that workspace's start and the per-seed paired difference λ=1 − λ=0, greedy and at T=1; the plot shows that
 difference per condition.
+
+The runs go through gkd's experiment machinery (:func:`gkd.experiments.families.run`: workspace, jobs, resuming,
+results.json and the cost section); this script holds what is specific to the investigation: its family file, its
+report and its plot.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from gkd.experiments.study import mean_se, paired
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "src") not in sys.path:  # run as a script from a source checkout without installing gkd
+    sys.path.insert(0, str(ROOT / "src"))
 
-__all__ = ["conditions", "plot", "report"]
+from gkd.experiments.study import mean_se, paired  # noqa: E402
 
+__all__ = ["FAMILY", "conditions", "main", "plot", "report", "run"]
+
+NAME = "translation_lambda"
+FAMILY = Path(__file__).resolve().with_suffix(".yaml")  # the family: settings, workspaces, runs, variants
+COMMAND = "python experiments/translation_lambda.py"
 _NAME = re.compile(r"^lambda_(\d+(?:\.\d+)?)(?:_(.+))?$")
 _TEMPERATURE = re.compile(r"^T(\d+(?:\.\d+)?)$")
 _STEPS = re.compile(r"^steps(\d+)x$")
@@ -281,3 +299,44 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run(output_dir: Path | None = None, quick: bool = False, workers: int | None = None) -> dict[str, Any]:
+    """Run the family (resuming finished runs) into ``output_dir``: results.json, report.md, results.png."""
+    from gkd.experiments.families import run as run_family
+
+    out = Path(output_dir) if output_dir else Path("runs") / f"experiment-{NAME}"
+    return run_family(
+        NAME,
+        output_dir=out,
+        quick=quick,
+        workers=workers,
+        family_file=FAMILY,
+        report=report,
+        plot=plot,
+        command=COMMAND,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default=None, help=f"default: runs/experiment-{NAME}")
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a smoke run")
+    parser.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: 2)")
+    parser.add_argument("--report-only", action="store_true", help="write report.md again from results.json")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        out = Path(args.output_dir or Path("runs") / f"experiment-{NAME}")
+        from gkd.experiments.families import cost_section
+
+        summary = json.loads((out / "results.json").read_text())
+        text = report(summary) + cost_section(summary)
+        (out / "report.md").write_text(text)
+        print(text)
+        return 0
+    run(output_dir=args.output_dir, quick=args.quick, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
