@@ -97,7 +97,7 @@ def build_run(
         load_reward(cfg.reward, tokenize=cfg.eval_tokenize) if cfg.reward is not None else None
     )
     # 2. the models
-    models = load_models(cfg, inputs, student, teacher, dist.device)
+    models = load_models(cfg, inputs, student, teacher, dist.device, log)
     # 3. what the teacher writes: SeqKD targets, the top-k cache
     train_data, topk_cache = teacher_outputs(cfg, inputs, models, output_dir, log)
     # 4. optimisation: AdamW and its schedule, the student's forward pass prepared for the processes (DDP)

@@ -11,6 +11,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,10 +20,18 @@ from torch import nn
 from gkd.config import GKDConfig
 from gkd.errors import ConfigError
 from gkd.forward import is_seq2seq, unwrap
-from gkd.inputs import Inputs
-from gkd.models import apply_lora, check_teacher_student, disable_dropout, load_model, load_tokenizer
+from gkd.inputs import Inputs, teacher_prompt_of
+from gkd.models import (
+    apply_lora,
+    check_teacher_student,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    same_tokenizer,
+)
 from gkd.sampling import eos_ids
 from gkd.teacher import Reference, Teacher
+from gkd.xtok import AlignedTeacher
 
 __all__ = [
     "Models",
@@ -52,7 +61,12 @@ class Models:
 
 
 def load_models(
-    cfg: GKDConfig, inputs: Inputs, student: nn.Module | None, teacher: nn.Module | None, device: Any
+    cfg: GKDConfig,
+    inputs: Inputs,
+    student: nn.Module | None,
+    teacher: nn.Module | None,
+    device: Any,
+    log: Callable[[str], None] = print,
 ) -> Models:
     """Student (trainable, on ``device``), frozen teacher and reference, and the vocabulary they are compared on."""
     tokenizer = inputs.tokenizer
@@ -84,9 +98,12 @@ def load_models(
                 init_kwargs=init_kwargs(cfg, teacher=True),
             )
             teacher_tokenizer = _teacher_tokenizer(cfg)
-        vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
-        teacher.to(device)
-        teacher_view = Teacher(teacher, vocab)
+        if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
+            teacher_view = _aligned_teacher(cfg, inputs, student, teacher, teacher_tokenizer, device, log)
+        else:
+            vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
+            teacher.to(device)
+            teacher_view = Teacher(teacher, vocab)
     reference = None
     if cfg.kl_to_initial > 0 or cfg.reward is not None:  # RL runs log the KL to the initial student
         initial = given_student if cfg.model_name_or_path is None else None
@@ -203,6 +220,47 @@ def resolve_dtype(name: str, device: Any) -> str:
     if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
     return "float32"
+
+
+def _aligned_teacher(
+    cfg: GKDConfig,
+    inputs: Inputs,
+    student: nn.Module,
+    teacher: nn.Module,
+    teacher_tokenizer: Any,
+    device: Any,
+    log: Callable[[str], None],
+) -> AlignedTeacher:
+    """A teacher with another tokenizer (:mod:`gkd.xtok`): its distributions projected onto the student's
+    vocabulary. What is not wired for it yet is refused in one line."""
+    if is_seq2seq(student) or is_seq2seq(teacher):
+        raise ConfigError(
+            "a teacher with another tokenizer works with decoder-only models; use a seq2seq teacher and student "
+            "that share a tokenizer"
+        )
+    for key, on in (("seq_kd", cfg.seq_kd), ("teacher_cache: topk", cfg.teacher_cache == "topk")):
+        if on:
+            raise ConfigError(
+                f"{key} with a teacher whose tokenizer differs from the student's is not supported yet; unset it "
+                "or use a teacher with the student's tokenizer"
+            )
+    if cfg.teacher_kl_estimator == "sampled":
+        raise ConfigError(
+            "teacher_kl_estimator: sampled needs the teacher's probability of the student's token; with a teacher "
+            "of another tokenizer use teacher_kl_estimator: exact"
+        )
+    teacher.to(device)
+    aligned = AlignedTeacher(
+        teacher,
+        inputs.tokenizer,
+        teacher_tokenizer,
+        len(inputs.tokenizer),
+        temperature=cfg.loss_temperature,
+        teacher_prompt=teacher_prompt_of(cfg),
+        apply_chat_template=cfg.apply_chat_template,
+    )
+    log(aligned.describe())
+    return aligned
 
 
 def _teacher_tokenizer(cfg: GKDConfig) -> Any:

@@ -43,6 +43,7 @@ __all__ = [
     "StudentForward",
     "apply_lora",
     "build_model",
+    "same_tokenizer",
     "check_teacher_student",
     "context_length",
     "disable_dropout",
@@ -432,6 +433,14 @@ def output_rows(model: nn.Module) -> int:
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
     return int(unwrap(model).config.vocab_size)
+
+
+def same_tokenizer(tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    """Whether two tokenizers have the same vocabulary and EOS id (else the teacher is aligned: gkd.xtok)."""
+    return (
+        tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+        and tokenizer.eos_token_id == teacher_tokenizer.eos_token_id
+    )
 
 
 def check_teacher_student(

@@ -31,9 +31,11 @@ from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
 from gkd.errors import ModelError
+from gkd.align import projected_divergence
 from gkd.losses import LossTerms, Workspace, chunked_loss, default_chunk, logits_loss
 from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns
+from gkd.xtok import AlignedView
 
 __all__ = ["Objective"]
 
@@ -179,6 +181,8 @@ class Objective:
         (never the ``[positions, vocab]`` logits), else from logits. ``teacher`` is a teacher's scores or its
         top-k log-probabilities plus a tail bucket."""
         div = divergence or self.divergence
+        if isinstance(teacher, AlignedView):
+            return self.aligned_loss(student_out, teacher, terms, targets, div)
         teacher_topk = teacher if isinstance(teacher, TeacherTopK) else None
         t_hidden = t_head = t_logits = None
         if isinstance(teacher, ScoringOutput):
@@ -212,6 +216,39 @@ class Objective:
             temperature=self.temperature,
             stats=stats,
         )
+
+    def aligned_loss(
+        self,
+        student_out: ScoringOutput,
+        teacher: AlignedView,
+        terms: LossTerms,
+        targets: torch.Tensor,
+        divergence: Any,
+    ) -> torch.Tensor:
+        """The weighted terms against a teacher with another tokenizer (:mod:`gkd.xtok`): the projected divergence
+        (:func:`gkd.align.projected_divergence`) and ``w · −log p_S(y)``, from the student's logits formed a chunk
+        of positions at a time (never ``[positions, vocab]`` at once)."""
+        if terms.sampled_rkl is not None:
+            raise ModelError(
+                "teacher_kl_estimator: sampled needs the teacher's probability of the student's token; with a "
+                "teacher of another tokenizer use teacher_kl_estimator: exact"
+            )
+        rows = student_out.hidden if student_out.hidden is not None else student_out.logits
+        assert rows is not None
+        vocab = student_out.head.size if student_out.head is not None else rows.shape[-1]
+        chunk = self.chunk_size or default_chunk(vocab)
+        total = rows.new_zeros((), dtype=torch.float32)
+        for a in range(0, rows.shape[0], chunk):
+            b = min(a + chunk, rows.shape[0])
+            z = student_out.head.logits(rows[a:b]) if student_out.hidden is not None else rows[a:b]  # type: ignore[union-attr]
+            z = z.float()
+            if terms.divergence is not None:
+                d = projected_divergence(z, teacher.rows(a, b), divergence, temperature=self.temperature)
+                total = total + (terms.divergence[a:b] * d).sum()
+            if terms.logp_weight is not None:
+                logp = torch.log_softmax(z, -1).gather(-1, targets[a:b, None]).squeeze(-1)
+                total = total - (terms.logp_weight[a:b] * logp).sum()
+        return total
 
     @torch.no_grad()
     def discounted_rkl_returns(

@@ -68,7 +68,7 @@ is one more token of the text. Tokens whose surface is ``None`` (padding, unknow
 
 from gkd.align.project import ProjectedTeacher, project_teacher, projected_divergence
 from gkd.align.spans import SpanAlignment, align_spans, spans_from_surfaces
-from gkd.align.vocab import Coverage, Fold, VocabPair
+from gkd.align.vocab import Coverage, Fold, VocabPair, token_surfaces
 
 __all__ = [
     "Coverage",
@@ -80,4 +80,5 @@ __all__ = [
     "project_teacher",
     "projected_divergence",
     "spans_from_surfaces",
+    "token_surfaces",
 ]
