@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
+from gkd.align import projected_divergence
 from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
 from gkd.errors import ModelError
-from gkd.align import projected_divergence
 from gkd.losses import LossTerms, Workspace, chunked_loss, default_chunk, logits_loss
 from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns

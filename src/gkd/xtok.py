@@ -264,7 +264,7 @@ class AlignedTeacher:
         lp = log_probs(out.full_logits().float(), self.temperature).cpu()
         return list(lp.split([len(c) for c in completions]))
 
-    def _project(self, text, s_spans, s_ids, t_spans, t_ids, lp, tables, index) -> ProjectedTeacher:  # noqa: ANN001
+    def _project(self, text, s_spans, s_ids, t_spans, t_ids, lp, tables, index) -> ProjectedTeacher:
         """One completion's projection; its distinct members rows go to ``tables`` and their indices to ``index``."""
         n = len(s_ids)
         s_keep, t_keep = _clean(s_spans), _clean(t_spans)
