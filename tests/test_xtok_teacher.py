@@ -96,3 +96,84 @@ def test_permuted_vocabulary_equals_same_tokenizer(divergence, on_policy):
     assert torch.allclose(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gkd distill with a character-level teacher and a word-level student
+# ---------------------------------------------------------------------------------------------------------------
+LETTER_WORDS = ["a", "b", "c", "ab", "ba", "abc", "cab", "bb", "ca", "cc"]
+
+
+def char_tokenizer(letters: str, path: str):
+    """A character-level tokenizer (spaces split words and are not tokens), saved to ``path``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gkd.tasks.base import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS[2]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[1],
+        unk_token=SPECIAL_TOKENS[2],
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from gkd.cli import main
+    from gkd.models import build_model
+    from tiny import TINY
+
+    student_tok = build_word_tokenizer(LETTER_WORDS, str(tmp_path / "student"))
+    build_model(TINY["llama_student"], student_tok, seed=0).save_pretrained(tmp_path / "student")
+    teacher_tok = char_tokenizer("abc", str(tmp_path / "teacher"))
+    build_model(TINY["llama_teacher"], teacher_tok, seed=1).save_pretrained(tmp_path / "teacher")
+    rng = random.Random(0)
+    lines = []
+    for _ in range(32):
+        prompt = " ".join(rng.choice(LETTER_WORDS) for _ in range(3))
+        completion = " ".join(rng.choice(LETTER_WORDS) for _ in range(4))
+        lines.append(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    (tmp_path / "train.jsonl").write_text("".join(lines))
+    config = {
+        "model_name_or_path": str(tmp_path / "student"),
+        "teacher_model_name_or_path": str(tmp_path / "teacher"),
+        "dataset": str(tmp_path / "train.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 8,
+        "max_new_tokens": 6,
+        "max_steps": 24,
+        "learning_rate": 1e-2,
+        "lmbda": 0.0,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "progress": False,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["distill", "--config", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr()
+    said = [line for line in (out.out + out.err).splitlines() if "projected onto the student's vocabulary" in line]
+    assert len(said) == 1 and "tokenizer alignment" in said[0]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 24 and all(x == x for x in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    # on-policy steps run too
+    config.update(lmbda=1.0, max_steps=2, output_dir=str(tmp_path / "run2"))
+    (tmp_path / "run2.yaml").write_text(yaml.safe_dump(config))
+    assert main(["distill", "--config", str(tmp_path / "run2.yaml")]) == 0
