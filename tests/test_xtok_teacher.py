@@ -167,7 +167,9 @@ def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["distill", "--config", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr()
-    said = [line for line in (out.out + out.err).splitlines() if "projected onto the student's vocabulary" in line]
+    said = [
+        line for line in (out.out + out.err).splitlines() if "projected onto the student's vocabulary" in line
+    ]
     assert len(said) == 1 and "tokenizer alignment" in said[0]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -177,3 +179,38 @@ def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
     config.update(lmbda=1.0, max_steps=2, output_dir=str(tmp_path / "run2"))
     (tmp_path / "run2.yaml").write_text(yaml.safe_dump(config))
     assert main(["distill", "--config", str(tmp_path / "run2.yaml")]) == 0
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_extra_teacher_tokens_are_one_tail_bucket(divergence):
+    """The teacher's vocabulary is the student's plus tokens no student token starts: the loss is
+    (1 - τ) D(P(· | shared) || Q) with τ the extra tokens' mass, checked against a float64 reference."""
+    from gkd.divergences import get_divergence
+
+    student_tok = build_word_tokenizer(WORDS)
+    teacher_tok = build_word_tokenizer(WORDS + ["zq0", "zq1", "zq2"])
+    teacher = make_model("llama_teacher", teacher_tok, seed=1)
+    student = make_model("llama_student", student_tok, seed=2)
+    batch = batch_of(student_tok, on_policy=True)
+    objective = Objective.from_config(base_config(divergence=divergence))
+    aligned = AlignedTeacher(teacher, student_tok, teacher_tok, len(student_tok), temperature=1.0)
+    n = float(batch.num_tokens())
+    p_s = score_positions(
+        student, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )
+    got = objective.loss(batch, p_s, aligned.view(batch), n)
+    with torch.no_grad():
+        logq = torch.log_softmax(p_s.full_logits().double(), -1)
+        t_out = score_positions(
+            teacher, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+        )
+        logp_all = torch.log_softmax(t_out.full_logits().double(), -1)
+        v = len(student_tok)
+        shared = torch.logsumexp(logp_all[:, :v], -1, keepdim=True)  # log(1 - τ)
+        logp = logp_all[:, :v] - shared
+        bound = get_divergence(divergence)
+        params = {k: x for k, x in bound.params.items() if k != "temperature"}
+        d = bound.spec.fn(logq, logp, temperature=1.0, **params)
+        want = (shared.squeeze(-1).exp() * d).sum() / n
+    assert float(logp_all[:, v:].exp().sum()) > 1e-3  # the extra tokens do hold mass
+    assert abs(float(got.detach()) - float(want)) < 1e-5
