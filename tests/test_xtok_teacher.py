@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 
 import pytest
 import torch
-from tiny import base_config, make_model
+import yaml
+from tiny import TINY, base_config, make_model
 
 from gkd.align import token_surfaces
+from gkd.cli import main
 from gkd.data import Example, collate
-from gkd.divergences import DIVERGENCES
+from gkd.divergences import DIVERGENCES, get_divergence
 from gkd.forward import score_positions
+from gkd.models import build_model
 from gkd.objective import Objective
 from gkd.tasks.base import build_word_tokenizer
 from gkd.teacher import Teacher
@@ -131,14 +135,6 @@ def char_tokenizer(letters: str, path: str):
 
 
 def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
-    import json
-
-    import yaml
-
-    from gkd.cli import main
-    from gkd.models import build_model
-    from tiny import TINY
-
     student_tok = build_word_tokenizer(LETTER_WORDS, str(tmp_path / "student"))
     build_model(TINY["llama_student"], student_tok, seed=0).save_pretrained(tmp_path / "student")
     teacher_tok = char_tokenizer("abc", str(tmp_path / "teacher"))
@@ -185,10 +181,8 @@ def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
 def test_extra_teacher_tokens_are_one_tail_bucket(divergence):
     """The teacher's vocabulary is the student's plus tokens no student token starts: the loss is
     (1 - τ) D(P(· | shared) || Q) with τ the extra tokens' mass, checked against a float64 reference."""
-    from gkd.divergences import get_divergence
-
     student_tok = build_word_tokenizer(WORDS)
-    teacher_tok = build_word_tokenizer(WORDS + ["zq0", "zq1", "zq2"])
+    teacher_tok = build_word_tokenizer([*WORDS, "zq0", "zq1", "zq2"])
     teacher = make_model("llama_teacher", teacher_tok, seed=1)
     student = make_model("llama_student", student_tok, seed=2)
     batch = batch_of(student_tok, on_policy=True)
