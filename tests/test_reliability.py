@@ -117,9 +117,9 @@ CASES = [
     ),
     ("missing teacher", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(t / "nope")), "teacher"),
     (
-        "different tokenizers",
-        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "other_tokenizer")),
-        "tokenizers differ",
+        "different tokenizers with seq_kd",
+        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "other_tokenizer"), seq_kd=True),
+        "seq_kd with a teacher whose tokenizer differs",
     ),
     (
         "vocab mismatch",
