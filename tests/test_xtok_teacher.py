@@ -108,7 +108,7 @@ def test_permuted_vocabulary_equals_same_tokenizer(divergence, on_policy):
 LETTER_WORDS = ["a", "b", "c", "ab", "ba", "abc", "cab", "bb", "ca", "cc"]
 
 
-def char_tokenizer(letters: str, path: str):
+def char_tokenizer(letters: str, path: str, template: bool = True):
     """A character-level tokenizer (spaces split words and are not tokens), saved to ``path``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -129,37 +129,50 @@ def char_tokenizer(letters: str, path: str):
         unk_token=SPECIAL_TOKENS[2],
         clean_up_tokenization_spaces=False,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    if template:
+        tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     return tok
 
 
-def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
+def char_teacher_world(tmp_path, chat: bool = False):
+    """A word-level student folder, a character-level teacher folder and 32 records; returns the base config."""
     student_tok = build_word_tokenizer(LETTER_WORDS, str(tmp_path / "student"))
     build_model(TINY["llama_student"], student_tok, seed=0).save_pretrained(tmp_path / "student")
-    teacher_tok = char_tokenizer("abc", str(tmp_path / "teacher"))
+    teacher_tok = char_tokenizer("abc", str(tmp_path / "teacher"), template=not chat)  # chat: none to use
     build_model(TINY["llama_teacher"], teacher_tok, seed=1).save_pretrained(tmp_path / "teacher")
     rng = random.Random(0)
     lines = []
     for _ in range(32):
         prompt = " ".join(rng.choice(LETTER_WORDS) for _ in range(3))
         completion = " ".join(rng.choice(LETTER_WORDS) for _ in range(4))
-        lines.append(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+        if chat:
+            record = {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": completion},
+                ]
+            }
+        else:
+            record = {"prompt": prompt, "completion": completion}
+        lines.append(json.dumps(record) + "\n")
     (tmp_path / "train.jsonl").write_text("".join(lines))
-    config = {
+    return {
         "model_name_or_path": str(tmp_path / "student"),
         "teacher_model_name_or_path": str(tmp_path / "teacher"),
         "dataset": str(tmp_path / "train.jsonl"),
         "output_dir": str(tmp_path / "run"),
         "per_device_train_batch_size": 8,
         "max_new_tokens": 6,
-        "max_steps": 24,
-        "learning_rate": 1e-2,
-        "lmbda": 0.0,
         "logging_steps": 1,
         "save_steps": 0,
         "progress": False,
     }
+
+
+def test_gkd_distill_with_a_character_level_teacher(tmp_path, capsys):
+    config = char_teacher_world(tmp_path)
+    config.update(max_steps=24, learning_rate=1e-2, lmbda=0.0)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["distill", "--config", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr()
@@ -208,3 +221,27 @@ def test_extra_teacher_tokens_are_one_tail_bucket(divergence):
         want = (shared.squeeze(-1).exp() * d).sum() / n
     assert float(logp_all[:, v:].exp().sum()) > 1e-3  # the extra tokens do hold mass
     assert abs(float(got.detach()) - float(want)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("extra", "chat", "message"),
+    [
+        ({"seq_kd": True, "lmbda": 0.0}, False, "seq_kd with a teacher whose tokenizer differs"),
+        ({"teacher_cache": "topk"}, False, "teacher_cache: topk with a teacher whose tokenizer differs"),
+        (
+            {"teacher_kl_estimator": "sampled", "divergence": "reverse_kl"},
+            False,
+            "teacher_kl_estimator: exact",
+        ),
+        ({}, True, "has no chat template for these chat prompts; set teacher_chat_template"),
+    ],
+    ids=["seqkd", "topk-cache", "sampled", "no-chat-template"],
+)
+def test_what_the_aligned_path_does_not_do_is_refused_in_one_line(tmp_path, extra, chat, message):
+    from userland import run_cli
+
+    config = {**char_teacher_world(tmp_path, chat=chat), "max_steps": 1, **extra}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli(["distill", "--config", str(tmp_path / "run.yaml")])
+    assert result.code == 2, result.err
+    assert len(result.error_lines) == 1 and message in result.error_lines[0]
