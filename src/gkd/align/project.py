@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd.align.spans import _as_spans, align_spans
-from gkd.align.vocab import _FOLDS, Fold, Surface, VocabPair
+from gkd.align.spans import SpanAlignment, _as_spans, align_spans
+from gkd.align.vocab import _CACHE_SIZE, _FOLDS, Fold, Surface, VocabPair
 from gkd.divergences import LOG_FLOOR, BoundDivergence, as_bound_divergence, get_divergence, log_probs
 from gkd.outputs import TeacherTopK
 
@@ -257,6 +257,79 @@ class _Position:
         return int(d.table[tid]) if tid >= 0 else -1
 
 
+def _matched_key(
+    pair: VocabPair, surface: Surface, sid: int, tid: int, fold: Fold, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a student token ``sid`` written by exactly one teacher token ``tid`` (the same text ``surface``): the
+    student token each teacher token's leaf goes to (``uniq`` sorted, -1 the tail; ``inverse [V_t]`` its column), and
+    the position's members row ``[V_s]``. It depends on the key only, not on the teacher's probabilities."""
+    labels = pair.depth_labels(surface[:0], fold).clone()
+    labels[tid] = sid  # the realized teacher token is the realized student token's leaf
+    uniq, inverse = torch.unique(labels, return_inverse=True)
+    one = torch.tensor([[0, len(surface)]])
+    probe = _Position(
+        pair, surface, 0, len(surface), sid, 0, one, [tid], torch.zeros(1, pair.teacher_size), fold, dtype
+    )
+    return uniq, inverse, probe.members()
+
+
+def _project_matched(
+    pair: VocabPair,
+    text: Surface,
+    s_spans: torch.Tensor,
+    s_ids: list[int],
+    alignment: SpanAlignment,
+    t_ids: list[int],
+    lp_rows: torch.Tensor,
+    fold: Fold,
+    dtype: torch.dtype,
+    member_rows: torch.Tensor | None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The rows of the positions whose span is exactly one teacher token's, all at once: per position, a
+    scatter-logsumexp of the teacher's row by a label vector fixed per (student token, teacher token) pair.
+    Returns {position: (support ids, their log-probs, tail)} and fills their ``member_rows``."""
+    where = torch.nonzero(alignment.matched, as_tuple=False).reshape(-1).tolist()
+    if not where:
+        return {}
+    keys: dict[tuple[int, int, Surface], int] = {}
+    tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    row_key = []
+    for i in where:
+        m = int(alignment.teacher_index[i])
+        key = (s_ids[i], t_ids[m], text[int(s_spans[i, 0]) : int(s_spans[i, 1])])
+        if key not in keys:
+            keys[key] = len(tables)
+            cached = pair._matched.get((key, fold))
+            if cached is None:
+                cached = _matched_key(pair, key[2], key[0], key[1], fold, dtype)
+                pair._matched[(key, fold)] = cached
+                if len(pair._matched) > _CACHE_SIZE:
+                    pair._matched.popitem(last=False)
+            tables.append(cached)
+        row_key.append(keys[key])
+    width = max(t[0].numel() for t in tables)
+    uniq = torch.stack([torch.nn.functional.pad(t[0], (0, width - t[0].numel()), value=-2) for t in tables])
+    inverse = torch.stack([t[1] for t in tables])
+    rk = torch.tensor(row_key, dtype=torch.long)
+    teacher_pos = alignment.teacher_index[torch.tensor(where, dtype=torch.long)]
+    values = lp_rows[teacher_pos].to(dtype)  # [P, V_t]
+    groups = inverse[rk]  # [P, V_t]
+    top = torch.full((len(where), width), -math.inf, dtype=dtype).scatter_reduce(1, groups, values, "amax")
+    base = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros_like(base).scatter_add(1, groups, torch.exp(values - base.gather(1, groups)))
+    lse = base + torch.log(total)
+    labels = uniq[rk]  # [P, width]; -1 the tail, -2 padding
+    out = {}
+    for r, i in enumerate(where):
+        named = labels[r] >= 0
+        is_tail = labels[r] == -1
+        tail = lse[r][is_tail][0] if bool(is_tail.any()) else torch.tensor(-math.inf, dtype=dtype)
+        out[i] = (labels[r][named], lse[r][named], tail)
+        if member_rows is not None:
+            member_rows[i] = tables[row_key[r]][2]
+    return out
+
+
 @torch.no_grad()
 def project_teacher(
     pair: VocabPair,
@@ -269,6 +342,7 @@ def project_teacher(
     *,
     fold: Fold = "prefix",
     members: bool = True,
+    fast: bool = True,
 ) -> ProjectedTeacher:
     """The teacher's distribution at every student position of one completion, on the student's vocabulary.
 
@@ -280,7 +354,9 @@ def project_teacher(
     tail, and the realized token must be in its row for the chain rule to go on). ``fold`` says where a leaf whose
     string is not a student token goes: ``"prefix"``, the longest student token that starts it, or ``"tail"``.
     ``members``: also give every student token its category (``ProjectedTeacher.members``); False compares the
-    support ids alone. See the module docstring for the definition.
+    support ids alone. ``fast``: project the positions whose span is exactly one teacher token's (the common case)
+    all at once (:func:`_project_matched`), walking only the rest in Python; the result is the same. See the module
+    docstring for the definition.
     """
     if fold not in _FOLDS:
         raise ValueError(f"fold must be one of {_FOLDS}, got {fold!r}")
@@ -302,10 +378,18 @@ def project_teacher(
     n = len(s_ids)
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     member_rows = torch.full((n, pair.student_size), -1, dtype=torch.long) if members else None
+    quick: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    if fast and not isinstance(teacher, TeacherTopK):
+        quick = _project_matched(
+            pair, text, s_spans, s_ids, alignment, t_ids, lp_rows, fold, dtype, member_rows
+        )
     for i in range(n):
         m = int(alignment.teacher_index[i])
         if m < 0:
             rows.append(None)
+            continue
+        if i in quick:
+            rows.append(quick[i])
             continue
         a, b = int(s_spans[i, 0]), int(s_spans[i, 1])
         pos = _Position(pair, text, a, b, s_ids[i], m, t_spans, t_ids, teacher, fold, dtype)
