@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gkd.align.spans import SpanAlignment, _as_spans, align_spans
-from gkd.align.vocab import _CACHE_SIZE, _FOLDS, Fold, Surface, VocabPair
+from gkd.align.vocab import _FOLDS, Fold, Surface, VocabPair
 from gkd.divergences import LOG_FLOOR, BoundDivergence, as_bound_divergence, get_divergence, log_probs
 from gkd.outputs import TeacherTopK
 
@@ -257,20 +257,24 @@ class _Position:
         return int(d.table[tid]) if tid >= 0 else -1
 
 
-def _matched_key(
-    pair: VocabPair, surface: Surface, sid: int, tid: int, fold: Fold, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a student token ``sid`` written by exactly one teacher token ``tid`` (the same text ``surface``): the
-    student token each teacher token's leaf goes to (``uniq`` sorted, -1 the tail; ``inverse [V_t]`` its column), and
-    the position's members row ``[V_s]``. It depends on the key only, not on the teacher's probabilities."""
-    labels = pair.depth_labels(surface[:0], fold).clone()
-    labels[tid] = sid  # the realized teacher token is the realized student token's leaf
-    uniq, inverse = torch.unique(labels, return_inverse=True)
+def _matched_members(pair: VocabPair, surface: Surface, sid: int, tid: int, fold: Fold) -> torch.Tensor:
+    """The members row ``[V_s]`` of a student token ``sid`` written by exactly one teacher token ``tid`` (the same
+    text ``surface``): it depends on these only, not on the teacher's probabilities."""
     one = torch.tensor([[0, len(surface)]])
     probe = _Position(
-        pair, surface, 0, len(surface), sid, 0, one, [tid], torch.zeros(1, pair.teacher_size), fold, dtype
+        pair,
+        surface,
+        0,
+        len(surface),
+        sid,
+        0,
+        one,
+        [tid],
+        torch.zeros(1, pair.teacher_size),
+        fold,
+        torch.float32,
     )
-    return uniq, inverse, probe.members()
+    return probe.members()
 
 
 def _project_matched(
@@ -285,48 +289,55 @@ def _project_matched(
     dtype: torch.dtype,
     member_rows: torch.Tensor | None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The rows of the positions whose span is exactly one teacher token's, all at once: per position, a
-    scatter-logsumexp of the teacher's row by a label vector fixed per (student token, teacher token) pair.
-    Returns {position: (support ids, their log-probs, tail)} and fills their ``member_rows``."""
-    where = torch.nonzero(alignment.matched, as_tuple=False).reshape(-1).tolist()
-    if not where:
+    """The rows of the positions whose span is exactly one teacher token's, all at once.
+
+    There every leaf is a whole teacher token, so a position's projection is a scatter-logsumexp of the teacher's
+    row by one label vector shared by all such positions (``depth_labels("")``: teacher id -> student token, -1 the
+    tail), except that the realized teacher token goes to the realized student token. The groups are the label
+    vector's distinct values plus one slot for the realized student token; a group that only the realized token
+    was in drops out. Returns {position: (support ids, their log-probs, tail)} and fills their ``member_rows`` (one
+    walk per distinct (student token, teacher token) pair of the completion)."""
+    where = torch.nonzero(alignment.matched, as_tuple=False).reshape(-1)
+    if where.numel() == 0:
         return {}
-    keys: dict[tuple[int, int, Surface], int] = {}
-    tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    row_key = []
-    for i in where:
-        m = int(alignment.teacher_index[i])
-        key = (s_ids[i], t_ids[m], text[int(s_spans[i, 0]) : int(s_spans[i, 1])])
-        if key not in keys:
-            keys[key] = len(tables)
-            cached = pair._matched.get((key, fold))
-            if cached is None:
-                cached = _matched_key(pair, key[2], key[0], key[1], fold, dtype)
-                pair._matched[(key, fold)] = cached
-                if len(pair._matched) > _CACHE_SIZE:
-                    pair._matched.popitem(last=False)
-            tables.append(cached)
-        row_key.append(keys[key])
-    width = max(t[0].numel() for t in tables)
-    uniq = torch.stack([torch.nn.functional.pad(t[0], (0, width - t[0].numel()), value=-2) for t in tables])
-    inverse = torch.stack([t[1] for t in tables])
-    rk = torch.tensor(row_key, dtype=torch.long)
-    teacher_pos = alignment.teacher_index[torch.tensor(where, dtype=torch.long)]
-    values = lp_rows[teacher_pos].to(dtype)  # [P, V_t]
-    groups = inverse[rk]  # [P, V_t]
-    top = torch.full((len(where), width), -math.inf, dtype=dtype).scatter_reduce(1, groups, values, "amax")
-    base = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.zeros_like(base).scatter_add(1, groups, torch.exp(values - base.gather(1, groups)))
-    lse = base + torch.log(total)
-    labels = uniq[rk]  # [P, width]; -1 the tail, -2 padding
+    base = pair.depth_labels(text[:0], fold)
+    uniq, inverse = torch.unique(base, return_inverse=True)  # [U], [V_t]
+    u = uniq.numel()
+    count = torch.bincount(inverse, minlength=u)
+    rows = torch.arange(where.numel())
+    tm = torch.tensor([t_ids[int(alignment.teacher_index[i])] for i in where.tolist()], dtype=torch.long)
+    sid = torch.tensor([s_ids[i] for i in where.tolist()], dtype=torch.long)
+    at = torch.searchsorted(uniq, sid).clamp(max=u - 1)
+    present = uniq[at] == sid
+    col = torch.where(
+        present, at, torch.full_like(at, u)
+    )  # the realized student token's group (u: its own slot)
+    groups = inverse.expand(where.numel(), -1).clone()
+    groups[rows, tm] = col
+    values = lp_rows[alignment.teacher_index[where]].to(dtype)  # [P, V_t]
+    top = torch.full((where.numel(), u + 1), -math.inf, dtype=dtype).scatter_reduce(1, groups, values, "amax")
+    base_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros_like(base_top).scatter_add(1, groups, torch.exp(values - base_top.gather(1, groups)))
+    lse = base_top + torch.log(total)
+    members_in = torch.cat(
+        [count.expand(where.numel(), -1), torch.zeros(where.numel(), 1, dtype=count.dtype)], 1
+    )
+    members_in[rows, inverse[tm]] -= 1
+    members_in[rows, col] += 1
+    labels = torch.cat([uniq.expand(where.numel(), -1), sid[:, None]], 1)
+    keep = members_in > 0
     out = {}
-    for r, i in enumerate(where):
-        named = labels[r] >= 0
-        is_tail = labels[r] == -1
+    walked: dict[tuple[int, int, Surface], torch.Tensor] = {}
+    for r, i in enumerate(where.tolist()):
+        named = keep[r] & (labels[r] >= 0)
+        is_tail = keep[r] & (labels[r] == -1)
         tail = lse[r][is_tail][0] if bool(is_tail.any()) else torch.tensor(-math.inf, dtype=dtype)
         out[i] = (labels[r][named], lse[r][named], tail)
         if member_rows is not None:
-            member_rows[i] = tables[row_key[r]][2]
+            key = (int(sid[r]), int(tm[r]), text[int(s_spans[i, 0]) : int(s_spans[i, 1])])
+            if key not in walked:
+                walked[key] = _matched_members(pair, key[2], key[0], key[1], fold)
+            member_rows[i] = walked[key]
     return out
 
 

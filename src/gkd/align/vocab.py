@@ -158,8 +158,6 @@ class VocabPair:
             OrderedDict()
         )
         self._inside_members: OrderedDict[Surface, torch.Tensor] = OrderedDict()
-        # (student id, teacher id, text) -> the fixed labels and members of a one-token match (gkd.align.project)
-        self._matched: OrderedDict = OrderedDict()  # bounded like the other caches (_CACHE_SIZE entries)
 
     @property
     def student_size(self) -> int:
