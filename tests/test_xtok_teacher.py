@@ -245,3 +245,25 @@ def test_what_the_aligned_path_does_not_do_is_refused_in_one_line(tmp_path, extr
     result = run_cli(["distill", "--config", str(tmp_path / "run.yaml")])
     assert result.code == 2, result.err
     assert len(result.error_lines) == 1 and message in result.error_lines[0]
+
+
+def test_permuted_vocabulary_logs_the_same_diagnostics():
+    from collections import defaultdict
+
+    student_tok, teacher_tok, teacher, moved = permuted_pair()
+    student = make_model("llama_student", student_tok, seed=2)
+    objective = Objective.from_config(base_config(divergence="jsd"))
+    batch = batch_of(student_tok, on_policy=True)
+    got = {}
+    for name, t in (
+        ("same", Teacher(teacher, len(student_tok))),
+        ("aligned", AlignedTeacher(moved, student_tok, teacher_tok, len(student_tok))),
+    ):
+        stats = defaultdict(list)
+        p_s = score_positions(
+            student, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+        )
+        objective.loss(batch, p_s, t.view(batch), float(batch.num_tokens()), stats=stats)
+        got[name] = {k: torch.cat(v) for k, v in stats.items()}
+    for key in ("forward_kl", "reverse_kl", "entropy", "student_logp", "top1_agree"):
+        assert torch.allclose(got["aligned"][key], got["same"][key], atol=1e-5), key

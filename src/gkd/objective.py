@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gkd.align import projected_divergence
+from gkd.align import ProjectedTeacher, projected_divergence
 from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
@@ -182,7 +182,7 @@ class Objective:
         top-k log-probabilities plus a tail bucket."""
         div = divergence or self.divergence
         if isinstance(teacher, AlignedView):
-            return self.aligned_loss(student_out, teacher, terms, targets, div)
+            return self.aligned_loss(student_out, teacher, terms, targets, div, stats)
         teacher_topk = teacher if isinstance(teacher, TeacherTopK) else None
         t_hidden = t_head = t_logits = None
         if isinstance(teacher, ScoringOutput):
@@ -224,6 +224,7 @@ class Objective:
         terms: LossTerms,
         targets: torch.Tensor,
         divergence: Any,
+        stats: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The weighted terms against a teacher with another tokenizer (:mod:`gkd.xtok`): the projected divergence
         (:func:`gkd.align.projected_divergence`) and ``w · −log p_S(y)``, from the student's logits formed a chunk
@@ -238,6 +239,7 @@ class Objective:
         vocab = student_out.head.size if student_out.head is not None else rows.shape[-1]
         chunk = self.chunk_size or default_chunk(vocab)
         total = rows.new_zeros((), dtype=torch.float32)
+        parts: dict[str, list[torch.Tensor]] = {}
         for a in range(0, rows.shape[0], chunk):
             b = min(a + chunk, rows.shape[0])
             z = student_out.head.logits(rows[a:b]) if student_out.hidden is not None else rows[a:b]  # type: ignore[union-attr]
@@ -248,6 +250,13 @@ class Objective:
             if terms.logp_weight is not None:
                 logp = torch.log_softmax(z, -1).gather(-1, targets[a:b, None]).squeeze(-1)
                 total = total - (terms.logp_weight[a:b] * logp).sum()
+            if stats is not None:
+                for k, v in _aligned_stats(
+                    z.detach(), teacher.rows(a, b), targets[a:b], self.temperature
+                ).items():
+                    parts.setdefault(k, []).append(v)
+        if stats is not None:
+            stats.update({k: torch.cat(v) for k, v in parts.items()})
         return total
 
     @torch.no_grad()
@@ -278,6 +287,25 @@ def _target_logprobs(out: ScoringOutput, y: torch.Tensor) -> torch.Tensor:
         z = out.head.logits(rows[a : a + chunk]) if out.hidden is not None else rows[a : a + chunk]  # type: ignore[union-attr]
         parts.append(torch.log_softmax(z.float(), -1).gather(-1, y[a : a + chunk, None]).squeeze(-1))
     return torch.cat(parts) if parts else torch.zeros(0, device=y.device)
+
+
+@torch.no_grad()
+def _aligned_stats(
+    z: torch.Tensor, projected: ProjectedTeacher, targets: torch.Tensor, temperature: float
+) -> dict[str, torch.Tensor]:
+    """Diagnostics per position against a projected teacher: student entropy and log p_S(y), the forward and
+    reverse KL on the projection's categories, and whether the student's top token is the projection's."""
+    logq = torch.log_softmax(z, -1)
+    out = {
+        "entropy": -(logq.exp() * logq).sum(-1),
+        "student_logp": logq.gather(-1, targets[:, None]).squeeze(-1),
+        "forward_kl": projected_divergence(z, projected, "forward_kl", temperature=temperature),
+        "reverse_kl": projected_divergence(z, projected, "reverse_kl", temperature=temperature),
+    }
+    if projected.ids.shape[1] > 0:
+        best = projected.ids.gather(1, projected.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+        out["top1_agree"] = ((z.argmax(-1) == best) & projected.valid).float()
+    return out
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
