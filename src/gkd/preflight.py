@@ -158,7 +158,7 @@ def check_teacher_tokenizer(
     cfg: GKDConfig, configs: dict[str, Any], tokenizer: Any, teacher_tokenizer: Any, train: TokenizedDataset
 ) -> None:
     """A teacher folder whose tokenizer differs from the student's is aligned (gkd.xtok): refuse, before any
-    weights load, what that path does not do (seq2seq, SeqKD, the top-k cache, the sampled estimator) and
+    weights load, what that path does not do (seq2seq, the top-k cache, the sampled estimator) and
     conversational data the teacher's tokenizer has no chat template for."""
     from gkd.models import same_tokenizer
 
@@ -169,12 +169,11 @@ def check_teacher_tokenizer(
             "a teacher with another tokenizer works with decoder-only models; use a seq2seq teacher and student "
             "that share a tokenizer"
         )
-    for key, on in (("seq_kd", cfg.seq_kd), ("teacher_cache: topk", cfg.teacher_cache == "topk")):
-        if on:
-            raise ConfigError(
-                f"{key} with a teacher whose tokenizer differs from the student's is not supported yet; unset it "
-                "or use a teacher with the student's tokenizer"
-            )
+    if cfg.teacher_cache == "topk":
+        raise ConfigError(
+            "teacher_cache: topk with a teacher whose tokenizer differs from the student's is not supported yet; "
+            "unset it or use a teacher with the student's tokenizer"
+        )
     if cfg.teacher_kl_estimator == "sampled":
         raise ConfigError(
             "teacher_kl_estimator: sampled needs the teacher's probability of the student's token; with a teacher "

@@ -22,19 +22,20 @@ the student's EOS, so a permuted vocabulary projects to exactly the teacher's di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from gkd.align import ProjectedTeacher, VocabPair, project_teacher, token_surfaces
-from gkd.data import Batch
+from gkd.data import Batch, Example, TokenizedDataset
 from gkd.data.tokenize import TeacherPrompt, teacher_prompt_text
 from gkd.divergences import log_probs
 from gkd.forward import score_positions
+from gkd.teacher import seqkd_dataset
 
-__all__ = ["AlignedTeacher", "AlignedView", "student_text", "vocab_pair"]
+__all__ = ["AlignedTeacher", "AlignedView", "aligned_seqkd_dataset", "student_text", "vocab_pair"]
 
 
 @dataclass
@@ -304,3 +305,28 @@ class AlignedTeacher:
         out.ids[keep], out.logprobs[keep], out.mask[keep] = part.ids, part.logprobs, part.mask
         out.tail[keep], out.valid[keep] = part.tail, part.valid
         return out
+
+
+def aligned_seqkd_dataset(
+    teacher: AlignedTeacher, dataset: TokenizedDataset, *, max_completion_length: int, **kwargs: Any
+) -> TokenizedDataset:
+    """SeqKD with a teacher of another tokenizer: the teacher writes its targets in its own tokens after its own
+    prompts (:func:`gkd.teacher.seqkd_dataset`, generated once and cached, the key covering the teacher's prompt
+    ids); each target's text is tokenized again for the student (its EOS where the teacher wrote its EOS, at most
+    ``max_completion_length`` tokens). ``kwargs`` go to ``seqkd_dataset``."""
+    t_tok, s_tok = teacher.teacher_tokenizer, teacher.student_tokenizer
+    for_teacher = replace(
+        dataset,
+        examples=[Example(teacher.prompt_ids(e.record), e.completion, e.record) for e in dataset.examples],
+    )
+    written = seqkd_dataset(teacher.model, t_tok, for_teacher, **kwargs)
+    examples = []
+    for e, t in zip(dataset.examples, written.examples):
+        ids = list(t.completion or [])
+        ended = bool(ids) and ids[-1] == t_tok.eos_token_id
+        text = t_tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        student_ids = list(s_tok(text, add_special_tokens=False)["input_ids"])
+        if ended or not student_ids:
+            student_ids.append(s_tok.eos_token_id)
+        examples.append(Example(e.prompt, student_ids[:max_completion_length], e.record, e.teacher_prompt))
+    return replace(dataset, examples=examples)
