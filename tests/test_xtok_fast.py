@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_xtok_teacher import LETTER_WORDS, WORDS, char_tokenizer
 
-from gkd.align import project_teacher
+from gkd.align import project_teacher, token_surfaces
 from gkd.tasks.base import build_word_tokenizer
 from gkd.xtok import student_text, vocab_pair
 
@@ -48,3 +48,31 @@ def test_fast_projection_equals_the_walk(case, fold, tmp_path):
         fast = project_teacher(pair, text, s_spans, ids, t_spans, t_ids, lp, fold=fold, fast=True)
         slow = project_teacher(pair, text, s_spans, ids, t_spans, t_ids, lp, fold=fold, fast=False)
         assert as_rows(fast) == as_rows(slow)
+
+
+def byte_level_bpe():
+    """A tiny byte-level BPE (GPT-2 style), trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["the cat sat on the mat", "a café, naïve", "the hat"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def test_byte_level_surfaces_and_student_spans():
+    tok = byte_level_bpe()
+    surfaces = token_surfaces(tok)
+    assert surfaces[tok.eos_token_id] is None
+    ids = tok("the cat sat on a café")["input_ids"]
+    assert all(isinstance(surfaces[i], bytes) for i in ids)
+    assert b"".join(surfaces[i] for i in ids) == "the cat sat on a café".encode()
+    pair = vocab_pair(tok, build_word_tokenizer(["the", "cat"]))
+    text, spans, _ = student_text(tok, [*ids, tok.eos_token_id], pair)
+    assert text.startswith("the cat sat on a café")
+    assert "".join(text[a:b] for a, b in spans[:-1]) == "the cat sat on a café"
