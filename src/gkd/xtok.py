@@ -115,7 +115,7 @@ def student_text(
         cur = tokenizer.decode(seg, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = text[:seg_start] + cur
         end = len(text)
-        piece = cur[len(prev) :] if cur.startswith(prev) else cur[len(cur) - max(0, len(cur) - len(prev)) :]
+        piece = cur[len(prev) :]  # what this token added (decoding is prefix-stable for whole tokens)
         surface = pair.student_surfaces[tid] if 0 <= tid < pair.student_size else None
         if isinstance(surface, str) and surface and cur.endswith(surface):
             spans.append((end - len(surface), end))
@@ -265,7 +265,17 @@ class AlignedTeacher:
         lp = log_probs(out.full_logits().float(), self.temperature).cpu()
         return list(lp.split([len(c) for c in completions]))
 
-    def _project(self, text, s_spans, s_ids, t_spans, t_ids, lp, tables, index) -> ProjectedTeacher:
+    def _project(
+        self,
+        text: str,
+        s_spans: list[tuple[int, int]],
+        s_ids: list[int],
+        t_spans: list[tuple[int, int]],
+        t_ids: list[int],
+        lp: torch.Tensor,
+        tables: list[torch.Tensor],
+        index: list[torch.Tensor],
+    ) -> ProjectedTeacher:
         """One completion's projection; its distinct members rows go to ``tables`` and their indices to ``index``."""
         n = len(s_ids)
         s_keep, t_keep = _clean(s_spans), _clean(t_spans)
