@@ -117,9 +117,11 @@ CASES = [
     ),
     ("missing teacher", lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(t / "nope")), "teacher"),
     (
-        "different tokenizers",
-        lambda d, t, b: _base(d, t, teacher_model_name_or_path=str(b / "other_tokenizer")),
-        "tokenizers differ",
+        "different tokenizers with the top-k cache",
+        lambda d, t, b: _base(
+            d, t, teacher_model_name_or_path=str(b / "other_tokenizer"), teacher_cache="topk"
+        ),
+        "teacher_cache: topk with a teacher whose tokenizer differs",
     ),
     (
         "vocab mismatch",

@@ -52,6 +52,7 @@ from gkd.run import Coin, Dist, Run
 from gkd.sampling import LocalSampler, Sampler, SamplingParams, get_sampler
 from gkd.sampling.fast import auto_fast_reason
 from gkd.teacher import CachedTeacher, TopKCache, build_topk_cache, seqkd_dataset
+from gkd.xtok import AlignedTeacher, aligned_seqkd_dataset
 
 __all__ = ["Dist", "Run", "build_run", "load_dataset"]  # Dist and Run live in gkd.run
 
@@ -97,7 +98,7 @@ def build_run(
         load_reward(cfg.reward, tokenize=cfg.eval_tokenize) if cfg.reward is not None else None
     )
     # 2. the models
-    models = load_models(cfg, inputs, student, teacher, dist.device)
+    models = load_models(cfg, inputs, student, teacher, dist.device, log)
     for note in packing_notes(cfg, models):
         log(note)
     # 3. what the teacher writes: SeqKD targets, the top-k cache
@@ -243,7 +244,22 @@ def teacher_outputs(
     teacher_name = str(cfg.teacher_model_name_or_path or "teacher")
     if teacher_name == "self":  # a copy of the starting student: name what it is a copy of
         teacher_name = f"self:{cfg.model_name_or_path}"
-    if cfg.seq_kd and cfg.off_policy_possible:
+    if cfg.seq_kd and cfg.off_policy_possible and isinstance(models.teacher, AlignedTeacher):
+        train_data = aligned_seqkd_dataset(  # another tokenizer: written in the teacher's, re-tokenized
+            models.teacher,
+            train_data,
+            max_completion_length=cfg.effective_max_completion_length,
+            cache_dir=output_dir,
+            teacher_name=teacher_name,
+            max_new_tokens=cfg.effective_max_completion_length,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            backend=cfg.rollout_backend,
+            log=log,
+        )
+    elif cfg.seq_kd and cfg.off_policy_possible:
         assert models.teacher_model is not None
         train_data = seqkd_dataset(
             models.teacher_model,

@@ -36,7 +36,15 @@ from gkd.errors import ConfigError
 from gkd.forward import unwrap
 from gkd.models import load_config, load_tokenizer
 
-__all__ = ["Inputs", "load_dataset", "model_configs", "read_inputs", "teacher_prompt_of", "tokenizer_kwargs"]
+__all__ = [
+    "Inputs",
+    "load_dataset",
+    "model_configs",
+    "read_inputs",
+    "teacher_prompt_of",
+    "teacher_tokenizer_of",
+    "tokenizer_kwargs",
+]
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Inputs:
     resume_dir: Path | None
     train_data: TokenizedDataset
     eval_data: TokenizedDataset | None
+    teacher_tokenizer: Any = None  # the teacher folder's own tokenizer, when it has one
 
 
 def read_inputs(
@@ -110,7 +119,21 @@ def read_inputs(
         evaluation = TokenizedDataset(evaluation.examples[: cfg.eval_max_samples])
     preflight.check_data(cfg, train, evaluation)
     preflight.check_context(cfg, configs, train, evaluation)
-    return Inputs(tokenizer, resume_dir, train, evaluation)
+    teacher_tokenizer = teacher_tokenizer_of(cfg) if cfg.needs_teacher and teacher is None else None
+    preflight.check_teacher_tokenizer(cfg, configs, tokenizer, teacher_tokenizer, train)
+    return Inputs(tokenizer, resume_dir, train, evaluation, teacher_tokenizer)
+
+
+def teacher_tokenizer_of(cfg: GKDConfig) -> Any:
+    """The teacher folder's own tokenizer, when it has one (the same as the student's, or another: gkd.xtok)."""
+    path = cfg.teacher_model_name_or_path
+    if path is None or path == "self" or not os.path.isdir(os.path.expanduser(path)):
+        return None
+    folder = Path(os.path.expanduser(path))
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+    if any((folder / f).exists() for f in names):
+        return load_tokenizer(path, "teacher tokenizer")
+    return None
 
 
 def teacher_prompt_of(cfg: GKDConfig) -> TeacherPrompt | None:

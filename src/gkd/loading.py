@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,17 @@ from torch import nn
 from gkd.config import GKDConfig
 from gkd.errors import ConfigError, ModelError
 from gkd.forward import is_seq2seq, unwrap
-from gkd.inputs import Inputs
-from gkd.models import apply_lora, check_teacher_student, disable_dropout, load_model, load_tokenizer
+from gkd.inputs import Inputs, teacher_prompt_of, teacher_tokenizer_of
+from gkd.models import (
+    apply_lora,
+    check_teacher_student,
+    disable_dropout,
+    load_model,
+    same_tokenizer,
+)
 from gkd.sampling import eos_ids
 from gkd.teacher import Reference, Teacher
+from gkd.xtok import AlignedTeacher
 
 __all__ = [
     "Models",
@@ -59,6 +67,7 @@ def load_models(
     student: nn.Module | None,
     teacher: nn.Module | None,
     device: Any,
+    log: Callable[[str], None] = print,
     *,
     student_loaded: bool = False,
 ) -> Models:
@@ -72,7 +81,7 @@ def load_models(
 
         self_copy = load_self_teacher(cfg, given_student, device) if _has_self(cfg) else None
         student = load_student(cfg, given_student, inputs.resume_dir, device)
-        views, vocab = load_teachers(cfg, inputs, student, self_copy, device)
+        views, vocab = load_teachers(cfg, inputs, student, self_copy, device, log)
         routed = RoutedTeachers(views, {t.name: t.weight for t in cfg.teacher_specs()}, cfg.teacher_field)
         reference = _reference(cfg, given_student, vocab, device)
         return Models(student, None, routed, reference, vocab, eos_ids(student, tokenizer))  # type: ignore[arg-type]
@@ -103,16 +112,24 @@ def load_models(
                 attn_implementation=cfg.attn_implementation,
                 init_kwargs=init_kwargs(cfg, teacher=True),
             )
-            teacher_tokenizer = _teacher_tokenizer(cfg)
-        vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
-        teacher.to(device)
-        teacher_view = Teacher(teacher, vocab)
+            teacher_tokenizer = inputs.teacher_tokenizer
+        if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
+            teacher_view = _aligned_teacher(cfg, inputs, student, teacher, teacher_tokenizer, device, log)
+        else:
+            vocab = check_teacher_student(student, teacher, tokenizer, teacher_tokenizer)
+            teacher.to(device)
+            teacher_view = Teacher(teacher, vocab)
     reference = None if student_loaded else _reference(cfg, given_student, vocab, device)
     return Models(student, teacher, teacher_view, reference, vocab, eos_ids(student, tokenizer))  # type: ignore[arg-type]
 
 
 def load_teachers(
-    cfg: GKDConfig, inputs: Inputs, student: nn.Module, self_copy: nn.Module | None, device: Any
+    cfg: GKDConfig,
+    inputs: Inputs,
+    student: nn.Module,
+    self_copy: nn.Module | None,
+    device: Any,
+    log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], int]:
     """Each entry of ``teachers``, loaded once through the single-teacher path of :func:`load_models` (a copy of
     the config naming that teacher alone, with the student already loaded): per name its view (a local
@@ -128,7 +145,11 @@ def load_teachers(
             teacher_url=spec.teacher_url,
         )
         given = self_copy if spec.model_name_or_path == "self" else None
-        loaded = load_models(one, inputs, student, given, device, student_loaded=True)
+        # each teacher with its own tokenizer: the student's, or another one (then aligned: gkd.xtok)
+        mine = dataclasses.replace(
+            inputs, teacher_tokenizer=None if given is not None else teacher_tokenizer_of(one)
+        )
+        loaded = load_models(one, mine, student, given, device, log, student_loaded=True)
         views[spec.name], vocabs[spec.name] = loaded.teacher, loaded.vocab
     if len(set(vocabs.values())) > 1:
         sizes = ", ".join(f"{name}: {v}" for name, v in vocabs.items())
@@ -262,13 +283,27 @@ def resolve_dtype(name: str, device: Any) -> str:
     return "float32"
 
 
-def _teacher_tokenizer(cfg: GKDConfig) -> Any:
-    """The teacher folder's own tokenizer, when it has one (to check it is the student's)."""
-    path = cfg.teacher_model_name_or_path
-    if path is None or not os.path.isdir(os.path.expanduser(path)):
-        return None
-    folder = Path(os.path.expanduser(path))
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
-    if any((folder / f).exists() for f in names):
-        return load_tokenizer(path, "teacher tokenizer")
-    return None
+def _aligned_teacher(
+    cfg: GKDConfig,
+    inputs: Inputs,
+    student: nn.Module,
+    teacher: nn.Module,
+    teacher_tokenizer: Any,
+    device: Any,
+    log: Callable[[str], None],
+) -> AlignedTeacher:
+    """A teacher with another tokenizer (:mod:`gkd.xtok`): its distributions projected onto the student's
+    vocabulary."""
+    # what this path does not do was refused before any weights loaded (gkd.preflight.check_teacher_tokenizer)
+    teacher.to(device)
+    aligned = AlignedTeacher(
+        teacher,
+        inputs.tokenizer,
+        teacher_tokenizer,
+        len(inputs.tokenizer),
+        temperature=cfg.loss_temperature,
+        teacher_prompt=teacher_prompt_of(cfg),
+        apply_chat_template=cfg.apply_chat_template,
+    )
+    log(aligned.describe())
+    return aligned

@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "missing_local_path",
+    "same_tokenizer",
     "save_merged",
     "score_positions",
     "unwrap",
@@ -432,6 +433,14 @@ def output_rows(model: nn.Module) -> int:
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
     return int(unwrap(model).config.vocab_size)
+
+
+def same_tokenizer(tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    """Whether two tokenizers have the same vocabulary and EOS id (else the teacher is aligned: gkd.xtok)."""
+    return (
+        tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+        and tokenizer.eos_token_id == teacher_tokenizer.eos_token_id
+    )
 
 
 def check_teacher_student(

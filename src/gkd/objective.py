@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gkd.align import ProjectedTeacher, projected_divergence
 from gkd.config import GKDConfig
 from gkd.data import Batch
 from gkd.divergences import get_divergence, reduction_weights
@@ -38,6 +39,7 @@ from gkd.losses import LossTerms, Workspace, chunked_loss, default_chunk, logits
 from gkd.outputs import Head, ScoringOutput, TeacherTopK, TeacherView
 from gkd.rl import discounted_returns
 from gkd.teachers import RoutedView
+from gkd.xtok import AlignedView
 
 __all__ = ["Objective"]
 
@@ -247,6 +249,8 @@ class Objective:
         (never the ``[positions, vocab]`` logits), else from logits. ``teacher`` is a teacher's scores or its
         top-k log-probabilities plus a tail bucket."""
         div = divergence or self.divergence
+        if isinstance(teacher, AlignedView):
+            return self.aligned_loss(student_out, teacher, terms, targets, div, stats)
         teacher_topk = teacher if isinstance(teacher, TeacherTopK) else None
         t_hidden = t_head = t_logits = None
         if isinstance(teacher, ScoringOutput):
@@ -280,6 +284,48 @@ class Objective:
             temperature=self.temperature,
             stats=stats,
         )
+
+    def aligned_loss(
+        self,
+        student_out: ScoringOutput,
+        teacher: AlignedView,
+        terms: LossTerms,
+        targets: torch.Tensor,
+        divergence: Any,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The weighted terms against a teacher with another tokenizer (:mod:`gkd.xtok`): the projected divergence
+        (:func:`gkd.align.projected_divergence`) and ``w · −log p_S(y)``, from the student's logits formed a chunk
+        of positions at a time (never ``[positions, vocab]`` at once)."""
+        if terms.sampled_rkl is not None:
+            raise ModelError(
+                "teacher_kl_estimator: sampled needs the teacher's probability of the student's token; with a "
+                "teacher of another tokenizer use teacher_kl_estimator: exact"
+            )
+        rows = student_out.hidden if student_out.hidden is not None else student_out.logits
+        assert rows is not None
+        vocab = student_out.head.size if student_out.head is not None else rows.shape[-1]
+        chunk = self.chunk_size or default_chunk(vocab)
+        total = rows.new_zeros((), dtype=torch.float32)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for a in range(0, rows.shape[0], chunk):
+            b = min(a + chunk, rows.shape[0])
+            z = student_out.head.logits(rows[a:b]) if student_out.hidden is not None else rows[a:b]  # type: ignore[union-attr]
+            z = z.float()
+            if terms.divergence is not None:
+                d = projected_divergence(z, teacher.rows(a, b), divergence, temperature=self.temperature)
+                total = total + (terms.divergence[a:b] * d).sum()
+            if terms.logp_weight is not None:
+                logp = torch.log_softmax(z, -1).gather(-1, targets[a:b, None]).squeeze(-1)
+                total = total - (terms.logp_weight[a:b] * logp).sum()
+            if stats is not None:
+                for k, v in _aligned_stats(
+                    z.detach(), teacher.rows(a, b), targets[a:b], self.temperature
+                ).items():
+                    parts.setdefault(k, []).append(v)
+        if stats is not None:
+            stats.update({k: torch.cat(v) for k, v in parts.items()})
+        return total
 
     @torch.no_grad()
     def discounted_rkl_returns(
@@ -325,6 +371,25 @@ def _zero_loss(out: ScoringOutput) -> torch.Tensor:
     rows = out.hidden if out.hidden is not None else out.logits
     assert rows is not None
     return rows.sum() * 0.0
+
+
+@torch.no_grad()
+def _aligned_stats(
+    z: torch.Tensor, projected: ProjectedTeacher, targets: torch.Tensor, temperature: float
+) -> dict[str, torch.Tensor]:
+    """Diagnostics per position against a projected teacher: student entropy and log p_S(y), the forward and
+    reverse KL on the projection's categories, and whether the student's top token is the projection's."""
+    logq = torch.log_softmax(z, -1)
+    out = {
+        "entropy": -(logq.exp() * logq).sum(-1),
+        "student_logp": logq.gather(-1, targets[:, None]).squeeze(-1),
+        "forward_kl": projected_divergence(z, projected, "forward_kl", temperature=temperature),
+        "reverse_kl": projected_divergence(z, projected, "reverse_kl", temperature=temperature),
+    }
+    if projected.ids.shape[1] > 0:
+        best = projected.ids.gather(1, projected.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+        out["top1_agree"] = ((z.argmax(-1) == best) & projected.valid).float()
+    return out
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -168,3 +168,39 @@ def check_backend(cfg: GKDConfig, student_config: Any) -> None:
             )
     if cfg.rollout_backend == "vllm" and cfg.lora is not None:
         raise ConfigError("rollout_backend: vllm does not support LoRA students; use rollout_backend: auto")
+
+
+def check_teacher_tokenizer(
+    cfg: GKDConfig, configs: dict[str, Any], tokenizer: Any, teacher_tokenizer: Any, train: TokenizedDataset
+) -> None:
+    """A teacher folder whose tokenizer differs from the student's is aligned (gkd.xtok): refuse, before any
+    weights load, what that path does not do (seq2seq, the top-k cache, the sampled estimator) and
+    conversational data the teacher's tokenizer has no chat template for."""
+    from gkd.models import same_tokenizer
+
+    if teacher_tokenizer is None or same_tokenizer(tokenizer, teacher_tokenizer):
+        return
+    if any(getattr(configs.get(k), "is_encoder_decoder", False) for k in ("student", "teacher")):
+        raise ConfigError(
+            "a teacher with another tokenizer works with decoder-only models; use a seq2seq teacher and student "
+            "that share a tokenizer"
+        )
+    if cfg.teacher_cache == "topk":
+        raise ConfigError(
+            "teacher_cache: topk with a teacher whose tokenizer differs from the student's is not supported yet; "
+            "unset it or use a teacher with the student's tokenizer"
+        )
+    if cfg.teacher_kl_estimator == "sampled":
+        raise ConfigError(
+            "teacher_kl_estimator: sampled needs the teacher's probability of the student's token; with a teacher "
+            "of another tokenizer use teacher_kl_estimator: exact"
+        )
+    chat = cfg.apply_chat_template or any(
+        e.record.get("messages") is not None or isinstance(e.record.get("prompt"), list)
+        for e in train.examples
+    )
+    if chat and cfg.teacher_chat_template is None and not getattr(teacher_tokenizer, "chat_template", None):
+        raise ConfigError(
+            "the teacher's tokenizer differs from the student's and has no chat template for these chat prompts; "
+            "set teacher_chat_template (a Jinja file or a folder with one)"
+        )

@@ -9,6 +9,8 @@ One interface, every kind of teacher. The step asks ``teacher.view(batch)`` and 
                      log-probabilities plus a tail bucket, no forward pass), else its live teacher's scores
     ServedTeacher    (:mod:`gkd.teacher_client`, ``teacher_url``) top-k + tail from an HTTP server
     Reference        the initial student of an RL run (the KL-to-initial term): a ``Teacher`` under its own name
+    AlignedTeacher   (:mod:`gkd.xtok`) a local teacher with another tokenizer: its scores of the same text in its
+                     own tokens, projected onto the student's vocabulary (a ``gkd.xtok.AlignedView``)
 
 A view is computed without gradients, on the batch's device, at the batch's valid positions in row-major order
 (the loss's order). A teacher scores the completion after its own prompt when the batch carries one

@@ -61,6 +61,9 @@ vocabulary) would make every forward-type KL infinite as soon as the teacher has
 The teacher's log-probabilities are taken as given, at the loss temperature (as for ``TeacherTopK``); the student's
 are computed at ``temperature`` inside ``projected_divergence``.
 
+``token_surfaces(tokenizer)`` reads the surfaces of a transformers tokenizer (the one function here that takes a
+tokenizer object); :mod:`gkd.xtok` wires all of this into ``gkd distill``.
+
 Special tokens (EOS): a pair given to ``VocabPair(special={teacher_id: student_id})`` shares a sentinel surface
 (``pair.special_surface(student_id)``); the caller appends it to the text and gives both EOS tokens its span, so EOS
 is one more token of the text. Tokens whose surface is ``None`` (padding, unknown) never match anything.
@@ -68,7 +71,7 @@ is one more token of the text. Tokens whose surface is ``None`` (padding, unknow
 
 from gkd.align.project import ProjectedTeacher, project_teacher, projected_divergence
 from gkd.align.spans import SpanAlignment, align_spans, spans_from_surfaces
-from gkd.align.vocab import Coverage, Fold, VocabPair
+from gkd.align.vocab import Coverage, Fold, VocabPair, token_surfaces
 
 __all__ = [
     "Coverage",
@@ -80,4 +83,5 @@ __all__ = [
     "project_teacher",
     "projected_divergence",
     "spans_from_surfaces",
+    "token_surfaces",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd.align.spans import _as_spans, align_spans
+from gkd.align.spans import SpanAlignment, _as_spans, align_spans
 from gkd.align.vocab import _FOLDS, Fold, Surface, VocabPair
 from gkd.divergences import LOG_FLOOR, BoundDivergence, as_bound_divergence, get_divergence, log_probs
 from gkd.outputs import TeacherTopK
@@ -257,6 +257,90 @@ class _Position:
         return int(d.table[tid]) if tid >= 0 else -1
 
 
+def _matched_members(pair: VocabPair, surface: Surface, sid: int, tid: int, fold: Fold) -> torch.Tensor:
+    """The members row ``[V_s]`` of a student token ``sid`` written by exactly one teacher token ``tid`` (the same
+    text ``surface``): it depends on these only, not on the teacher's probabilities."""
+    one = torch.tensor([[0, len(surface)]])
+    probe = _Position(
+        pair,
+        surface,
+        0,
+        len(surface),
+        sid,
+        0,
+        one,
+        [tid],
+        torch.zeros(1, pair.teacher_size),
+        fold,
+        torch.float32,
+    )
+    return probe.members()
+
+
+def _project_matched(
+    pair: VocabPair,
+    text: Surface,
+    s_spans: torch.Tensor,
+    s_ids: list[int],
+    alignment: SpanAlignment,
+    t_ids: list[int],
+    lp_rows: torch.Tensor,
+    fold: Fold,
+    dtype: torch.dtype,
+    member_rows: torch.Tensor | None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The rows of the positions whose span is exactly one teacher token's, all at once.
+
+    There every leaf is a whole teacher token, so a position's projection is a scatter-logsumexp of the teacher's
+    row by one label vector shared by all such positions (``depth_labels("")``: teacher id -> student token, -1 the
+    tail), except that the realized teacher token goes to the realized student token. The groups are the label
+    vector's distinct values plus one slot for the realized student token; a group that only the realized token
+    was in drops out. Returns {position: (support ids, their log-probs, tail)} and fills their ``member_rows`` (one
+    walk per distinct (student token, teacher token) pair of the completion)."""
+    where = torch.nonzero(alignment.matched, as_tuple=False).reshape(-1)
+    if where.numel() == 0:
+        return {}
+    base = pair.depth_labels(text[:0], fold)
+    uniq, inverse = torch.unique(base, return_inverse=True)  # [U], [V_t]
+    u = uniq.numel()
+    count = torch.bincount(inverse, minlength=u)
+    rows = torch.arange(where.numel())
+    tm = torch.tensor([t_ids[int(alignment.teacher_index[i])] for i in where.tolist()], dtype=torch.long)
+    sid = torch.tensor([s_ids[i] for i in where.tolist()], dtype=torch.long)
+    at = torch.searchsorted(uniq, sid).clamp(max=u - 1)
+    present = uniq[at] == sid
+    col = torch.where(
+        present, at, torch.full_like(at, u)
+    )  # the realized student token's group (u: its own slot)
+    groups = inverse.expand(where.numel(), -1).clone()
+    groups[rows, tm] = col
+    values = lp_rows[alignment.teacher_index[where]].to(dtype)  # [P, V_t]
+    top = torch.full((where.numel(), u + 1), -math.inf, dtype=dtype).scatter_reduce(1, groups, values, "amax")
+    base_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros_like(base_top).scatter_add(1, groups, torch.exp(values - base_top.gather(1, groups)))
+    lse = base_top + torch.log(total)
+    members_in = torch.cat(
+        [count.expand(where.numel(), -1), torch.zeros(where.numel(), 1, dtype=count.dtype)], 1
+    )
+    members_in[rows, inverse[tm]] -= 1
+    members_in[rows, col] += 1
+    labels = torch.cat([uniq.expand(where.numel(), -1), sid[:, None]], 1)
+    keep = members_in > 0
+    out = {}
+    walked: dict[tuple[int, int, Surface], torch.Tensor] = {}
+    for r, i in enumerate(where.tolist()):
+        named = keep[r] & (labels[r] >= 0)
+        is_tail = keep[r] & (labels[r] == -1)
+        tail = lse[r][is_tail][0] if bool(is_tail.any()) else torch.tensor(-math.inf, dtype=dtype)
+        out[i] = (labels[r][named], lse[r][named], tail)
+        if member_rows is not None:
+            key = (int(sid[r]), int(tm[r]), text[int(s_spans[i, 0]) : int(s_spans[i, 1])])
+            if key not in walked:
+                walked[key] = _matched_members(pair, key[2], key[0], key[1], fold)
+            member_rows[i] = walked[key]
+    return out
+
+
 @torch.no_grad()
 def project_teacher(
     pair: VocabPair,
@@ -269,6 +353,7 @@ def project_teacher(
     *,
     fold: Fold = "prefix",
     members: bool = True,
+    fast: bool = True,
 ) -> ProjectedTeacher:
     """The teacher's distribution at every student position of one completion, on the student's vocabulary.
 
@@ -280,7 +365,9 @@ def project_teacher(
     tail, and the realized token must be in its row for the chain rule to go on). ``fold`` says where a leaf whose
     string is not a student token goes: ``"prefix"``, the longest student token that starts it, or ``"tail"``.
     ``members``: also give every student token its category (``ProjectedTeacher.members``); False compares the
-    support ids alone. See the module docstring for the definition.
+    support ids alone. ``fast``: project the positions whose span is exactly one teacher token's (the common case)
+    all at once (:func:`_project_matched`), walking only the rest in Python; the result is the same. See the module
+    docstring for the definition.
     """
     if fold not in _FOLDS:
         raise ValueError(f"fold must be one of {_FOLDS}, got {fold!r}")
@@ -302,10 +389,18 @@ def project_teacher(
     n = len(s_ids)
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     member_rows = torch.full((n, pair.student_size), -1, dtype=torch.long) if members else None
+    quick: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    if fast and not isinstance(teacher, TeacherTopK):
+        quick = _project_matched(
+            pair, text, s_spans, s_ids, alignment, t_ids, lp_rows, fold, dtype, member_rows
+        )
     for i in range(n):
         m = int(alignment.teacher_index[i])
         if m < 0:
             rows.append(None)
+            continue
+        if i in quick:
+            rows.append(quick[i])
             continue
         a, b = int(s_spans[i, 0]), int(s_spans[i, 1])
         pos = _Position(pair, text, a, b, s_ids[i], m, t_spans, t_ids, teacher, fold, dtype)

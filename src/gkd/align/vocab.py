@@ -6,7 +6,7 @@ import bisect
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -167,6 +167,11 @@ class VocabPair:
     def teacher_size(self) -> int:
         return len(self.teacher_surfaces)
 
+    @property
+    def special_ids(self) -> list[int]:
+        """The student ids of the special pairs (each writes its sentinel surface)."""
+        return list(self._special)
+
     def special_surface(self, student_id: int) -> Surface:
         """The sentinel surface of a special pair (append it to the text where the EOS tokens stand)."""
         return self._special[student_id]
@@ -292,3 +297,34 @@ class VocabPair:
         if len(self._inside_cache) > _CACHE_SIZE:
             self._inside_cache.popitem(last=False)
         return out
+
+
+def token_surfaces(tokenizer: Any) -> list[Surface | None]:
+    """What each token id of a transformers tokenizer contributes to decoded text, for :class:`VocabPair`.
+
+    ``bytes`` for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen: their token strings are bytes written with the
+    byte-to-unicode table), else ``str``: SentencePiece's ``▁`` is a space, a WordPiece continuation loses its
+    ``##``. Special tokens (EOS, padding, ...) are None: pair them by role with ``VocabPair(special=...)``.
+    """
+    n = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = type(getattr(backend, "decoder", None)).__name__ if backend is not None else ""
+    out: list[Surface | None] = []
+    if decoder == "ByteLevel":
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        for i, t in enumerate(tokens):
+            ok = t is not None and i not in special and all(c in to_byte for c in t)
+            out.append(bytes(to_byte[c] for c in t) if ok else None)
+        return out
+    for i, t in enumerate(tokens):
+        if t is None or i in special:
+            out.append(None)
+        elif decoder == "WordPiece" and t.startswith("##"):
+            out.append(t[2:])
+        else:
+            out.append(t.replace("\u2581", " "))
+    return out
