@@ -506,7 +506,7 @@ def specialists(ws: Path, seeds: int, workers: int, quick: bool) -> str:
                 "set_match",
             )
         )
-        own = ref[f"specialist_{p}"]
+        own = ref[f"specialist_{p}"][p]
         gap = [
             f"{m}: routed − specialist {p} {statistics.fmean(r[p][f'{m}/set_match'] for r in by['routed']) - own[f'{m}/set_match']:+.1f}"
             for m in ("greedy", "sample")
