@@ -175,14 +175,14 @@ def test_a_missing_study_file_is_one_clear_line(tmp_path):
 
 def test_a_module_function_metric_scores_each_completion(tmp_path, monkeypatch):
     """``metric: module:function`` takes a reward's arguments and is reported as 100 × the mean of its scores."""
-    (tmp_path / "my_metric.py").write_text(
+    (tmp_path / "study_word_metric.py").write_text(
         "def has_word(prompts, completions, records):\n"
         "    return [float(r['completion'].split()[0] in c.split()) for c, r in zip(completions, records)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     records = [{"prompt": "a", "completion": "x y"}, {"prompt": "b", "completion": "z"}]
-    scores = metric_scorer("my_metric:has_word")(records, ["x", "w"])
-    assert scores == {"my_metric:has_word": 50.0}
+    scores = metric_scorer("study_word_metric:has_word")(records, ["x", "w"])
+    assert scores == {"study_word_metric:has_word": 50.0}
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["dataset", "on-policy"])
