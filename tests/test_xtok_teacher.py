@@ -277,3 +277,38 @@ def test_seqkd_with_a_character_level_teacher(tmp_path):
     assert len(caches) == 1
     teacher_targets = [json.loads(line) for line in caches[0].read_text().splitlines()]
     assert len(teacher_targets) == 32 and all(max(t) < 6 for t in teacher_targets)  # the teacher's 6 ids
+
+
+def test_two_routed_teachers_one_with_another_tokenizer(tmp_path, capsys):
+    """``teachers:`` mixing a same-tokenizer teacher and a character-level one: each is loaded through the
+    single-teacher path (the second aligned), records are routed by their ``teacher`` field, and each teacher's loss
+    is logged; without a reward the two add up to the step's loss."""
+    config = char_teacher_world(tmp_path)
+    same = tmp_path / "same"
+    student_tok = build_word_tokenizer(LETTER_WORDS, str(same))
+    build_model(TINY["llama_teacher"], student_tok, seed=2).save_pretrained(same)
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    routed = [{**r, "teacher": "words" if i % 2 else "chars"} for i, r in enumerate(records)]
+    (tmp_path / "routed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in routed))
+    config.pop("teacher_model_name_or_path")
+    config.update(
+        dataset=str(tmp_path / "routed.jsonl"),
+        teachers=[
+            {"name": "words", "model_name_or_path": str(same)},
+            {"name": "chars", "model_name_or_path": str(tmp_path / "teacher")},
+        ],
+        max_steps=3,
+        lmbda=0.5,
+    )
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["distill", "--config", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr()
+    said = [s for s in (out.out + out.err).splitlines() if "projected onto the student's vocabulary" in s]
+    assert len(said) == 1  # only the character-level teacher is aligned
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        parts = [r["teacher/words/loss"], r["teacher/chars/loss"]]
+        assert all(p > 0 for p in parts)
+        assert sum(parts) == pytest.approx(r["loss"], rel=1e-5)
