@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,23 @@ def test_two_routed_teachers_one_with_another_tokenizer(tmp_path, capsys):
         parts = [r["teacher/words/loss"], r["teacher/chars/loss"]]
         assert all(p > 0 for p in parts)
         assert sum(parts) == pytest.approx(r["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_character_level_teacher_under_two_processes(tmp_path):
+    """The aligned teacher under DDP (2 CPU processes): both ranks take the same λ decisions and the same
+    all-reduced gradient norms, and the run finishes."""
+    from launch import two_processes
+
+    config = char_teacher_world(tmp_path)
+    out = tmp_path / "dist"
+    out.mkdir()
+    args = [f"{k}={config[k]}" for k in ("model_name_or_path", "teacher_model_name_or_path", "dataset")]
+    worker = Path(__file__).with_name("dist_worker.py")
+    proc = two_processes(worker, tmp_path, out, "train", *args, "max_steps=4", port=29571)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"train-rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["flags"] == r1["flags"] and len(r0["flags"]) == 4
+    assert r0["norms"] == pytest.approx(r1["norms"], rel=1e-6)
+    assert all(n == n and n > 0 for n in r0["norms"])
