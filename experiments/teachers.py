@@ -523,10 +523,13 @@ def specialists(ws: Path, seeds: int, workers: int, quick: bool) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def bpe_tokenizer(texts: list[str], like: Path, out: Path, vocab_size: int = 400) -> Path:
-    """A byte-level BPE trained on ``texts`` whose merges cross spaces (no regex pre-split), so its tokens span
-    several of the word-level student's tokens (``"Ġa"``, ``"ĠaĠb"``, ...): another segmentation, not only other
-    ids. Special tokens and chat template as ``like``'s."""
+def bpe_tokenizer(texts: list[str], like: Path, out: Path, *, words: bool, vocab_size: int = 400) -> Path:
+    """A byte-level BPE of ``vocab_size`` tokens trained on ``texts``, special tokens and chat template as ``like``'s.
+
+    ``words=True``: GPT-2's convention (the regex pre-split, a space is the start of the next word's token: ``s``,
+    ``Ġt``, ``Ġf``), as the byte-level BPEs of Llama 3 and Qwen write text: every student word is straddled by a
+    teacher token that starts one character earlier. ``words=False``: no pre-split, so merges cross spaces and a
+    space ends the token before it (``sĠ``, ``tĠ``, ``f``; also ``dĠuĠ``): a token then tells whether text follows."""
     if (out / "tokenizer.json").exists():
         return out
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -534,7 +537,7 @@ def bpe_tokenizer(texts: list[str], like: Path, out: Path, vocab_size: int = 400
 
     base = AutoTokenizer.from_pretrained(str(like))
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=words)
     bpe.decoder = decoders.ByteLevel()
     specials = [base.pad_token, base.eos_token, base.unk_token]
     trainer = trainers.BpeTrainer(
@@ -549,16 +552,21 @@ def bpe_tokenizer(texts: list[str], like: Path, out: Path, vocab_size: int = 400
     return out
 
 
+# teacher name -> (tokenizer folder, GPT-2's word convention?)
+BPE_TEACHERS = {"bpe": ("bpe-tokenizer", False), "gpt2bpe": ("gpt2bpe-tokenizer", True)}
+
+
 def tokenizer(ws: Path, seeds: int, workers: int, quick: bool) -> str:
     """(a) A teacher with another tokenizer, in the context row's workspace (run ``context`` first).
 
     The student and the same-tokenizer teacher are (b)'s: the d24 start, ``teacher_plain`` and its
-    ``distill_plain`` runs. The other teacher has the same architecture and recipe (SFT, 3,000 steps, lr 2e-3
-    cosine, batch 64, seed 1234) but its own tokenizer: a byte-level BPE with 400 tokens trained on the task's
-    text, whose merges cross the spaces between the student's words (``bpe_tokenizer``): a genuinely different
-    segmentation, aligned by gkd through character offsets (docs/teachers.md). ``distill_bpe``: (b)'s
-    ``distill_plain`` recipe (on-policy reverse KL, λ = 1, 500 steps) with the BPE teacher. Controls: the same
-    recipe with the same-tokenizer teacher (``distill_plain``), and continued SFT.
+    ``distill_plain`` runs. Two other teachers have the same architecture and recipe (SFT, 3,000 steps, lr 2e-3
+    cosine, batch 64, seed 1234) but their own tokenizer, a byte-level BPE with 400 tokens trained on the task's
+    text (``bpe_tokenizer``): ``teacher_gpt2bpe`` in GPT-2's convention (a space starts the next word's token, as in
+    Llama 3's and Qwen's tokenizers) and ``teacher_bpe`` without the pre-split (merges cross spaces, a space ends
+    the token before it). gkd aligns both through character offsets (docs/teachers.md). ``distill_gpt2bpe`` and
+    ``distill_bpe``: (b)'s ``distill_plain`` recipe (on-policy reverse KL, λ = 1, 500 steps) with those teachers.
+    Controls: the same recipe with the same-tokenizer teacher (``distill_plain``), and continued SFT.
     """
     n_train, n_test = (2000, 100) if quick else (50000, 1000)
     t_steps, m_steps = (40, 10) if quick else (3000, 500)
@@ -569,56 +577,48 @@ def tokenizer(ws: Path, seeds: int, workers: int, quick: bool) -> str:
         raise SystemExit(f"run `python experiments/teachers.py context --out {ws}` first (the shared start)")
     records = read_jsonl(ws / "data" / "train.jsonl")
     texts = [f"{r['prompt']} {r['completion']}" for r in records[:20000]]
-    bpe = bpe_tokenizer(texts, task / "tokenizer", models / "bpe-tokenizer")
     from transformers import AutoTokenizer
 
-    bt = AutoTokenizer.from_pretrained(str(bpe))
-    example = records[0]["prompt"]
-    print(f"tokenizer: BPE of {len(bt)} tokens; {example!r} -> {bt.tokenize(example)}")
-    t_init = init_model(D48x2, bpe, models / "teacher-bpe-init", seed=1234)
-    teacher_bpe = train(
-        "sft",
-        {
-            "model_name_or_path": t_init,
-            "dataset": ws / "data" / "train.jsonl",
-            "max_new_tokens": 8,
-            **sft_recipe(t_steps, 2e-3, 1234),
-        },
-        models / "teacher_bpe",
-    )
     ref = {
         "teacher_plain (student's tokenizer)": evaluate(
             teacher_plain, task / "test.jsonl", "summarization", 8, models / "teacher_plain.eval.json"
         ),
-        "teacher_bpe (BPE tokenizer)": evaluate(
-            teacher_bpe, task / "test.jsonl", "summarization", 16, models / "teacher_bpe.eval.json"
-        ),
         "start": evaluate(start, task / "test.jsonl", "summarization", 8, models / "start.eval.json"),
     }
-    jobs = []
-    for seed in range(seeds):
-        out = ws / "runs" / f"distill_bpe-seed{seed}"
-        full = {
-            "model_name_or_path": start,
-            "max_new_tokens": 8,
-            "dataset": ws / "data" / "train.jsonl",
-            "teacher_model_name_or_path": teacher_bpe,
-            "divergence": "reverse_kl",
-            "lmbda": 1.0,
-            **method_recipe(m_steps, 1e-3, seed),
-        }
+    by: dict[str, list[dict]] = {}
+    for name, (folder, words) in BPE_TEACHERS.items():
+        tok = bpe_tokenizer(texts, task / "tokenizer", models / folder, words=words)
+        example = records[0]["prompt"] + " " + records[0]["completion"]
+        print(f"tokenizer: {name}: {AutoTokenizer.from_pretrained(str(tok)).tokenize(example)}")
+        t_init = init_model(D48x2, tok, models / f"teacher-{name}-init", seed=1234)
+        sft = {"model_name_or_path": t_init, "dataset": ws / "data" / "train.jsonl", "max_new_tokens": 16}
+        teacher = train("sft", {**sft, **sft_recipe(t_steps, 2e-3, 1234)}, models / f"teacher_{name}")
+        ref[f"teacher_{name}"] = evaluate(
+            teacher, task / "test.jsonl", "summarization", 16, models / f"teacher_{name}.eval.json"
+        )
+        jobs = []
+        for seed in range(seeds):
+            out = ws / "runs" / f"distill_{name}-seed{seed}"
+            full = {
+                "model_name_or_path": start,
+                "max_new_tokens": 8,
+                "dataset": ws / "data" / "train.jsonl",
+                "teacher_model_name_or_path": teacher,
+                "divergence": "reverse_kl",
+                "lmbda": 1.0,
+                **method_recipe(m_steps, 1e-3, seed),
+            }
 
-        def job(full=full, out=out) -> dict:
-            t = time.perf_counter()
-            model = train("distill", full, out)
-            scores = evaluate(
-                model, task / "test.jsonl", "summarization", 8, out.parent / f"{out.name}.eval.json"
-            )
-            return {**scores, "seconds": time.perf_counter() - t}
+            def job(full=full, out=out) -> dict:
+                t = time.perf_counter()
+                model = train("distill", full, out)
+                scores = evaluate(
+                    model, task / "test.jsonl", "summarization", 8, out.parent / f"{out.name}.eval.json"
+                )
+                return {**scores, "seconds": time.perf_counter() - t}
 
-        jobs.append(job)
-    bpe_runs = parallel(jobs, workers)
-    by = {"distill_bpe": bpe_runs}
+            jobs.append(job)
+        by[f"distill_{name}"] = parallel(jobs, workers)
     for name in ("distill_plain", "sft"):
         by[name] = []
         for seed in range(seeds):
@@ -629,10 +629,10 @@ def tokenizer(ws: Path, seeds: int, workers: int, quick: bool) -> str:
                 )
             by[name].append({**json.loads(path.read_text()), "seconds": float("nan")})
     return report(
-        "(a) a teacher with another tokenizer: summarization, a byte-level BPE teacher and a word-level student",
+        "(a) a teacher with another tokenizer: summarization, byte-level BPE teachers and a word-level student",
         ref,
         by,
-        [("distill_bpe", "distill_plain"), ("distill_bpe", "sft")],
+        [("distill_gpt2bpe", "distill_plain"), ("distill_gpt2bpe", "sft"), ("distill_bpe", "distill_plain")],
         "set_match",
     )
 
