@@ -199,7 +199,8 @@ class ServedTeacher:
         if served_vocab != self.vocab:
             raise ModelError(
                 f"the teacher at {self.url} ({self.model_name}) has a vocabulary of {served_vocab} tokens, the "
-                f"student's tokenizer {self.vocab}; distillation needs teacher and student to share a tokenizer"
+                f"student's tokenizer {self.vocab}; a served teacher must share the student's tokenizer (a teacher with "
+                "another tokenizer is aligned only as a local teacher: teacher_model_name_or_path)"
             )
         sha = self.gkd.get("tokenizer_sha256")
         if tokenizer is not None and sha is not None:
@@ -208,7 +209,8 @@ class ServedTeacher:
             if tokenizer_sha256(tokenizer) != sha:
                 raise ModelError(
                     f"the teacher at {self.url} ({self.model_name}) uses a different tokenizer than the student "
-                    "(same size, different vocabulary); use a teacher and student that share a tokenizer"
+                    "(same size, different vocabulary); a served teacher must share the student's tokenizer (a teacher "
+                    "with another tokenizer is aligned only as a local teacher: teacher_model_name_or_path)"
                 )
         served_eos = self.gkd.get("eos_token_ids") or []
         eos = getattr(tokenizer, "eos_token_id", None)
