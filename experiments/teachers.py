@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+from gkd.experiments.study import excludes_zero, mean_se, paired_ci  # noqa: E402  (the statistics of every gkd study)
+
 GKD = [str(Path(sys.executable).parent / "gkd")]  # the console script of the interpreter's environment
 
 # the self-distillation family's sizes (RESULTS section 13): a 1-layer d24 Llama for the summarization task
@@ -183,26 +186,15 @@ def parallel(jobs: list[Callable[[], Any]], workers: int) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float, float]:
-    """Mean, standard error and the t-based 95 % interval of ``values``."""
-    from scipy import stats
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / n**0.5 if n > 1 else float("nan")
-    half = stats.t.ppf(0.975, n - 1) * se if n > 1 else float("nan")
-    return mean, se, mean - half, mean + half
-
-
 def paired_line(name: str, a: list[float], b: list[float]) -> str:
-    """``name: Δ ± SE [low, high]`` of the paired differences a − b, and whether the interval excludes 0."""
-    mean, se, low, high = t_interval([x - y for x, y in zip(a, b)])
-    verdict = "excludes 0" if low > 0 or high < 0 else "includes 0"
-    return f"| {name} | {mean:+.1f} ± {se:.1f} | [{low:+.1f}, {high:+.1f}] | {verdict} |"
+    """``| name | Δ ± SE | [low, high] | verdict |`` of the paired differences a − b (gkd's paired t-interval)."""
+    ci = paired_ci(a, b)
+    verdict = "excludes 0" if excludes_zero(ci) else "includes 0"
+    return f"| {name} | {ci['mean']:+.1f} ± {ci['se']:.1f} | [{ci['lo']:+.1f}, {ci['hi']:+.1f}] | {verdict} |"
 
 
 def mean_cell(values: list[float]) -> str:
-    mean, se, _, _ = t_interval(values)
+    mean, se = mean_se(values)
     return f"{mean:.1f} ± {se:.1f}"
 
 

@@ -244,37 +244,28 @@ def teacher_outputs(
     teacher_name = str(cfg.teacher_model_name_or_path or "teacher")
     if teacher_name == "self":  # a copy of the starting student: name what it is a copy of
         teacher_name = f"self:{cfg.model_name_or_path}"
+    # how the teacher writes SeqKD targets, and where they are cached (the same for either tokenizer)
+    sampling = {
+        "cache_dir": output_dir,
+        "teacher_name": teacher_name,
+        "max_new_tokens": cfg.effective_max_completion_length,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+        "backend": cfg.rollout_backend,
+        "log": log,
+    }
     if cfg.seq_kd and cfg.off_policy_possible and isinstance(models.teacher, AlignedTeacher):
         train_data = aligned_seqkd_dataset(  # another tokenizer: written in the teacher's, re-tokenized
             models.teacher,
             train_data,
             max_completion_length=cfg.effective_max_completion_length,
-            cache_dir=output_dir,
-            teacher_name=teacher_name,
-            max_new_tokens=cfg.effective_max_completion_length,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            seed=cfg.seed,
-            backend=cfg.rollout_backend,
-            log=log,
+            **sampling,
         )
     elif cfg.seq_kd and cfg.off_policy_possible:
         assert models.teacher_model is not None
-        train_data = seqkd_dataset(
-            models.teacher_model,
-            inputs.tokenizer,
-            train_data,
-            cache_dir=output_dir,
-            teacher_name=teacher_name,
-            max_new_tokens=cfg.effective_max_completion_length,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            seed=cfg.seed,
-            backend=cfg.rollout_backend,
-            log=log,
-        )
+        train_data = seqkd_dataset(models.teacher_model, inputs.tokenizer, train_data, **sampling)
     topk_cache = None
     if cfg.teacher_cache == "topk":
         assert models.teacher is not None
